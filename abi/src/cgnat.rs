@@ -1,0 +1,34 @@
+//! CGNAT source filtering: LPM tries keyed by source prefix.
+//!
+//! Keys are LPM trie keys `{ prefix_len: u32, addr: [u8; N] }` with the address in network
+//! byte order (aya's `lpm_trie::Key` on both sides). The kernel knows no ranges: the whole
+//! policy, built-in ranges included, is in the tries, so `mode = "off"` is empty tries.
+
+/// Source rules for packets entering an uplink (XDP), IPv4.
+pub const MAP_IN_V4: &str = "CGNAT_IN_V4";
+/// Source rules for packets entering an uplink (XDP), IPv6.
+pub const MAP_IN_V6: &str = "CGNAT_IN_V6";
+/// Source rules for packets forwarded into the tunnel (TC egress on TUN), IPv4.
+pub const MAP_FWD_V4: &str = "CGNAT_FWD_V4";
+/// Source rules for packets forwarded into the tunnel (TC egress on TUN), IPv6.
+pub const MAP_FWD_V6: &str = "CGNAT_FWD_V6";
+
+/// Capacity of each trie (user prefixes plus the built-in ones).
+pub const MAX_PREFIXES: u32 = 1 << 17;
+
+pub type V4Addr = [u8; 4];
+pub type V6Addr = [u8; 16];
+
+/// Value of every prefix trie: what to do with a matching packet, and which rule matched
+/// (index into `RULE_HITS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixRule {
+    /// One of [`crate::verdict`].
+    pub verdict: u32,
+    /// Below [`crate::MAX_RULES`]; allocated by the daemon, stable across reloads.
+    pub rule_id: u32,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PrefixRule {}

@@ -1,0 +1,30 @@
+//! The kernel ABI of tailgate: everything the eBPF programs and the userspace daemon must
+//! agree on. Map names, key/value layouts, verdict and counter ids live here and nowhere
+//! else. `no_std` so the eBPF crate can use it; the `user` feature adds aya's `Pod` impls.
+#![no_std]
+
+pub mod cgnat;
+pub mod counters;
+
+/// Names of the programs in the eBPF object (the `#[xdp]` / `#[classifier]` function names).
+pub mod programs {
+    /// XDP on every uplink (Ethernet) interface: inbound source filtering.
+    pub const UPLINK_XDP: &str = "tg_uplink";
+    /// TC egress on the tunnel (TUN) interface: forwarded-into-tunnel source filtering.
+    pub const TUNNEL_EGRESS: &str = "tg_tunnel_egress";
+}
+
+/// Name of the per-CPU array counting packets per [`counters::Counter`].
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Name of the per-CPU array counting packets per rule id (see [`cgnat::PrefixRule`]).
+pub const MAP_RULE_HITS: &str = "RULE_HITS";
+
+/// Number of rule ids, and so of per-rule counters. Rule ids are shared by every prefix
+/// map. Per-CPU memory: `MAX_RULES * 8` bytes per CPU.
+pub const MAX_RULES: u32 = 1 << 17;
+
+/// The verdict a matching rule gives.
+pub mod verdict {
+    pub const PASS: u32 = 0;
+    pub const DROP: u32 = 1;
+}

@@ -1,0 +1,471 @@
+//! Configuration: TOML file plus `TAILGATE_*` environment overrides, validated into typed
+//! values. Every error names the field (or variable) it is about.
+
+use std::{collections::HashMap, fmt, net::IpAddr, path::Path, str::FromStr};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::policy::{CGNAT_V4, TAILNET_ULA_V6};
+
+/// Longest Linux interface name (IFNAMSIZ - 1).
+const IFNAME_MAX: usize = 15;
+/// Prefixes a user can list in `cgnat.allow` + `cgnat.drop`, leaving room for built-ins.
+pub const MAX_USER_PREFIXES: usize = tailgate_abi::cgnat::MAX_PREFIXES as usize - 16;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The overlay's TUN interface.
+    pub tunnel: String,
+    /// Uplinks; `None` means every up interface but the tunnel and `lo`.
+    pub interfaces: Option<Vec<String>>,
+    pub backend: BackendKind,
+    /// Leave the datapath attached when the daemon stops (the next start takes it over).
+    pub keep_datapath: bool,
+    pub cgnat: CgnatConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Auto,
+    Bpf,
+    Iptables,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgnatConfig {
+    pub mode: CgnatMode,
+    pub allow: Vec<IpNet>,
+    pub drop: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgnatMode {
+    Drop,
+    Off,
+}
+
+/// A configuration problem, with the field (`cgnat.allow[2]`) or variable it is about.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    tunnel: Option<String>,
+    interfaces: Option<Vec<String>>,
+    backend: Option<BackendKind>,
+    keep_datapath: Option<bool>,
+    #[serde(default)]
+    cgnat: RawCgnat,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCgnat {
+    mode: Option<CgnatMode>,
+    allow: Option<Vec<String>>,
+    drop: Option<Vec<String>>,
+}
+
+/// Environment variables that override the file, for container use.
+pub const ENV_VARS: [(&str, &str); 7] = [
+    ("TAILGATE_TUNNEL", "tunnel"),
+    ("TAILGATE_INTERFACES", "interfaces (comma separated)"),
+    ("TAILGATE_BACKEND", "backend"),
+    ("TAILGATE_KEEP_DATAPATH", "keep_datapath (true|false)"),
+    ("TAILGATE_CGNAT_MODE", "cgnat.mode"),
+    ("TAILGATE_CGNAT_ALLOW", "cgnat.allow (comma separated)"),
+    ("TAILGATE_CGNAT_DROP", "cgnat.drop (comma separated)"),
+];
+
+impl Config {
+    /// Reads `path` (if given) and applies the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
+            })?,
+            None => String::new(),
+        };
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::parse(&text, &env)
+    }
+
+    /// Parses TOML text and applies overrides from `env`. Pure: no system state is read.
+    pub fn parse(text: &str, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| {
+            ConfigError::new(
+                "config",
+                e.message().to_string() + &span_hint(text, e.span()),
+            )
+        })?;
+        apply_env(&mut raw, env)?;
+        raw.validate()
+    }
+
+    /// Every prefix the user listed, with the field it came from.
+    pub fn user_prefixes(&self) -> impl Iterator<Item = (String, IpNet)> + '_ {
+        let allow = self.cgnat.allow.iter().enumerate();
+        let drop = self.cgnat.drop.iter().enumerate();
+        allow
+            .map(|(i, p)| (format!("cgnat.allow[{i}]"), *p))
+            .chain(drop.map(|(i, p)| (format!("cgnat.drop[{i}]"), *p)))
+    }
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let line = text[..span.start.min(text.len())].lines().count().max(1);
+    format!(" (line {line})")
+}
+
+fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+    let get = |name: &str| env.get(name).map(|v| v.trim().to_string());
+    if let Some(v) = get("TAILGATE_TUNNEL") {
+        raw.tunnel = Some(v);
+    }
+    if let Some(v) = get("TAILGATE_INTERFACES") {
+        raw.interfaces = Some(split_list(&v));
+    }
+    if let Some(v) = get("TAILGATE_BACKEND") {
+        raw.backend = Some(parse_enum("TAILGATE_BACKEND", &v, "auto, bpf, iptables")?);
+    }
+    if let Some(v) = get("TAILGATE_KEEP_DATAPATH") {
+        let b = bool::from_str(&v)
+            .map_err(|_| ConfigError::new("TAILGATE_KEEP_DATAPATH", "expected true or false"))?;
+        raw.keep_datapath = Some(b);
+    }
+    if let Some(v) = get("TAILGATE_CGNAT_MODE") {
+        raw.cgnat.mode = Some(parse_enum("TAILGATE_CGNAT_MODE", &v, "drop, off")?);
+    }
+    if let Some(v) = get("TAILGATE_CGNAT_ALLOW") {
+        raw.cgnat.allow = Some(split_list(&v));
+    }
+    if let Some(v) = get("TAILGATE_CGNAT_DROP") {
+        raw.cgnat.drop = Some(split_list(&v));
+    }
+    Ok(())
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split([',', ' '])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn parse_enum<T: for<'de> Deserialize<'de>>(
+    var: &str,
+    value: &str,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(value))
+        .map_err(|_| ConfigError::new(var, format!("{value:?} is not one of: {expected}")))
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let tunnel = self.tunnel.unwrap_or_else(|| "tailscale0".to_string());
+        check_ifname("tunnel", &tunnel)?;
+        if let Some(interfaces) = &self.interfaces {
+            validate_interfaces(interfaces, &tunnel)?;
+        }
+        let allow = parse_prefixes("cgnat.allow", self.cgnat.allow.unwrap_or_default())?;
+        let drop = parse_prefixes("cgnat.drop", self.cgnat.drop.unwrap_or_default())?;
+        if let Some((i, j)) = first_common(&allow, &drop) {
+            return Err(ConfigError::new(
+                format!("cgnat.drop[{j}]"),
+                format!("{} is also listed in cgnat.allow[{i}]", drop[j]),
+            ));
+        }
+        if allow.len() + drop.len() > MAX_USER_PREFIXES {
+            return Err(ConfigError::new(
+                "cgnat",
+                format!(
+                    "{} prefixes in allow + drop; at most {MAX_USER_PREFIXES} are supported",
+                    allow.len() + drop.len()
+                ),
+            ));
+        }
+        Ok(Config {
+            tunnel,
+            interfaces: self.interfaces,
+            backend: self.backend.unwrap_or(BackendKind::Auto),
+            keep_datapath: self.keep_datapath.unwrap_or(false),
+            cgnat: CgnatConfig {
+                mode: self.cgnat.mode.unwrap_or(CgnatMode::Drop),
+                allow,
+                drop,
+            },
+        })
+    }
+}
+
+fn check_ifname(field: &str, name: &str) -> Result<(), ConfigError> {
+    let bad = name.is_empty()
+        || name.len() > IFNAME_MAX
+        || name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+    if bad {
+        return Err(ConfigError::new(
+            field,
+            format!("{name:?} is not a valid interface name (1-{IFNAME_MAX} characters, no '/', ':' or spaces)"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_interfaces(interfaces: &[String], tunnel: &str) -> Result<(), ConfigError> {
+    for (i, name) in interfaces.iter().enumerate() {
+        let field = format!("interfaces[{i}]");
+        check_ifname(&field, name)?;
+        if name == tunnel {
+            return Err(ConfigError::new(
+                field,
+                format!("{name:?} is the tunnel; the tunnel cannot also be an uplink"),
+            ));
+        }
+        if name == "lo" {
+            return Err(ConfigError::new(
+                field,
+                "\"lo\" cannot be an uplink: loopback carries this host's own tailnet traffic",
+            ));
+        }
+        if let Some(j) = interfaces[..i].iter().position(|n| n == name) {
+            return Err(ConfigError::new(
+                field,
+                format!("{name:?} is already listed as interfaces[{j}]"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_prefixes(field: &str, items: Vec<String>) -> Result<Vec<IpNet>, ConfigError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, s)| parse_prefix(&format!("{field}[{i}]"), s))
+        .collect()
+}
+
+/// One filtered-range prefix: a CIDR (or a bare address, taken as /32 or /128) inside
+/// 100.64.0.0/10 or fd7a:115c:a1e0::/48, without host bits.
+fn parse_prefix(field: &str, s: &str) -> Result<IpNet, ConfigError> {
+    let net = match (IpNet::from_str(s), IpAddr::from_str(s)) {
+        (Ok(net), _) => net,
+        (_, Ok(addr)) => IpNet::from(addr),
+        _ => {
+            return Err(ConfigError::new(
+                field,
+                format!("{s:?} is not a valid prefix (expected e.g. 100.100.0.0/16)"),
+            ))
+        }
+    };
+    if net.trunc() != net {
+        return Err(ConfigError::new(
+            field,
+            format!("{s} has host bits set (did you mean {}?)", net.trunc()),
+        ));
+    }
+    let range = match net {
+        IpNet::V4(_) => IpNet::V4(CGNAT_V4),
+        IpNet::V6(_) => IpNet::V6(TAILNET_ULA_V6),
+    };
+    if !range.contains(&net) {
+        return Err(ConfigError::new(
+            field,
+            format!("{net} is outside the filtered range {range} of its family; only prefixes inside it can be allowed or dropped"),
+        ));
+    }
+    Ok(net)
+}
+
+fn first_common(a: &[IpNet], b: &[IpNet]) -> Option<(usize, usize)> {
+    let index: HashMap<&IpNet, usize> = a.iter().enumerate().map(|(i, p)| (p, i)).collect();
+    b.iter()
+        .enumerate()
+        .find_map(|(j, p)| index.get(p).map(|&i| (i, j)))
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Bpf => "bpf",
+            BackendKind::Iptables => "iptables",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, &HashMap::new())
+    }
+
+    fn err_field(text: &str) -> String {
+        parse(text).unwrap_err().field
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.tunnel, "tailscale0");
+        assert_eq!(c.interfaces, None);
+        assert_eq!(c.backend, BackendKind::Auto);
+        assert!(!c.keep_datapath);
+        assert_eq!(c.cgnat.mode, CgnatMode::Drop);
+        assert!(c.cgnat.allow.is_empty() && c.cgnat.drop.is_empty());
+    }
+
+    #[test]
+    fn full_example() {
+        let c = parse(
+            r#"
+            tunnel = "tailscale0"
+            interfaces = ["eth0", "eth1"]
+            backend = "bpf"
+            [cgnat]
+            mode = "drop"
+            allow = ["100.100.0.0/16", "fd7a:115c:a1e0:ab::/64"]
+            drop  = ["100.100.100.200"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.interfaces.unwrap(), ["eth0", "eth1"]);
+        assert_eq!(c.backend, BackendKind::Bpf);
+        assert_eq!(c.cgnat.allow[1].to_string(), "fd7a:115c:a1e0:ab::/64");
+        assert_eq!(c.cgnat.drop[0].to_string(), "100.100.100.200/32");
+    }
+
+    #[test]
+    fn bad_cidr_names_the_entry() {
+        let e = parse("[cgnat]\nallow = [\"100.100.0.0/16\", \"100.100.0.0/33\"]").unwrap_err();
+        assert_eq!(e.field, "cgnat.allow[1]");
+        assert!(e.message.contains("not a valid prefix"), "{e}");
+    }
+
+    #[test]
+    fn host_bits_are_refused_with_a_hint() {
+        let e = parse("[cgnat]\ndrop = [\"100.100.1.0/16\"]").unwrap_err();
+        assert_eq!(e.field, "cgnat.drop[0]");
+        assert!(e.message.contains("did you mean 100.100.0.0/16"), "{e}");
+    }
+
+    #[test]
+    fn prefix_of_the_wrong_range_is_refused() {
+        // An IPv4 prefix outside CGNAT, and an IPv6 prefix outside the tailnet ULA.
+        assert_eq!(
+            err_field("[cgnat]\nallow = [\"10.0.0.0/8\"]"),
+            "cgnat.allow[0]"
+        );
+        let e = parse("[cgnat]\ndrop = [\"2001:db8::/32\"]").unwrap_err();
+        assert_eq!(e.field, "cgnat.drop[0]");
+        assert!(e.message.contains("fd7a:115c:a1e0::/48"), "{e}");
+        // A v4 prefix covering more than CGNAT is outside it too.
+        assert_eq!(
+            err_field("[cgnat]\nallow = [\"100.0.0.0/8\"]"),
+            "cgnat.allow[0]"
+        );
+    }
+
+    #[test]
+    fn same_prefix_in_allow_and_drop_is_refused() {
+        let e = parse("[cgnat]\nallow = [\"100.100.0.0/16\"]\ndrop = [\"100.100.0.0/16\"]")
+            .unwrap_err();
+        assert_eq!(e.field, "cgnat.drop[0]");
+        assert!(e.message.contains("cgnat.allow[0]"), "{e}");
+    }
+
+    #[test]
+    fn tunnel_as_uplink_is_refused() {
+        let e = parse("tunnel = \"tun9\"\ninterfaces = [\"eth0\", \"tun9\"]").unwrap_err();
+        assert_eq!(e.field, "interfaces[1]");
+        assert!(e.message.contains("tunnel"), "{e}");
+    }
+
+    #[test]
+    fn loopback_and_duplicate_uplinks_are_refused() {
+        assert_eq!(err_field("interfaces = [\"lo\"]"), "interfaces[0]");
+        assert_eq!(
+            err_field("interfaces = [\"eth0\", \"eth0\"]"),
+            "interfaces[1]"
+        );
+        assert_eq!(err_field("interfaces = [\"a/b\"]"), "interfaces[0]");
+        assert_eq!(err_field("tunnel = \"\""), "tunnel");
+        assert_eq!(err_field("tunnel = \"averyveryverylongname\""), "tunnel");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = parse("tunel = \"x\"").unwrap_err();
+        assert!(e.message.contains("unknown field `tunel`"), "{e}");
+        assert!(e.message.contains("line 1"), "{e}");
+        let e = parse("[cgnat]\nexempt = []").unwrap_err();
+        assert!(e.message.contains("unknown field `exempt`"), "{e}");
+    }
+
+    #[test]
+    fn bad_enum_values_are_refused() {
+        assert!(parse("backend = \"ebpf\"").is_err());
+        assert!(parse("[cgnat]\nmode = \"on\"").is_err());
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let env: HashMap<String, String> = [
+            ("TAILGATE_TUNNEL", "wg0"),
+            ("TAILGATE_INTERFACES", "eth0, eth1"),
+            ("TAILGATE_CGNAT_ALLOW", "100.100.0.0/16,100.64.0.0/24"),
+            ("TAILGATE_CGNAT_MODE", "off"),
+            ("TAILGATE_KEEP_DATAPATH", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = Config::parse("tunnel = \"tailscale0\"", &env).unwrap();
+        assert_eq!(c.tunnel, "wg0");
+        assert_eq!(c.interfaces.unwrap(), ["eth0", "eth1"]);
+        assert_eq!(c.cgnat.allow.len(), 2);
+        assert_eq!(c.cgnat.mode, CgnatMode::Off);
+        assert!(c.keep_datapath);
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let env: HashMap<String, String> =
+            [("TAILGATE_BACKEND".to_string(), "nft".to_string())].into();
+        assert_eq!(
+            Config::parse("", &env).unwrap_err().field,
+            "TAILGATE_BACKEND"
+        );
+        let env: HashMap<String, String> =
+            [("TAILGATE_CGNAT_DROP".to_string(), "1.2.3.4/32".to_string())].into();
+        assert_eq!(Config::parse("", &env).unwrap_err().field, "cgnat.drop[0]");
+    }
+}

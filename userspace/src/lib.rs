@@ -1,0 +1,11 @@
+//! tailgate: CGNAT source filtering (and, later, marking, DNAT, MSS clamping) for overlay
+//! gateway nodes, in XDP/TC with an iptables fallback.
+//!
+//! config → policy (pure) → backend (bpf) → kernel; `status` reads the pinned state.
+
+pub mod backend;
+pub mod config;
+pub mod daemon;
+pub mod netdev;
+pub mod policy;
+pub mod status;

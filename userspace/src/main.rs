@@ -1,0 +1,111 @@
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tailgate::{
+    backend::bpf::{pins::DEFAULT_PIN_DIR, KernelLog, Pins},
+    daemon, status,
+};
+
+/// Overlay gateway datapath: CGNAT source filtering in XDP/TC.
+#[derive(Parser)]
+#[command(name = "tailgate", version)]
+struct Cli {
+    /// Directory on bpffs holding this instance's maps and links.
+    #[arg(long, global = true, env = "TAILGATE_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load, attach and enforce the config; reload on SIGHUP or file change.
+    Run {
+        /// TOML config file (TAILGATE_* variables override it).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Kernel-side log level (aya-log); off costs nothing on the packet path.
+        #[arg(long, value_enum, default_value_t = KernelLog::Off)]
+        kernel_log: KernelLog,
+    },
+    /// Show attachments, rules and counters from the pinned state.
+    Status {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach and unpin everything under the pin dir. Safe to run twice.
+    Cleanup,
+    /// Check a config file (and this host's interfaces) without applying it.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match execute(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tailgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> Result<ExitCode> {
+    let pins = Pins::new(cli.pin_dir);
+    match cli.command {
+        Command::Run { config, kernel_log } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(daemon::run(daemon::RunOptions {
+                config,
+                pins,
+                kernel_log,
+            }))?;
+        }
+        Command::Status { json } => match status::read(&pins)? {
+            None => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "running": false, "pin_dir": pins.root() })
+                    );
+                } else {
+                    println!(
+                        "tailgate: nothing pinned under {} (not running)",
+                        pins.root().display()
+                    );
+                }
+                return Ok(ExitCode::from(3));
+            }
+            Some(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
+            Some(s) => print!("{}", status::render_text(&s)),
+        },
+        Command::Cleanup => {
+            pins.remove_all()?;
+            println!("tailgate: nothing left under {}", pins.root().display());
+        }
+        Command::Check { config } => {
+            let (_, state) = daemon::desired_state(config.as_deref())?;
+            println!(
+                "ok: uplinks [{}], tunnel {}, {} inbound and {} forward rules",
+                state.uplinks.join(", "),
+                state.tunnel,
+                state.cgnat.inbound.len(),
+                state.cgnat.forward.len()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
