@@ -3,7 +3,7 @@
 /// Why a program let a packet through or dropped it. The discriminant is the index into
 /// the `COUNTERS` map.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Counter {
     /// Uplink: not IPv4/IPv6 (ARP, LLDP, ...).
     UplinkPassNotIp = 0,

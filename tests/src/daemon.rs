@@ -1,0 +1,217 @@
+//! Runs the real `tailgate` binary inside a test namespace with its own pin directory.
+
+use std::{
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use nix::{
+    sched::{setns, CloneFlags},
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+use tempfile::TempDir;
+
+use crate::{netns::Netns, wait};
+
+/// The `tailgate` binary of this workspace (built by `cargo xtask test` before the tests),
+/// or `$TAILGATE_BIN`.
+pub fn binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TAILGATE_BIN") {
+        return bin.into();
+    }
+    // target/<profile>/deps/<test-exe> → target/<profile>/tailgate
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("tailgate");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p userspace` first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A per-test pin directory on bpffs; everything under it is detached and removed on drop.
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> Self {
+        Self {
+            path: PathBuf::from("/sys/fs/bpf").join(crate::unique("tailgate-test")),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn link_count(&self) -> usize {
+        fs::read_dir(self.path.join("links"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = Command::new(binary())
+            .arg("--pin-dir")
+            .arg(&self.path)
+            .arg("cleanup")
+            .output();
+    }
+}
+
+/// `tailgate --pin-dir DIR ARGS` run in `ns`.
+pub fn tailgate(ns: &Netns, pins: &PinDir, args: &[&str]) -> Result<Output> {
+    command(ns, pins, args)?
+        .output()
+        .context("running tailgate")
+}
+
+fn command(ns: &Netns, pins: &PinDir, args: &[&str]) -> Result<Command> {
+    let netns = fs::File::open(ns.path())?;
+    let mut cmd = Command::new(binary());
+    cmd.arg("--pin-dir")
+        .arg(pins.path())
+        .args(args)
+        .env_remove("RUST_LOG");
+    // Enter only the network namespace (`ip netns exec` would remount /sys and the pins
+    // would not land in the host's bpffs).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+        });
+    }
+    Ok(cmd)
+}
+
+/// A running daemon. Stopped with SIGTERM (then SIGKILL) on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    dir: TempDir,
+}
+
+impl Daemon {
+    /// Writes `config` to a file and starts `tailgate run` on it; returns once `links`
+    /// attachments are pinned.
+    pub fn start(ns: &Netns, pins: &PinDir, config: &str, links: usize) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut daemon = Self::spawn(ns, pins, config, dir)?;
+        let ready = wait::until(Duration::from_secs(20), || {
+            pins.link_count() >= links || !daemon.alive()
+        });
+        if !ready || !daemon.alive() {
+            let log = daemon.log();
+            daemon.stop();
+            bail!("daemon did not come up (ready={ready}); its log:\n{log}");
+        }
+        Ok(daemon)
+    }
+
+    /// Starts `tailgate run` and waits for it to exit (for configs it must refuse).
+    pub fn run_to_exit(ns: &Netns, pins: &PinDir, config: &str) -> Result<(i32, String)> {
+        let dir = tempfile::tempdir()?;
+        let mut daemon = Self::spawn(ns, pins, config, dir)?;
+        let exited = wait::until(Duration::from_secs(20), || !daemon.alive());
+        if !exited {
+            daemon.stop();
+            bail!("daemon kept running");
+        }
+        let code = daemon.child.take().unwrap().wait()?.code().unwrap_or(-1);
+        Ok((code, daemon.log()))
+    }
+
+    fn spawn(ns: &Netns, pins: &PinDir, config: &str, dir: TempDir) -> Result<Self> {
+        let config_path = dir.path().join("tailgate.toml");
+        fs::write(&config_path, config)?;
+        let log = fs::File::create(dir.path().join("log"))?;
+        let child = command(
+            ns,
+            pins,
+            &["run", "--config", config_path.to_str().unwrap()],
+        )?
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawning tailgate")?;
+        Ok(Self {
+            child: Some(child),
+            dir,
+        })
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("tailgate.toml")
+    }
+
+    /// Replaces the config file atomically (write + rename, as editors and config
+    /// management do).
+    pub fn write_config(&self, config: &str) -> Result<()> {
+        let tmp = self.dir.path().join("tailgate.toml.tmp");
+        fs::write(&tmp, config)?;
+        fs::rename(&tmp, self.config_path())?;
+        Ok(())
+    }
+
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        kill(Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, wait up to 10 s, then SIGKILL. Returns the exit code if it exited.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let mut code = None;
+        wait::until(Duration::from_secs(10), || match child.try_wait() {
+            Ok(Some(status)) => {
+                code = status.code();
+                true
+            }
+            _ => false,
+        });
+        if code.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        code
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

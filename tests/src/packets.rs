@@ -1,0 +1,179 @@
+//! Crafted packets (etherparse) for packet tests and TUN injection.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use etherparse::{
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpFragOffset, IpNumber, Ipv4Header,
+    PacketBuilder, SlicedPacket, VlanId,
+};
+
+const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+
+pub fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+pub fn v6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+/// Ethernet + IPv4 + UDP from `src` to `dst`.
+pub fn eth_udp4(src: &str, dst: &str) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+        .ipv4(v4(src).octets(), v4(dst).octets(), 64)
+        .udp(4000, 53);
+    write(b, b"hello")
+}
+
+/// Ethernet + IPv6 + UDP.
+pub fn eth_udp6(src: &str, dst: &str) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+        .ipv6(v6(src).octets(), v6(dst).octets(), 64)
+        .udp(4000, 53);
+    write(b, b"hello")
+}
+
+/// 802.1Q-tagged Ethernet + IPv4 + UDP.
+pub fn vlan_udp4(src: &str, dst: &str) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+        .single_vlan(VlanId::try_new(42).unwrap())
+        .ipv4(v4(src).octets(), v4(dst).octets(), 64)
+        .udp(4000, 53);
+    write(b, b"hello")
+}
+
+/// 802.1ad + 802.1Q (QinQ) Ethernet + IPv4 + UDP.
+pub fn qinq_udp4(src: &str, dst: &str) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+        .double_vlan(VlanId::try_new(100).unwrap(), VlanId::try_new(42).unwrap())
+        .ipv4(v4(src).octets(), v4(dst).octets(), 64)
+        .udp(4000, 53);
+    write(b, b"hello")
+}
+
+/// Ethernet ARP request.
+pub fn arp() -> Vec<u8> {
+    let arp = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REQUEST,
+        &SRC_MAC,
+        &v4("100.64.0.2").octets(),
+        &[0; 6],
+        &v4("100.64.0.1").octets(),
+    )
+    .unwrap();
+    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC).arp(arp);
+    let mut out = Vec::new();
+    b.write(&mut out).unwrap();
+    out
+}
+
+/// Ethernet + IPv4 with 8 bytes of options (IHL 7) + UDP.
+pub fn eth_udp4_options(src: &str, dst: &str) -> Vec<u8> {
+    let mut ip =
+        Ipv4Header::new(8 + 5, 64, IpNumber::UDP, v4(src).octets(), v4(dst).octets()).unwrap();
+    // Four NOPs and a router alert option.
+    ip.options = [1u8, 1, 1, 1, 148, 4, 0, 0][..].try_into().unwrap();
+    raw_ipv4(ip, &udp_bytes(b"hello"))
+}
+
+/// Ethernet + a non-first IPv4 fragment (offset 8 x 8 bytes, more fragments).
+pub fn eth_fragment4(src: &str, dst: &str) -> Vec<u8> {
+    let payload = [0xabu8; 16];
+    let mut ip = Ipv4Header::new(
+        payload.len() as u16,
+        64,
+        IpNumber::UDP,
+        v4(src).octets(),
+        v4(dst).octets(),
+    )
+    .unwrap();
+    ip.more_fragments = true;
+    ip.fragment_offset = IpFragOffset::try_new(8).unwrap();
+    raw_ipv4(ip, &payload)
+}
+
+/// Ethernet + IPv4 whose IHL field says 4 (less than the minimum 5).
+pub fn eth_bad_ihl4(src: &str, dst: &str) -> Vec<u8> {
+    let mut frame = eth_udp4(src, dst);
+    frame[14] = 0x44;
+    frame
+}
+
+/// Raw IPv4 ICMP echo request (no link-layer header), as a TUN device carries it.
+pub fn ip_echo4(src: &str, dst: &str, id: u16, seq: u16) -> Vec<u8> {
+    let b =
+        PacketBuilder::ipv4(v4(src).octets(), v4(dst).octets(), 64).icmpv4_echo_request(id, seq);
+    write(b, b"tailgate")
+}
+
+/// Source and destination of a raw IP packet, and its ICMP type if it is ICMPv4.
+pub fn ip_summary(packet: &[u8]) -> Option<(IpAddr, IpAddr, Option<u8>)> {
+    let sliced = SlicedPacket::from_ip(packet).ok()?;
+    let (src, dst) = match sliced.net? {
+        etherparse::NetSlice::Ipv4(ip) => (
+            IpAddr::V4(ip.header().source_addr()),
+            IpAddr::V4(ip.header().destination_addr()),
+        ),
+        etherparse::NetSlice::Ipv6(ip) => (
+            IpAddr::V6(ip.header().source_addr()),
+            IpAddr::V6(ip.header().destination_addr()),
+        ),
+        _ => return None,
+    };
+    let icmp_type = match sliced.transport {
+        Some(etherparse::TransportSlice::Icmpv4(icmp)) => Some(icmp.type_u8()),
+        _ => None,
+    };
+    Some((src, dst, icmp_type))
+}
+
+fn udp_bytes(payload: &[u8]) -> Vec<u8> {
+    let len = (8 + payload.len()) as u16;
+    let mut out = vec![0x0f, 0xa0, 0, 53];
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(payload);
+    out
+}
+
+fn raw_ipv4(mut ip: Ipv4Header, payload: &[u8]) -> Vec<u8> {
+    ip.total_len = (ip.header_len() + payload.len()) as u16;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = Vec::new();
+    etherparse::Ethernet2Header {
+        source: SRC_MAC,
+        destination: DST_MAC,
+        ether_type: EtherType::IPV4,
+    }
+    .write(&mut out)
+    .unwrap();
+    ip.write(&mut out).unwrap();
+    out.extend_from_slice(payload);
+    out
+}
+
+fn write<B: BuilderWrite>(b: B, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    b.write_to(&mut out, payload);
+    out
+}
+
+/// The final step of an etherparse builder, whatever the transport.
+pub trait BuilderWrite {
+    fn write_to(self, out: &mut Vec<u8>, payload: &[u8]);
+}
+
+impl BuilderWrite for etherparse::PacketBuilderStep<etherparse::UdpHeader> {
+    fn write_to(self, out: &mut Vec<u8>, payload: &[u8]) {
+        self.write(out, payload).unwrap()
+    }
+}
+
+impl BuilderWrite for etherparse::PacketBuilderStep<etherparse::Icmpv4Header> {
+    fn write_to(self, out: &mut Vec<u8>, payload: &[u8]) {
+        self.write(out, payload).unwrap()
+    }
+}

@@ -1,0 +1,85 @@
+//! A TUN device opened by the test, as the overlay daemon would open it.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{Read, Write},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::netns::Netns;
+
+const IFF_TUN: libc::c_short = 0x0001;
+const IFF_NO_PI: libc::c_short = 0x1000;
+nix::ioctl_write_int!(tunsetiff, b'T', 202);
+
+/// An open TUN device: writes inject packets as if they came from the tunnel, reads return
+/// what the host sends into the tunnel. The device disappears when this is dropped.
+pub struct Tun {
+    file: File,
+    pub name: String,
+}
+
+impl Tun {
+    /// Creates and opens TUN device `name` inside `ns` (raw IP, no packet info header).
+    pub fn open(ns: &Netns, name: &str) -> Result<Self> {
+        let file = ns.enter(|| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .context("opening /dev/net/tun")?;
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+                *dst = src as libc::c_char;
+            }
+            req.ifr_ifru.ifru_flags = IFF_TUN | IFF_NO_PI;
+            unsafe { tunsetiff(file.as_raw_fd(), &req as *const _ as u64) }.context("TUNSETIFF")?;
+            Ok(file)
+        })?;
+        ns.ip(&["link", "set", name, "up"])?;
+        Ok(Self {
+            file,
+            name: name.to_string(),
+        })
+    }
+
+    /// Injects one raw IP packet.
+    pub fn send(&mut self, packet: &[u8]) -> Result<()> {
+        self.file
+            .write_all(packet)
+            .context("writing to the TUN device")
+    }
+
+    /// The first packet the host sends into the tunnel that `want` accepts, within `timeout`.
+    pub fn recv_matching(
+        &mut self,
+        timeout: Duration,
+        want: impl Fn(&[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let ms = PollTimeout::try_from(left.as_millis().min(1000) as u16)
+                .unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(
+                std::os::fd::AsFd::as_fd(&self.file),
+                PollFlags::POLLIN,
+            )];
+            if poll(&mut fds, ms).unwrap_or(0) > 0 {
+                if let Ok(n) = self.file.read(&mut buf) {
+                    if want(&buf[..n]) {
+                        return Some(buf[..n].to_vec());
+                    }
+                }
+            }
+        }
+    }
+}

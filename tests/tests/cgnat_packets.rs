@@ -1,0 +1,452 @@
+//! CGNAT filtering on crafted packets through BPF_PROG_TEST_RUN: exact verdicts, exact
+//! counter changes. Maps are filled by the daemon's own map sync from a config.
+
+use std::collections::HashMap;
+
+use tailgate::backend::bpf::Datapath;
+use tailgate_abi::counters::Counter;
+use tailgate_tests::{
+    packets::*,
+    testrun::{self, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
+};
+
+const CONFIG: &str = r#"
+[cgnat]
+allow = ["100.100.0.0/16", "fd7a:115c:a1e0:ab::/64"]
+drop  = ["100.100.100.200/32"]
+"#;
+
+/// Runs `frame` through the uplink program and checks the verdict and that exactly
+/// `counter` went up by one.
+fn uplink(dp: &mut Datapath, what: &str, frame: &[u8], verdict: u32, counter: Counter) {
+    let before = testrun::counters(dp).unwrap();
+    let got = testrun::run_xdp(dp, frame).unwrap();
+    assert_eq!(got, verdict, "{what}: XDP verdict");
+    assert_counted(what, &before, &testrun::counters(dp).unwrap(), counter);
+}
+
+fn tunnel(
+    dp: &mut Datapath,
+    what: &str,
+    frame: &[u8],
+    ingress: u32,
+    verdict: u32,
+    counter: Counter,
+) {
+    let before = testrun::counters(dp).unwrap();
+    let got = testrun::run_tunnel_egress(dp, frame, ingress).unwrap();
+    assert_eq!(got, verdict, "{what}: TC verdict");
+    assert_counted(what, &before, &testrun::counters(dp).unwrap(), counter);
+}
+
+fn assert_counted(
+    what: &str,
+    before: &HashMap<Counter, u64>,
+    after: &HashMap<Counter, u64>,
+    counter: Counter,
+) {
+    for c in Counter::ALL {
+        let want = before[&c] + u64::from(c == counter);
+        assert_eq!(after[&c], want, "{what}: counter {}", c.name());
+    }
+}
+
+#[test]
+fn uplink_ipv4_verdicts() {
+    let mut dp = testrun::datapath(CONFIG).unwrap();
+    let d = "192.0.2.1";
+    let cases = [
+        (
+            "non-CGNAT source",
+            "198.51.100.7",
+            XDP_PASS,
+            Counter::UplinkPassNoMatch,
+        ),
+        ("CGNAT source", "100.64.1.1", XDP_DROP, Counter::UplinkDrop),
+        (
+            "CGNAT upper edge",
+            "100.127.255.255",
+            XDP_DROP,
+            Counter::UplinkDrop,
+        ),
+        (
+            "just below CGNAT",
+            "100.63.255.255",
+            XDP_PASS,
+            Counter::UplinkPassNoMatch,
+        ),
+        (
+            "just above CGNAT",
+            "100.128.0.0",
+            XDP_PASS,
+            Counter::UplinkPassNoMatch,
+        ),
+        (
+            "ChromeOS range",
+            "100.115.92.5",
+            XDP_PASS,
+            Counter::UplinkPassRule,
+        ),
+        (
+            "ChromeOS upper edge",
+            "100.115.93.255",
+            XDP_PASS,
+            Counter::UplinkPassRule,
+        ),
+        (
+            "past ChromeOS range",
+            "100.115.94.0",
+            XDP_DROP,
+            Counter::UplinkDrop,
+        ),
+        (
+            "exempt /16 (cloud DNS)",
+            "100.100.2.136",
+            XDP_PASS,
+            Counter::UplinkPassRule,
+        ),
+        (
+            "denied /32 inside the exempt /16",
+            "100.100.100.200",
+            XDP_DROP,
+            Counter::UplinkDrop,
+        ),
+        (
+            "neighbour of the denied /32",
+            "100.100.100.201",
+            XDP_PASS,
+            Counter::UplinkPassRule,
+        ),
+    ];
+    for (what, src, verdict, counter) in cases {
+        uplink(&mut dp, what, &eth_udp4(src, d), verdict, counter);
+    }
+}
+
+#[test]
+fn uplink_ipv6_verdicts() {
+    let mut dp = testrun::datapath(CONFIG).unwrap();
+    let d = "2001:db8::1";
+    uplink(
+        &mut dp,
+        "tailnet ULA",
+        &eth_udp6("fd7a:115c:a1e0::5", d),
+        XDP_DROP,
+        Counter::UplinkDrop,
+    );
+    uplink(
+        &mut dp,
+        "exempt ULA /64",
+        &eth_udp6("fd7a:115c:a1e0:ab::9", d),
+        XDP_PASS,
+        Counter::UplinkPassRule,
+    );
+    uplink(
+        &mut dp,
+        "next ULA /48",
+        &eth_udp6("fd7a:115c:a1e1::5", d),
+        XDP_PASS,
+        Counter::UplinkPassNoMatch,
+    );
+    uplink(
+        &mut dp,
+        "global",
+        &eth_udp6("2001:db8::2", d),
+        XDP_PASS,
+        Counter::UplinkPassNoMatch,
+    );
+}
+
+#[test]
+fn uplink_non_ip_vlan_options_fragments() {
+    let mut dp = testrun::datapath(CONFIG).unwrap();
+    let d = "192.0.2.1";
+    uplink(&mut dp, "ARP", &arp(), XDP_PASS, Counter::UplinkPassNotIp);
+    uplink(
+        &mut dp,
+        "802.1Q CGNAT",
+        &vlan_udp4("100.64.1.1", d),
+        XDP_DROP,
+        Counter::UplinkDrop,
+    );
+    uplink(
+        &mut dp,
+        "802.1Q non-CGNAT",
+        &vlan_udp4("198.51.100.7", d),
+        XDP_PASS,
+        Counter::UplinkPassNoMatch,
+    );
+    uplink(
+        &mut dp,
+        "QinQ CGNAT",
+        &qinq_udp4("100.64.1.1", d),
+        XDP_DROP,
+        Counter::UplinkDrop,
+    );
+    uplink(
+        &mut dp,
+        "QinQ exempt",
+        &qinq_udp4("100.100.2.136", d),
+        XDP_PASS,
+        Counter::UplinkPassRule,
+    );
+    uplink(
+        &mut dp,
+        "IP options CGNAT",
+        &eth_udp4_options("100.64.1.1", d),
+        XDP_DROP,
+        Counter::UplinkDrop,
+    );
+    uplink(
+        &mut dp,
+        "IP options non-CGNAT",
+        &eth_udp4_options("198.51.100.7", d),
+        XDP_PASS,
+        Counter::UplinkPassNoMatch,
+    );
+    uplink(
+        &mut dp,
+        "fragment CGNAT",
+        &eth_fragment4("100.64.1.1", d),
+        XDP_DROP,
+        Counter::UplinkDrop,
+    );
+    uplink(
+        &mut dp,
+        "fragment non-CGNAT",
+        &eth_fragment4("198.51.100.7", d),
+        XDP_PASS,
+        Counter::UplinkPassNoMatch,
+    );
+}
+
+#[test]
+fn uplink_truncated_and_malformed_pass() {
+    let mut dp = testrun::datapath(CONFIG).unwrap();
+    let full = eth_udp4("100.64.1.1", "192.0.2.1");
+    // Too short for an Ethernet header (the kernel's test run wants 14 bytes at least, so
+    // pad with a VLAN tag whose inner header is missing).
+    let mut vlan_cut = vlan_udp4("100.64.1.1", "192.0.2.1");
+    vlan_cut.truncate(16);
+    uplink(
+        &mut dp,
+        "VLAN tag cut",
+        &vlan_cut,
+        XDP_PASS,
+        Counter::UplinkPassMalformed,
+    );
+    uplink(
+        &mut dp,
+        "IPv4 header cut at 19 bytes",
+        &full[..14 + 19],
+        XDP_PASS,
+        Counter::UplinkPassMalformed,
+    );
+    let v6 = eth_udp6("fd7a:115c:a1e0::5", "2001:db8::1");
+    uplink(
+        &mut dp,
+        "IPv6 header cut at 39 bytes",
+        &v6[..14 + 39],
+        XDP_PASS,
+        Counter::UplinkPassMalformed,
+    );
+    uplink(
+        &mut dp,
+        "IHL below 5",
+        &eth_bad_ihl4("100.64.1.1", "192.0.2.1"),
+        XDP_PASS,
+        Counter::UplinkPassMalformed,
+    );
+    // A header that is complete but whose payload is cut still has a readable source.
+    uplink(
+        &mut dp,
+        "payload cut",
+        &full[..14 + 20],
+        XDP_DROP,
+        Counter::UplinkDrop,
+    );
+}
+
+#[test]
+fn rule_hits_are_counted_per_rule() {
+    let mut dp = testrun::datapath(CONFIG).unwrap();
+    let entries =
+        tailgate::backend::bpf::cgnat::read::<4>(&dp.ebpf, tailgate_abi::cgnat::MAP_IN_V4).unwrap();
+    let id = |addr: [u8; 4], len: u32| entries[&(len, addr)].rule_id;
+    let (cgnat, exempt, denied) = (
+        id([100, 64, 0, 0], 10),
+        id([100, 100, 0, 0], 16),
+        id([100, 100, 100, 200], 32),
+    );
+    for _ in 0..3 {
+        testrun::run_xdp(&mut dp, &eth_udp4("100.100.100.200", "192.0.2.1")).unwrap();
+    }
+    testrun::run_xdp(&mut dp, &eth_udp4("100.100.1.1", "192.0.2.1")).unwrap();
+    assert_eq!(testrun::rule_hits(&dp, denied).unwrap(), 3);
+    assert_eq!(testrun::rule_hits(&dp, exempt).unwrap(), 1);
+    assert_eq!(testrun::rule_hits(&dp, cgnat).unwrap(), 0);
+}
+
+#[test]
+fn mode_off_passes_everything() {
+    let mut dp = testrun::datapath("[cgnat]\nmode = \"off\"").unwrap();
+    uplink(
+        &mut dp,
+        "CGNAT, mode off",
+        &eth_udp4("100.64.1.1", "192.0.2.1"),
+        XDP_PASS,
+        Counter::UplinkPassNoMatch,
+    );
+    uplink(
+        &mut dp,
+        "ULA, mode off",
+        &eth_udp6("fd7a:115c:a1e0::5", "2001:db8::1"),
+        XDP_PASS,
+        Counter::UplinkPassNoMatch,
+    );
+    tunnel(
+        &mut dp,
+        "forwarded CGNAT, mode off",
+        &eth_udp4("100.64.1.1", "100.101.0.1"),
+        7,
+        TC_ACT_OK,
+        Counter::TunnelPassForward,
+    );
+}
+
+#[test]
+fn tunnel_egress_verdicts() {
+    let mut dp = testrun::datapath(CONFIG).unwrap();
+    let d = "100.101.2.3";
+    // The test device is lo (ifindex 1): ingress 1 means "came in through the tunnel".
+    tunnel(
+        &mut dp,
+        "local CGNAT source",
+        &eth_udp4("100.101.0.1", d),
+        0,
+        TC_ACT_OK,
+        Counter::TunnelPassLocal,
+    );
+    tunnel(
+        &mut dp,
+        "hairpin from the tunnel",
+        &eth_udp4("100.90.0.1", d),
+        1,
+        TC_ACT_OK,
+        Counter::TunnelPassFromTunnel,
+    );
+    tunnel(
+        &mut dp,
+        "forwarded CGNAT source",
+        &eth_udp4("100.64.7.2", d),
+        7,
+        TC_ACT_SHOT,
+        Counter::TunnelDrop,
+    );
+    tunnel(
+        &mut dp,
+        "forwarded ChromeOS source",
+        &eth_udp4("100.115.92.5", d),
+        7,
+        TC_ACT_SHOT,
+        Counter::TunnelDrop,
+    );
+    tunnel(
+        &mut dp,
+        "forwarded LAN source",
+        &eth_udp4("192.0.2.2", d),
+        7,
+        TC_ACT_OK,
+        Counter::TunnelPassForward,
+    );
+    tunnel(
+        &mut dp,
+        "forwarded exempt source",
+        &eth_udp4("100.100.2.136", d),
+        7,
+        TC_ACT_OK,
+        Counter::TunnelPassForward,
+    );
+    tunnel(
+        &mut dp,
+        "forwarded denied source",
+        &eth_udp4("100.100.100.200", d),
+        7,
+        TC_ACT_SHOT,
+        Counter::TunnelDrop,
+    );
+    tunnel(
+        &mut dp,
+        "forwarded ULA source",
+        &eth_udp6("fd7a:115c:a1e0::5", "fd7a:115c:a1e0::9"),
+        7,
+        TC_ACT_SHOT,
+        Counter::TunnelDrop,
+    );
+    tunnel(
+        &mut dp,
+        "forwarded global v6",
+        &eth_udp6("2001:db8::2", "fd7a:115c:a1e0::9"),
+        7,
+        TC_ACT_OK,
+        Counter::TunnelPassForward,
+    );
+    tunnel(
+        &mut dp,
+        "forwarded ARP",
+        &arp(),
+        7,
+        TC_ACT_OK,
+        Counter::TunnelPassOther,
+    );
+}
+
+#[test]
+fn reload_keeps_rule_ids_and_counters_of_unchanged_rules() {
+    let mut dp = testrun::datapath(CONFIG).unwrap();
+    let read = |dp: &Datapath| {
+        tailgate::backend::bpf::cgnat::read::<4>(&dp.ebpf, tailgate_abi::cgnat::MAP_IN_V4).unwrap()
+    };
+    let before = read(&dp);
+    let exempt_id = before[&(16, [100, 100, 0, 0])].rule_id;
+    testrun::run_xdp(&mut dp, &eth_udp4("100.100.1.1", "192.0.2.1")).unwrap();
+
+    // Drop the /32, add a /24 exemption.
+    let config = tailgate::config::Config::parse(
+        "[cgnat]\nallow = [\"100.100.0.0/16\", \"100.64.0.0/24\", \"fd7a:115c:a1e0:ab::/64\"]",
+        &HashMap::new(),
+    )
+    .unwrap();
+    let report = dp
+        .sync(&tailgate::policy::compile(&config, vec![]))
+        .unwrap();
+    let after = read(&dp);
+    assert_eq!(after[&(16, [100, 100, 0, 0])].rule_id, exempt_id);
+    assert!(!after.contains_key(&(32, [100, 100, 100, 200])));
+    assert!(after.contains_key(&(24, [100, 64, 0, 0])));
+    assert_eq!(
+        testrun::rule_hits(&dp, exempt_id).unwrap(),
+        1,
+        "counter survived the reload"
+    );
+    // inbound: +/24 -/32; forward: the same.
+    assert_eq!((report.added, report.removed), (2, 2));
+    assert_eq!(
+        testrun::run_xdp(&mut dp, &eth_udp4("100.64.0.2", "192.0.2.1")).unwrap(),
+        XDP_PASS
+    );
+    assert_eq!(
+        testrun::run_xdp(&mut dp, &eth_udp4("100.100.100.200", "192.0.2.1")).unwrap(),
+        XDP_PASS
+    );
+
+    // A verdict change gets a fresh id with a zeroed counter.
+    let config =
+        tailgate::config::Config::parse("[cgnat]\ndrop = [\"100.100.0.0/16\"]", &HashMap::new())
+            .unwrap();
+    dp.sync(&tailgate::policy::compile(&config, vec![]))
+        .unwrap();
+    let rule = read(&dp)[&(16, [100, 100, 0, 0])];
+    assert_eq!(rule.verdict, tailgate_abi::verdict::DROP);
+    assert_eq!(testrun::rule_hits(&dp, rule.rule_id).unwrap(), 0);
+}
