@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod netns;
 pub mod packets;
 pub mod testrun;
+pub mod topology;
 pub mod tun;
 pub mod wait;
 

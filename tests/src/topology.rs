@@ -1,0 +1,87 @@
+//! The gateway topology the scenarios share:
+//!
+//! ```text
+//!  lan ns                     gw ns                              side ns
+//!  eth0 100.64.0.2/24  ─veth─ eth0 100.64.0.1/24  (uplink, XDP)
+//!       192.0.2.2/24               192.0.2.1/24
+//!       100.90.0.9/32 (spoof)
+//!                             eth1 198.51.100.1/24 ─veth─ eth0 198.51.100.2/24
+//!                                  100.64.7.1/24               100.64.7.2/24
+//!                             tun0 100.101.0.1/32 (TUN held by the test; TC egress)
+//!                                  route 100.101.0.0/16 (the tailnet)
+//! ```
+//! The LAN is CGNAT space, as on clouds that number their LANs there. eth1 is not an
+//! uplink (a container bridge, say), so CGNAT sources from it reach the forward path.
+
+use anyhow::Result;
+
+use crate::{
+    daemon::PinDir,
+    netns::{veth, Netns},
+    tun::Tun,
+};
+
+pub const GW_LAN_CGNAT: &str = "100.64.0.1";
+pub const GW_LAN: &str = "192.0.2.1";
+pub const LAN_CGNAT: &str = "100.64.0.2";
+pub const LAN: &str = "192.0.2.2";
+pub const LAN_SPOOF: &str = "100.90.0.9";
+pub const SIDE: &str = "198.51.100.2";
+pub const SIDE_CGNAT: &str = "100.64.7.2";
+pub const GW_TAILNET: &str = "100.101.0.1";
+pub const PEER: &str = "100.101.2.3";
+
+/// Config for this topology with extra TOML for the `[cgnat]` table.
+pub fn config(cgnat: &str) -> String {
+    format!("tunnel = \"tun0\"\ninterfaces = [\"eth0\"]\nbackend = \"bpf\"\n[cgnat]\n{cgnat}\n")
+}
+
+pub struct Topology {
+    // Field order is drop order: the TUN goes before its namespace.
+    pub tun: Tun,
+    pub pins: PinDir,
+    pub gw: Netns,
+    pub lan: Netns,
+    pub side: Netns,
+}
+
+impl Topology {
+    pub fn new() -> Result<Self> {
+        let gw = Netns::new("tg-gw")?;
+        let lan = Netns::new("tg-lan")?;
+        let side = Netns::new("tg-side")?;
+        veth(&gw, "eth0", &lan, "eth0")?;
+        veth(&gw, "eth1", &side, "eth0")?;
+        for (ns, dev, addr) in [
+            (&gw, "eth0", "100.64.0.1/24"),
+            (&gw, "eth0", "192.0.2.1/24"),
+            (&gw, "eth1", "198.51.100.1/24"),
+            (&gw, "eth1", "100.64.7.1/24"),
+            (&lan, "eth0", "100.64.0.2/24"),
+            (&lan, "eth0", "192.0.2.2/24"),
+            (&lan, "eth0", "100.90.0.9/32"),
+            (&side, "eth0", "198.51.100.2/24"),
+            (&side, "eth0", "100.64.7.2/24"),
+        ] {
+            ns.ip(&["addr", "add", addr, "dev", dev])?;
+        }
+        lan.ip(&["route", "add", "default", "via", GW_LAN])?;
+        side.ip(&["route", "add", "100.101.0.0/16", "via", "198.51.100.1"])?;
+        let tun = Tun::open(&gw, "tun0")?;
+        gw.ip(&["addr", "add", "100.101.0.1/32", "dev", "tun0"])?;
+        gw.ip(&["route", "add", "100.101.0.0/16", "dev", "tun0"])?;
+        gw.sysctl("net.ipv4.ip_forward", "1")?;
+        Ok(Self {
+            tun,
+            pins: PinDir::new(),
+            gw,
+            lan,
+            side,
+        })
+    }
+
+    /// Whether the LAN neighbour and the gateway can exchange pings over CGNAT addresses.
+    pub fn cgnat_neighbours_ping(&self) -> bool {
+        self.lan.ping(GW_LAN_CGNAT, Some(LAN_CGNAT))
+    }
+}

@@ -1,0 +1,189 @@
+//! CGNAT filtering end to end: real packets through namespaces, veth and a TUN device, with
+//! the real daemon.
+
+use std::{
+    net::{IpAddr, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::Result;
+use nix::sys::signal::Signal;
+use tailgate_tests::{
+    daemon::{tailgate, Daemon},
+    netns::Netns,
+    packets::{ip_echo4, ip_summary},
+    topology::*,
+    wait,
+};
+
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Sends `count` UDP datagrams from `src` (an address of `ns`) to `dst:port`.
+fn send_udp(ns: &Netns, src: &str, dst: &str, port: u16, count: usize) -> Result<()> {
+    let (src, dst) = (src.to_string(), format!("{dst}:{port}"));
+    ns.enter(move || {
+        let sock = UdpSocket::bind((src.as_str(), 0))?;
+        for _ in 0..count {
+            sock.send_to(b"tailgate", &dst)?;
+        }
+        Ok(())
+    })
+}
+
+/// A UDP socket bound inside `ns`.
+fn listen_udp(ns: &Netns, port: u16) -> Result<UdpSocket> {
+    let sock = ns.enter(move || Ok(UdpSocket::bind(("0.0.0.0", port))?))?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    Ok(sock)
+}
+
+/// Sources of the datagrams that arrive within `timeout`.
+fn received_from(sock: &UdpSocket, timeout: Duration) -> Vec<IpAddr> {
+    let mut buf = [0u8; 64];
+    let mut from = Vec::new();
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok((_, addr)) = sock.recv_from(&mut buf) {
+            from.push(addr.ip());
+        }
+    }
+    from
+}
+
+fn status_json(t: &Topology) -> serde_json::Value {
+    let out = tailgate(&t.gw, &t.pins, &["status", "--json"]).unwrap();
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn counter(t: &Topology, name: &str) -> u64 {
+    status_json(t)["counters"][name].as_u64().unwrap()
+}
+
+#[test]
+fn lan_neighbour_in_cgnat_space_is_blocked_until_allowed_then_reloaded() {
+    let t = Topology::new().unwrap();
+    assert!(
+        t.cgnat_neighbours_ping(),
+        "control: without tailgate the neighbours ping"
+    );
+    let daemon = Daemon::start(&t.gw, &t.pins, &config(""), 2).unwrap();
+    let pid = daemon.pid();
+
+    assert!(
+        !t.cgnat_neighbours_ping(),
+        "default policy: CGNAT neighbour must be dropped"
+    );
+    assert!(
+        t.lan.ping(GW_LAN, Some(LAN)),
+        "non-CGNAT addresses on the same link still work"
+    );
+
+    // Allow the LAN's /24 and reload with SIGHUP: no restart, same process.
+    std::fs::write(daemon.config_path(), config("allow = [\"100.64.0.0/24\"]")).unwrap();
+    daemon.signal(Signal::SIGHUP).unwrap();
+    assert!(
+        wait::until(SETTLE, || t.cgnat_neighbours_ping()),
+        "after the allow + reload the neighbours ping\n{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.pid(), pid);
+
+    // Take the exemption away by rewriting the file (the watcher reloads, no signal).
+    daemon.write_config(&config("")).unwrap();
+    let gone = wait::until(SETTLE, || {
+        status_json(&t)["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["prefix"] != "100.64.0.0/24")
+    });
+    assert!(gone, "file change was not picked up\n{}", daemon.log());
+    assert!(
+        !t.cgnat_neighbours_ping(),
+        "exemption removed: dropped again"
+    );
+    assert_eq!(daemon.pid(), pid);
+}
+
+#[test]
+fn spoofed_cgnat_source_on_the_uplink_is_dropped_while_non_cgnat_passes() {
+    let t = Topology::new().unwrap();
+    let sock = listen_udp(&t.gw, 5353).unwrap();
+    send_udp(&t.lan, LAN_SPOOF, GW_LAN, 5353, 3).unwrap();
+    assert!(
+        received_from(&sock, Duration::from_secs(1)).contains(&LAN_SPOOF.parse().unwrap()),
+        "control: arrives without tailgate"
+    );
+
+    let _daemon = Daemon::start(&t.gw, &t.pins, &config(""), 2).unwrap();
+    let drops = counter(&t, "uplink_drop");
+    send_udp(&t.lan, LAN_SPOOF, GW_LAN, 5353, 5).unwrap();
+    send_udp(&t.lan, LAN, GW_LAN, 5353, 5).unwrap();
+    let from = received_from(&sock, Duration::from_secs(1));
+    assert!(
+        !from.contains(&LAN_SPOOF.parse().unwrap()),
+        "spoofed CGNAT source got through"
+    );
+    assert_eq!(
+        from.iter()
+            .filter(|a| **a == LAN.parse::<IpAddr>().unwrap())
+            .count(),
+        5,
+        "non-CGNAT host must pass"
+    );
+    assert_eq!(counter(&t, "uplink_drop") - drops, 5);
+}
+
+#[test]
+fn cgnat_source_injected_into_the_tunnel_is_delivered() {
+    let mut t = Topology::new().unwrap();
+    let _daemon = Daemon::start(&t.gw, &t.pins, &config(""), 2).unwrap();
+
+    // A tailnet peer pings the gateway's tailnet address: delivered, answered.
+    t.tun.send(&ip_echo4(PEER, GW_TAILNET, 7, 1)).unwrap();
+    let reply = t.tun.recv_matching(SETTLE, |p| {
+        ip_summary(p) == Some((GW_TAILNET.parse().unwrap(), PEER.parse().unwrap(), Some(0)))
+    });
+    assert!(reply.is_some(), "no echo reply from the gateway");
+
+    // ... and a LAN host through the gateway (subnet route): forwarded, and the LAN host's
+    // reply is forwarded back into the tunnel.
+    t.tun.send(&ip_echo4(PEER, LAN, 7, 2)).unwrap();
+    let reply = t.tun.recv_matching(SETTLE, |p| {
+        ip_summary(p) == Some((LAN.parse().unwrap(), PEER.parse().unwrap(), Some(0)))
+    });
+    assert!(reply.is_some(), "no echo reply from the LAN host");
+    assert!(counter(&t, "tunnel_pass_local") >= 1);
+    assert!(counter(&t, "tunnel_pass_forward") >= 1);
+}
+
+#[test]
+fn cgnat_source_forwarded_into_the_tunnel_from_elsewhere_is_dropped() {
+    let mut t = Topology::new().unwrap();
+    let from = |src: &'static str| move |p: &[u8]| matches!(ip_summary(p), Some((s, _, _)) if s == src.parse::<IpAddr>().unwrap());
+    send_udp(&t.side, SIDE_CGNAT, PEER, 9, 1).unwrap();
+    assert!(
+        t.tun.recv_matching(SETTLE, from(SIDE_CGNAT)).is_some(),
+        "control: forwarded without tailgate"
+    );
+
+    let _daemon = Daemon::start(&t.gw, &t.pins, &config(""), 2).unwrap();
+    send_udp(&t.side, SIDE_CGNAT, PEER, 9, 3).unwrap();
+    send_udp(&t.side, SIDE, PEER, 9, 1).unwrap();
+    assert!(
+        t.tun.recv_matching(SETTLE, from(SIDE)).is_some(),
+        "non-CGNAT forwarded source must reach the tunnel"
+    );
+    assert!(
+        t.tun
+            .recv_matching(Duration::from_millis(500), from(SIDE_CGNAT))
+            .is_none(),
+        "CGNAT source from a non-tunnel interface reached the tunnel"
+    );
+    assert_eq!(counter(&t, "tunnel_drop"), 3);
+}
