@@ -129,12 +129,16 @@ impl Config {
     }
 }
 
+/// " (line N: <that line>)", so TOML-level errors show the key they are about.
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     let Some(span) = span else {
         return String::new();
     };
-    let line = text[..span.start.min(text.len())].lines().count().max(1);
-    format!(" (line {line})")
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let number = text[..start].matches('\n').count() + 1;
+    format!(" (line {number}: {})", text[line_start..line_end].trim())
 }
 
 fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), ConfigError> {
@@ -425,15 +429,17 @@ mod tests {
     fn unknown_keys_are_refused() {
         let e = parse("tunel = \"x\"").unwrap_err();
         assert!(e.message.contains("unknown field `tunel`"), "{e}");
-        assert!(e.message.contains("line 1"), "{e}");
+        assert!(e.message.contains("line 1: tunel = \"x\""), "{e}");
         let e = parse("[cgnat]\nexempt = []").unwrap_err();
         assert!(e.message.contains("unknown field `exempt`"), "{e}");
     }
 
     #[test]
-    fn bad_enum_values_are_refused() {
-        assert!(parse("backend = \"ebpf\"").is_err());
-        assert!(parse("[cgnat]\nmode = \"on\"").is_err());
+    fn bad_enum_values_are_refused_naming_the_key() {
+        let e = parse("backend = \"ebpf\"").unwrap_err();
+        assert!(e.message.contains("backend = \"ebpf\""), "{e}");
+        let e = parse("[cgnat]\nmode = \"on\"").unwrap_err();
+        assert!(e.message.contains("line 2: mode = \"on\""), "{e}");
     }
 
     #[test]
