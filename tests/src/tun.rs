@@ -67,8 +67,7 @@ impl Tun {
             if left.is_zero() {
                 return None;
             }
-            let ms = PollTimeout::try_from(left.as_millis().min(1000) as u16)
-                .unwrap_or(PollTimeout::MAX);
+            let ms = PollTimeout::from(left.as_millis().min(1000) as u16);
             let mut fds = [PollFd::new(
                 std::os::fd::AsFd::as_fd(&self.file),
                 PollFlags::POLLIN,

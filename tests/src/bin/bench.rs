@@ -1,1 +1,129 @@
-fn main() {}
+//! `cargo xtask bench`: ns/packet of the uplink XDP program and the tunnel TC program via
+//! BPF_PROG_TEST_RUN, for the pass and drop paths, with 1 and with 100,000 exemption
+//! prefixes in the LPM trie. Median of 5 runs of 1,000,000 repeats each.
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use anyhow::Result;
+use aya::programs::{TestRun, TestRunOptions};
+use ipnet::{IpNet, Ipv4Net};
+use tailgate::{
+    backend::bpf::{links, Datapath, Hook, KernelLog},
+    config::{BackendKind, CgnatConfig, CgnatMode, Config},
+    policy,
+};
+use tailgate_tests::{packets::eth_udp4, testrun};
+
+const REPEAT: u32 = 1_000_000;
+const RUNS: usize = 5;
+
+fn main() -> Result<()> {
+    println!(
+        "BPF_PROG_TEST_RUN, {REPEAT} repeats per run, median of {RUNS} runs, kernel logging off\n"
+    );
+    println!("| exemption prefixes | program | path | verdict | ns/packet |");
+    println!("|---:|---|---|---|---:|");
+    for count in [1, 1_000, 100_000] {
+        let (mut dp, exempt_src, drop_src, sync_ms) = datapath(count)?;
+        let cases: [(&str, &str, &str); 4] = [
+            ("uplink XDP", "pass: non-CGNAT source", "198.51.100.7"),
+            (
+                "uplink XDP",
+                "pass: exempt CGNAT source",
+                exempt_src.as_str(),
+            ),
+            ("uplink XDP", "drop: CGNAT source", drop_src.as_str()),
+            (
+                "tunnel TC",
+                "drop: forwarded CGNAT source",
+                drop_src.as_str(),
+            ),
+        ];
+        for (program, path, src) in cases {
+            let frame = eth_udp4(src, "192.0.2.1");
+            let mut samples = Vec::new();
+            let mut verdict = 0;
+            for _ in 0..RUNS {
+                let (v, ns) = if program == "uplink XDP" {
+                    testrun::time_xdp(&mut dp, &frame, REPEAT)?
+                } else {
+                    time_tc(&mut dp, &frame)?
+                };
+                verdict = v;
+                samples.push(ns);
+            }
+            samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let name = match (program, verdict) {
+                ("uplink XDP", 1) => "XDP_DROP",
+                ("uplink XDP", 2) => "XDP_PASS",
+                (_, 2) => "TC_ACT_SHOT",
+                (_, 0) => "TC_ACT_OK",
+                _ => "?",
+            };
+            println!(
+                "| {count} | {program} | {path} | {name} | {:.0} |",
+                samples[RUNS / 2]
+            );
+        }
+        println!(
+            "| {count} | (map sync) | {count} prefixes into 2 tries | - | {sync_ms:.0} ms total |"
+        );
+    }
+    Ok(())
+}
+
+/// The datapath with `count` exemption prefixes; returns an address inside one of them, an
+/// address in CGNAT outside all of them, and how long the map sync took.
+fn datapath(count: usize) -> Result<(Datapath, String, String, f64)> {
+    let allow: Vec<IpNet> = if count == 1 {
+        vec!["100.100.0.0/16".parse()?]
+    } else {
+        // Distinct /28s spread over 100.64.0.0/10 (2^18 slots; an odd multiplier is a
+        // bijection modulo 2^18).
+        (0..count as u32)
+            .map(|i| {
+                let slot = i.wrapping_mul(2_654_435_761) % (1 << 18);
+                let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + slot * 16);
+                IpNet::V4(Ipv4Net::new(addr, 28).unwrap())
+            })
+            .collect()
+    };
+    let inside = |net: &IpNet, offset: u32| match net {
+        IpNet::V4(net) => Ipv4Addr::from(u32::from(net.network()) + offset),
+        IpNet::V6(_) => unreachable!("v4 only"),
+    };
+    let exempt = inside(&allow[allow.len() / 2], 5).to_string();
+    // The first /28 of CGNAT that no exemption covers.
+    let drop = (0..1u32 << 18)
+        .map(|slot| Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + slot * 16 + 1))
+        .find(|a| !allow.iter().any(|n| n.contains(&std::net::IpAddr::V4(*a))))
+        .expect("some /28 is not exempt")
+        .to_string();
+    let config = Config {
+        tunnel: "tun0".into(),
+        interfaces: None,
+        backend: BackendKind::Bpf,
+        keep_datapath: false,
+        cgnat: CgnatConfig {
+            mode: CgnatMode::Drop,
+            allow,
+            drop: vec![],
+        },
+    };
+    let mut dp = Datapath::load(None, KernelLog::Off)?;
+    let start = Instant::now();
+    dp.sync(&policy::compile(&config, vec![]))?;
+    Ok((dp, exempt, drop, start.elapsed().as_secs_f64() * 1000.0))
+}
+
+fn time_tc(dp: &mut Datapath, frame: &[u8]) -> Result<(u32, f64)> {
+    let prog = links::tc(&mut dp.ebpf, Hook::TcEgress)?;
+    let mut ctx = [0u8; 192];
+    ctx[36..40].copy_from_slice(&7u32.to_ne_bytes()); // forwarded from ifindex 7
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.ctx_in = Some(&ctx);
+    opts.repeat = REPEAT;
+    let r = prog.test_run(opts)?;
+    Ok((r.return_value, r.duration.as_nanos() as f64))
+}
