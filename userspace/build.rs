@@ -16,13 +16,7 @@ const TARGET: &str = "bpfel-unknown-none";
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
-    for path in [
-        "datapath-ebpf/src",
-        "datapath-ebpf/Cargo.toml",
-        "abi/src",
-        "abi/Cargo.toml",
-        "Cargo.lock",
-    ] {
+    for path in ["datapath-ebpf/src", "datapath-ebpf/Cargo.toml", "abi/src", "abi/Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
     println!("cargo:rerun-if-env-changed=TAILGATE_BPF_OBJECT");
@@ -41,21 +35,15 @@ fn main() {
 fn build(root: &Path) -> PathBuf {
     for tool in [DEBIAN_CARGO, DEBIAN_RUSTC] {
         if !Path::new(tool).exists() {
-            panic!("{tool} is missing: the eBPF object needs Debian's Rust toolchain; run `cargo xtask setup`");
+            panic!(
+                "{tool} is missing: the eBPF object needs Debian's Rust toolchain; run `cargo xtask setup`"
+            );
         }
     }
     let target_dir = root.join("target/bpf");
     let mut cmd = Command::new(DEBIAN_CARGO);
     cmd.current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "datapath-ebpf",
-            "--target",
-            TARGET,
-        ])
+        .args(["build", "--release", "--locked", "-p", "datapath-ebpf", "--target", TARGET])
         .arg("--target-dir")
         .arg(&target_dir);
     // The outer build's variables (rustflags, clippy's wrapper, target dir, ...) must not
@@ -65,21 +53,14 @@ fn build(root: &Path) -> PathBuf {
         if key == "CARGO_HOME" {
             continue;
         }
-        if key.starts_with("CARGO_")
-            || key.starts_with("RUSTC")
-            || key == "RUSTFLAGS"
-            || key == "RUSTDOC"
-        {
+        if key.starts_with("CARGO_") || key.starts_with("RUSTC") || key == "RUSTFLAGS" || key == "RUSTDOC" {
             cmd.env_remove(key.as_ref());
         }
     }
     cmd.env("RUSTC", DEBIAN_RUSTC)
         // aya-ebpf uses #![feature(asm_experimental_arch)]; allow it for that crate only.
         .env("RUSTC_BOOTSTRAP", "aya_ebpf")
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
-        );
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
     // bpf-linker lives in cargo's bin directory.
     let cargo_home = env::var_os("CARGO_HOME")
         .map(PathBuf::from)
@@ -89,9 +70,7 @@ fn build(root: &Path) -> PathBuf {
     paths.extend(env::split_paths(&path));
     cmd.env("PATH", env::join_paths(paths).unwrap());
 
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("running {DEBIAN_CARGO}: {e}"));
+    let status = cmd.status().unwrap_or_else(|e| panic!("running {DEBIAN_CARGO}: {e}"));
     if !status.success() {
         panic!("building the eBPF object failed ({status}); `cargo xtask setup` installs the toolchain");
     }

@@ -48,8 +48,7 @@ pub fn uplink_verdict(ctx: &XdpContext, packet: &Packet) -> u32 {
 pub fn tunnel_egress_verdict(ctx: &TcContext) -> u32 {
     let skb = ctx.skb.skb;
     // SAFETY: the context pointer is valid for the program's run.
-    let (ingress, ifindex, protocol) =
-        unsafe { ((*skb).ingress_ifindex, (*skb).ifindex, (*skb).protocol) };
+    let (ingress, ifindex, protocol) = unsafe { ((*skb).ingress_ifindex, (*skb).ifindex, (*skb).protocol) };
     if ingress == 0 {
         return pass(Counter::TunnelPassLocal);
     }

@@ -64,9 +64,7 @@ fn ipv4(l3: usize, data_end: usize) -> Packet {
     if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
         return Packet::Malformed;
     }
-    Packet::V4 {
-        src: read::<[u8; 4]>(l3 + 12),
-    }
+    Packet::V4 { src: read::<[u8; 4]>(l3 + 12) }
 }
 
 /// Parses an IPv6 header at `l3`. Extension headers do not move the source address.
@@ -80,9 +78,7 @@ fn ipv6(l3: usize, data_end: usize) -> Packet {
     if version != 6 {
         return Packet::Malformed;
     }
-    Packet::V6 {
-        src: read::<[u8; 16]>(l3 + 8),
-    }
+    Packet::V6 { src: read::<[u8; 16]>(l3 + 8) }
 }
 
 /// Callers have checked `addr + size_of::<T>() <= data_end`.

@@ -26,11 +26,7 @@ pub fn binary() -> PathBuf {
     }
     // target/<profile>/deps/<test-exe> → target/<profile>/tailgate
     let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("tailgate");
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("tailgate");
     assert!(
         bin.exists(),
         "{} is missing: run `cargo build -p userspace` first (cargo xtask test does)",
@@ -46,9 +42,7 @@ pub struct PinDir {
 
 impl PinDir {
     pub fn new() -> Self {
-        Self {
-            path: PathBuf::from("/sys/fs/bpf").join(crate::unique("tailgate-test")),
-        }
+        Self { path: PathBuf::from("/sys/fs/bpf").join(crate::unique("tailgate-test")) }
     }
 
     pub fn path(&self) -> &Path {
@@ -56,9 +50,7 @@ impl PinDir {
     }
 
     pub fn link_count(&self) -> usize {
-        fs::read_dir(self.path.join("links"))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        fs::read_dir(self.path.join("links")).map(|d| d.count()).unwrap_or(0)
     }
 }
 
@@ -70,35 +62,24 @@ impl Default for PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = Command::new(binary())
-            .arg("--pin-dir")
-            .arg(&self.path)
-            .arg("cleanup")
-            .output();
+        let _ = Command::new(binary()).arg("--pin-dir").arg(&self.path).arg("cleanup").output();
     }
 }
 
 /// `tailgate --pin-dir DIR ARGS` run in `ns`.
 pub fn tailgate(ns: &Netns, pins: &PinDir, args: &[&str]) -> Result<Output> {
-    command(ns, pins, args)?
-        .output()
-        .context("running tailgate")
+    command(ns, pins, args)?.output().context("running tailgate")
 }
 
 fn command(ns: &Netns, pins: &PinDir, args: &[&str]) -> Result<Command> {
     let netns = fs::File::open(ns.path())?;
     let mut cmd = Command::new(binary());
-    cmd.arg("--pin-dir")
-        .arg(pins.path())
-        .args(args)
-        .env_remove("RUST_LOG");
+    cmd.arg("--pin-dir").arg(pins.path()).args(args).env_remove("RUST_LOG");
     // Enter only the network namespace (`ip netns exec` would remount /sys and the pins
     // would not land in the host's bpffs).
     unsafe {
         use std::os::unix::process::CommandExt;
-        cmd.pre_exec(move || {
-            setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-        });
+        cmd.pre_exec(move || setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
     }
     Ok(cmd)
 }
@@ -115,9 +96,7 @@ impl Daemon {
     pub fn start(ns: &Netns, pins: &PinDir, config: &str, links: usize) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut daemon = Self::spawn(ns, pins, config, dir)?;
-        let ready = wait::until(Duration::from_secs(20), || {
-            pins.link_count() >= links || !daemon.alive()
-        });
+        let ready = wait::until(Duration::from_secs(20), || pins.link_count() >= links || !daemon.alive());
         if !ready || !daemon.alive() {
             let log = daemon.log();
             daemon.stop();
@@ -143,20 +122,13 @@ impl Daemon {
         let config_path = dir.path().join("tailgate.toml");
         fs::write(&config_path, config)?;
         let log = fs::File::create(dir.path().join("log"))?;
-        let child = command(
-            ns,
-            pins,
-            &["run", "--config", config_path.to_str().unwrap()],
-        )?
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .context("spawning tailgate")?;
-        Ok(Self {
-            child: Some(child),
-            dir,
-        })
+        let child = command(ns, pins, &["run", "--config", config_path.to_str().unwrap()])?
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawning tailgate")?;
+        Ok(Self { child: Some(child), dir })
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -184,6 +156,12 @@ impl Daemon {
 
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Waits up to 5 s for `text` to appear in the daemon's log; panics with the log if not.
+    pub fn wait_for_log(&self, text: &str) {
+        let seen = wait::until(Duration::from_secs(5), || self.log().contains(text));
+        assert!(seen, "daemon never logged {text:?}; its log:\n{}", self.log());
     }
 
     pub fn log(&self) -> String {

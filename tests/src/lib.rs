@@ -18,9 +18,5 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// A name unique to this process and call: `<tag>-<pid>-<n>`.
 pub fn unique(tag: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{tag}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }

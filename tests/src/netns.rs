@@ -52,11 +52,7 @@ impl Netns {
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let out = self.exec("sysctl", &["-qw", &format!("{key}={value}")])?;
         if !out.status.success() {
-            bail!(
-                "sysctl {key} in {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("sysctl {key} in {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
     }
@@ -68,9 +64,7 @@ impl Netns {
             args.extend(["-I", src]);
         }
         args.push(dst);
-        self.exec("ping", &args)
-            .map(|o| o.status.success())
-            .unwrap_or(false)
+        self.exec("ping", &args).map(|o| o.status.success()).unwrap_or(false)
     }
 
     /// Runs `f` on a thread that has entered this namespace (sockets and devices it
@@ -90,42 +84,22 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
 /// A veth pair: `a_name` in `a`, `b_name` in `b`, both up, created directly inside the
 /// namespaces.
 pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
-    a.ip(&[
-        "link",
-        "add",
-        a_name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_name,
-        "netns",
-        b.name(),
-    ])?;
+    a.ip(&["link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", b.name()])?;
     a.ip(&["link", "set", a_name, "up"])?;
     b.ip(&["link", "set", b_name, "up"])
 }
 
 pub fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
     if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }

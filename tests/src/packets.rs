@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpFragOffset, IpNumber, Ipv4Header,
-    PacketBuilder, SlicedPacket, VlanId,
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpFragOffset, IpNumber, Ipv4Header, PacketBuilder,
+    SlicedPacket, VlanId,
 };
 
 const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
@@ -20,17 +20,15 @@ pub fn v6(s: &str) -> Ipv6Addr {
 
 /// Ethernet + IPv4 + UDP from `src` to `dst`.
 pub fn eth_udp4(src: &str, dst: &str) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
-        .ipv4(v4(src).octets(), v4(dst).octets(), 64)
-        .udp(4000, 53);
+    let b =
+        PacketBuilder::ethernet2(SRC_MAC, DST_MAC).ipv4(v4(src).octets(), v4(dst).octets(), 64).udp(4000, 53);
     write(b, b"hello")
 }
 
 /// Ethernet + IPv6 + UDP.
 pub fn eth_udp6(src: &str, dst: &str) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
-        .ipv6(v6(src).octets(), v6(dst).octets(), 64)
-        .udp(4000, 53);
+    let b =
+        PacketBuilder::ethernet2(SRC_MAC, DST_MAC).ipv6(v6(src).octets(), v6(dst).octets(), 64).udp(4000, 53);
     write(b, b"hello")
 }
 
@@ -72,8 +70,7 @@ pub fn arp() -> Vec<u8> {
 
 /// Ethernet + IPv4 with 8 bytes of options (IHL 7) + UDP.
 pub fn eth_udp4_options(src: &str, dst: &str) -> Vec<u8> {
-    let mut ip =
-        Ipv4Header::new(8 + 5, 64, IpNumber::UDP, v4(src).octets(), v4(dst).octets()).unwrap();
+    let mut ip = Ipv4Header::new(8 + 5, 64, IpNumber::UDP, v4(src).octets(), v4(dst).octets()).unwrap();
     // Four NOPs and a router alert option.
     ip.options = [1u8, 1, 1, 1, 148, 4, 0, 0][..].try_into().unwrap();
     raw_ipv4(ip, &udp_bytes(b"hello"))
@@ -82,14 +79,8 @@ pub fn eth_udp4_options(src: &str, dst: &str) -> Vec<u8> {
 /// Ethernet + a non-first IPv4 fragment (offset 8 x 8 bytes, more fragments).
 pub fn eth_fragment4(src: &str, dst: &str) -> Vec<u8> {
     let payload = [0xabu8; 16];
-    let mut ip = Ipv4Header::new(
-        payload.len() as u16,
-        64,
-        IpNumber::UDP,
-        v4(src).octets(),
-        v4(dst).octets(),
-    )
-    .unwrap();
+    let mut ip =
+        Ipv4Header::new(payload.len() as u16, 64, IpNumber::UDP, v4(src).octets(), v4(dst).octets()).unwrap();
     ip.more_fragments = true;
     ip.fragment_offset = IpFragOffset::try_new(8).unwrap();
     raw_ipv4(ip, &payload)
@@ -104,8 +95,7 @@ pub fn eth_bad_ihl4(src: &str, dst: &str) -> Vec<u8> {
 
 /// Raw IPv4 ICMP echo request (no link-layer header), as a TUN device carries it.
 pub fn ip_echo4(src: &str, dst: &str, id: u16, seq: u16) -> Vec<u8> {
-    let b =
-        PacketBuilder::ipv4(v4(src).octets(), v4(dst).octets(), 64).icmpv4_echo_request(id, seq);
+    let b = PacketBuilder::ipv4(v4(src).octets(), v4(dst).octets(), 64).icmpv4_echo_request(id, seq);
     write(b, b"tailgate")
 }
 
@@ -113,14 +103,12 @@ pub fn ip_echo4(src: &str, dst: &str, id: u16, seq: u16) -> Vec<u8> {
 pub fn ip_summary(packet: &[u8]) -> Option<(IpAddr, IpAddr, Option<u8>)> {
     let sliced = SlicedPacket::from_ip(packet).ok()?;
     let (src, dst) = match sliced.net? {
-        etherparse::NetSlice::Ipv4(ip) => (
-            IpAddr::V4(ip.header().source_addr()),
-            IpAddr::V4(ip.header().destination_addr()),
-        ),
-        etherparse::NetSlice::Ipv6(ip) => (
-            IpAddr::V6(ip.header().source_addr()),
-            IpAddr::V6(ip.header().destination_addr()),
-        ),
+        etherparse::NetSlice::Ipv4(ip) => {
+            (IpAddr::V4(ip.header().source_addr()), IpAddr::V4(ip.header().destination_addr()))
+        }
+        etherparse::NetSlice::Ipv6(ip) => {
+            (IpAddr::V6(ip.header().source_addr()), IpAddr::V6(ip.header().destination_addr()))
+        }
         _ => return None,
     };
     let icmp_type = match sliced.transport {
@@ -143,13 +131,9 @@ fn raw_ipv4(mut ip: Ipv4Header, payload: &[u8]) -> Vec<u8> {
     ip.total_len = (ip.header_len() + payload.len()) as u16;
     ip.header_checksum = ip.calc_header_checksum();
     let mut out = Vec::new();
-    etherparse::Ethernet2Header {
-        source: SRC_MAC,
-        destination: DST_MAC,
-        ether_type: EtherType::IPV4,
-    }
-    .write(&mut out)
-    .unwrap();
+    etherparse::Ethernet2Header { source: SRC_MAC, destination: DST_MAC, ether_type: EtherType::IPV4 }
+        .write(&mut out)
+        .unwrap();
     ip.write(&mut out).unwrap();
     out.extend_from_slice(payload);
     out

@@ -46,8 +46,7 @@ pub fn run_xdp(dp: &mut Datapath, frame: &[u8]) -> Result<u32> {
 pub fn run_tunnel_egress(dp: &mut Datapath, frame: &[u8], ingress_ifindex: u32) -> Result<u32> {
     let prog = links::tc(&mut dp.ebpf, Hook::TcEgress)?;
     let mut ctx = [0u8; SKB_CTX_LEN];
-    ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4]
-        .copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&ingress_ifindex.to_ne_bytes());
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
     opts.ctx_in = Some(&ctx);
@@ -66,17 +65,12 @@ pub fn time_xdp(dp: &mut Datapath, frame: &[u8], repeat: u32) -> Result<(u32, f6
 
 /// Verdict counters summed over CPUs.
 pub fn counters(dp: &Datapath) -> Result<HashMap<Counter, u64>> {
-    let map: PerCpuArray<&MapData, u64> =
-        PerCpuArray::try_from(dp.ebpf.map(MAP_COUNTERS).unwrap())?;
-    Counter::ALL
-        .iter()
-        .map(|c| Ok((*c, map.get(&(*c as u32), 0)?.iter().sum())))
-        .collect()
+    let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(dp.ebpf.map(MAP_COUNTERS).unwrap())?;
+    Counter::ALL.iter().map(|c| Ok((*c, map.get(&(*c as u32), 0)?.iter().sum()))).collect()
 }
 
 /// Hits of rule `id`, summed over CPUs.
 pub fn rule_hits(dp: &Datapath, id: u32) -> Result<u64> {
-    let map: PerCpuArray<&MapData, u64> =
-        PerCpuArray::try_from(dp.ebpf.map(MAP_RULE_HITS).unwrap())?;
+    let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(dp.ebpf.map(MAP_RULE_HITS).unwrap())?;
     Ok(map.get(&id, 0)?.iter().sum())
 }

@@ -71,13 +71,7 @@ impl Topology {
         gw.ip(&["addr", "add", "100.101.0.1/32", "dev", "tun0"])?;
         gw.ip(&["route", "add", "100.101.0.0/16", "dev", "tun0"])?;
         gw.sysctl("net.ipv4.ip_forward", "1")?;
-        Ok(Self {
-            tun,
-            pins: PinDir::new(),
-            gw,
-            lan,
-            side,
-        })
+        Ok(Self { tun, pins: PinDir::new(), gw, lan, side })
     }
 
     /// Whether the LAN neighbour and the gateway can exchange pings over CGNAT addresses.

@@ -41,25 +41,16 @@ impl Tun {
             Ok(file)
         })?;
         ns.ip(&["link", "set", name, "up"])?;
-        Ok(Self {
-            file,
-            name: name.to_string(),
-        })
+        Ok(Self { file, name: name.to_string() })
     }
 
     /// Injects one raw IP packet.
     pub fn send(&mut self, packet: &[u8]) -> Result<()> {
-        self.file
-            .write_all(packet)
-            .context("writing to the TUN device")
+        self.file.write_all(packet).context("writing to the TUN device")
     }
 
     /// The first packet the host sends into the tunnel that `want` accepts, within `timeout`.
-    pub fn recv_matching(
-        &mut self,
-        timeout: Duration,
-        want: impl Fn(&[u8]) -> bool,
-    ) -> Option<Vec<u8>> {
+    pub fn recv_matching(&mut self, timeout: Duration, want: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; 65536];
         loop {
@@ -68,10 +59,7 @@ impl Tun {
                 return None;
             }
             let ms = PollTimeout::from(left.as_millis().min(1000) as u16);
-            let mut fds = [PollFd::new(
-                std::os::fd::AsFd::as_fd(&self.file),
-                PollFlags::POLLIN,
-            )];
+            let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(&self.file), PollFlags::POLLIN)];
             if poll(&mut fds, ms).unwrap_or(0) > 0 {
                 if let Ok(n) = self.file.read(&mut buf) {
                     if want(&buf[..n]) {

@@ -25,14 +25,7 @@ fn uplink(dp: &mut Datapath, what: &str, frame: &[u8], verdict: u32, counter: Co
     assert_counted(what, &before, &testrun::counters(dp).unwrap(), counter);
 }
 
-fn tunnel(
-    dp: &mut Datapath,
-    what: &str,
-    frame: &[u8],
-    ingress: u32,
-    verdict: u32,
-    counter: Counter,
-) {
+fn tunnel(dp: &mut Datapath, what: &str, frame: &[u8], ingress: u32, verdict: u32, counter: Counter) {
     let before = testrun::counters(dp).unwrap();
     let got = testrun::run_tunnel_egress(dp, frame, ingress).unwrap();
     assert_eq!(got, verdict, "{what}: TC verdict");
@@ -56,70 +49,28 @@ fn uplink_ipv4_verdicts() {
     let mut dp = testrun::datapath(CONFIG).unwrap();
     let d = "192.0.2.1";
     let cases = [
-        (
-            "non-CGNAT source",
-            "198.51.100.7",
-            XDP_PASS,
-            Counter::UplinkPassNoMatch,
-        ),
+        ("non-CGNAT source", "198.51.100.7", XDP_PASS, Counter::UplinkPassNoMatch),
         ("CGNAT source", "100.64.1.1", XDP_DROP, Counter::UplinkDrop),
-        (
-            "CGNAT upper edge",
-            "100.127.255.255",
-            XDP_DROP,
-            Counter::UplinkDrop,
-        ),
-        (
-            "just below CGNAT",
-            "100.63.255.255",
-            XDP_PASS,
-            Counter::UplinkPassNoMatch,
-        ),
-        (
-            "just above CGNAT",
-            "100.128.0.0",
-            XDP_PASS,
-            Counter::UplinkPassNoMatch,
-        ),
-        (
-            "ChromeOS range",
-            "100.115.92.5",
-            XDP_PASS,
-            Counter::UplinkPassRule,
-        ),
-        (
-            "ChromeOS upper edge",
-            "100.115.93.255",
-            XDP_PASS,
-            Counter::UplinkPassRule,
-        ),
-        (
-            "past ChromeOS range",
-            "100.115.94.0",
-            XDP_DROP,
-            Counter::UplinkDrop,
-        ),
-        (
-            "exempt /16 (cloud DNS)",
-            "100.100.2.136",
-            XDP_PASS,
-            Counter::UplinkPassRule,
-        ),
-        (
-            "denied /32 inside the exempt /16",
-            "100.100.100.200",
-            XDP_DROP,
-            Counter::UplinkDrop,
-        ),
-        (
-            "neighbour of the denied /32",
-            "100.100.100.201",
-            XDP_PASS,
-            Counter::UplinkPassRule,
-        ),
+        ("CGNAT upper edge", "100.127.255.255", XDP_DROP, Counter::UplinkDrop),
+        ("just below CGNAT", "100.63.255.255", XDP_PASS, Counter::UplinkPassNoMatch),
+        ("just above CGNAT", "100.128.0.0", XDP_PASS, Counter::UplinkPassNoMatch),
+        ("ChromeOS range", "100.115.92.5", XDP_PASS, Counter::UplinkPassRule),
+        ("ChromeOS upper edge", "100.115.93.255", XDP_PASS, Counter::UplinkPassRule),
+        ("past ChromeOS range", "100.115.94.0", XDP_DROP, Counter::UplinkDrop),
+        ("exempt /16 (cloud DNS)", "100.100.2.136", XDP_PASS, Counter::UplinkPassRule),
+        ("denied /32 inside the exempt /16", "100.100.100.200", XDP_DROP, Counter::UplinkDrop),
+        ("neighbour of the denied /32", "100.100.100.201", XDP_PASS, Counter::UplinkPassRule),
     ];
     for (what, src, verdict, counter) in cases {
         uplink(&mut dp, what, &eth_udp4(src, d), verdict, counter);
+    }
+}
+
+type Case = (&'static str, Vec<u8>, u32, Counter);
+
+fn uplink_cases(dp: &mut Datapath, cases: Vec<Case>) {
+    for (what, frame, verdict, counter) in cases {
+        uplink(dp, what, &frame, verdict, counter);
     }
 }
 
@@ -127,96 +78,36 @@ fn uplink_ipv4_verdicts() {
 fn uplink_ipv6_verdicts() {
     let mut dp = testrun::datapath(CONFIG).unwrap();
     let d = "2001:db8::1";
-    uplink(
+    use Counter::*;
+    uplink_cases(
         &mut dp,
-        "tailnet ULA",
-        &eth_udp6("fd7a:115c:a1e0::5", d),
-        XDP_DROP,
-        Counter::UplinkDrop,
-    );
-    uplink(
-        &mut dp,
-        "exempt ULA /64",
-        &eth_udp6("fd7a:115c:a1e0:ab::9", d),
-        XDP_PASS,
-        Counter::UplinkPassRule,
-    );
-    uplink(
-        &mut dp,
-        "next ULA /48",
-        &eth_udp6("fd7a:115c:a1e1::5", d),
-        XDP_PASS,
-        Counter::UplinkPassNoMatch,
-    );
-    uplink(
-        &mut dp,
-        "global",
-        &eth_udp6("2001:db8::2", d),
-        XDP_PASS,
-        Counter::UplinkPassNoMatch,
+        vec![
+            ("tailnet ULA", eth_udp6("fd7a:115c:a1e0::5", d), XDP_DROP, UplinkDrop),
+            ("exempt ULA /64", eth_udp6("fd7a:115c:a1e0:ab::9", d), XDP_PASS, UplinkPassRule),
+            ("next /48", eth_udp6("fd7a:115c:a1e1::5", d), XDP_PASS, UplinkPassNoMatch),
+            ("global", eth_udp6("2001:db8::2", d), XDP_PASS, UplinkPassNoMatch),
+        ],
     );
 }
 
 #[test]
 fn uplink_non_ip_vlan_options_fragments() {
     let mut dp = testrun::datapath(CONFIG).unwrap();
-    let d = "192.0.2.1";
-    uplink(&mut dp, "ARP", &arp(), XDP_PASS, Counter::UplinkPassNotIp);
-    uplink(
+    let (cgnat, lan, exempt, d) = ("100.64.1.1", "198.51.100.7", "100.100.2.136", "192.0.2.1");
+    use Counter::*;
+    uplink_cases(
         &mut dp,
-        "802.1Q CGNAT",
-        &vlan_udp4("100.64.1.1", d),
-        XDP_DROP,
-        Counter::UplinkDrop,
-    );
-    uplink(
-        &mut dp,
-        "802.1Q non-CGNAT",
-        &vlan_udp4("198.51.100.7", d),
-        XDP_PASS,
-        Counter::UplinkPassNoMatch,
-    );
-    uplink(
-        &mut dp,
-        "QinQ CGNAT",
-        &qinq_udp4("100.64.1.1", d),
-        XDP_DROP,
-        Counter::UplinkDrop,
-    );
-    uplink(
-        &mut dp,
-        "QinQ exempt",
-        &qinq_udp4("100.100.2.136", d),
-        XDP_PASS,
-        Counter::UplinkPassRule,
-    );
-    uplink(
-        &mut dp,
-        "IP options CGNAT",
-        &eth_udp4_options("100.64.1.1", d),
-        XDP_DROP,
-        Counter::UplinkDrop,
-    );
-    uplink(
-        &mut dp,
-        "IP options non-CGNAT",
-        &eth_udp4_options("198.51.100.7", d),
-        XDP_PASS,
-        Counter::UplinkPassNoMatch,
-    );
-    uplink(
-        &mut dp,
-        "fragment CGNAT",
-        &eth_fragment4("100.64.1.1", d),
-        XDP_DROP,
-        Counter::UplinkDrop,
-    );
-    uplink(
-        &mut dp,
-        "fragment non-CGNAT",
-        &eth_fragment4("198.51.100.7", d),
-        XDP_PASS,
-        Counter::UplinkPassNoMatch,
+        vec![
+            ("ARP", arp(), XDP_PASS, UplinkPassNotIp),
+            ("802.1Q CGNAT", vlan_udp4(cgnat, d), XDP_DROP, UplinkDrop),
+            ("802.1Q non-CGNAT", vlan_udp4(lan, d), XDP_PASS, UplinkPassNoMatch),
+            ("QinQ CGNAT", qinq_udp4(cgnat, d), XDP_DROP, UplinkDrop),
+            ("QinQ exempt", qinq_udp4(exempt, d), XDP_PASS, UplinkPassRule),
+            ("IP options CGNAT", eth_udp4_options(cgnat, d), XDP_DROP, UplinkDrop),
+            ("IP options non-CGNAT", eth_udp4_options(lan, d), XDP_PASS, UplinkPassNoMatch),
+            ("fragment CGNAT", eth_fragment4(cgnat, d), XDP_DROP, UplinkDrop),
+            ("fragment non-CGNAT", eth_fragment4(lan, d), XDP_PASS, UplinkPassNoMatch),
+        ],
     );
 }
 
@@ -224,60 +115,32 @@ fn uplink_non_ip_vlan_options_fragments() {
 fn uplink_truncated_and_malformed_pass() {
     let mut dp = testrun::datapath(CONFIG).unwrap();
     let full = eth_udp4("100.64.1.1", "192.0.2.1");
-    // Too short for an Ethernet header (the kernel's test run wants 14 bytes at least, so
-    // pad with a VLAN tag whose inner header is missing).
+    let v6 = eth_udp6("fd7a:115c:a1e0::5", "2001:db8::1");
+    // The kernel's test run needs 14 bytes at least: a VLAN tag cut short stands in for
+    // a frame too short to parse.
     let mut vlan_cut = vlan_udp4("100.64.1.1", "192.0.2.1");
     vlan_cut.truncate(16);
-    uplink(
+    use Counter::*;
+    uplink_cases(
         &mut dp,
-        "VLAN tag cut",
-        &vlan_cut,
-        XDP_PASS,
-        Counter::UplinkPassMalformed,
-    );
-    uplink(
-        &mut dp,
-        "IPv4 header cut at 19 bytes",
-        &full[..14 + 19],
-        XDP_PASS,
-        Counter::UplinkPassMalformed,
-    );
-    let v6 = eth_udp6("fd7a:115c:a1e0::5", "2001:db8::1");
-    uplink(
-        &mut dp,
-        "IPv6 header cut at 39 bytes",
-        &v6[..14 + 39],
-        XDP_PASS,
-        Counter::UplinkPassMalformed,
-    );
-    uplink(
-        &mut dp,
-        "IHL below 5",
-        &eth_bad_ihl4("100.64.1.1", "192.0.2.1"),
-        XDP_PASS,
-        Counter::UplinkPassMalformed,
-    );
-    // A header that is complete but whose payload is cut still has a readable source.
-    uplink(
-        &mut dp,
-        "payload cut",
-        &full[..14 + 20],
-        XDP_DROP,
-        Counter::UplinkDrop,
+        vec![
+            ("VLAN tag cut", vlan_cut, XDP_PASS, UplinkPassMalformed),
+            ("IPv4 header cut at 19 bytes", full[..14 + 19].to_vec(), XDP_PASS, UplinkPassMalformed),
+            ("IPv6 header cut at 39 bytes", v6[..14 + 39].to_vec(), XDP_PASS, UplinkPassMalformed),
+            ("IHL below 5", eth_bad_ihl4("100.64.1.1", "192.0.2.1"), XDP_PASS, UplinkPassMalformed),
+            // A complete header with its payload cut still has a readable source.
+            ("payload cut", full[..14 + 20].to_vec(), XDP_DROP, UplinkDrop),
+        ],
     );
 }
 
 #[test]
 fn rule_hits_are_counted_per_rule() {
     let mut dp = testrun::datapath(CONFIG).unwrap();
-    let entries =
-        tailgate::backend::bpf::cgnat::read::<4>(&dp.ebpf, tailgate_abi::cgnat::MAP_IN_V4).unwrap();
+    let entries = tailgate::backend::bpf::cgnat::read::<4>(&dp.ebpf, tailgate_abi::cgnat::MAP_IN_V4).unwrap();
     let id = |addr: [u8; 4], len: u32| entries[&(len, addr)].rule_id;
-    let (cgnat, exempt, denied) = (
-        id([100, 64, 0, 0], 10),
-        id([100, 100, 0, 0], 16),
-        id([100, 100, 100, 200], 32),
-    );
+    let (cgnat, exempt, denied) =
+        (id([100, 64, 0, 0], 10), id([100, 100, 0, 0], 16), id([100, 100, 100, 200], 32));
     for _ in 0..3 {
         testrun::run_xdp(&mut dp, &eth_udp4("100.100.100.200", "192.0.2.1")).unwrap();
     }
@@ -290,115 +153,40 @@ fn rule_hits_are_counted_per_rule() {
 #[test]
 fn mode_off_passes_everything() {
     let mut dp = testrun::datapath("[cgnat]\nmode = \"off\"").unwrap();
-    uplink(
+    use Counter::*;
+    uplink_cases(
         &mut dp,
-        "CGNAT, mode off",
-        &eth_udp4("100.64.1.1", "192.0.2.1"),
-        XDP_PASS,
-        Counter::UplinkPassNoMatch,
+        vec![
+            ("CGNAT", eth_udp4("100.64.1.1", "192.0.2.1"), XDP_PASS, UplinkPassNoMatch),
+            ("ULA", eth_udp6("fd7a:115c:a1e0::5", "2001:db8::1"), XDP_PASS, UplinkPassNoMatch),
+        ],
     );
-    uplink(
-        &mut dp,
-        "ULA, mode off",
-        &eth_udp6("fd7a:115c:a1e0::5", "2001:db8::1"),
-        XDP_PASS,
-        Counter::UplinkPassNoMatch,
-    );
-    tunnel(
-        &mut dp,
-        "forwarded CGNAT, mode off",
-        &eth_udp4("100.64.1.1", "100.101.0.1"),
-        7,
-        TC_ACT_OK,
-        Counter::TunnelPassForward,
-    );
+    let frame = eth_udp4("100.64.1.1", "100.101.0.1");
+    tunnel(&mut dp, "forwarded CGNAT", &frame, 7, TC_ACT_OK, TunnelPassForward);
 }
 
 #[test]
 fn tunnel_egress_verdicts() {
     let mut dp = testrun::datapath(CONFIG).unwrap();
-    let d = "100.101.2.3";
-    // The test device is lo (ifindex 1): ingress 1 means "came in through the tunnel".
-    tunnel(
-        &mut dp,
-        "local CGNAT source",
-        &eth_udp4("100.101.0.1", d),
-        0,
-        TC_ACT_OK,
-        Counter::TunnelPassLocal,
-    );
-    tunnel(
-        &mut dp,
-        "hairpin from the tunnel",
-        &eth_udp4("100.90.0.1", d),
-        1,
-        TC_ACT_OK,
-        Counter::TunnelPassFromTunnel,
-    );
-    tunnel(
-        &mut dp,
-        "forwarded CGNAT source",
-        &eth_udp4("100.64.7.2", d),
-        7,
-        TC_ACT_SHOT,
-        Counter::TunnelDrop,
-    );
-    tunnel(
-        &mut dp,
-        "forwarded ChromeOS source",
-        &eth_udp4("100.115.92.5", d),
-        7,
-        TC_ACT_SHOT,
-        Counter::TunnelDrop,
-    );
-    tunnel(
-        &mut dp,
-        "forwarded LAN source",
-        &eth_udp4("192.0.2.2", d),
-        7,
-        TC_ACT_OK,
-        Counter::TunnelPassForward,
-    );
-    tunnel(
-        &mut dp,
-        "forwarded exempt source",
-        &eth_udp4("100.100.2.136", d),
-        7,
-        TC_ACT_OK,
-        Counter::TunnelPassForward,
-    );
-    tunnel(
-        &mut dp,
-        "forwarded denied source",
-        &eth_udp4("100.100.100.200", d),
-        7,
-        TC_ACT_SHOT,
-        Counter::TunnelDrop,
-    );
-    tunnel(
-        &mut dp,
-        "forwarded ULA source",
-        &eth_udp6("fd7a:115c:a1e0::5", "fd7a:115c:a1e0::9"),
-        7,
-        TC_ACT_SHOT,
-        Counter::TunnelDrop,
-    );
-    tunnel(
-        &mut dp,
-        "forwarded global v6",
-        &eth_udp6("2001:db8::2", "fd7a:115c:a1e0::9"),
-        7,
-        TC_ACT_OK,
-        Counter::TunnelPassForward,
-    );
-    tunnel(
-        &mut dp,
-        "forwarded ARP",
-        &arp(),
-        7,
-        TC_ACT_OK,
-        Counter::TunnelPassOther,
-    );
+    let (d, d6) = ("100.101.2.3", "fd7a:115c:a1e0::9");
+    use Counter::*;
+    // The test device is lo (ifindex 1): ingress 1 means "came in through the tunnel",
+    // 0 "generated by this host", 7 "forwarded from another interface".
+    let cases: Vec<(&str, Vec<u8>, u32, u32, Counter)> = vec![
+        ("local CGNAT source", eth_udp4("100.101.0.1", d), 0, TC_ACT_OK, TunnelPassLocal),
+        ("hairpin from the tunnel", eth_udp4("100.90.0.1", d), 1, TC_ACT_OK, TunnelPassFromTunnel),
+        ("forwarded CGNAT", eth_udp4("100.64.7.2", d), 7, TC_ACT_SHOT, TunnelDrop),
+        ("forwarded ChromeOS", eth_udp4("100.115.92.5", d), 7, TC_ACT_SHOT, TunnelDrop),
+        ("forwarded LAN", eth_udp4("192.0.2.2", d), 7, TC_ACT_OK, TunnelPassForward),
+        ("forwarded exempt", eth_udp4("100.100.2.136", d), 7, TC_ACT_OK, TunnelPassForward),
+        ("forwarded denied", eth_udp4("100.100.100.200", d), 7, TC_ACT_SHOT, TunnelDrop),
+        ("forwarded ULA", eth_udp6("fd7a:115c:a1e0::5", d6), 7, TC_ACT_SHOT, TunnelDrop),
+        ("forwarded global v6", eth_udp6("2001:db8::2", d6), 7, TC_ACT_OK, TunnelPassForward),
+        ("forwarded ARP", arp(), 7, TC_ACT_OK, TunnelPassOther),
+    ];
+    for (what, frame, ingress, verdict, counter) in cases {
+        tunnel(&mut dp, what, &frame, ingress, verdict, counter);
+    }
 }
 
 #[test]
@@ -417,35 +205,21 @@ fn reload_keeps_rule_ids_and_counters_of_unchanged_rules() {
         &HashMap::new(),
     )
     .unwrap();
-    let report = dp
-        .sync(&tailgate::policy::compile(&config, vec![]))
-        .unwrap();
+    let report = dp.sync(&tailgate::policy::compile(&config, vec![])).unwrap();
     let after = read(&dp);
     assert_eq!(after[&(16, [100, 100, 0, 0])].rule_id, exempt_id);
     assert!(!after.contains_key(&(32, [100, 100, 100, 200])));
     assert!(after.contains_key(&(24, [100, 64, 0, 0])));
-    assert_eq!(
-        testrun::rule_hits(&dp, exempt_id).unwrap(),
-        1,
-        "counter survived the reload"
-    );
+    assert_eq!(testrun::rule_hits(&dp, exempt_id).unwrap(), 1, "counter survived the reload");
     // inbound: +/24 -/32; forward: the same.
     assert_eq!((report.added, report.removed), (2, 2));
-    assert_eq!(
-        testrun::run_xdp(&mut dp, &eth_udp4("100.64.0.2", "192.0.2.1")).unwrap(),
-        XDP_PASS
-    );
-    assert_eq!(
-        testrun::run_xdp(&mut dp, &eth_udp4("100.100.100.200", "192.0.2.1")).unwrap(),
-        XDP_PASS
-    );
+    assert_eq!(testrun::run_xdp(&mut dp, &eth_udp4("100.64.0.2", "192.0.2.1")).unwrap(), XDP_PASS);
+    assert_eq!(testrun::run_xdp(&mut dp, &eth_udp4("100.100.100.200", "192.0.2.1")).unwrap(), XDP_PASS);
 
     // A verdict change gets a fresh id with a zeroed counter.
     let config =
-        tailgate::config::Config::parse("[cgnat]\ndrop = [\"100.100.0.0/16\"]", &HashMap::new())
-            .unwrap();
-    dp.sync(&tailgate::policy::compile(&config, vec![]))
-        .unwrap();
+        tailgate::config::Config::parse("[cgnat]\ndrop = [\"100.100.0.0/16\"]", &HashMap::new()).unwrap();
+    dp.sync(&tailgate::policy::compile(&config, vec![])).unwrap();
     let rule = read(&dp)[&(16, [100, 100, 0, 0])];
     assert_eq!(rule.verdict, tailgate_abi::verdict::DROP);
     assert_eq!(testrun::rule_hits(&dp, rule.rule_id).unwrap(), 0);

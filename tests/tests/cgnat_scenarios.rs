@@ -52,11 +52,7 @@ fn received_from(sock: &UdpSocket, timeout: Duration) -> Vec<IpAddr> {
 
 fn status_json(t: &Topology) -> serde_json::Value {
     let out = tailgate(&t.gw, &t.pins, &["status", "--json"]).unwrap();
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -67,21 +63,12 @@ fn counter(t: &Topology, name: &str) -> u64 {
 #[test]
 fn lan_neighbour_in_cgnat_space_is_blocked_until_allowed_then_reloaded() {
     let t = Topology::new().unwrap();
-    assert!(
-        t.cgnat_neighbours_ping(),
-        "control: without tailgate the neighbours ping"
-    );
+    assert!(t.cgnat_neighbours_ping(), "control: without tailgate the neighbours ping");
     let daemon = Daemon::start(&t.gw, &t.pins, &config(""), 2).unwrap();
     let pid = daemon.pid();
 
-    assert!(
-        !t.cgnat_neighbours_ping(),
-        "default policy: CGNAT neighbour must be dropped"
-    );
-    assert!(
-        t.lan.ping(GW_LAN, Some(LAN)),
-        "non-CGNAT addresses on the same link still work"
-    );
+    assert!(!t.cgnat_neighbours_ping(), "default policy: CGNAT neighbour must be dropped");
+    assert!(t.lan.ping(GW_LAN, Some(LAN)), "non-CGNAT addresses on the same link still work");
 
     // Allow the LAN's /24 and reload with SIGHUP: no restart, same process.
     std::fs::write(daemon.config_path(), config("allow = [\"100.64.0.0/24\"]")).unwrap();
@@ -96,17 +83,10 @@ fn lan_neighbour_in_cgnat_space_is_blocked_until_allowed_then_reloaded() {
     // Take the exemption away by rewriting the file (the watcher reloads, no signal).
     daemon.write_config(&config("")).unwrap();
     let gone = wait::until(SETTLE, || {
-        status_json(&t)["rules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["prefix"] != "100.64.0.0/24")
+        status_json(&t)["rules"].as_array().unwrap().iter().all(|r| r["prefix"] != "100.64.0.0/24")
     });
     assert!(gone, "file change was not picked up\n{}", daemon.log());
-    assert!(
-        !t.cgnat_neighbours_ping(),
-        "exemption removed: dropped again"
-    );
+    assert!(!t.cgnat_neighbours_ping(), "exemption removed: dropped again");
     assert_eq!(daemon.pid(), pid);
 }
 
@@ -125,14 +105,9 @@ fn spoofed_cgnat_source_on_the_uplink_is_dropped_while_non_cgnat_passes() {
     send_udp(&t.lan, LAN_SPOOF, GW_LAN, 5353, 5).unwrap();
     send_udp(&t.lan, LAN, GW_LAN, 5353, 5).unwrap();
     let from = received_from(&sock, Duration::from_secs(1));
-    assert!(
-        !from.contains(&LAN_SPOOF.parse().unwrap()),
-        "spoofed CGNAT source got through"
-    );
+    assert!(!from.contains(&LAN_SPOOF.parse().unwrap()), "spoofed CGNAT source got through");
     assert_eq!(
-        from.iter()
-            .filter(|a| **a == LAN.parse::<IpAddr>().unwrap())
-            .count(),
+        from.iter().filter(|a| **a == LAN.parse::<IpAddr>().unwrap()).count(),
         5,
         "non-CGNAT host must pass"
     );
@@ -167,10 +142,7 @@ fn cgnat_source_forwarded_into_the_tunnel_from_elsewhere_is_dropped() {
     let mut t = Topology::new().unwrap();
     let from = |src: &'static str| move |p: &[u8]| matches!(ip_summary(p), Some((s, _, _)) if s == src.parse::<IpAddr>().unwrap());
     send_udp(&t.side, SIDE_CGNAT, PEER, 9, 1).unwrap();
-    assert!(
-        t.tun.recv_matching(SETTLE, from(SIDE_CGNAT)).is_some(),
-        "control: forwarded without tailgate"
-    );
+    assert!(t.tun.recv_matching(SETTLE, from(SIDE_CGNAT)).is_some(), "control: forwarded without tailgate");
 
     let _daemon = Daemon::start(&t.gw, &t.pins, &config(""), 2).unwrap();
     send_udp(&t.side, SIDE_CGNAT, PEER, 9, 3).unwrap();
@@ -180,9 +152,7 @@ fn cgnat_source_forwarded_into_the_tunnel_from_elsewhere_is_dropped() {
         "non-CGNAT forwarded source must reach the tunnel"
     );
     assert!(
-        t.tun
-            .recv_matching(Duration::from_millis(500), from(SIDE_CGNAT))
-            .is_none(),
+        t.tun.recv_matching(Duration::from_millis(500), from(SIDE_CGNAT)).is_none(),
         "CGNAT source from a non-tunnel interface reached the tunnel"
     );
     assert_eq!(counter(&t, "tunnel_drop"), 3);

@@ -1,14 +1,11 @@
 //! The daemon's life: refusing bad configs, reload failures, SIGTERM, keep_datapath,
 //! status and cleanup.
 
-use std::time::Duration;
-
 use nix::sys::signal::Signal;
 use tailgate_tests::{
     daemon::{tailgate, Daemon},
     netns::Netns,
     topology::*,
-    wait,
 };
 
 fn xdp_attached(ns: &Netns, dev: &str) -> bool {
@@ -33,33 +30,18 @@ fn invalid_config_at_start_is_refused_and_nothing_is_attached() {
     for (cgnat, expected) in cases {
         let (code, log) = Daemon::run_to_exit(&t.gw, &t.pins, &config(cgnat)).unwrap();
         assert_ne!(code, 0, "{cgnat}");
-        assert!(
-            log.contains(expected),
-            "{cgnat}: log does not name {expected}:\n{log}"
-        );
+        assert!(log.contains(expected), "{cgnat}: log does not name {expected}:\n{log}");
         assert!(!t.pins.path().exists(), "{cgnat}: pins created");
         assert!(!xdp_attached(&t.gw, "eth0"), "{cgnat}: XDP attached");
     }
     for (toml, expected) in [
-        (
-            "tunnel = \"tun0\"\ninterfaces = [\"eth9\"]",
-            "interfaces[0]: no interface named \"eth9\"",
-        ),
-        (
-            "tunnel = \"tun0\"\ninterfaces = [\"eth0\", \"tun0\"]",
-            "interfaces[1]",
-        ),
-        (
-            "tunnel = \"tun7\"\ninterfaces = [\"eth0\"]",
-            "tunnel: no interface named \"tun7\"",
-        ),
+        ("tunnel = \"tun0\"\ninterfaces = [\"eth9\"]", "interfaces[0]: no interface named \"eth9\""),
+        ("tunnel = \"tun0\"\ninterfaces = [\"eth0\", \"tun0\"]", "interfaces[1]"),
+        ("tunnel = \"tun7\"\ninterfaces = [\"eth0\"]", "tunnel: no interface named \"tun7\""),
     ] {
         let (code, log) = Daemon::run_to_exit(&t.gw, &t.pins, toml).unwrap();
         assert_ne!(code, 0);
-        assert!(
-            log.contains(expected),
-            "log does not say {expected}:\n{log}"
-        );
+        assert!(log.contains(expected), "log does not say {expected}:\n{log}");
         assert!(!t.pins.path().exists());
     }
 }
@@ -69,25 +51,11 @@ fn refused_reload_keeps_the_running_state() {
     let t = Topology::new().unwrap();
     let daemon = Daemon::start(&t.gw, &t.pins, &config("allow = [\"100.100.0.0/16\"]"), 2).unwrap();
     let rules = status(&t)["rules"].clone();
-    std::fs::write(
-        daemon.config_path(),
-        config("allow = [\"100.64.0.0/24\", \"bogus\"]"),
-    )
-    .unwrap();
+    std::fs::write(daemon.config_path(), config("allow = [\"100.64.0.0/24\", \"bogus\"]")).unwrap();
     daemon.signal(Signal::SIGHUP).unwrap();
-    assert!(
-        wait::until(Duration::from_secs(5), || daemon
-            .log()
-            .contains("reload refused")),
-        "{}",
-        daemon.log()
-    );
+    daemon.wait_for_log("reload refused");
     assert!(daemon.log().contains("cgnat.allow[1]"), "{}", daemon.log());
-    assert_eq!(
-        status(&t)["rules"],
-        rules,
-        "rules changed after a refused reload"
-    );
+    assert_eq!(status(&t)["rules"], rules, "rules changed after a refused reload");
     assert!(!t.cgnat_neighbours_ping(), "policy must still be in force");
     assert_eq!(t.pins.link_count(), 2);
 }
@@ -102,13 +70,7 @@ fn sigterm_detaches_and_unpins_everything() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| {
-            format!(
-                "{}@{}",
-                a["hook"].as_str().unwrap(),
-                a["interface"].as_str().unwrap()
-            )
-        })
+        .map(|a| format!("{}@{}", a["hook"].as_str().unwrap(), a["interface"].as_str().unwrap()))
         .collect();
     assert_eq!(hooks, ["xdp@eth0", "tc_egress@tun0"]);
     assert_eq!(daemon.stop(), Some(0));
@@ -135,27 +97,14 @@ fn keep_datapath_survives_a_restart_and_cleanup_is_idempotent() {
 
     // A new run takes the links over (atomic program replacement) and keeps the counters.
     let second = Daemon::start(&t.gw, &t.pins, &toml, 2).unwrap();
-    assert!(
-        wait::until(Duration::from_secs(5), || second
-            .log()
-            .contains("took over")),
-        "{}",
-        second.log()
-    );
-    assert!(
-        status(&t)["counters"]["uplink_drop"].as_u64().unwrap() >= drops,
-        "counters reset by restart"
-    );
+    second.wait_for_log("took over");
+    assert!(status(&t)["counters"]["uplink_drop"].as_u64().unwrap() >= drops, "counters reset by restart");
     assert!(!t.cgnat_neighbours_ping());
     drop(second);
 
     for _ in 0..2 {
         let out = tailgate(&t.gw, &t.pins, &["cleanup"]).unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     assert!(!t.pins.path().exists());
     assert!(!xdp_attached(&t.gw, "eth0"));

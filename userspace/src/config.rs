@@ -57,10 +57,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -98,9 +95,8 @@ impl Config {
     /// Reads `path` (if given) and applies the process environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let text = match path {
-            Some(path) => std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
-            })?,
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?,
             None => String::new(),
         };
         let env: HashMap<String, String> = std::env::vars().collect();
@@ -109,12 +105,8 @@ impl Config {
 
     /// Parses TOML text and applies overrides from `env`. Pure: no system state is read.
     pub fn parse(text: &str, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let mut raw: RawConfig = toml::from_str(text).map_err(|e| {
-            ConfigError::new(
-                "config",
-                e.message().to_string() + &span_hint(text, e.span()),
-            )
-        })?;
+        let mut raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::new("config", e.message().to_string() + &span_hint(text, e.span())))?;
         apply_env(&mut raw, env)?;
         raw.validate()
     }
@@ -170,11 +162,7 @@ fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), C
 }
 
 fn split_list(v: &str) -> Vec<String> {
-    v.split([',', ' '])
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect()
+    v.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
 }
 
 fn parse_enum<T: for<'de> Deserialize<'de>>(
@@ -215,11 +203,7 @@ impl RawConfig {
             interfaces: self.interfaces,
             backend: self.backend.unwrap_or(BackendKind::Auto),
             keep_datapath: self.keep_datapath.unwrap_or(false),
-            cgnat: CgnatConfig {
-                mode: self.cgnat.mode.unwrap_or(CgnatMode::Drop),
-                allow,
-                drop,
-            },
+            cgnat: CgnatConfig { mode: self.cgnat.mode.unwrap_or(CgnatMode::Drop), allow, drop },
         })
     }
 }
@@ -229,13 +213,13 @@ fn check_ifname(field: &str, name: &str) -> Result<(), ConfigError> {
         || name.len() > IFNAME_MAX
         || name == "."
         || name == ".."
-        || name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+        || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
     if bad {
         return Err(ConfigError::new(
             field,
-            format!("{name:?} is not a valid interface name (1-{IFNAME_MAX} characters, no '/', ':' or spaces)"),
+            format!(
+                "{name:?} is not a valid interface name (1-{IFNAME_MAX} characters, no '/', ':' or spaces)"
+            ),
         ));
     }
     Ok(())
@@ -258,21 +242,14 @@ fn validate_interfaces(interfaces: &[String], tunnel: &str) -> Result<(), Config
             ));
         }
         if let Some(j) = interfaces[..i].iter().position(|n| n == name) {
-            return Err(ConfigError::new(
-                field,
-                format!("{name:?} is already listed as interfaces[{j}]"),
-            ));
+            return Err(ConfigError::new(field, format!("{name:?} is already listed as interfaces[{j}]")));
         }
     }
     Ok(())
 }
 
 fn parse_prefixes(field: &str, items: Vec<String>) -> Result<Vec<IpNet>, ConfigError> {
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, s)| parse_prefix(&format!("{field}[{i}]"), s))
-        .collect()
+    items.iter().enumerate().map(|(i, s)| parse_prefix(&format!("{field}[{i}]"), s)).collect()
 }
 
 /// One filtered-range prefix: a CIDR (or a bare address, taken as /32 or /128) inside
@@ -309,9 +286,7 @@ fn parse_prefix(field: &str, s: &str) -> Result<IpNet, ConfigError> {
 
 fn first_common(a: &[IpNet], b: &[IpNet]) -> Option<(usize, usize)> {
     let index: HashMap<&IpNet, usize> = a.iter().enumerate().map(|(i, p)| (p, i)).collect();
-    b.iter()
-        .enumerate()
-        .find_map(|(j, p)| index.get(p).map(|&i| (i, j)))
+    b.iter().enumerate().find_map(|(j, p)| index.get(p).map(|&i| (i, j)))
 }
 
 impl fmt::Display for BackendKind {
@@ -384,24 +359,17 @@ mod tests {
     #[test]
     fn prefix_of_the_wrong_range_is_refused() {
         // An IPv4 prefix outside CGNAT, and an IPv6 prefix outside the tailnet ULA.
-        assert_eq!(
-            err_field("[cgnat]\nallow = [\"10.0.0.0/8\"]"),
-            "cgnat.allow[0]"
-        );
+        assert_eq!(err_field("[cgnat]\nallow = [\"10.0.0.0/8\"]"), "cgnat.allow[0]");
         let e = parse("[cgnat]\ndrop = [\"2001:db8::/32\"]").unwrap_err();
         assert_eq!(e.field, "cgnat.drop[0]");
         assert!(e.message.contains("fd7a:115c:a1e0::/48"), "{e}");
         // A v4 prefix covering more than CGNAT is outside it too.
-        assert_eq!(
-            err_field("[cgnat]\nallow = [\"100.0.0.0/8\"]"),
-            "cgnat.allow[0]"
-        );
+        assert_eq!(err_field("[cgnat]\nallow = [\"100.0.0.0/8\"]"), "cgnat.allow[0]");
     }
 
     #[test]
     fn same_prefix_in_allow_and_drop_is_refused() {
-        let e = parse("[cgnat]\nallow = [\"100.100.0.0/16\"]\ndrop = [\"100.100.0.0/16\"]")
-            .unwrap_err();
+        let e = parse("[cgnat]\nallow = [\"100.100.0.0/16\"]\ndrop = [\"100.100.0.0/16\"]").unwrap_err();
         assert_eq!(e.field, "cgnat.drop[0]");
         assert!(e.message.contains("cgnat.allow[0]"), "{e}");
     }
@@ -416,10 +384,7 @@ mod tests {
     #[test]
     fn loopback_and_duplicate_uplinks_are_refused() {
         assert_eq!(err_field("interfaces = [\"lo\"]"), "interfaces[0]");
-        assert_eq!(
-            err_field("interfaces = [\"eth0\", \"eth0\"]"),
-            "interfaces[1]"
-        );
+        assert_eq!(err_field("interfaces = [\"eth0\", \"eth0\"]"), "interfaces[1]");
         assert_eq!(err_field("interfaces = [\"a/b\"]"), "interfaces[0]");
         assert_eq!(err_field("tunnel = \"\""), "tunnel");
         assert_eq!(err_field("tunnel = \"averyveryverylongname\""), "tunnel");
@@ -464,12 +429,8 @@ mod tests {
 
     #[test]
     fn env_errors_name_the_variable() {
-        let env: HashMap<String, String> =
-            [("TAILGATE_BACKEND".to_string(), "nft".to_string())].into();
-        assert_eq!(
-            Config::parse("", &env).unwrap_err().field,
-            "TAILGATE_BACKEND"
-        );
+        let env: HashMap<String, String> = [("TAILGATE_BACKEND".to_string(), "nft".to_string())].into();
+        assert_eq!(Config::parse("", &env).unwrap_err().field, "TAILGATE_BACKEND");
         let env: HashMap<String, String> =
             [("TAILGATE_CGNAT_DROP".to_string(), "1.2.3.4/32".to_string())].into();
         assert_eq!(Config::parse("", &env).unwrap_err().field, "cgnat.drop[0]");

@@ -39,12 +39,10 @@ pub fn desired_state(path: Option<&Path>) -> Result<(Config, DesiredState)> {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
-    let (config, mut state) =
-        desired_state(opts.config.as_deref()).context("invalid configuration")?;
+    let (config, mut state) = desired_state(opts.config.as_deref()).context("invalid configuration")?;
     let mut backend: Box<dyn Backend> = match config.backend {
         BackendKind::Auto | BackendKind::Bpf => {
-            let mut bpf =
-                BpfBackend::load(opts.pins.clone(), opts.kernel_log).context("BPF backend")?;
+            let mut bpf = BpfBackend::load(opts.pins.clone(), opts.kernel_log).context("BPF backend")?;
             spawn_kernel_log_reader(&mut bpf)?;
             Box::new(bpf)
         }
@@ -116,10 +114,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 /// Watches the config file's directory (editors replace files by rename).
 fn watch(path: &Path, changes: mpsc::UnboundedSender<()>) -> Result<notify::RecommendedWatcher> {
     let path = std::path::absolute(path)?;
-    let dir = path
-        .parent()
-        .context("config path has no directory")?
-        .to_path_buf();
+    let dir = path.parent().context("config path has no directory")?.to_path_buf();
     let name = path.file_name().map(|n| n.to_owned());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {

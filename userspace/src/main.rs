@@ -65,27 +65,15 @@ fn execute(cli: Cli) -> Result<ExitCode> {
     let pins = Pins::new(cli.pin_dir);
     match cli.command {
         Command::Run { config, kernel_log } => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(daemon::run(daemon::RunOptions {
-                config,
-                pins,
-                kernel_log,
-            }))?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(daemon::run(daemon::RunOptions { config, pins, kernel_log }))?;
         }
         Command::Status { json } => match status::read(&pins)? {
             None => {
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({ "running": false, "pin_dir": pins.root() })
-                    );
+                    println!("{}", serde_json::json!({ "running": false, "pin_dir": pins.root() }));
                 } else {
-                    println!(
-                        "tailgate: nothing pinned under {} (not running)",
-                        pins.root().display()
-                    );
+                    println!("tailgate: nothing pinned under {} (not running)", pins.root().display());
                 }
                 return Ok(ExitCode::from(3));
             }

@@ -12,13 +12,11 @@ pub const CGNAT_V4: Ipv4Net = ipv4net(100, 64, 0, 0, 10);
 /// ChromeOS VMs use this part of CGNAT on the LAN side; the reference lets it in.
 pub const CHROMEOS_V4: Ipv4Net = ipv4net(100, 115, 92, 0, 23);
 /// The tailnet's IPv6 ULA range.
-pub const TAILNET_ULA_V6: Ipv6Net = match Ipv6Net::new(
-    std::net::Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0),
-    48,
-) {
-    Ok(net) => net,
-    Err(_) => panic!("bad constant"),
-};
+pub const TAILNET_ULA_V6: Ipv6Net =
+    match Ipv6Net::new(std::net::Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0), 48) {
+        Ok(net) => net,
+        Err(_) => panic!("bad constant"),
+    };
 
 const fn ipv4net(a: u8, b: u8, c: u8, d: u8, len: u8) -> Ipv4Net {
     match Ipv4Net::new(std::net::Ipv4Addr::new(a, b, c, d), len) {
@@ -106,35 +104,21 @@ pub fn compile(config: &Config, uplinks: Vec<String>) -> DesiredState {
             let user: Vec<Rule> = config
                 .user_prefixes()
                 .map(|(field, prefix)| {
-                    let verdict = if field.starts_with("cgnat.allow") {
-                        Verdict::Pass
-                    } else {
-                        Verdict::Drop
-                    };
+                    let verdict =
+                        if field.starts_with("cgnat.allow") { Verdict::Pass } else { Verdict::Drop };
                     rule(prefix, verdict, Origin::Config(field))
                 })
                 .collect();
             let mut inbound: Vec<Rule> = ranges.to_vec();
             inbound.push(chromeos);
-            CgnatRules {
-                inbound: merge(inbound, &user),
-                forward: merge(ranges.to_vec(), &user),
-            }
+            CgnatRules { inbound: merge(inbound, &user), forward: merge(ranges.to_vec(), &user) }
         }
     };
-    DesiredState {
-        tunnel: config.tunnel.clone(),
-        uplinks,
-        cgnat,
-    }
+    DesiredState { tunnel: config.tunnel.clone(), uplinks, cgnat }
 }
 
 fn rule(prefix: IpNet, verdict: Verdict, origin: Origin) -> Rule {
-    Rule {
-        prefix,
-        verdict,
-        origin,
-    }
+    Rule { prefix, verdict, origin }
 }
 
 /// Built-ins plus user rules (a user rule replaces a built-in with the same prefix), sorted
@@ -160,10 +144,7 @@ fn merge(builtin: Vec<Rule>, user: &[Rule]) -> Vec<Rule> {
 /// The rule that decides for `addr`: the longest matching prefix. This is the reference
 /// semantics both backends implement.
 pub fn resolve(rules: &[Rule], addr: IpAddr) -> Option<&Rule> {
-    rules
-        .iter()
-        .filter(|r| r.prefix.contains(&addr))
-        .max_by_key(|r| r.prefix.prefix_len())
+    rules.iter().filter(|r| r.prefix.contains(&addr)).max_by_key(|r| r.prefix.prefix_len())
 }
 
 #[cfg(test)]
@@ -220,12 +201,7 @@ mod tests {
     fn user_rule_replaces_builtin_with_same_prefix() {
         let s = state("[cgnat]\ndrop = [\"100.115.92.0/23\"]");
         assert_eq!(inbound(&s, "100.115.92.7"), Some(Verdict::Drop));
-        let n = s
-            .cgnat
-            .inbound
-            .iter()
-            .filter(|r| r.prefix == CHROMEOS_V4.into())
-            .count();
+        let n = s.cgnat.inbound.iter().filter(|r| r.prefix == CHROMEOS_V4.into()).count();
         assert_eq!(n, 1);
         let s = state("[cgnat]\nallow = [\"100.64.0.0/10\"]");
         assert_eq!(inbound(&s, "100.64.0.1"), Some(Verdict::Pass));
@@ -248,14 +224,8 @@ mod tests {
             assert_eq!(first, resolve(&s.cgnat.inbound, addr), "{addr}");
         }
         assert!(
-            s.cgnat
-                .inbound
-                .iter()
-                .position(|r| r.prefix.addr().is_ipv6())
-                > s.cgnat
-                    .inbound
-                    .iter()
-                    .rposition(|r| r.prefix.addr().is_ipv4())
+            s.cgnat.inbound.iter().position(|r| r.prefix.addr().is_ipv6())
+                > s.cgnat.inbound.iter().rposition(|r| r.prefix.addr().is_ipv4())
         );
     }
 

@@ -50,23 +50,14 @@ pub fn read(pins: &Pins) -> Result<Option<Status>> {
     let attachments = pins
         .pinned_links()?
         .into_iter()
-        .map(|(hook, interface, pin)| Attachment {
-            hook,
-            interface,
-            pin: pin.display().to_string(),
-        })
+        .map(|(hook, interface, pin)| Attachment { hook, interface, pin: pin.display().to_string() })
         .collect();
     let counters_map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open(pins, MAP_COUNTERS)?)?;
-    let counters = Counter::ALL
-        .iter()
-        .map(|c| Ok((c.name(), sum(&counters_map, *c as u32)?)))
-        .collect::<Result<_>>()?;
+    let counters =
+        Counter::ALL.iter().map(|c| Ok((c.name(), sum(&counters_map, *c as u32)?))).collect::<Result<_>>()?;
     let hits: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open(pins, MAP_RULE_HITS)?)?;
     let mut rules = Vec::new();
-    for (direction, v4, v6) in [
-        ("inbound", MAP_IN_V4, MAP_IN_V6),
-        ("forward", MAP_FWD_V4, MAP_FWD_V6),
-    ] {
+    for (direction, v4, v6) in [("inbound", MAP_IN_V4, MAP_IN_V6), ("forward", MAP_FWD_V4, MAP_FWD_V6)] {
         let mut found: Vec<(IpNet, PrefixRule)> = Vec::new();
         let trie: LpmTrie<MapData, [u8; 4], PrefixRule> = LpmTrie::try_from(open(pins, v4)?)?;
         for item in trie.iter() {
@@ -80,28 +71,14 @@ pub fn read(pins: &Pins) -> Result<Option<Status>> {
             let net = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?;
             found.push((net.into(), rule));
         }
-        found.sort_by_key(|(net, _)| {
-            (
-                net.addr().is_ipv6(),
-                std::cmp::Reverse(net.prefix_len()),
-                net.addr(),
-            )
-        });
+        found.sort_by_key(|(net, _)| (net.addr().is_ipv6(), std::cmp::Reverse(net.prefix_len()), net.addr()));
         for (net, rule) in found {
             rules.push(RuleStatus {
                 direction,
                 prefix: net.to_string(),
-                verdict: if rule.verdict == verdict::DROP {
-                    "drop"
-                } else {
-                    "pass"
-                },
+                verdict: if rule.verdict == verdict::DROP { "drop" } else { "pass" },
                 rule_id: rule.rule_id,
-                packets: if rule.rule_id < MAX_RULES {
-                    Some(sum(&hits, rule.rule_id)?)
-                } else {
-                    None
-                },
+                packets: if rule.rule_id < MAX_RULES { Some(sum(&hits, rule.rule_id)?) } else { None },
             });
         }
     }

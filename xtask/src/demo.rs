@@ -37,10 +37,7 @@ impl Demo {
 
     fn ping(&self, src: &str, dst: &str) -> bool {
         Command::new("ip")
-            .args([
-                "netns", "exec", &self.lan, "ping", "-c", "1", "-W", "1", "-n", "-q", "-I", src,
-                dst,
-            ])
+            .args(["netns", "exec", &self.lan, "ping", "-c", "1", "-W", "1", "-n", "-q", "-I", src, dst])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -75,20 +72,14 @@ impl Drop for Demo {
     fn drop(&mut self) {
         println!("\n==> demo: cleaning up");
         if let Some(mut child) = self.daemon.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
             let _ = child.wait();
         }
         let _ = self.tailgate(&["cleanup"]).stdout(Stdio::null()).status();
         for ns in [&self.gw, &self.lan] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        println!(
-            "    removed namespaces {} and {}, pins under {}",
-            self.gw, self.lan, self.pin_dir
-        );
+        println!("    removed namespaces {} and {}, pins under {}", self.gw, self.lan, self.pin_dir);
     }
 }
 
@@ -106,36 +97,19 @@ pub fn run(seconds: u64) -> Result<()> {
         pin_dir: format!("/sys/fs/bpf/tailgate-demo-{pid}"),
         dir: tempfile::tempdir()?,
         daemon: None,
-        tailgate: super::root()
-            .join("target/debug/tailgate")
-            .display()
-            .to_string(),
+        tailgate: super::root().join("target/debug/tailgate").display().to_string(),
     };
     say("building the topology");
     for ns in [&demo.gw, &demo.lan] {
         super::run(Command::new("ip").args(["netns", "add", ns]))?;
         demo.ip(ns, "link set lo up")?;
     }
-    demo.ip(
-        &demo.gw,
-        &format!("link add eth0 type veth peer name eth0 netns {}", demo.lan),
-    )?;
+    demo.ip(&demo.gw, &format!("link add eth0 type veth peer name eth0 netns {}", demo.lan))?;
     for (ns, cmds) in [
-        (
-            &demo.gw,
-            [
-                "addr add 100.64.0.1/24 dev eth0",
-                "addr add 192.0.2.1/24 dev eth0",
-                "link set eth0 up",
-            ],
-        ),
+        (&demo.gw, ["addr add 100.64.0.1/24 dev eth0", "addr add 192.0.2.1/24 dev eth0", "link set eth0 up"]),
         (
             &demo.lan,
-            [
-                "addr add 100.64.0.2/24 dev eth0",
-                "addr add 192.0.2.2/24 dev eth0",
-                "link set eth0 up",
-            ],
+            ["addr add 100.64.0.2/24 dev eth0", "addr add 192.0.2.2/24 dev eth0", "link set eth0 up"],
         ),
     ] {
         for cmd in cmds {
@@ -144,44 +118,23 @@ pub fn run(seconds: u64) -> Result<()> {
     }
     demo.ip(&demo.gw, "tuntap add dev tailscale0 mode tun")?;
     demo.ip(&demo.gw, "link set tailscale0 up")?;
-    println!(
-        "    gw  {}: eth0 100.64.0.1/24 + 192.0.2.1/24, tailscale0 (TUN)",
-        demo.gw
-    );
+    println!("    gw  {}: eth0 100.64.0.1/24 + 192.0.2.1/24, tailscale0 (TUN)", demo.gw);
     println!("    lan {}: eth0 100.64.0.2/24 + 192.0.2.2/24", demo.lan);
 
     let before = demo.ping("100.64.0.2", "100.64.0.1");
-    println!(
-        "    without tailgate: 100.64.0.2 -> 100.64.0.1 ping {}",
-        verdict(before)
-    );
+    println!("    without tailgate: 100.64.0.2 -> 100.64.0.1 ping {}", verdict(before));
 
     say("starting `tailgate run` in the gateway namespace (default policy)");
     demo.config("")?;
     let config = demo.dir.path().join("tailgate.toml");
-    demo.daemon = Some(
-        demo.tailgate(&["run", "--config", config.to_str().unwrap()])
-            .spawn()?,
-    );
+    demo.daemon = Some(demo.tailgate(&["run", "--config", config.to_str().unwrap()]).spawn()?);
     let up = wait(Duration::from_secs(20), || {
-        std::fs::read_dir(format!("{}/links", demo.pin_dir))
-            .map(|d| d.count() == 2)
-            .unwrap_or(false)
+        std::fs::read_dir(format!("{}/links", demo.pin_dir)).map(|d| d.count() == 2).unwrap_or(false)
     });
     anyhow::ensure!(up, "the daemon did not attach within 20 s");
 
-    show(
-        &demo,
-        "100.64.0.2",
-        "100.64.0.1",
-        "CGNAT neighbour (expect DROPPED)",
-    );
-    show(
-        &demo,
-        "192.0.2.2",
-        "192.0.2.1",
-        "non-CGNAT host on the same link (expect passes)",
-    );
+    show(&demo, "100.64.0.2", "100.64.0.1", "CGNAT neighbour (expect DROPPED)");
+    show(&demo, "192.0.2.2", "192.0.2.1", "non-CGNAT host on the same link (expect passes)");
     print_status(&demo)?;
     if stop.load(Ordering::SeqCst) {
         return Ok(());
@@ -189,13 +142,8 @@ pub fn run(seconds: u64) -> Result<()> {
 
     say("adding allow = [\"100.64.0.0/24\"] to the config file (the daemon watches it; SIGHUP does the same): no restart");
     demo.config("\"100.64.0.0/24\"")?;
-    let allowed = wait(Duration::from_secs(5), || {
-        demo.ping("100.64.0.2", "100.64.0.1")
-    });
-    println!(
-        "    100.64.0.2 -> 100.64.0.1 ping {} after the reload",
-        verdict(allowed)
-    );
+    let allowed = wait(Duration::from_secs(5), || demo.ping("100.64.0.2", "100.64.0.1"));
+    println!("    100.64.0.2 -> 100.64.0.1 ping {} after the reload", verdict(allowed));
 
     say(&format!("live counters for {seconds} s: each second one ping from 100.64.0.2 and one from 192.0.2.2; Ctrl-C ends"));
     let pid = demo.daemon.as_ref().unwrap().id().to_string();
@@ -203,17 +151,12 @@ pub fn run(seconds: u64) -> Result<()> {
     super::run(Command::new("kill").args(["-HUP", &pid]))?;
     let removed = wait(Duration::from_secs(5), || {
         demo.counters().is_some_and(|s| {
-            s["rules"]
-                .as_array()
-                .is_some_and(|r| r.iter().all(|r| r["prefix"] != "100.64.0.0/24"))
+            s["rules"].as_array().is_some_and(|r| r.iter().all(|r| r["prefix"] != "100.64.0.0/24"))
         })
     });
     anyhow::ensure!(removed, "the reload did not remove the exemption");
     println!("    (exemption removed again with SIGHUP, so the CGNAT pings are dropped)");
-    println!(
-        "    {:>4}  {:>12}  {:>12}  {:>16}",
-        "t", "uplink_drop", "no_match", "cgnat ping"
-    );
+    println!("    {:>4}  {:>12}  {:>12}  {:>16}", "t", "uplink_drop", "no_match", "cgnat ping");
     let start = Instant::now();
     for tick in 1..=seconds {
         if stop.load(Ordering::SeqCst) {
@@ -235,9 +178,7 @@ pub fn run(seconds: u64) -> Result<()> {
             );
         }
         // One round a second.
-        std::thread::sleep(
-            (start + Duration::from_secs(tick)).saturating_duration_since(Instant::now()),
-        );
+        std::thread::sleep((start + Duration::from_secs(tick)).saturating_duration_since(Instant::now()));
     }
     if !stop.load(Ordering::SeqCst) {
         print_status(&demo)?;
@@ -254,10 +195,7 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 fn show(demo: &Demo, src: &str, dst: &str, what: &str) {
-    println!(
-        "    {src} -> {dst} ping {}   [{what}]",
-        verdict(demo.ping(src, dst))
-    );
+    println!("    {src} -> {dst} ping {}   [{what}]", verdict(demo.ping(src, dst)));
 }
 
 fn print_status(demo: &Demo) -> Result<()> {

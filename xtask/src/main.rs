@@ -55,15 +55,7 @@ fn main() -> Result<()> {
         Cmd::Bench => {
             setup::run()?;
             require_root("bench")?;
-            cargo(&[
-                "run",
-                "--release",
-                "--locked",
-                "-p",
-                "tailgate-tests",
-                "--bin",
-                "tailgate-bench",
-            ])
+            cargo(&["run", "--release", "--locked", "-p", "tailgate-tests", "--bin", "tailgate-bench"])
         }
     }
 }
@@ -75,14 +67,7 @@ fn build(release: bool) -> Result<()> {
     }
     cargo(&args)?;
     let profile = if release { "release" } else { "debug" };
-    println!(
-        "xtask: built {}",
-        root()
-            .join("target")
-            .join(profile)
-            .join("tailgate")
-            .display()
-    );
+    println!("xtask: built {}", root().join("target").join(profile).join("tailgate").display());
     Ok(())
 }
 
@@ -94,15 +79,7 @@ fn test() -> Result<()> {
     step("fmt");
     cargo(&["fmt", "--all", "--", "--check"])?;
     step("clippy");
-    cargo(&[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--locked",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
     step("tests: unit, packet (BPF_PROG_TEST_RUN), namespace scenarios");
     cargo(&["test", "--workspace", "--locked"])
 }
@@ -115,11 +92,7 @@ fn require_root(what: &str) -> Result<()> {
 }
 
 fn nix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
 fn step(what: &str) {
@@ -128,10 +101,7 @@ fn step(what: &str) {
 
 /// The workspace root.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn cargo(args: &[&str]) -> Result<()> {

@@ -28,9 +28,7 @@ pub fn run() -> Result<()> {
     apt_install(&[&format!("llvm-{llvm}-dev")])?;
     bpf_linker(llvm)?;
     rust_components()?;
-    println!(
-        "xtask setup: toolchain ready (Debian rustc LLVM {llvm}, bpf-linker {BPF_LINKER_VERSION})"
-    );
+    println!("xtask setup: toolchain ready (Debian rustc LLVM {llvm}, bpf-linker {BPF_LINKER_VERSION})");
     Ok(())
 }
 
@@ -47,10 +45,7 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    println!(
-        "xtask setup: installing Debian packages: {}",
-        missing.join(" ")
-    );
+    println!("xtask setup: installing Debian packages: {}", missing.join(" "));
     if !super::nix_is_root() {
         bail!("installing {} needs root", missing.join(" "));
     }
@@ -65,10 +60,7 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 
 /// The LLVM major version Debian's rustc uses (bpf-linker must match it).
 fn llvm_major() -> Result<u32> {
-    let out = Command::new(DEBIAN_RUSTC)
-        .arg("-vV")
-        .output()
-        .context("running /usr/bin/rustc -vV")?;
+    let out = Command::new(DEBIAN_RUSTC).arg("-vV").output().context("running /usr/bin/rustc -vV")?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -80,9 +72,7 @@ fn llvm_major() -> Result<u32> {
 fn cargo_bin() -> PathBuf {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
-        });
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
     home.join("bin")
 }
 
@@ -106,17 +96,8 @@ fn bpf_linker(llvm: u32) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     super::run(
         Command::new(cargo)
-            .args([
-                "install",
-                "--locked",
-                "--force",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            ])
-            .args([
-                "--no-default-features",
-                "--features",
-                &format!("llvm-{llvm}"),
-            ])
+            .args(["install", "--locked", "--force", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
+            .args(["--no-default-features", "--features", &format!("llvm-{llvm}")])
             .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")),
     )
 }
@@ -131,9 +112,8 @@ fn rust_components() -> Result<()> {
             .unwrap_or(false);
         if !ok {
             println!("xtask setup: adding rustup component {component}");
-            super::run(Command::new("rustup").args(["component", "add", component])).with_context(
-                || format!("`cargo {sub}` is missing and rustup could not add {component}"),
-            )?;
+            super::run(Command::new("rustup").args(["component", "add", component]))
+                .with_context(|| format!("`cargo {sub}` is missing and rustup could not add {component}"))?;
         }
     }
     Ok(())

@@ -18,26 +18,16 @@ const REPEAT: u32 = 1_000_000;
 const RUNS: usize = 5;
 
 fn main() -> Result<()> {
-    println!(
-        "BPF_PROG_TEST_RUN, {REPEAT} repeats per run, median of {RUNS} runs, kernel logging off\n"
-    );
+    println!("BPF_PROG_TEST_RUN, {REPEAT} repeats per run, median of {RUNS} runs, kernel logging off\n");
     println!("| exemption prefixes | program | path | verdict | ns/packet |");
     println!("|---:|---|---|---|---:|");
     for count in [1, 1_000, 100_000] {
         let (mut dp, exempt_src, drop_src, sync_ms) = datapath(count)?;
         let cases: [(&str, &str, &str); 4] = [
             ("uplink XDP", "pass: non-CGNAT source", "198.51.100.7"),
-            (
-                "uplink XDP",
-                "pass: exempt CGNAT source",
-                exempt_src.as_str(),
-            ),
+            ("uplink XDP", "pass: exempt CGNAT source", exempt_src.as_str()),
             ("uplink XDP", "drop: CGNAT source", drop_src.as_str()),
-            (
-                "tunnel TC",
-                "drop: forwarded CGNAT source",
-                drop_src.as_str(),
-            ),
+            ("tunnel TC", "drop: forwarded CGNAT source", drop_src.as_str()),
         ];
         for (program, path, src) in cases {
             let frame = eth_udp4(src, "192.0.2.1");
@@ -60,14 +50,9 @@ fn main() -> Result<()> {
                 (_, 0) => "TC_ACT_OK",
                 _ => "?",
             };
-            println!(
-                "| {count} | {program} | {path} | {name} | {:.0} |",
-                samples[RUNS / 2]
-            );
+            println!("| {count} | {program} | {path} | {name} | {:.0} |", samples[RUNS / 2]);
         }
-        println!(
-            "| {count} | (map sync) | {count} prefixes into 2 tries | - | {sync_ms:.0} ms total |"
-        );
+        println!("| {count} | (map sync) | {count} prefixes into 2 tries | - | {sync_ms:.0} ms total |");
     }
     Ok(())
 }
@@ -104,11 +89,7 @@ fn datapath(count: usize) -> Result<(Datapath, String, String, f64)> {
         interfaces: None,
         backend: BackendKind::Bpf,
         keep_datapath: false,
-        cgnat: CgnatConfig {
-            mode: CgnatMode::Drop,
-            allow,
-            drop: vec![],
-        },
+        cgnat: CgnatConfig { mode: CgnatMode::Drop, allow, drop: vec![] },
     };
     let mut dp = Datapath::load(None, KernelLog::Off)?;
     let start = Instant::now();

@@ -56,17 +56,12 @@ impl IdAllocator {
 pub fn sync(ebpf: &mut Ebpf, rules: &CgnatRules) -> Result<SyncReport> {
     let (in_v4, in_v6) = split_families(&rules.inbound);
     let (fwd_v4, fwd_v6) = split_families(&rules.forward);
-    let mut ids = IdAllocator {
-        used: BTreeSet::new(),
-        next: 0,
-    };
+    let mut ids = IdAllocator { used: BTreeSet::new(), next: 0 };
     for name in [MAP_IN_V4, MAP_FWD_V4] {
-        ids.used
-            .extend(read::<4>(ebpf, name)?.values().map(|r| r.rule_id));
+        ids.used.extend(read::<4>(ebpf, name)?.values().map(|r| r.rule_id));
     }
     for name in [MAP_IN_V6, MAP_FWD_V6] {
-        ids.used
-            .extend(read::<16>(ebpf, name)?.values().map(|r| r.rule_id));
+        ids.used.extend(read::<16>(ebpf, name)?.values().map(|r| r.rule_id));
     }
     let mut report = SyncReport::default();
     sync_trie(ebpf, MAP_IN_V4, in_v4, &mut ids, &mut report)?;
@@ -96,13 +91,8 @@ fn split_families(rules: &[Rule]) -> (Entries<4>, Entries<16>) {
 }
 
 /// Current entries of a trie.
-pub fn read<const N: usize>(
-    ebpf: &Ebpf,
-    name: &str,
-) -> Result<HashMap<(u32, [u8; N]), PrefixRule>> {
-    let map = ebpf
-        .map(name)
-        .with_context(|| format!("map {name} missing"))?;
+pub fn read<const N: usize>(ebpf: &Ebpf, name: &str) -> Result<HashMap<(u32, [u8; N]), PrefixRule>> {
+    let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
     let trie: LpmTrie<&MapData, [u8; N], PrefixRule> = LpmTrie::try_from(map)?;
     read_trie(&trie)
 }
@@ -133,33 +123,23 @@ fn sync_trie<const N: usize>(
             _ => {
                 // Past MAX_RULES rules a rule still works, it is just not counted.
                 let rule_id = ids.allocate().unwrap_or(MAX_RULES);
-                inserts.push((
-                    *key,
-                    PrefixRule {
-                        verdict: *verdict,
-                        rule_id,
-                    },
-                ));
+                inserts.push((*key, PrefixRule { verdict: *verdict, rule_id }));
             }
         }
     }
     zero_counters(ebpf, inserts.iter().map(|(_, r)| r.rule_id))?;
 
-    let map = ebpf
-        .map_mut(name)
-        .with_context(|| format!("map {name} missing"))?;
+    let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
     let mut trie: LpmTrie<&mut MapData, [u8; N], PrefixRule> = LpmTrie::try_from(map)?;
     for ((len, addr), rule) in &inserts {
-        trie.insert(&Key::new(*len, *addr), *rule, 0)
-            .with_context(|| format!("inserting into {name}"))?;
+        trie.insert(&Key::new(*len, *addr), *rule, 0).with_context(|| format!("inserting into {name}"))?;
     }
     report.added += inserts.len();
     for (key, rule) in &current {
         let replaced = inserts.iter().any(|(k, _)| k == key);
         if replaced || !desired.contains_key(key) {
             if !replaced {
-                trie.remove(&Key::new(key.0, key.1))
-                    .with_context(|| format!("removing from {name}"))?;
+                trie.remove(&Key::new(key.0, key.1)).with_context(|| format!("removing from {name}"))?;
                 report.removed += 1;
             }
             ids.free(rule.rule_id);
@@ -169,9 +149,7 @@ fn sync_trie<const N: usize>(
 }
 
 fn zero_counters(ebpf: &mut Ebpf, ids: impl Iterator<Item = u32>) -> Result<()> {
-    let map = ebpf
-        .map_mut(MAP_RULE_HITS)
-        .context("map RULE_HITS missing")?;
+    let map = ebpf.map_mut(MAP_RULE_HITS).context("map RULE_HITS missing")?;
     let mut hits: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(map)?;
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     for id in ids.filter(|id| *id < MAX_RULES) {

@@ -44,10 +44,7 @@ impl Hook {
 
     pub fn from_pin_name(name: &str) -> Option<(Hook, &str)> {
         let (prefix, ifname) = name.split_once('@')?;
-        [Hook::Xdp, Hook::TcEgress]
-            .into_iter()
-            .find(|h| h.pin_prefix() == prefix)
-            .map(|h| (h, ifname))
+        [Hook::Xdp, Hook::TcEgress].into_iter().find(|h| h.pin_prefix() == prefix).map(|h| (h, ifname))
     }
 }
 
@@ -67,10 +64,7 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, pin: &Path) -> Result<A
         match take_over(ebpf, hook, pin) {
             Ok(()) => return Ok(Attached::TookOver),
             Err(e) => {
-                tracing::warn!(
-                    "pinned link {} is stale ({e:#}); attaching anew",
-                    pin.display()
-                );
+                tracing::warn!("pinned link {} is stale ({e:#}); attaching anew", pin.display());
                 pins::remove_file(pin)?;
             }
         }
@@ -95,8 +89,7 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, pin: &Path) -> Result<A
             })?
         }
     };
-    link.pin(pin)
-        .with_context(|| format!("pinning the link at {}", pin.display()))?;
+    link.pin(pin).with_context(|| format!("pinning the link at {}", pin.display()))?;
     Ok(Attached::New)
 }
 
@@ -111,8 +104,7 @@ fn take_over(ebpf: &mut Ebpf, hook: Hook, pin: &Path) -> Result<()> {
             drop(prog.take_link(id)?);
         }
         Hook::TcEgress => {
-            let link =
-                SchedClassifierLink::try_from(link).map_err(|e| anyhow!("not a TC link: {e}"))?;
+            let link = SchedClassifierLink::try_from(link).map_err(|e| anyhow!("not a TC link: {e}"))?;
             let prog = tc(ebpf, hook)?;
             let id = prog.attach_to_link(link)?;
             drop(prog.take_link(id)?);
@@ -128,16 +120,12 @@ pub fn detach(pin: &Path) -> Result<()> {
 
 pub fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     let name = Hook::Xdp.program();
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
     Ok(prog.try_into()?)
 }
 
 pub fn tc(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier> {
     let name = hook.program();
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
     Ok(prog.try_into()?)
 }

@@ -19,18 +19,10 @@ use super::Backend;
 use crate::policy::DesiredState;
 
 /// The eBPF object built by `build.rs` from the `datapath-ebpf` crate.
-pub static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tailgate-datapath.o"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tailgate-datapath.o"));
 
 /// Every map of the object, by kernel name (also its pin name).
-pub const MAPS: [&str; 6] = [
-    MAP_IN_V4,
-    MAP_IN_V6,
-    MAP_FWD_V4,
-    MAP_FWD_V6,
-    MAP_COUNTERS,
-    MAP_RULE_HITS,
-];
+pub const MAPS: [&str; 6] = [MAP_IN_V4, MAP_IN_V6, MAP_FWD_V4, MAP_FWD_V6, MAP_COUNTERS, MAP_RULE_HITS];
 
 /// Kernel-side log level (aya-log). `Off` costs one load and branch per log site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -65,12 +57,8 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
-        links::xdp(&mut ebpf)?
-            .load()
-            .context("loading the uplink XDP program (verifier)")?;
-        links::tc(&mut ebpf, Hook::TcEgress)?
-            .load()
-            .context("loading the tunnel TC program (verifier)")?;
+        links::xdp(&mut ebpf)?.load().context("loading the uplink XDP program (verifier)")?;
+        links::tc(&mut ebpf, Hook::TcEgress)?.load().context("loading the tunnel TC program (verifier)")?;
         Ok(Self { ebpf })
     }
 
@@ -96,16 +84,10 @@ impl BpfBackend {
         let logger = match log {
             KernelLog::Off => None,
             _ => Some(
-                aya_log::EbpfLogger::init(&mut datapath.ebpf)
-                    .context("starting the kernel log reader")?,
+                aya_log::EbpfLogger::init(&mut datapath.ebpf).context("starting the kernel log reader")?,
             ),
         };
-        Ok(Self {
-            datapath,
-            pins,
-            attached: BTreeSet::new(),
-            logger,
-        })
+        Ok(Self { datapath, pins, attached: BTreeSet::new(), logger })
     }
 
     /// The kernel log reader (present when kernel logging is on), to poll when readable.
@@ -114,11 +96,7 @@ impl BpfBackend {
     }
 
     fn wanted(state: &DesiredState) -> BTreeSet<(Hook, String)> {
-        let mut wanted: BTreeSet<_> = state
-            .uplinks
-            .iter()
-            .map(|i| (Hook::Xdp, i.clone()))
-            .collect();
+        let mut wanted: BTreeSet<_> = state.uplinks.iter().map(|i| (Hook::Xdp, i.clone())).collect();
         wanted.insert((Hook::TcEgress, state.tunnel.clone()));
         wanted
     }
@@ -203,10 +181,7 @@ impl Backend for BpfBackend {
         let pins = self.pins.clone();
         drop(self);
         pins.remove_all()?;
-        tracing::info!(
-            "detached and unpinned everything under {}",
-            pins.root().display()
-        );
+        tracing::info!("detached and unpinned everything under {}", pins.root().display());
         Ok(())
     }
 }

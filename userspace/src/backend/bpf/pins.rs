@@ -47,8 +47,7 @@ impl Pins {
     }
 
     pub fn link(&self, hook: Hook, ifname: &str) -> PathBuf {
-        self.links_dir()
-            .join(format!("{}@{ifname}", hook.pin_prefix()))
+        self.links_dir().join(format!("{}@{ifname}", hook.pin_prefix()))
     }
 
     /// Whether anything is pinned here (a running or kept datapath).
@@ -60,23 +59,14 @@ impl Pins {
     /// creates the directories.
     pub fn prepare(&self) -> Result<()> {
         if self.root.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
-            mount(
-                Some("bpf"),
-                BPFFS,
-                Some("bpf"),
-                MsFlags::empty(),
-                None::<&str>,
-            )
-            .with_context(|| format!("mounting bpffs on {BPFFS}"))?;
+            mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>)
+                .with_context(|| format!("mounting bpffs on {BPFFS}"))?;
         }
         for dir in [self.maps_dir(), self.links_dir()] {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         if !is_bpffs(&self.root) {
-            anyhow::bail!(
-                "{} is not on a bpffs mount: pins would not survive",
-                self.root.display()
-            );
+            anyhow::bail!("{} is not on a bpffs mount: pins would not survive", self.root.display());
         }
         Ok(())
     }
@@ -138,7 +128,5 @@ fn remove_dir(path: &Path) -> Result<()> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
-        .unwrap_or(false)
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC).unwrap_or(false)
 }
