@@ -28,3 +28,11 @@ pub mod verdict {
     pub const PASS: u32 = 0;
     pub const DROP: u32 = 1;
 }
+
+/// Packet marks shared with the host's routing/NAT rules (the reference's values).
+pub mod mark {
+    /// Traffic from the tunnel to a subnet route: masqueraded on the way out.
+    pub const SUBNET_ROUTE: u32 = 0x40000;
+    /// Bits of the mark tailgate owns.
+    pub const MASK: u32 = 0xff0000;
+}

@@ -35,34 +35,28 @@ pub fn binary() -> PathBuf {
     bin
 }
 
-/// A per-test pin directory on bpffs; everything under it is detached and removed on drop.
+/// A per-test pin directory on bpffs for an instance living in namespace `ns`. On drop,
+/// `tailgate cleanup` runs inside that namespace: pins, links and iptables rules go.
 pub struct PinDir {
     path: PathBuf,
+    netns: String,
 }
 
 impl PinDir {
-    pub fn new() -> Self {
-        Self { path: PathBuf::from("/sys/fs/bpf").join(crate::unique("tailgate-test")) }
+    pub fn new(ns: &Netns) -> Self {
+        Self { path: PathBuf::from("/sys/fs/bpf").join(crate::unique("tailgate-test")), netns: ns.path() }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-    pub fn link_count(&self) -> usize {
-        fs::read_dir(self.path.join("links")).map(|d| d.count()).unwrap_or(0)
-    }
-}
-
-impl Default for PinDir {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = Command::new(binary()).arg("--pin-dir").arg(&self.path).arg("cleanup").output();
+        if let Ok(mut cmd) = command_in(&self.netns, self, &["cleanup"]) {
+            let _ = cmd.output();
+        }
     }
 }
 
@@ -72,7 +66,11 @@ pub fn tailgate(ns: &Netns, pins: &PinDir, args: &[&str]) -> Result<Output> {
 }
 
 fn command(ns: &Netns, pins: &PinDir, args: &[&str]) -> Result<Command> {
-    let netns = fs::File::open(ns.path())?;
+    command_in(&ns.path(), pins, args)
+}
+
+fn command_in(netns_path: &str, pins: &PinDir, args: &[&str]) -> Result<Command> {
+    let netns = fs::File::open(netns_path)?;
     let mut cmd = Command::new(binary());
     cmd.arg("--pin-dir").arg(pins.path()).args(args).env_remove("RUST_LOG");
     // Enter only the network namespace (`ip netns exec` would remount /sys and the pins
@@ -84,6 +82,9 @@ fn command(ns: &Netns, pins: &PinDir, args: &[&str]) -> Result<Command> {
     Ok(cmd)
 }
 
+/// What the daemon logs once the policy is in force.
+const READY: &str = "enforcing on uplinks";
+
 /// A running daemon. Stopped with SIGTERM (then SIGKILL) on drop.
 pub struct Daemon {
     child: Option<Child>,
@@ -91,12 +92,12 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Writes `config` to a file and starts `tailgate run` on it; returns once `links`
-    /// attachments are pinned.
-    pub fn start(ns: &Netns, pins: &PinDir, config: &str, links: usize) -> Result<Self> {
+    /// Writes `config` to a file and starts `tailgate run` on it; returns once the daemon
+    /// says the policy is in force.
+    pub fn start(ns: &Netns, pins: &PinDir, config: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut daemon = Self::spawn(ns, pins, config, dir)?;
-        let ready = wait::until(Duration::from_secs(20), || pins.link_count() >= links || !daemon.alive());
+        let ready = wait::until(Duration::from_secs(20), || daemon.log().contains(READY) || !daemon.alive());
         if !ready || !daemon.alive() {
             let log = daemon.log();
             daemon.stop();

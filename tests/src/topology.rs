@@ -31,9 +31,30 @@ pub const SIDE_CGNAT: &str = "100.64.7.2";
 pub const GW_TAILNET: &str = "100.101.0.1";
 pub const PEER: &str = "100.101.2.3";
 
-/// Config for this topology with extra TOML for the `[cgnat]` table.
-pub fn config(cgnat: &str) -> String {
-    format!("tunnel = \"tun0\"\ninterfaces = [\"eth0\"]\nbackend = \"bpf\"\n[cgnat]\n{cgnat}\n")
+/// The backends every scenario runs on.
+pub const BACKENDS: [&str; 2] = ["bpf", "iptables"];
+
+/// Config for this topology: `backend`, and extra TOML for the `[cgnat]` table.
+pub fn config(backend: &str, cgnat: &str) -> String {
+    format!("tunnel = \"tun0\"\ninterfaces = [\"eth0\"]\nbackend = \"{backend}\"\n[cgnat]\n{cgnat}\n")
+}
+
+/// Runs a scenario function `fn(backend: &str)` once per backend, as tests `<name>::bpf` and
+/// `<name>::iptables`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn bpf() {
+                super::$name("bpf")
+            }
+            #[test]
+            fn iptables() {
+                super::$name("iptables")
+            }
+        }
+    )*};
 }
 
 pub struct Topology {
@@ -71,7 +92,17 @@ impl Topology {
         gw.ip(&["addr", "add", "100.101.0.1/32", "dev", "tun0"])?;
         gw.ip(&["route", "add", "100.101.0.0/16", "dev", "tun0"])?;
         gw.sysctl("net.ipv4.ip_forward", "1")?;
-        Ok(Self { tun, pins: PinDir::new(), gw, lan, side })
+        Ok(Self { tun, pins: PinDir::new(&gw), gw, lan, side })
+    }
+
+    /// Whether `backend`'s datapath is installed in the gateway namespace.
+    pub fn installed(&self, backend: &str) -> bool {
+        let (program, args, needle): (&str, &[&str], &str) = match backend {
+            "bpf" => ("ip", &["-d", "link", "show", "dev", "eth0"], "prog/xdp"),
+            _ => ("iptables-save", &[], "tailgate:"),
+        };
+        let out = self.gw.exec(program, args).expect("inspecting the gateway");
+        String::from_utf8_lossy(&out.stdout).contains(needle)
     }
 
     /// Whether the LAN neighbour and the gateway can exchange pings over CGNAT addresses.

@@ -1,103 +1,127 @@
 //! The daemon's life: refusing bad configs, reload failures, SIGTERM, keep_datapath,
-//! status and cleanup.
+//! backend selection and switching, status and cleanup.
 
 use nix::sys::signal::Signal;
 use tailgate_tests::{
-    daemon::{tailgate, Daemon},
-    netns::Netns,
+    daemon::{tailgate, Daemon, PinDir},
+    on_both_backends,
     topology::*,
 };
 
-fn xdp_attached(ns: &Netns, dev: &str) -> bool {
-    let out = ns.exec("ip", &["-d", "link", "show", "dev", dev]).unwrap();
-    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
-}
+on_both_backends!(
+    refused_reload_keeps_the_running_state,
+    sigterm_removes_everything,
+    keep_datapath_survives_a_restart_and_cleanup_is_idempotent,
+);
 
 fn status(t: &Topology) -> serde_json::Value {
-    let out = tailgate(&t.gw, &t.pins, &["status", "--json"]).unwrap();
+    status_of(t, &t.pins)
+}
+
+fn status_of(t: &Topology, pins: &PinDir) -> serde_json::Value {
+    let out = tailgate(&t.gw, pins, &["status", "--json"]).unwrap();
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
-fn invalid_config_at_start_is_refused_and_nothing_is_attached() {
+fn invalid_config_at_start_is_refused_and_nothing_is_installed() {
     let t = Topology::new().unwrap();
     let cases = [
         ("allow = [\"100.100.0.0/33\"]", "cgnat.allow[0]"),
         ("drop = [\"10.0.0.0/8\"]", "cgnat.drop[0]"),
-        ("mode = \"maybe\"", "mode"),
+        ("mode = \"maybe\"", "mode = \"maybe\""),
         ("exempt = []", "unknown field `exempt`"),
     ];
-    for (cgnat, expected) in cases {
-        let (code, log) = Daemon::run_to_exit(&t.gw, &t.pins, &config(cgnat)).unwrap();
-        assert_ne!(code, 0, "{cgnat}");
-        assert!(log.contains(expected), "{cgnat}: log does not name {expected}:\n{log}");
-        assert!(!t.pins.path().exists(), "{cgnat}: pins created");
-        assert!(!xdp_attached(&t.gw, "eth0"), "{cgnat}: XDP attached");
+    for backend in BACKENDS {
+        for (cgnat, expected) in cases {
+            let (code, log) = Daemon::run_to_exit(&t.gw, &t.pins, &config(backend, cgnat)).unwrap();
+            assert_ne!(code, 0, "{cgnat}");
+            assert!(log.contains(expected), "{cgnat}: log does not name {expected}:\n{log}");
+            assert!(!t.pins.path().exists(), "{cgnat}: pins created");
+            assert!(!t.installed(backend), "{cgnat}: {backend} datapath installed");
+        }
     }
     for (toml, expected) in [
         ("tunnel = \"tun0\"\ninterfaces = [\"eth9\"]", "interfaces[0]: no interface named \"eth9\""),
         ("tunnel = \"tun0\"\ninterfaces = [\"eth0\", \"tun0\"]", "interfaces[1]"),
         ("tunnel = \"tun7\"\ninterfaces = [\"eth0\"]", "tunnel: no interface named \"tun7\""),
+        ("[iptables]\nrepair_interval_ms = 1", "iptables.repair_interval_ms"),
     ] {
         let (code, log) = Daemon::run_to_exit(&t.gw, &t.pins, toml).unwrap();
         assert_ne!(code, 0);
         assert!(log.contains(expected), "log does not say {expected}:\n{log}");
         assert!(!t.pins.path().exists());
+        assert!(!t.installed("bpf") && !t.installed("iptables"));
     }
 }
 
-#[test]
-fn refused_reload_keeps_the_running_state() {
+fn refused_reload_keeps_the_running_state(backend: &str) {
     let t = Topology::new().unwrap();
-    let daemon = Daemon::start(&t.gw, &t.pins, &config("allow = [\"100.100.0.0/16\"]"), 2).unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "allow = [\"100.100.0.0/16\"]")).unwrap();
     let rules = status(&t)["rules"].clone();
-    std::fs::write(daemon.config_path(), config("allow = [\"100.64.0.0/24\", \"bogus\"]")).unwrap();
+    std::fs::write(daemon.config_path(), config(backend, "allow = [\"100.64.0.0/24\", \"bogus\"]")).unwrap();
     daemon.signal(Signal::SIGHUP).unwrap();
     daemon.wait_for_log("reload refused");
     assert!(daemon.log().contains("cgnat.allow[1]"), "{}", daemon.log());
     assert_eq!(status(&t)["rules"], rules, "rules changed after a refused reload");
     assert!(!t.cgnat_neighbours_ping(), "policy must still be in force");
-    assert_eq!(t.pins.link_count(), 2);
+    assert!(t.installed(backend));
 }
 
-#[test]
-fn sigterm_detaches_and_unpins_everything() {
+fn sigterm_removes_everything(backend: &str) {
     let t = Topology::new().unwrap();
-    let mut daemon = Daemon::start(&t.gw, &t.pins, &config(""), 2).unwrap();
-    assert!(xdp_attached(&t.gw, "eth0"));
+    let mut daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
+    assert!(t.installed(backend));
     let s = status(&t);
+    assert_eq!(s["backend"].as_str().unwrap().split(' ').next(), Some(backend));
+    assert_eq!(s["reason"], format!("configured: backend = \"{backend}\""));
     let hooks: Vec<String> = s["attachments"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| format!("{}@{}", a["hook"].as_str().unwrap(), a["interface"].as_str().unwrap()))
+        .map(|a| format!("{}@{}", a["hook"].as_str().unwrap(), a["target"].as_str().unwrap()))
         .collect();
-    assert_eq!(hooks, ["xdp@eth0", "tc_egress@tun0"]);
+    let expected: &[&str] = match backend {
+        "bpf" => &["xdp@eth0", "tc_egress@tun0"],
+        _ => &[
+            "ipv4 filter FORWARD@tg-forward",
+            "ipv4 filter INPUT@tg-input",
+            "ipv4 nat POSTROUTING@tg-postrouting",
+            "ipv6 filter FORWARD@tg-forward",
+            "ipv6 filter INPUT@tg-input",
+            "ipv6 nat POSTROUTING@tg-postrouting",
+        ],
+    };
+    assert_eq!(hooks, expected);
     assert_eq!(daemon.stop(), Some(0));
     assert!(!t.pins.path().exists(), "pins left behind");
-    assert!(!xdp_attached(&t.gw, "eth0"), "XDP left attached");
+    assert!(!t.installed(backend), "datapath left installed");
     assert!(t.cgnat_neighbours_ping(), "policy left in force");
     let out = tailgate(&t.gw, &t.pins, &["status"]).unwrap();
     assert_eq!(out.status.code(), Some(3), "status of a stopped instance");
 }
 
-#[test]
-fn keep_datapath_survives_a_restart_and_cleanup_is_idempotent() {
+fn keep_datapath_survives_a_restart_and_cleanup_is_idempotent(backend: &str) {
     let t = Topology::new().unwrap();
-    let toml = format!("keep_datapath = true\n{}", config(""));
-    let mut first = Daemon::start(&t.gw, &t.pins, &toml, 2).unwrap();
+    let toml = format!("keep_datapath = true\n{}", config(backend, ""));
+    let mut first = Daemon::start(&t.gw, &t.pins, &toml).unwrap();
     assert!(!t.cgnat_neighbours_ping());
     assert_eq!(first.stop(), Some(0));
 
-    // No process, policy still enforced by the pinned links, counters readable.
-    assert!(xdp_attached(&t.gw, "eth0"));
+    // No process, policy still enforced, counters readable.
+    assert!(t.installed(backend));
     assert!(!t.cgnat_neighbours_ping(), "kept datapath must still drop");
     let drops = status(&t)["counters"]["uplink_drop"].as_u64().unwrap();
     assert!(drops >= 2, "drops counted: {drops}");
 
-    // A new run takes the links over (atomic program replacement) and keeps the counters.
-    let second = Daemon::start(&t.gw, &t.pins, &toml, 2).unwrap();
-    second.wait_for_log("took over");
+    // A new run takes over (BPF: atomic program replacement on the pinned links; iptables:
+    // the rules are already as desired) and keeps the counters.
+    let second = Daemon::start(&t.gw, &t.pins, &toml).unwrap();
+    if backend == "bpf" {
+        second.wait_for_log("took over");
+    } else {
+        second.wait_for_log("iptables: wrote []");
+    }
     assert!(status(&t)["counters"]["uplink_drop"].as_u64().unwrap() >= drops, "counters reset by restart");
     assert!(!t.cgnat_neighbours_ping());
     drop(second);
@@ -107,6 +131,46 @@ fn keep_datapath_survives_a_restart_and_cleanup_is_idempotent() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     assert!(!t.pins.path().exists());
-    assert!(!xdp_attached(&t.gw, "eth0"));
+    assert!(!t.installed(backend));
     assert!(t.cgnat_neighbours_ping());
+}
+
+#[test]
+fn auto_falls_back_to_iptables_when_bpf_cannot_attach_and_says_why() {
+    let t = Topology::new().unwrap();
+    // Another XDP program already owns eth0: the BPF attach must fail.
+    let other_pins = PinDir::new(&t.gw);
+    let _other = Daemon::start(&t.gw, &other_pins, &config("bpf", "")).unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &config("auto", "")).unwrap();
+    daemon.wait_for_log("falling back to iptables");
+    let s = status(&t);
+    assert!(s["backend"].as_str().unwrap().starts_with("iptables"), "{s}");
+    let reason = s["reason"].as_str().unwrap();
+    assert!(reason.starts_with("auto: BPF attach failed") && reason.contains("eth0"), "{reason}");
+    assert!(!t.pins.path().exists(), "the failed BPF start left pins");
+    assert!(t.installed("iptables"));
+    // backend = "bpf" fails hard instead.
+    let third = PinDir::new(&t.gw);
+    let (code, log) = Daemon::run_to_exit(&t.gw, &third, &config("bpf", "")).unwrap();
+    assert_ne!(code, 0);
+    assert!(log.contains("attach failed"), "{log}");
+    assert!(!third.path().exists());
+    let _ = status_of(&t, &other_pins);
+}
+
+#[test]
+fn switching_backends_leaves_nothing_of_the_other() {
+    let t = Topology::new().unwrap();
+    for (from, to) in [("iptables", "bpf"), ("bpf", "iptables")] {
+        let kept = format!("keep_datapath = true\n{}", config(from, ""));
+        let mut first = Daemon::start(&t.gw, &t.pins, &kept).unwrap();
+        first.stop();
+        assert!(t.installed(from), "{from} kept");
+        let mut second = Daemon::start(&t.gw, &t.pins, &config(to, "")).unwrap();
+        assert!(t.installed(to));
+        assert!(!t.installed(from), "{from} left behind after switching to {to}");
+        assert!(!t.cgnat_neighbours_ping());
+        second.stop();
+        assert!(!t.installed(to) && !t.installed(from));
+    }
 }

@@ -1,7 +1,7 @@
 //! Configuration: TOML file plus `TAILGATE_*` environment overrides, validated into typed
 //! values. Every error names the field (or variable) it is about.
 
-use std::{collections::HashMap, fmt, net::IpAddr, path::Path, str::FromStr};
+use std::{collections::HashMap, fmt, net::IpAddr, path::Path, str::FromStr, time::Duration};
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -23,7 +23,31 @@ pub struct Config {
     /// Leave the datapath attached when the daemon stops (the next start takes it over).
     pub keep_datapath: bool,
     pub cgnat: CgnatConfig,
+    pub iptables: IptablesConfig,
 }
+
+/// Settings of the iptables backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IptablesConfig {
+    /// Insert jumps from the built-in chains where missing; `false` leaves that to the user.
+    pub divert: bool,
+    pub variant: IptablesVariant,
+    /// How often the rules are read back and repaired.
+    pub repair_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IptablesVariant {
+    /// The one the host already uses (the one with rules), nft on a tie.
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// Bounds of `iptables.repair_interval_ms`.
+const REPAIR_INTERVAL_MS: std::ops::RangeInclusive<u64> = 50..=600_000;
+const DEFAULT_REPAIR_INTERVAL_MS: u64 = 500;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,6 +94,16 @@ struct RawConfig {
     keep_datapath: Option<bool>,
     #[serde(default)]
     cgnat: RawCgnat,
+    #[serde(default)]
+    iptables: RawIptables,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIptables {
+    divert: Option<bool>,
+    variant: Option<IptablesVariant>,
+    repair_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,7 +115,7 @@ struct RawCgnat {
 }
 
 /// Environment variables that override the file, for container use.
-pub const ENV_VARS: [(&str, &str); 7] = [
+pub const ENV_VARS: [(&str, &str); 10] = [
     ("TAILGATE_TUNNEL", "tunnel"),
     ("TAILGATE_INTERFACES", "interfaces (comma separated)"),
     ("TAILGATE_BACKEND", "backend"),
@@ -89,6 +123,9 @@ pub const ENV_VARS: [(&str, &str); 7] = [
     ("TAILGATE_CGNAT_MODE", "cgnat.mode"),
     ("TAILGATE_CGNAT_ALLOW", "cgnat.allow (comma separated)"),
     ("TAILGATE_CGNAT_DROP", "cgnat.drop (comma separated)"),
+    ("TAILGATE_IPTABLES_DIVERT", "iptables.divert (true|false)"),
+    ("TAILGATE_IPTABLES_VARIANT", "iptables.variant"),
+    ("TAILGATE_IPTABLES_REPAIR_INTERVAL_MS", "iptables.repair_interval_ms"),
 ];
 
 impl Config {
@@ -145,9 +182,18 @@ fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), C
         raw.backend = Some(parse_enum("TAILGATE_BACKEND", &v, "auto, bpf, iptables")?);
     }
     if let Some(v) = get("TAILGATE_KEEP_DATAPATH") {
-        let b = bool::from_str(&v)
-            .map_err(|_| ConfigError::new("TAILGATE_KEEP_DATAPATH", "expected true or false"))?;
-        raw.keep_datapath = Some(b);
+        raw.keep_datapath = Some(parse_bool("TAILGATE_KEEP_DATAPATH", &v)?);
+    }
+    if let Some(v) = get("TAILGATE_IPTABLES_DIVERT") {
+        raw.iptables.divert = Some(parse_bool("TAILGATE_IPTABLES_DIVERT", &v)?);
+    }
+    if let Some(v) = get("TAILGATE_IPTABLES_VARIANT") {
+        raw.iptables.variant = Some(parse_enum("TAILGATE_IPTABLES_VARIANT", &v, "auto, nft, legacy")?);
+    }
+    if let Some(v) = get("TAILGATE_IPTABLES_REPAIR_INTERVAL_MS") {
+        let ms = u64::from_str(&v)
+            .map_err(|_| ConfigError::new("TAILGATE_IPTABLES_REPAIR_INTERVAL_MS", "expected milliseconds"))?;
+        raw.iptables.repair_interval_ms = Some(ms);
     }
     if let Some(v) = get("TAILGATE_CGNAT_MODE") {
         raw.cgnat.mode = Some(parse_enum("TAILGATE_CGNAT_MODE", &v, "drop, off")?);
@@ -159,6 +205,10 @@ fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), C
         raw.cgnat.drop = Some(split_list(&v));
     }
     Ok(())
+}
+
+fn parse_bool(var: &str, v: &str) -> Result<bool, ConfigError> {
+    bool::from_str(v).map_err(|_| ConfigError::new(var, "expected true or false"))
 }
 
 fn split_list(v: &str) -> Vec<String> {
@@ -198,7 +248,23 @@ impl RawConfig {
                 ),
             ));
         }
+        let repair_ms = self.iptables.repair_interval_ms.unwrap_or(DEFAULT_REPAIR_INTERVAL_MS);
+        if !REPAIR_INTERVAL_MS.contains(&repair_ms) {
+            return Err(ConfigError::new(
+                "iptables.repair_interval_ms",
+                format!(
+                    "{repair_ms} is out of range {}..={}",
+                    REPAIR_INTERVAL_MS.start(),
+                    REPAIR_INTERVAL_MS.end()
+                ),
+            ));
+        }
         Ok(Config {
+            iptables: IptablesConfig {
+                divert: self.iptables.divert.unwrap_or(true),
+                variant: self.iptables.variant.unwrap_or(IptablesVariant::Auto),
+                repair_interval: Duration::from_millis(repair_ms),
+            },
             tunnel,
             interfaces: self.interfaces,
             backend: self.backend.unwrap_or(BackendKind::Auto),
@@ -320,6 +386,22 @@ mod tests {
         assert!(!c.keep_datapath);
         assert_eq!(c.cgnat.mode, CgnatMode::Drop);
         assert!(c.cgnat.allow.is_empty() && c.cgnat.drop.is_empty());
+        assert!(c.iptables.divert);
+        assert_eq!(c.iptables.variant, IptablesVariant::Auto);
+        assert_eq!(c.iptables.repair_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn iptables_settings() {
+        let c = parse("[iptables]\ndivert = false\nvariant = \"legacy\"\nrepair_interval_ms = 200").unwrap();
+        assert!(!c.iptables.divert);
+        assert_eq!(c.iptables.variant, IptablesVariant::Legacy);
+        assert_eq!(c.iptables.repair_interval, Duration::from_millis(200));
+        assert_eq!(err_field("[iptables]\nrepair_interval_ms = 5"), "iptables.repair_interval_ms");
+        assert!(parse("[iptables]\nvariant = \"xtables\"").is_err());
+        let env: HashMap<String, String> =
+            [("TAILGATE_IPTABLES_DIVERT".to_string(), "false".to_string())].into();
+        assert!(!Config::parse("", &env).unwrap().iptables.divert);
     }
 
     #[test]

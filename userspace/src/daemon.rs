@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use notify::{RecursiveMode, Watcher};
 use tokio::{
     io::unix::AsyncFd,
@@ -16,12 +16,14 @@ use tokio::{
 
 use crate::{
     backend::{
-        bpf::{BpfBackend, KernelLog, Pins},
+        bpf::{BpfBackend, KernelLog, Pins, StartError},
+        iptables::{self, exec::Variant, IptablesBackend},
         Backend,
     },
-    config::{BackendKind, Config},
+    config::{BackendKind, Config, IptablesVariant},
     netdev,
     policy::{self, DesiredState},
+    runstate::{self, RunState},
 };
 
 pub struct RunOptions {
@@ -40,20 +42,11 @@ pub fn desired_state(path: Option<&Path>) -> Result<(Config, DesiredState)> {
 
 pub async fn run(opts: RunOptions) -> Result<()> {
     let (config, mut state) = desired_state(opts.config.as_deref()).context("invalid configuration")?;
-    let mut backend: Box<dyn Backend> = match config.backend {
-        BackendKind::Auto | BackendKind::Bpf => {
-            let mut bpf = BpfBackend::load(opts.pins.clone(), opts.kernel_log).context("BPF backend")?;
-            spawn_kernel_log_reader(&mut bpf)?;
-            Box::new(bpf)
-        }
-        BackendKind::Iptables => {
-            bail!("backend: the iptables backend is not available in this version")
-        }
-    };
-    if let Err(e) = backend.apply(&state) {
-        let _ = backend.stop(config.keep_datapath);
-        return Err(e.context("applying the configuration"));
-    }
+    let (mut backend, reason) = start_backend(&config, &state, &opts)?;
+    runstate::write(
+        &opts.pins,
+        &RunState { backend: backend.name().into(), reason, pid: std::process::id() },
+    )?;
     tracing::info!(
         "enforcing on uplinks [{}] and tunnel {} with the {} backend",
         state.uplinks.join(", "),
@@ -71,8 +64,19 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => None,
     };
     let mut keep = config.keep_datapath;
+    let mut repair = backend.repair_interval().map(|every| {
+        let mut timer = tokio::time::interval(every);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer
+    });
     loop {
         tokio::select! {
+            _ = tick(&mut repair) => {
+                if let Err(e) = backend.repair() {
+                    tracing::warn!("repair failed: {e:#}");
+                }
+                continue;
+            }
             _ = hup.recv() => tracing::info!("SIGHUP: reloading"),
             Some(()) = changed.recv() => {
                 // Editors write in several steps; let them finish, then reload once.
@@ -108,7 +112,81 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     }
     tracing::info!("stopping");
-    backend.stop(keep)
+    backend.stop(keep)?;
+    if !keep {
+        runstate::remove(&opts.pins);
+    }
+    Ok(())
+}
+
+async fn tick(timer: &mut Option<tokio::time::Interval>) {
+    match timer {
+        Some(timer) => {
+            timer.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts the configured backend; with `auto`, BPF and else iptables. Returns it with the
+/// reason it was chosen. Whatever the other backend left behind is removed.
+fn start_backend(
+    config: &Config,
+    state: &DesiredState,
+    opts: &RunOptions,
+) -> Result<(Box<dyn Backend>, String)> {
+    match config.backend {
+        BackendKind::Bpf => {
+            let bpf = start_bpf(state, opts, config.keep_datapath).context("BPF backend")?;
+            Ok((bpf, "configured: backend = \"bpf\"".into()))
+        }
+        BackendKind::Iptables => {
+            Ok((start_iptables(config, state, opts)?, "configured: backend = \"iptables\"".into()))
+        }
+        BackendKind::Auto => match start_bpf(state, opts, false) {
+            Ok(bpf) => Ok((bpf, "auto: BPF loaded, verified and attached".into())),
+            Err(e) => {
+                tracing::warn!("BPF backend unavailable, falling back to iptables: {e}");
+                let reason = format!("auto: BPF {e}");
+                Ok((start_iptables(config, state, opts)?, reason))
+            }
+        },
+    }
+}
+
+fn start_bpf(state: &DesiredState, opts: &RunOptions, keep: bool) -> Result<Box<dyn Backend>, StartError> {
+    let mut bpf = BpfBackend::load(opts.pins.clone(), opts.kernel_log)?;
+    if let Err(e) = bpf.start(state) {
+        // Leave no half-started datapath (unless a kept one is to be preserved).
+        if let Err(stop) = Box::new(bpf).stop(keep) {
+            tracing::error!("cleaning up the failed BPF start: {stop:#}");
+        }
+        return Err(e);
+    }
+    if let Err(e) = spawn_kernel_log_reader(&mut bpf) {
+        tracing::warn!("kernel log reader: {e:#}");
+    }
+    if let Err(e) = iptables::remove_all() {
+        tracing::warn!("removing iptables rules of an earlier run: {e:#}");
+    }
+    Ok(Box::new(bpf))
+}
+
+fn start_iptables(config: &Config, state: &DesiredState, opts: &RunOptions) -> Result<Box<dyn Backend>> {
+    let variant = match config.iptables.variant {
+        IptablesVariant::Auto => None,
+        IptablesVariant::Nft => Some(Variant::Nft),
+        IptablesVariant::Legacy => Some(Variant::Legacy),
+    };
+    let mut backend = IptablesBackend::new(iptables::Options {
+        divert: config.iptables.divert,
+        variant,
+        repair_interval: config.iptables.repair_interval,
+    })?;
+    backend.apply(state).context("applying the iptables rules")?;
+    // Switching from BPF: its datapath goes once the rules are in force.
+    opts.pins.remove_all().context("removing the BPF datapath of an earlier run")?;
+    Ok(Box::new(backend))
 }
 
 /// Watches the config file's directory (editors replace files by rename).

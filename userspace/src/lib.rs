@@ -8,4 +8,5 @@ pub mod config;
 pub mod daemon;
 pub mod netdev;
 pub mod policy;
+pub mod runstate;
 pub mod status;

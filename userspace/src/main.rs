@@ -35,7 +35,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Detach and unpin everything under the pin dir. Safe to run twice.
+    /// Detach and unpin everything under the pin dir and remove tailgate's iptables rules
+    /// (this network namespace). Safe to run twice.
     Cleanup,
     /// Check a config file (and this host's interfaces) without applying it.
     Check {
@@ -82,7 +83,9 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         },
         Command::Cleanup => {
             pins.remove_all()?;
-            println!("tailgate: nothing left under {}", pins.root().display());
+            tailgate::backend::iptables::remove_all()?;
+            tailgate::runstate::remove(&pins);
+            println!("tailgate: nothing left under {} and no tailgate iptables rules", pins.root().display());
         }
         Command::Check { config } => {
             let (_, state) = daemon::desired_state(config.as_deref())?;

@@ -1,4 +1,5 @@
-//! `tailgate status`: reads the pinned state directly, no daemon needed.
+//! `tailgate status`: reads the state in force directly (pinned maps, or iptables-save),
+//! no daemon needed.
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
@@ -12,23 +13,36 @@ use tailgate_abi::{
     verdict, MAP_COUNTERS, MAP_RULE_HITS, MAX_RULES,
 };
 
-use crate::backend::bpf::{Hook, Pins};
+use crate::{
+    backend::{
+        bpf::Pins,
+        iptables::{
+            cgnat::{FORWARD, INPUT},
+            exec::Iptables,
+            family_name,
+            table::{Family, SavedTable, CHAIN_PREFIX},
+        },
+    },
+    runstate,
+};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
-    pub backend: &'static str,
+    pub backend: String,
+    /// Why this backend is in use (configured, or why BPF could not be used).
+    pub reason: Option<String>,
     pub pin_dir: String,
     pub attachments: Vec<Attachment>,
-    /// Packets per verdict reason, summed over CPUs.
-    pub counters: BTreeMap<&'static str, u64>,
+    /// Packets per verdict reason, summed over CPUs (iptables: over rules).
+    pub counters: BTreeMap<String, u64>,
     pub rules: Vec<RuleStatus>,
 }
 
+/// Where the datapath is hooked: `xdp` on `eth0`, or `ipv4 filter INPUT` to `tg-input`.
 #[derive(Debug, Serialize)]
 pub struct Attachment {
-    pub hook: Hook,
-    pub interface: String,
-    pub pin: String,
+    pub hook: String,
+    pub target: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -37,24 +51,38 @@ pub struct RuleStatus {
     pub direction: &'static str,
     pub prefix: String,
     pub verdict: &'static str,
-    pub rule_id: u32,
-    /// Packets that matched, summed over CPUs; absent for a rule without a counter slot.
+    /// BPF rule id (index of its counter).
+    pub rule_id: Option<u32>,
     pub packets: Option<u64>,
 }
 
-/// Reads the state pinned under `pins`; `None` when nothing is pinned there.
+/// The state in force for the instance of `pins`; `None` when nothing is.
 pub fn read(pins: &Pins) -> Result<Option<Status>> {
-    if !pins.exists() {
+    let run = runstate::read(pins);
+    let backend = run.as_ref().map(|r| r.backend.as_str());
+    let mut status = if backend != Some("iptables") && pins.exists() {
+        read_bpf(pins)?
+    } else if let Some(status) = read_iptables()? {
+        status
+    } else {
         return Ok(None);
-    }
+    };
+    status.pin_dir = pins.root().display().to_string();
+    status.reason = run.map(|r| r.reason);
+    Ok(Some(status))
+}
+
+fn read_bpf(pins: &Pins) -> Result<Status> {
     let attachments = pins
         .pinned_links()?
         .into_iter()
-        .map(|(hook, interface, pin)| Attachment { hook, interface, pin: pin.display().to_string() })
+        .map(|(hook, interface, _)| Attachment { hook: hook.pin_prefix().into(), target: interface })
         .collect();
     let counters_map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open(pins, MAP_COUNTERS)?)?;
-    let counters =
-        Counter::ALL.iter().map(|c| Ok((c.name(), sum(&counters_map, *c as u32)?))).collect::<Result<_>>()?;
+    let counters = Counter::ALL
+        .iter()
+        .map(|c| Ok((c.name().to_string(), sum(&counters_map, *c as u32)?)))
+        .collect::<Result<_>>()?;
     let hits: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open(pins, MAP_RULE_HITS)?)?;
     let mut rules = Vec::new();
     for (direction, v4, v6) in [("inbound", MAP_IN_V4, MAP_IN_V6), ("forward", MAP_FWD_V4, MAP_FWD_V6)] {
@@ -62,33 +90,90 @@ pub fn read(pins: &Pins) -> Result<Option<Status>> {
         let trie: LpmTrie<MapData, [u8; 4], PrefixRule> = LpmTrie::try_from(open(pins, v4)?)?;
         for item in trie.iter() {
             let (key, rule) = item?;
-            let net = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8)?;
-            found.push((net.into(), rule));
+            found.push((ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8)?.into(), rule));
         }
         let trie: LpmTrie<MapData, [u8; 16], PrefixRule> = LpmTrie::try_from(open(pins, v6)?)?;
         for item in trie.iter() {
             let (key, rule) = item?;
-            let net = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?;
-            found.push((net.into(), rule));
+            found.push((ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?.into(), rule));
         }
         found.sort_by_key(|(net, _)| (net.addr().is_ipv6(), std::cmp::Reverse(net.prefix_len()), net.addr()));
         for (net, rule) in found {
+            let counted = rule.rule_id < MAX_RULES;
             rules.push(RuleStatus {
                 direction,
                 prefix: net.to_string(),
                 verdict: if rule.verdict == verdict::DROP { "drop" } else { "pass" },
-                rule_id: rule.rule_id,
-                packets: if rule.rule_id < MAX_RULES { Some(sum(&hits, rule.rule_id)?) } else { None },
+                rule_id: Some(rule.rule_id),
+                packets: if counted { Some(sum(&hits, rule.rule_id)?) } else { None },
             });
         }
     }
-    Ok(Some(Status {
-        backend: "bpf",
-        pin_dir: pins.root().display().to_string(),
-        attachments,
-        counters,
-        rules,
-    }))
+    Ok(Status { backend: "bpf".into(), reason: None, pin_dir: String::new(), attachments, counters, rules })
+}
+
+/// The tailgate chains in iptables, if any (the variant that holds them).
+fn read_iptables() -> Result<Option<Status>> {
+    let ip = match Iptables::probe_quiet(crate::backend::iptables::exec::detect_variant()) {
+        Ok(ip) => ip,
+        Err(_) => return Ok(None),
+    };
+    let mut attachments = Vec::new();
+    let mut rules = Vec::new();
+    let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+    let mut found = false;
+    for family in [Family::V4, Family::V6] {
+        if family == Family::V6 && !ip.available.v6_filter {
+            continue;
+        }
+        for table in ["filter", "nat"] {
+            if family == Family::V6 && table == "nat" && !ip.available.v6_nat {
+                continue;
+            }
+            let saved = SavedTable::parse(&ip.save(family, table, true)?, table);
+            for (chain, chain_rules) in &saved.chains {
+                if chain.starts_with(CHAIN_PREFIX) {
+                    found = true;
+                    continue;
+                }
+                for rule in chain_rules {
+                    if let Some(target) = [INPUT, FORWARD, "tg-postrouting"].iter().find(|t| rule.targets(t))
+                    {
+                        let hook = format!("{} {table} {chain}", family_name(family));
+                        attachments.push(Attachment { hook, target: target.to_string() });
+                    }
+                }
+            }
+            for (direction, chain, drop_counter, pass_counter) in [
+                ("inbound", INPUT, "uplink_drop", "uplink_pass_rule"),
+                ("forward", FORWARD, "tunnel_drop", "tunnel_pass_forward"),
+            ] {
+                for rule in saved.chains.get(chain).into_iter().flatten() {
+                    let words: Vec<&str> = rule.body.split_whitespace().collect();
+                    let arg = |flag: &str| words.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
+                    let (Some(prefix), Some(target)) = (arg("-s"), arg("-j")) else { continue };
+                    let drop = target == "DROP";
+                    *counters.entry(if drop { drop_counter } else { pass_counter }.into()).or_default() +=
+                        rule.packets;
+                    rules.push(RuleStatus {
+                        direction,
+                        prefix: prefix.to_string(),
+                        verdict: if drop { "drop" } else { "pass" },
+                        rule_id: None,
+                        packets: Some(rule.packets),
+                    });
+                }
+            }
+        }
+    }
+    if !found {
+        return Ok(None);
+    }
+    for name in ["uplink_drop", "uplink_pass_rule", "tunnel_drop", "tunnel_pass_forward"] {
+        counters.entry(name.into()).or_default();
+    }
+    let backend = format!("iptables ({})", ip.variant.name());
+    Ok(Some(Status { backend, reason: None, pin_dir: String::new(), attachments, counters, rules }))
 }
 
 fn open(pins: &Pins, name: &str) -> Result<Map> {
@@ -103,13 +188,17 @@ fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64> {
 
 pub fn render_text(s: &Status) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "backend: {}  (pins under {})", s.backend, s.pin_dir);
+    let _ = writeln!(out, "backend: {}", s.backend);
+    if let Some(reason) = &s.reason {
+        let _ = writeln!(out, "reason:  {reason}");
+    }
+    let _ = writeln!(out, "pins:    {}", s.pin_dir);
     let _ = writeln!(out, "attached:");
     if s.attachments.is_empty() {
         let _ = writeln!(out, "  nothing");
     }
     for a in &s.attachments {
-        let _ = writeln!(out, "  {:<10} {}", a.hook.pin_prefix(), a.interface);
+        let _ = writeln!(out, "  {:<22} {}", a.hook, a.target);
     }
     let _ = writeln!(out, "counters (packets):");
     for (name, value) in &s.counters {
@@ -121,11 +210,8 @@ pub fn render_text(s: &Status) -> String {
     }
     for r in &s.rules {
         let packets = r.packets.map_or("-".to_string(), |p| p.to_string());
-        let _ = writeln!(
-            out,
-            "  {:<8} {:<5} {:<28} id {:<6} packets {packets}",
-            r.direction, r.verdict, r.prefix, r.rule_id
-        );
+        let id = r.rule_id.map_or(String::new(), |id| format!("id {id:<6} "));
+        let _ = writeln!(out, "  {:<8} {:<5} {:<28} {id}packets {packets}", r.direction, r.verdict, r.prefix);
     }
     out
 }

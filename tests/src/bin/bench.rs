@@ -9,7 +9,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use ipnet::{IpNet, Ipv4Net};
 use tailgate::{
     backend::bpf::{links, Datapath, Hook, KernelLog},
-    config::{BackendKind, CgnatConfig, CgnatMode, Config},
+    config::{BackendKind, CgnatConfig, CgnatMode, Config, IptablesConfig, IptablesVariant},
     policy,
 };
 use tailgate_tests::{packets::eth_udp4, testrun};
@@ -90,6 +90,11 @@ fn datapath(count: usize) -> Result<(Datapath, String, String, f64)> {
         backend: BackendKind::Bpf,
         keep_datapath: false,
         cgnat: CgnatConfig { mode: CgnatMode::Drop, allow, drop: vec![] },
+        iptables: IptablesConfig {
+            divert: true,
+            variant: IptablesVariant::Auto,
+            repair_interval: std::time::Duration::from_millis(500),
+        },
     };
     let mut dp = Datapath::load(None, KernelLog::Off)?;
     let start = Instant::now();

@@ -2,6 +2,9 @@
 //! policy compiler.
 
 pub mod bpf;
+pub mod iptables;
+
+use std::time::Duration;
 
 use anyhow::Result;
 
@@ -14,6 +17,14 @@ pub trait Backend {
     /// Makes the system enforce `state`. On error the previously applied state stays in
     /// force (nothing half-applied).
     fn apply(&mut self, state: &DesiredState) -> Result<()>;
+    /// How often `repair` should run; `None`: never (nothing else can change the state).
+    fn repair_interval(&self) -> Option<Duration> {
+        None
+    }
+    /// Restores what another program changed.
+    fn repair(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Stops enforcing and removes everything the backend created, unless `keep`, in which
     /// case the datapath stays in force for the next start to take over.
     fn stop(self: Box<Self>, keep: bool) -> Result<()>;

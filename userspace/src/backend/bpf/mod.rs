@@ -24,6 +24,20 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// Every map of the object, by kernel name (also its pin name).
 pub const MAPS: [&str; 6] = [MAP_IN_V4, MAP_IN_V6, MAP_FWD_V4, MAP_FWD_V6, MAP_COUNTERS, MAP_RULE_HITS];
 
+/// Why the BPF backend could not start, and at which step: `load` (object, maps, bpffs),
+/// `verify` (the verifier refused a program) or `attach`.
+#[derive(Debug, thiserror::Error)]
+#[error("{step} failed: {source:#}")]
+pub struct StartError {
+    pub step: &'static str,
+    #[source]
+    pub source: anyhow::Error,
+}
+
+fn at(step: &'static str) -> impl FnOnce(anyhow::Error) -> StartError {
+    move |source| StartError { step, source }
+}
+
 /// Kernel-side log level (aya-log). `Off` costs one load and branch per log site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum KernelLog {
@@ -45,7 +59,7 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the object. With `pins`, maps are pinned there, and maps already pinned there
     /// are reused with their contents (rules and counters survive restarts).
-    pub fn load(pins: Option<&Pins>, log: KernelLog) -> Result<Self> {
+    pub fn load(pins: Option<&Pins>, log: KernelLog) -> Result<Self, StartError> {
         let level = log as u8;
         let map_paths: Vec<_> = match pins {
             Some(pins) => MAPS.iter().map(|name| (*name, pins.map(name))).collect(),
@@ -56,9 +70,11 @@ impl Datapath {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
-        links::xdp(&mut ebpf)?.load().context("loading the uplink XDP program (verifier)")?;
-        links::tc(&mut ebpf, Hook::TcEgress)?.load().context("loading the tunnel TC program (verifier)")?;
+        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object").map_err(at("load"))?;
+        let xdp = links::xdp(&mut ebpf).map_err(at("load"))?;
+        xdp.load().context("the uplink XDP program").map_err(at("verify"))?;
+        let tc = links::tc(&mut ebpf, Hook::TcEgress).map_err(at("load"))?;
+        tc.load().context("the tunnel TC program").map_err(at("verify"))?;
         Ok(Self { ebpf })
     }
 
@@ -78,13 +94,15 @@ pub struct BpfBackend {
 
 impl BpfBackend {
     /// Loads the datapath with maps pinned under `pins`. Nothing is attached until `apply`.
-    pub fn load(pins: Pins, log: KernelLog) -> Result<Self> {
-        pins.prepare()?;
+    pub fn load(pins: Pins, log: KernelLog) -> Result<Self, StartError> {
+        pins.prepare().map_err(at("load"))?;
         let mut datapath = Datapath::load(Some(&pins), log)?;
         let logger = match log {
             KernelLog::Off => None,
             _ => Some(
-                aya_log::EbpfLogger::init(&mut datapath.ebpf).context("starting the kernel log reader")?,
+                aya_log::EbpfLogger::init(&mut datapath.ebpf)
+                    .context("starting the kernel log reader")
+                    .map_err(at("load"))?,
             ),
         };
         Ok(Self { datapath, pins, attached: BTreeSet::new(), logger })
@@ -142,6 +160,21 @@ impl Backend for BpfBackend {
     }
 
     fn apply(&mut self, state: &DesiredState) -> Result<()> {
+        self.apply_state(state)
+    }
+
+    fn stop(self: Box<Self>, keep: bool) -> Result<()> {
+        self.stop_datapath(keep)
+    }
+}
+
+impl BpfBackend {
+    /// The first apply, with the step that failed.
+    pub fn start(&mut self, state: &DesiredState) -> Result<(), StartError> {
+        self.apply_state(state).map_err(at("attach"))
+    }
+
+    fn apply_state(&mut self, state: &DesiredState) -> Result<()> {
         let wanted = Self::wanted(state);
         // First apply: fill the maps before any program runs. Later: attach new
         // interfaces first (they enforce the old rules until the maps change), so a failed
@@ -170,7 +203,7 @@ impl Backend for BpfBackend {
         Ok(())
     }
 
-    fn stop(self: Box<Self>, keep: bool) -> Result<()> {
+    fn stop_datapath(self, keep: bool) -> Result<()> {
         if keep {
             tracing::info!(
                 "keep_datapath: leaving programs attached and maps pinned under {}",
