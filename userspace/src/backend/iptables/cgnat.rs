@@ -108,3 +108,144 @@ fn hooks(divert: bool, pairs: &[(&'static str, &'static str)]) -> Vec<Hook> {
     }
     pairs.iter().map(|&(builtin, target)| Hook { builtin, target }).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::{
+        backend::iptables::table::{plan, SavedTable},
+        config::Config,
+        policy,
+    };
+
+    const ALL: Available = Available { v6_filter: true, v6_nat: true };
+
+    fn tables(toml: &str, divert: bool, available: Available) -> Vec<TableSpec> {
+        let config = Config::parse(toml, &HashMap::new()).unwrap();
+        render(&policy::compile(&config, vec!["eth0".into()]), divert, available)
+    }
+
+    /// Every restore payload for a fresh host, as tailgate would write them.
+    fn payloads(tables: &[TableSpec]) -> String {
+        tables
+            .iter()
+            .map(|t| {
+                let family = if t.family == Family::V4 { "iptables" } else { "ip6tables" };
+                let payload = plan(t, &SavedTable::default()).unwrap();
+                format!("# {family}-restore --noflush\n{payload}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Compares with `golden/<name>.rules`; `UPDATE_GOLDEN=1` rewrites the file (review
+    /// the diff by eye before committing it).
+    fn golden(name: &str, text: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/backend/iptables/golden")
+            .join(format!("{name}.rules"));
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, text).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(text, want, "{name}: rendering changed; if intended, run with UPDATE_GOLDEN=1 and review");
+    }
+
+    #[test]
+    fn golden_reference_config() {
+        golden("reference", &payloads(&tables("tunnel = \"tailscale0\"", true, ALL)));
+    }
+
+    #[test]
+    fn golden_exemptions() {
+        let toml = r#"
+            tunnel = "tailscale0"
+            [cgnat]
+            allow = ["100.100.0.0/16", "100.64.0.0/24", "fd7a:115c:a1e0:ab::/64"]
+            drop = ["100.100.100.200/32"]
+        "#;
+        golden("exemptions", &payloads(&tables(toml, true, ALL)));
+    }
+
+    #[test]
+    fn golden_mode_off() {
+        golden("mode_off", &payloads(&tables("tunnel = \"tailscale0\"\n[cgnat]\nmode = \"off\"", true, ALL)));
+    }
+
+    #[test]
+    fn golden_no_divert_and_no_ipv6_nat() {
+        let available = Available { v6_filter: true, v6_nat: false };
+        golden("no_divert_no_v6_nat", &payloads(&tables("tunnel = \"tailscale0\"", false, available)));
+    }
+
+    #[test]
+    fn ipv6_is_skipped_where_unusable() {
+        let t = tables("", true, Available { v6_filter: false, v6_nat: false });
+        assert!(t.iter().all(|t| t.family == Family::V4));
+        assert_eq!(t.len(), 2);
+    }
+
+    /// The reference's filter rules (ts-input, ts-forward; TUN = tailscale0), rule for rule.
+    const REFERENCE_INPUT: [&str; 3] = [
+        "! -i tailscale0 -s 100.115.92.0/23 -j RETURN",
+        "! -i tailscale0 -s 100.64.0.0/10 -j DROP",
+        "-i tailscale0 -j ACCEPT",
+    ];
+    const REFERENCE_FORWARD: [&str; 4] = [
+        "-i tailscale0 -j MARK --set-mark 0x40000/0xff0000",
+        "-m mark --mark 0x40000/0xff0000 -j ACCEPT",
+        "-o tailscale0 -s 100.64.0.0/10 -j DROP",
+        "-o tailscale0 -j ACCEPT",
+    ];
+
+    #[test]
+    fn reference_config_matches_the_reference_filter_rules_rule_for_rule() {
+        let t = tables("tunnel = \"tailscale0\"", true, ALL);
+        let filter = t.iter().find(|t| t.family == Family::V4 && t.table == "filter").unwrap();
+        let chain = |name: &str| -> Vec<&str> {
+            filter
+                .chains
+                .iter()
+                .find(|c| c.name == name)
+                .unwrap()
+                .rules
+                .iter()
+                .map(|r| r.spec.as_str())
+                .collect()
+        };
+        assert_eq!(chain(INPUT), REFERENCE_INPUT);
+        assert_eq!(chain(FORWARD), REFERENCE_FORWARD);
+        let hooks: Vec<_> = filter.hooks.iter().map(|h| (h.builtin, h.target)).collect();
+        assert_eq!(hooks, [("INPUT", INPUT), ("FORWARD", FORWARD)]);
+        let nat = t.iter().find(|t| t.family == Family::V4 && t.table == "nat").unwrap();
+        assert_eq!(nat.chains[0].rules[0].spec, "-m mark --mark 0x40000/0xff0000 -j MASQUERADE");
+    }
+
+    #[test]
+    fn rule_order_gives_the_longest_prefix_answer() {
+        let toml =
+            "[cgnat]\nallow = [\"100.100.0.0/16\"]\ndrop = [\"100.100.100.200/32\", \"100.100.100.0/24\"]";
+        let t = tables(toml, true, ALL);
+        let config = Config::parse(toml, &HashMap::new()).unwrap();
+        let state = policy::compile(&config, vec![]);
+        let input = &t[0].chains[0].rules;
+        for addr in
+            ["100.100.100.200", "100.100.100.7", "100.100.1.1", "100.64.0.1", "100.115.92.1", "198.51.100.1"]
+        {
+            let ip: std::net::IpAddr = addr.parse().unwrap();
+            // First rule whose -s matches, as netfilter walks the chain.
+            let first = input.iter().find(|r| {
+                r.spec
+                    .split_whitespace()
+                    .skip_while(|w| *w != "-s")
+                    .nth(1)
+                    .is_some_and(|p| p.parse::<IpNet>().unwrap().contains(&ip))
+            });
+            let verdict = first.map(|r| if r.spec.ends_with("DROP") { Verdict::Drop } else { Verdict::Pass });
+            let lpm = policy::resolve(&state.cgnat.inbound, ip).map(|r| r.verdict);
+            assert_eq!(verdict, lpm, "{addr}");
+        }
+    }
+}
