@@ -17,10 +17,10 @@ use crate::{
     backend::{
         bpf::Pins,
         iptables::{
-            cgnat::{FORWARD, INPUT},
-            exec::Iptables,
+            cgnat::{FORWARD, INPUT, POSTROUTING},
+            exec::{detect_variant, Iptables},
             family_name,
-            table::{Family, SavedTable, CHAIN_PREFIX},
+            table::{SavedTable, CHAIN_PREFIX},
         },
     },
     runstate,
@@ -112,68 +112,66 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
     Ok(Status { backend: "bpf".into(), reason: None, pin_dir: String::new(), attachments, counters, rules })
 }
 
-/// The tailgate chains in iptables, if any (the variant that holds them).
+/// The tailgate chains in iptables, if any (in the variant that holds rules).
 fn read_iptables() -> Result<Option<Status>> {
-    let ip = match Iptables::probe_quiet(crate::backend::iptables::exec::detect_variant()) {
-        Ok(ip) => ip,
-        Err(_) => return Ok(None),
+    let Ok(ip) = Iptables::probe_quiet(detect_variant()) else { return Ok(None) };
+    let mut status = Status {
+        backend: format!("iptables ({})", ip.variant.name()),
+        reason: None,
+        pin_dir: String::new(),
+        attachments: Vec::new(),
+        counters: ["uplink_drop", "uplink_pass_rule", "tunnel_drop", "tunnel_pass_forward"]
+            .into_iter()
+            .map(|name| (name.to_string(), 0))
+            .collect(),
+        rules: Vec::new(),
     };
-    let mut attachments = Vec::new();
-    let mut rules = Vec::new();
-    let mut counters: BTreeMap<String, u64> = BTreeMap::new();
     let mut found = false;
-    for family in [Family::V4, Family::V6] {
-        if family == Family::V6 && !ip.available.v6_filter {
-            continue;
-        }
-        for table in ["filter", "nat"] {
-            if family == Family::V6 && table == "nat" && !ip.available.v6_nat {
-                continue;
-            }
-            let saved = SavedTable::parse(&ip.save(family, table, true)?, table);
-            for (chain, chain_rules) in &saved.chains {
-                if chain.starts_with(CHAIN_PREFIX) {
-                    found = true;
-                    continue;
-                }
-                for rule in chain_rules {
-                    if let Some(target) = [INPUT, FORWARD, "tg-postrouting"].iter().find(|t| rule.targets(t))
-                    {
-                        let hook = format!("{} {table} {chain}", family_name(family));
-                        attachments.push(Attachment { hook, target: target.to_string() });
-                    }
-                }
-            }
-            for (direction, chain, drop_counter, pass_counter) in [
-                ("inbound", INPUT, "uplink_drop", "uplink_pass_rule"),
-                ("forward", FORWARD, "tunnel_drop", "tunnel_pass_forward"),
-            ] {
-                for rule in saved.chains.get(chain).into_iter().flatten() {
-                    let words: Vec<&str> = rule.body.split_whitespace().collect();
-                    let arg = |flag: &str| words.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
-                    let (Some(prefix), Some(target)) = (arg("-s"), arg("-j")) else { continue };
-                    let drop = target == "DROP";
-                    *counters.entry(if drop { drop_counter } else { pass_counter }.into()).or_default() +=
-                        rule.packets;
-                    rules.push(RuleStatus {
-                        direction,
-                        prefix: prefix.to_string(),
-                        verdict: if drop { "drop" } else { "pass" },
-                        rule_id: None,
-                        packets: Some(rule.packets),
-                    });
-                }
+    for (family, table) in ip.tables() {
+        let saved = SavedTable::parse(&ip.save(family, table, true)?, table);
+        found |= saved.chains.keys().any(|c| c.starts_with(CHAIN_PREFIX));
+        add_hooks(&mut status, &saved, &format!("{} {table}", family_name(family)));
+        add_rules(&mut status, &saved, "inbound", INPUT, ("uplink_drop", "uplink_pass_rule"));
+        add_rules(&mut status, &saved, "forward", FORWARD, ("tunnel_drop", "tunnel_pass_forward"));
+    }
+    Ok(found.then_some(status))
+}
+
+/// Jumps from built-in chains to tailgate's chains (ours or the user's).
+fn add_hooks(status: &mut Status, saved: &SavedTable, table: &str) {
+    for (chain, rules) in saved.chains.iter().filter(|(c, _)| !c.starts_with(CHAIN_PREFIX)) {
+        for rule in rules {
+            if let Some(target) = [INPUT, FORWARD, POSTROUTING].into_iter().find(|t| rule.targets(t)) {
+                status
+                    .attachments
+                    .push(Attachment { hook: format!("{table} {chain}"), target: target.into() });
             }
         }
     }
-    if !found {
-        return Ok(None);
+}
+
+/// The prefix rules of `chain`, counted into (drop, pass) counters.
+fn add_rules(
+    status: &mut Status,
+    saved: &SavedTable,
+    direction: &'static str,
+    chain: &str,
+    names: (&str, &str),
+) {
+    for rule in saved.chains.get(chain).into_iter().flatten() {
+        let words: Vec<&str> = rule.body.split_whitespace().collect();
+        let arg = |flag: &str| words.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
+        let (Some(prefix), Some(target)) = (arg("-s"), arg("-j")) else { continue };
+        let drop = target == "DROP";
+        *status.counters.entry(if drop { names.0 } else { names.1 }.into()).or_default() += rule.packets;
+        status.rules.push(RuleStatus {
+            direction,
+            prefix: prefix.to_string(),
+            verdict: if drop { "drop" } else { "pass" },
+            rule_id: None,
+            packets: Some(rule.packets),
+        });
     }
-    for name in ["uplink_drop", "uplink_pass_rule", "tunnel_drop", "tunnel_pass_forward"] {
-        counters.entry(name.into()).or_default();
-    }
-    let backend = format!("iptables ({})", ip.variant.name());
-    Ok(Some(Status { backend, reason: None, pin_dir: String::new(), attachments, counters, rules }))
 }
 
 fn open(pins: &Pins, name: &str) -> Result<Map> {

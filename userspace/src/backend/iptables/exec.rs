@@ -96,6 +96,18 @@ impl Iptables {
         Ok(Self { variant, available: Available { v6_filter, v6_nat } })
     }
 
+    /// The (family, table) pairs this host can use: IPv4 filter and nat always, IPv6 as the
+    /// probe found.
+    pub fn tables(&self) -> impl Iterator<Item = (Family, &'static str)> + '_ {
+        [(Family::V4, "filter"), (Family::V4, "nat"), (Family::V6, "filter"), (Family::V6, "nat")]
+            .into_iter()
+            .filter(|(family, table)| match (family, *table) {
+                (Family::V4, _) => true,
+                (Family::V6, "filter") => self.available.v6_filter,
+                (Family::V6, _) => self.available.v6_nat,
+            })
+    }
+
     /// `iptables-save [-c] -t <table>` for one family.
     pub fn save(&self, family: Family, table: &str, counters: bool) -> Result<String> {
         let bin = binary(family, self.variant, "-save");

@@ -120,19 +120,11 @@ impl Backend for IptablesBackend {
 /// with a tailgate comment, older versions' too). A chain a user-written jump still
 /// refers to is flushed and left.
 fn remove(ip: &Iptables) -> Result<()> {
-    for family in [Family::V4, Family::V6] {
-        if family == Family::V6 && !ip.available.v6_filter {
-            continue;
-        }
-        for table in ["filter", "nat"] {
-            if family == Family::V6 && table == "nat" && !ip.available.v6_nat {
-                continue;
-            }
-            let empty = TableSpec { family, table, chains: Vec::new(), hooks: Vec::new() };
-            let saved = SavedTable::parse(&ip.save(family, table, false)?, table);
-            if let Some(payload) = table::plan(&empty, &saved) {
-                ip.restore(family, &payload)?;
-            }
+    for (family, table) in ip.tables() {
+        let empty = TableSpec { family, table, chains: Vec::new(), hooks: Vec::new() };
+        let saved = SavedTable::parse(&ip.save(family, table, false)?, table);
+        if let Some(payload) = table::plan(&empty, &saved) {
+            ip.restore(family, &payload)?;
         }
     }
     Ok(())
