@@ -157,3 +157,29 @@ fn a_reload_rewrites_only_the_chains_that_changed() {
     );
     assert!(packets(&t.gw, "v4", "filter", "INPUT", "tailgate:hook") >= hook);
 }
+
+#[test]
+fn the_variant_follows_the_rules_already_on_the_host_unless_forced() {
+    let t = Topology::new().unwrap();
+    let has_rules = |save: &str| {
+        let out = t.gw.exec(save, &[]).unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("tailgate:")
+    };
+    // The host already uses iptables-legacy: tailgate writes there.
+    let legacy_rule = ["-A", "INPUT", "-s", "192.0.2.99/32", "-j", "ACCEPT"];
+    let out = t.gw.exec("iptables-legacy", &legacy_rule).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut daemon = Daemon::start(&t.gw, &t.pins, &config("iptables", "")).unwrap();
+    assert!(daemon.log().contains("iptables-legacy"), "{}", daemon.log());
+    assert!(has_rules("iptables-legacy-save") && !has_rules("iptables-nft-save"));
+    assert!(!t.cgnat_neighbours_ping());
+    daemon.stop();
+    assert!(!has_rules("iptables-legacy-save"), "legacy rules left behind");
+
+    // Forced: nft, whatever the host has.
+    let toml = format!("{}\n[iptables]\nvariant = \"nft\"\n", config("iptables", ""));
+    let daemon = Daemon::start(&t.gw, &t.pins, &toml).unwrap();
+    assert!(has_rules("iptables-nft-save") && !has_rules("iptables-legacy-save"));
+    assert!(!t.cgnat_neighbours_ping());
+    drop(daemon);
+}
