@@ -87,28 +87,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        match desired_state(opts.config.as_deref()) {
-            Err(e) => tracing::error!("reload refused, running state unchanged: {e:#}"),
-            Ok((new_config, new_state)) => {
-                if new_config.backend != config.backend {
-                    tracing::warn!(
-                        "backend changed to {}: takes effect at the next start",
-                        new_config.backend
-                    );
-                }
-                keep = new_config.keep_datapath;
-                if new_state == state {
-                    tracing::info!("configuration unchanged");
-                    continue;
-                }
-                match backend.apply(&new_state) {
-                    Ok(()) => {
-                        tracing::info!("reloaded");
-                        state = new_state;
-                    }
-                    Err(e) => tracing::error!("reload failed, running state unchanged: {e:#}"),
-                }
-            }
+        if let Some(new_keep) = reload(backend.as_mut(), &config, &mut state, opts.config.as_deref()) {
+            keep = new_keep;
         }
     }
     tracing::info!("stopping");
@@ -117,6 +97,38 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         runstate::remove(&opts.pins);
     }
     Ok(())
+}
+
+/// Re-reads the config and applies it. Returns the new `keep_datapath` when the config was
+/// valid; on any error the running state stays as it was.
+fn reload(
+    backend: &mut dyn Backend,
+    started: &Config,
+    state: &mut DesiredState,
+    path: Option<&Path>,
+) -> Option<bool> {
+    let (config, new_state) = match desired_state(path) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!("reload refused, running state unchanged: {e:#}");
+            return None;
+        }
+    };
+    if config.backend != started.backend || config.iptables != started.iptables {
+        tracing::warn!("backend and [iptables] settings changed: they take effect at the next start");
+    }
+    if new_state == *state {
+        tracing::info!("configuration unchanged");
+    } else {
+        match backend.apply(&new_state) {
+            Ok(()) => {
+                tracing::info!("reloaded");
+                *state = new_state;
+            }
+            Err(e) => tracing::error!("reload failed, running state unchanged: {e:#}"),
+        }
+    }
+    Some(config.keep_datapath)
 }
 
 async fn tick(timer: &mut Option<tokio::time::Interval>) {

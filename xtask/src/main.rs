@@ -34,6 +34,9 @@ enum Cmd {
         /// How long to run the live-counter traffic phase.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// bpf, iptables or auto.
+        #[arg(long, default_value = "bpf")]
+        backend: String,
     },
     /// ns/packet of the programs via BPF_PROG_TEST_RUN. Needs root.
     Bench,
@@ -47,10 +50,10 @@ fn main() -> Result<()> {
             build(release)
         }
         Cmd::Test => test(),
-        Cmd::Demo { seconds } => {
+        Cmd::Demo { seconds, backend } => {
             setup::run()?;
             build(false)?;
-            demo::run(seconds)
+            demo::run(seconds, &backend)
         }
         Cmd::Bench => {
             setup::run()?;
