@@ -164,3 +164,17 @@ fn cgnat_source_forwarded_into_the_tunnel_from_elsewhere_is_dropped(backend: &st
     );
     assert_eq!(counter(&t, "tunnel_drop"), 3);
 }
+
+#[test]
+fn jumbo_mtu_uplink_gets_generic_xdp_and_is_still_filtered() {
+    let t = Topology::new().unwrap();
+    // veth refuses native XDP for a single-buffer program above ~3.5k MTU.
+    t.gw.ip(&["link", "set", "eth0", "mtu", "9000"]).unwrap();
+    t.lan.ip(&["link", "set", "eth0", "mtu", "9000"]).unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &config("bpf", "")).unwrap();
+    daemon.wait_for_log("attached in generic mode");
+    let link = t.gw.exec("ip", &["-d", "link", "show", "dev", "eth0"]).unwrap();
+    assert!(String::from_utf8_lossy(&link.stdout).contains(" xdpgeneric "), "{link:?}");
+    assert!(!t.cgnat_neighbours_ping(), "generic XDP must filter too");
+    assert!(t.lan.ping(GW_LAN, Some(LAN)));
+}

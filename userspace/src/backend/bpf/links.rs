@@ -72,9 +72,22 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, pin: &Path) -> Result<A
     let link: FdLink = match hook {
         Hook::Xdp => {
             let prog = xdp(ebpf)?;
-            let id = prog
-                .attach(ifname, XdpMode::Default)
-                .with_context(|| format!("attaching XDP to {ifname}"))?;
+            // Native mode where the driver takes it (the kernel's default), generic where the
+            // driver refuses (e.g. an MTU too large for single-buffer XDP).
+            let id = match prog.attach(ifname, XdpMode::Default) {
+                Ok(id) => id,
+                Err(native) => {
+                    let native = anyhow::Error::from(native);
+                    let id = prog.attach(ifname, XdpMode::Skb).map_err(|generic| {
+                        let generic = anyhow::Error::from(generic);
+                        anyhow!("attaching XDP to {ifname}: native: {native:#}; generic: {generic:#}")
+                    })?;
+                    tracing::warn!(
+                        "XDP native mode refused on {ifname} ({native:#}); attached in generic mode"
+                    );
+                    id
+                }
+            };
             prog.take_link(id)?.try_into().map_err(|_| {
                 anyhow!("XDP on {ifname} was attached without a BPF link (kernel older than 5.9?)")
             })?

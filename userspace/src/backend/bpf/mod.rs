@@ -27,15 +27,14 @@ pub const MAPS: [&str; 6] = [MAP_IN_V4, MAP_IN_V6, MAP_FWD_V4, MAP_FWD_V6, MAP_C
 /// Why the BPF backend could not start, and at which step: `load` (object, maps, bpffs),
 /// `verify` (the verifier refused a program) or `attach`.
 #[derive(Debug, thiserror::Error)]
-#[error("{step} failed: {source:#}")]
+#[error("{step} failed: {error:#}")]
 pub struct StartError {
     pub step: &'static str,
-    #[source]
-    pub source: anyhow::Error,
+    pub error: anyhow::Error,
 }
 
 fn at(step: &'static str) -> impl FnOnce(anyhow::Error) -> StartError {
-    move |source| StartError { step, source }
+    move |error| StartError { step, error }
 }
 
 /// Kernel-side log level (aya-log). `Off` costs one load and branch per log site.
