@@ -95,8 +95,13 @@ impl Daemon {
     /// Writes `config` to a file and starts `tailgate run` on it; returns once the daemon
     /// says the policy is in force.
     pub fn start(ns: &Netns, pins: &PinDir, config: &str) -> Result<Self> {
+        Self::start_with(ns, pins, config, &[])
+    }
+
+    /// `start` with extra arguments for `tailgate run`.
+    pub fn start_with(ns: &Netns, pins: &PinDir, config: &str, args: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let mut daemon = Self::spawn(ns, pins, config, dir)?;
+        let mut daemon = Self::spawn(ns, pins, config, dir, args)?;
         let ready = wait::until(Duration::from_secs(20), || daemon.log().contains(READY) || !daemon.alive());
         if !ready || !daemon.alive() {
             let log = daemon.log();
@@ -109,7 +114,7 @@ impl Daemon {
     /// Starts `tailgate run` and waits for it to exit (for configs it must refuse).
     pub fn run_to_exit(ns: &Netns, pins: &PinDir, config: &str) -> Result<(i32, String)> {
         let dir = tempfile::tempdir()?;
-        let mut daemon = Self::spawn(ns, pins, config, dir)?;
+        let mut daemon = Self::spawn(ns, pins, config, dir, &[])?;
         let exited = wait::until(Duration::from_secs(20), || !daemon.alive());
         if !exited {
             daemon.stop();
@@ -119,11 +124,13 @@ impl Daemon {
         Ok((code, daemon.log()))
     }
 
-    fn spawn(ns: &Netns, pins: &PinDir, config: &str, dir: TempDir) -> Result<Self> {
+    fn spawn(ns: &Netns, pins: &PinDir, config: &str, dir: TempDir, args: &[&str]) -> Result<Self> {
         let config_path = dir.path().join("tailgate.toml");
         fs::write(&config_path, config)?;
         let log = fs::File::create(dir.path().join("log"))?;
-        let child = command(ns, pins, &["run", "--config", config_path.to_str().unwrap()])?
+        let mut run = vec!["run", "--config", config_path.to_str().unwrap()];
+        run.extend_from_slice(args);
+        let child = command(ns, pins, &run)?
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null())

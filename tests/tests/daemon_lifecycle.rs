@@ -174,3 +174,18 @@ fn switching_backends_leaves_nothing_of_the_other() {
         assert!(!t.installed(to) && !t.installed(from));
     }
 }
+
+#[test]
+fn kernel_logging_is_off_by_default_and_on_with_the_flag() {
+    let t = Topology::new().unwrap();
+    let drops = |t: &Topology| status(t)["counters"]["uplink_drop"].as_u64().unwrap();
+    let mut quiet = Daemon::start(&t.gw, &t.pins, &config("bpf", "")).unwrap();
+    assert!(!t.cgnat_neighbours_ping());
+    assert!(drops(&t) >= 1);
+    quiet.stop();
+    assert!(!quiet.log().contains("uplink: drop"), "kernel logged without the flag:\n{}", quiet.log());
+
+    let loud = Daemon::start_with(&t.gw, &t.pins, &config("bpf", ""), &["--kernel-log", "debug"]).unwrap();
+    assert!(!t.cgnat_neighbours_ping());
+    loud.wait_for_log("uplink: drop, rule");
+}

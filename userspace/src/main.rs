@@ -48,7 +48,10 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // Kernel records (target tailgate_datapath::*) are already filtered in the kernel
+            // by --kernel-log; let whatever level was asked for through.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tailgate_datapath=trace".into()),
         )
         .with_writer(std::io::stderr)
         .init();
