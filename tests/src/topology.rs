@@ -5,6 +5,8 @@
 //!  eth0 100.64.0.2/24  ─veth─ eth0 100.64.0.1/24  (uplink, XDP)
 //!       192.0.2.2/24               192.0.2.1/24
 //!       100.90.0.9/32 (spoof)
+//!       fd7a:115c:a1e0::2/64      fd7a:115c:a1e0::1/64, 2001:db8::1/64
+//!       2001:db8::2/64
 //!                             eth1 198.51.100.1/24 ─veth─ eth0 198.51.100.2/24
 //!                                  100.64.7.1/24               100.64.7.2/24
 //!                             tun0 100.101.0.1/32 (TUN held by the test; TC egress)
@@ -29,6 +31,10 @@ pub const LAN_SPOOF: &str = "100.90.0.9";
 pub const SIDE: &str = "198.51.100.2";
 pub const SIDE_CGNAT: &str = "100.64.7.2";
 pub const GW_TAILNET: &str = "100.101.0.1";
+pub const GW_ULA: &str = "fd7a:115c:a1e0::1";
+pub const LAN_ULA: &str = "fd7a:115c:a1e0::2";
+pub const GW_V6: &str = "2001:db8::1";
+pub const LAN_V6: &str = "2001:db8::2";
 pub const PEER: &str = "100.101.2.3";
 
 /// The backends every scenario runs on.
@@ -85,6 +91,14 @@ impl Topology {
             (&side, "eth0", "100.64.7.2/24"),
         ] {
             ns.ip(&["addr", "add", addr, "dev", dev])?;
+        }
+        for (ns, addr) in [
+            (&gw, "fd7a:115c:a1e0::1/64"),
+            (&gw, "2001:db8::1/64"),
+            (&lan, "fd7a:115c:a1e0::2/64"),
+            (&lan, "2001:db8::2/64"),
+        ] {
+            ns.ip(&["addr", "add", addr, "dev", "eth0", "nodad"])?;
         }
         lan.ip(&["route", "add", "default", "via", GW_LAN])?;
         side.ip(&["route", "add", "100.101.0.0/16", "via", "198.51.100.1"])?;

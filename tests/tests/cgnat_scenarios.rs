@@ -22,6 +22,7 @@ on_both_backends!(
     spoofed_cgnat_source_on_the_uplink_is_dropped_while_non_cgnat_passes,
     cgnat_source_injected_into_the_tunnel_is_delivered,
     cgnat_source_forwarded_into_the_tunnel_from_elsewhere_is_dropped,
+    tailnet_ula_neighbour_is_dropped_until_allowed,
 );
 
 const SETTLE: Duration = Duration::from_secs(5);
@@ -177,4 +178,15 @@ fn jumbo_mtu_uplink_gets_generic_xdp_and_is_still_filtered() {
     assert!(String::from_utf8_lossy(&link.stdout).contains(" xdpgeneric "), "{link:?}");
     assert!(!t.cgnat_neighbours_ping(), "generic XDP must filter too");
     assert!(t.lan.ping(GW_LAN, Some(LAN)));
+}
+
+fn tailnet_ula_neighbour_is_dropped_until_allowed(backend: &str) {
+    let t = Topology::new().unwrap();
+    let ping6 = |dst: &str, src: &str| t.lan.ping(dst, Some(src));
+    assert!(ping6(GW_ULA, LAN_ULA), "control: without tailgate the ULA neighbours ping");
+    let daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
+    assert!(!ping6(GW_ULA, LAN_ULA), "a tailnet ULA source on the uplink must be dropped");
+    assert!(ping6(GW_V6, LAN_V6), "other IPv6 sources pass");
+    daemon.write_config(&config(backend, "allow = [\"fd7a:115c:a1e0::/64\"]")).unwrap();
+    assert!(wait::until(SETTLE, || ping6(GW_ULA, LAN_ULA)), "allowed /64 must pass\n{}", daemon.log());
 }
