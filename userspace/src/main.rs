@@ -36,7 +36,7 @@ enum Command {
         json: bool,
     },
     /// Detach and unpin everything under the pin dir and remove tailgate's iptables rules
-    /// (this network namespace). Safe to run twice.
+    /// (this network namespace). For leftovers: stop the daemon first. Safe to run twice.
     Cleanup,
     /// Check a config file (and this host's interfaces) without applying it.
     Check {

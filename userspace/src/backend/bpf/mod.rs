@@ -151,23 +151,7 @@ impl BpfBackend {
         }
         Ok(())
     }
-}
 
-impl Backend for BpfBackend {
-    fn name(&self) -> &'static str {
-        "bpf"
-    }
-
-    fn apply(&mut self, state: &DesiredState) -> Result<()> {
-        self.apply_state(state)
-    }
-
-    fn stop(self: Box<Self>, keep: bool) -> Result<()> {
-        self.stop_datapath(keep)
-    }
-}
-
-impl BpfBackend {
     /// The first apply, with the step that failed.
     pub fn start(&mut self, state: &DesiredState) -> Result<(), StartError> {
         self.apply_state(state).map_err(at("attach"))
@@ -215,5 +199,19 @@ impl BpfBackend {
         pins.remove_all()?;
         tracing::info!("detached and unpinned everything under {}", pins.root().display());
         Ok(())
+    }
+}
+
+impl Backend for BpfBackend {
+    fn name(&self) -> &'static str {
+        "bpf"
+    }
+
+    fn apply(&mut self, state: &DesiredState) -> Result<()> {
+        self.apply_state(state)
+    }
+
+    fn stop(self: Box<Self>, keep: bool) -> Result<()> {
+        self.stop_datapath(keep)
     }
 }
