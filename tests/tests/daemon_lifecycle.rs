@@ -26,6 +26,7 @@ fn status_of(t: &Topology, pins: &PinDir) -> serde_json::Value {
 #[test]
 fn invalid_config_at_start_is_refused_and_nothing_is_installed() {
     let t = Topology::new().unwrap();
+    t.gw.ip(&["tuntap", "add", "dev", "tun1", "mode", "tun"]).unwrap();
     let cases = [
         ("allow = [\"100.100.0.0/33\"]", "cgnat.allow[0]"),
         ("drop = [\"10.0.0.0/8\"]", "cgnat.drop[0]"),
@@ -46,6 +47,7 @@ fn invalid_config_at_start_is_refused_and_nothing_is_installed() {
         ("tunnel = \"tun0\"\ninterfaces = [\"eth0\", \"tun0\"]", "interfaces[1]"),
         ("tunnel = \"tun7\"\ninterfaces = [\"eth0\"]", "tunnel: no interface named \"tun7\""),
         ("[iptables]\nrepair_interval_ms = 1", "iptables.repair_interval_ms"),
+        ("tunnel = \"tun0\"\ninterfaces = [\"tun1\"]", "interfaces[0]: \"tun1\" is not an Ethernet device"),
     ] {
         let (code, log) = Daemon::run_to_exit(&t.gw, &t.pins, toml).unwrap();
         assert_ne!(code, 0);
@@ -188,4 +190,21 @@ fn kernel_logging_is_off_by_default_and_on_with_the_flag() {
     let loud = Daemon::start_with(&t.gw, &t.pins, &config("bpf", ""), &["--kernel-log", "debug"]).unwrap();
     assert!(!t.cgnat_neighbours_ping());
     loud.wait_for_log("uplink: drop, rule");
+}
+
+#[test]
+fn omitted_interfaces_mean_every_up_ethernet_interface_but_the_tunnel() {
+    let t = Topology::new().unwrap();
+    // Another L3 tunnel (no Ethernet header) must not get the Ethernet XDP program.
+    t.gw.ip(&["tuntap", "add", "dev", "tun1", "mode", "tun"]).unwrap();
+    t.gw.ip(&["link", "set", "tun1", "up"]).unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, "tunnel = \"tun0\"\nbackend = \"bpf\"\n").unwrap();
+    daemon.wait_for_log("not Ethernet, not used as uplinks: tun1");
+    let attached: Vec<String> = status(&t)["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| format!("{}@{}", a["hook"].as_str().unwrap(), a["target"].as_str().unwrap()))
+        .collect();
+    assert_eq!(attached, ["xdp@eth0", "xdp@eth1", "tc_egress@tun0"]);
 }
