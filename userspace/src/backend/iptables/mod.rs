@@ -19,7 +19,7 @@ use crate::policy::DesiredState;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
     /// Insert jumps from INPUT/FORWARD/POSTROUTING (where missing). `false`: the user wires
-    /// the chains in; tailgate never touches the built-in chains.
+    /// the chains in; tailgate inserts no jump and never deletes one it did not write.
     pub divert: bool,
     /// Force a variant; `None` picks the one the host already uses.
     pub variant: Option<Variant>,
@@ -45,10 +45,6 @@ impl IptablesBackend {
             opts.divert
         );
         Ok(Self { ip, opts, desired: Vec::new() })
-    }
-
-    pub fn iptables(&self) -> &Iptables {
-        &self.ip
     }
 
     /// Writes what differs between `desired` and the kernel; returns the tables written.
