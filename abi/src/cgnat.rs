@@ -13,8 +13,12 @@ pub const MAP_FWD_V4: &str = "CGNAT_FWD_V4";
 /// Source rules for packets forwarded into the tunnel (TC egress on TUN), IPv6.
 pub const MAP_FWD_V6: &str = "CGNAT_FWD_V6";
 
-/// Capacity of each trie (user prefixes plus the built-in ones).
-pub const MAX_PREFIXES: u32 = 1 << 17;
+/// Most prefixes a policy may hold (user prefixes plus the built-in ones): one rule id and
+/// counter each.
+pub const MAX_POLICY_PREFIXES: u32 = crate::MAX_RULES;
+/// Capacity of each trie: twice the policy, so a reload can insert a whole new policy before
+/// deleting the old one. LPM tries are not preallocated: unused capacity costs nothing.
+pub const MAX_PREFIXES: u32 = 2 * MAX_POLICY_PREFIXES;
 
 pub type V4Addr = [u8; 4];
 pub type V6Addr = [u8; 16];
@@ -26,7 +30,8 @@ pub type V6Addr = [u8; 16];
 pub struct PrefixRule {
     /// One of [`crate::verdict`].
     pub verdict: u32,
-    /// Below [`crate::MAX_RULES`]; allocated by the daemon, stable across reloads.
+    /// Below [`crate::MAX_RULES`]; allocated by the daemon, stable across reloads, shared by
+    /// the inbound and forward entries of the same prefix and verdict.
     pub rule_id: u32,
 }
 

@@ -19,8 +19,8 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Name of the per-CPU array counting packets per rule id (see [`cgnat::PrefixRule`]).
 pub const MAP_RULE_HITS: &str = "RULE_HITS";
 
-/// Number of rule ids, and so of per-rule counters. Rule ids are shared by every prefix
-/// map. Per-CPU memory: `MAX_RULES * 8` bytes per CPU.
+/// Number of rule ids, and so of per-rule counters. A rule (prefix + verdict) has one id
+/// wherever it appears. Per-CPU memory: `MAX_RULES * 8` bytes per CPU.
 pub const MAX_RULES: u32 = 1 << 17;
 
 /// The verdict a matching rule gives.

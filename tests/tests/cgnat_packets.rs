@@ -224,3 +224,48 @@ fn reload_keeps_rule_ids_and_counters_of_unchanged_rules() {
     assert_eq!(rule.verdict, tailgate_abi::verdict::DROP);
     assert_eq!(testrun::rule_hits(&dp, rule.rule_id).unwrap(), 0);
 }
+
+/// `count` distinct /28 exemptions starting at /28 slot `first` of 100.64.0.0/10.
+fn many_exemptions(first: u32, count: u32) -> String {
+    let base = u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0));
+    let prefixes: Vec<String> = (first..first + count)
+        .map(|slot| format!("\"{}/28\"", std::net::Ipv4Addr::from(base + slot * 16)))
+        .collect();
+    format!("[cgnat]\nallow = [{}]", prefixes.join(","))
+}
+
+#[test]
+fn replacing_most_rules_in_one_reload_keeps_every_rule_counted() {
+    // 70,000 rules in both tries, then a disjoint 70,000: more than the id space holds
+    // while old and new overlap.
+    let mut dp = testrun::datapath(&many_exemptions(0, 70_000)).unwrap();
+    let config = tailgate::config::Config::parse(&many_exemptions(100_000, 70_000), &HashMap::new()).unwrap();
+    dp.sync(&tailgate::policy::compile(&config, vec![])).unwrap();
+    assert_every_rule_counted(&dp, 70_000);
+    // The new rules work and count.
+    let src = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0)) + 100_000 * 16 + 3);
+    assert_eq!(testrun::run_xdp(&mut dp, &eth_udp4(&src.to_string(), "192.0.2.1")).unwrap(), XDP_PASS);
+}
+
+/// Every entry has a counter slot; ids are unique within a trie, and a prefix has the same id
+/// inbound and forward (one rule, one counter).
+fn assert_every_rule_counted(dp: &Datapath, user_prefixes: usize) {
+    use tailgate::backend::bpf::cgnat::read;
+    use tailgate_abi::cgnat::{MAP_FWD_V4, MAP_IN_V4};
+    let inbound = read::<4>(&dp.ebpf, MAP_IN_V4).unwrap();
+    let forward = read::<4>(&dp.ebpf, MAP_FWD_V4).unwrap();
+    assert_eq!(inbound.len(), user_prefixes + 2, "user rules, CGNAT range, ChromeOS range");
+    assert_eq!(forward.len(), user_prefixes + 1, "user rules, CGNAT range");
+    let ids: std::collections::HashSet<u32> = inbound.values().map(|r| r.rule_id).collect();
+    assert_eq!(ids.len(), inbound.len(), "an id used twice");
+    assert!(ids.iter().all(|id| *id < tailgate_abi::MAX_RULES), "a rule without a counter");
+    for (key, rule) in &forward {
+        assert_eq!(inbound[key].rule_id, rule.rule_id, "{key:?}: inbound and forward ids differ");
+    }
+}
+
+#[test]
+fn a_hundred_thousand_prefixes_all_have_counters() {
+    let dp = testrun::datapath(&many_exemptions(0, 100_000)).unwrap();
+    assert_every_rule_counted(&dp, 100_000);
+}

@@ -11,7 +11,7 @@ use crate::policy::{CGNAT_V4, TAILNET_ULA_V6};
 /// Longest Linux interface name (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
 /// Prefixes a user can list in `cgnat.allow` + `cgnat.drop`, leaving room for built-ins.
-pub const MAX_USER_PREFIXES: usize = tailgate_abi::cgnat::MAX_PREFIXES as usize - 16;
+pub const MAX_USER_PREFIXES: usize = tailgate_abi::cgnat::MAX_POLICY_PREFIXES as usize - 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -113,20 +113,6 @@ struct RawCgnat {
     allow: Option<Vec<String>>,
     drop: Option<Vec<String>>,
 }
-
-/// Environment variables that override the file, for container use.
-pub const ENV_VARS: [(&str, &str); 10] = [
-    ("TAILGATE_TUNNEL", "tunnel"),
-    ("TAILGATE_INTERFACES", "interfaces (comma separated)"),
-    ("TAILGATE_BACKEND", "backend"),
-    ("TAILGATE_KEEP_DATAPATH", "keep_datapath (true|false)"),
-    ("TAILGATE_CGNAT_MODE", "cgnat.mode"),
-    ("TAILGATE_CGNAT_ALLOW", "cgnat.allow (comma separated)"),
-    ("TAILGATE_CGNAT_DROP", "cgnat.drop (comma separated)"),
-    ("TAILGATE_IPTABLES_DIVERT", "iptables.divert (true|false)"),
-    ("TAILGATE_IPTABLES_VARIANT", "iptables.variant"),
-    ("TAILGATE_IPTABLES_REPAIR_INTERVAL_MS", "iptables.repair_interval_ms"),
-];
 
 impl Config {
     /// Reads `path` (if given) and applies the process environment.

@@ -1,9 +1,13 @@
 //! Map sync for CGNAT filtering: makes the four LPM tries hold exactly the desired rules.
 //!
-//! Each (trie, prefix, verdict) keeps its rule id, and so its hit counter, for as long as it
-//! stays in the policy; new rules get the lowest free id with a zeroed counter. Ids live
-//! only in the maps, so they survive daemon restarts with the pinned maps. Updates are
-//! per-key atomic and ordered insert-then-delete: a reload never opens a gap.
+//! A rule (prefix + verdict) has one id, and so one hit counter, wherever it appears
+//! (inbound and forward), kept for as long as the rule stays in the policy. New rules get
+//! the lowest free id with a zeroed counter; when a reload replaces so much of the policy
+//! that no id is free, a new rule takes the id of a rule this same sync removes. Ids live
+//! only in the maps, so they survive restarts with the pinned maps.
+//!
+//! Updates are per-key atomic and ordered insert-then-delete (the tries have room for two
+//! whole policies): a reload never leaves a prefix without a rule of the old or new policy.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -20,7 +24,7 @@ use tailgate_abi::{
 
 use crate::policy::{CgnatRules, Rule, Verdict};
 
-/// What a sync changed.
+/// What a sync changed, in trie entries.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncReport {
     pub added: usize,
@@ -28,78 +32,141 @@ pub struct SyncReport {
     pub unchanged: usize,
 }
 
-/// Rule ids not used by any trie entry.
-struct IdAllocator {
-    used: BTreeSet<u32>,
-    next: u32,
-}
+/// A trie key in one shape for both families: (IPv6?, prefix length, address bytes).
+type Prefix = (bool, u32, [u8; 16]);
+/// Trie name → prefix → verdict or rule.
+type Tries<T> = Vec<(&'static str, HashMap<Prefix, T>)>;
 
-impl IdAllocator {
-    fn allocate(&mut self) -> Option<u32> {
-        while self.next < MAX_RULES {
-            let id = self.next;
-            self.next += 1;
-            if self.used.insert(id) {
-                return Some(id);
-            }
-        }
-        None
-    }
-
-    fn free(&mut self, id: u32) {
-        if self.used.remove(&id) {
-            self.next = self.next.min(id);
-        }
-    }
-}
+const TRIES: [(&str, bool); 4] =
+    [(MAP_IN_V4, false), (MAP_IN_V6, true), (MAP_FWD_V4, false), (MAP_FWD_V6, true)];
 
 pub fn sync(ebpf: &mut Ebpf, rules: &CgnatRules) -> Result<SyncReport> {
-    let (in_v4, in_v6) = split_families(&rules.inbound);
-    let (fwd_v4, fwd_v6) = split_families(&rules.forward);
-    let mut ids = IdAllocator { used: BTreeSet::new(), next: 0 };
-    for name in [MAP_IN_V4, MAP_FWD_V4] {
-        ids.used.extend(read::<4>(ebpf, name)?.values().map(|r| r.rule_id));
-    }
-    for name in [MAP_IN_V6, MAP_FWD_V6] {
-        ids.used.extend(read::<16>(ebpf, name)?.values().map(|r| r.rule_id));
-    }
+    let desired: Tries<u32> = TRIES
+        .iter()
+        .map(|&(name, _)| {
+            let list = if name == MAP_IN_V4 || name == MAP_IN_V6 { &rules.inbound } else { &rules.forward };
+            (name, entries(list, name == MAP_IN_V6 || name == MAP_FWD_V6))
+        })
+        .collect();
+    let current: Tries<PrefixRule> =
+        TRIES.iter().map(|&(name, v6)| Ok((name, read_any(ebpf, name, v6)?))).collect::<Result<_>>()?;
+
+    let ids = assign_ids(&desired, &current);
+    zero_counters(ebpf, ids.fresh.iter().copied())?;
+
     let mut report = SyncReport::default();
-    sync_trie(ebpf, MAP_IN_V4, in_v4, &mut ids, &mut report)?;
-    sync_trie(ebpf, MAP_IN_V6, in_v6, &mut ids, &mut report)?;
-    sync_trie(ebpf, MAP_FWD_V4, fwd_v4, &mut ids, &mut report)?;
-    sync_trie(ebpf, MAP_FWD_V6, fwd_v6, &mut ids, &mut report)?;
+    for ((name, want), (_, have)) in desired.iter().zip(&current) {
+        let v6 = name == &MAP_IN_V6 || name == &MAP_FWD_V6;
+        let mut writes = Vec::new();
+        for (prefix, verdict) in want {
+            let rule = PrefixRule { verdict: *verdict, rule_id: ids.of[&(*prefix, *verdict)] };
+            if have.get(prefix) == Some(&rule) {
+                report.unchanged += 1;
+            } else {
+                writes.push((*prefix, rule));
+            }
+        }
+        let stale: Vec<Prefix> = have.keys().filter(|p| !want.contains_key(*p)).copied().collect();
+        report.added += writes.len();
+        report.removed += stale.len();
+        if v6 {
+            apply::<16>(ebpf, name, &writes, &stale)?;
+        } else {
+            apply::<4>(ebpf, name, &writes, &stale)?;
+        }
+    }
     Ok(report)
 }
 
-type Entries<const N: usize> = HashMap<(u32, [u8; N]), u32>;
+fn entries(rules: &[Rule], v6: bool) -> HashMap<Prefix, u32> {
+    rules
+        .iter()
+        .filter(|r| matches!(r.prefix, IpNet::V6(_)) == v6)
+        .map(|r| {
+            let mut addr = [0u8; 16];
+            match r.prefix {
+                IpNet::V4(net) => addr[..4].copy_from_slice(&net.network().octets()),
+                IpNet::V6(net) => addr = net.network().octets(),
+            }
+            let verdict = if r.verdict == Verdict::Drop { verdict::DROP } else { verdict::PASS };
+            ((v6, u32::from(r.prefix.prefix_len()), addr), verdict)
+        })
+        .collect()
+}
 
-fn split_families(rules: &[Rule]) -> (Entries<4>, Entries<16>) {
-    let mut v4 = HashMap::new();
-    let mut v6 = HashMap::new();
-    for rule in rules {
-        let verdict = match rule.verdict {
-            Verdict::Pass => verdict::PASS,
-            Verdict::Drop => verdict::DROP,
-        };
-        let len = u32::from(rule.prefix.prefix_len());
-        match rule.prefix {
-            IpNet::V4(net) => v4.insert((len, net.network().octets()), verdict),
-            IpNet::V6(net) => v6.insert((len, net.network().octets()), verdict),
-        };
+/// The id of every desired rule, and which of them are new (counters to zero).
+struct Ids {
+    of: HashMap<(Prefix, u32), u32>,
+    fresh: Vec<u32>,
+}
+
+fn assign_ids(desired: &Tries<u32>, current: &Tries<PrefixRule>) -> Ids {
+    let wanted: BTreeSet<(Prefix, u32)> =
+        desired.iter().flat_map(|(_, t)| t.iter().map(|(p, v)| (*p, *v))).collect();
+    let mut of: HashMap<(Prefix, u32), u32> = HashMap::new();
+    let mut in_use = BTreeSet::new();
+    for (_, trie) in current {
+        for (prefix, rule) in trie {
+            in_use.insert(rule.rule_id);
+            let rule_key = (*prefix, rule.verdict);
+            if wanted.contains(&rule_key) && rule.rule_id < MAX_RULES {
+                of.entry(rule_key).or_insert(rule.rule_id);
+            }
+        }
     }
-    (v4, v6)
+    let kept: BTreeSet<u32> = of.values().copied().collect();
+    // Ids nobody uses first, then ids of rules this sync removes.
+    let mut unused = (0..MAX_RULES).filter(|id| !in_use.contains(id));
+    let mut leaving = in_use.iter().copied().filter(|id| *id < MAX_RULES && !kept.contains(id));
+    let mut fresh = Vec::new();
+    for rule_key in wanted {
+        if let std::collections::hash_map::Entry::Vacant(slot) = of.entry(rule_key) {
+            // Past MAX_RULES a rule still works; it is just not counted.
+            let id = unused.next().or_else(|| leaving.next()).unwrap_or(MAX_RULES);
+            slot.insert(id);
+            if id < MAX_RULES {
+                fresh.push(id);
+            }
+        }
+    }
+    Ids { of, fresh }
+}
+
+fn apply<const N: usize>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    writes: &[(Prefix, PrefixRule)],
+    stale: &[Prefix],
+) -> Result<()> {
+    let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+    let mut trie: LpmTrie<&mut MapData, [u8; N], PrefixRule> = LpmTrie::try_from(map)?;
+    let key = |(_, len, addr): &Prefix| Key::new(*len, addr[..N].try_into().expect("address width"));
+    for (prefix, rule) in writes {
+        trie.insert(&key(prefix), *rule, 0).with_context(|| format!("inserting into {name}"))?;
+    }
+    for prefix in stale {
+        trie.remove(&key(prefix)).with_context(|| format!("removing from {name}"))?;
+    }
+    Ok(())
+}
+
+fn read_any(ebpf: &Ebpf, name: &str, v6: bool) -> Result<HashMap<Prefix, PrefixRule>> {
+    let widen = |len: u32, bytes: &[u8]| {
+        let mut addr = [0u8; 16];
+        addr[..bytes.len()].copy_from_slice(bytes);
+        (v6, len, addr)
+    };
+    Ok(if v6 {
+        read::<16>(ebpf, name)?.into_iter().map(|((len, a), r)| (widen(len, &a), r)).collect()
+    } else {
+        read::<4>(ebpf, name)?.into_iter().map(|((len, a), r)| (widen(len, &a), r)).collect()
+    })
 }
 
 /// Current entries of a trie.
 pub fn read<const N: usize>(ebpf: &Ebpf, name: &str) -> Result<HashMap<(u32, [u8; N]), PrefixRule>> {
     let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
     let trie: LpmTrie<&MapData, [u8; N], PrefixRule> = LpmTrie::try_from(map)?;
-    read_trie(&trie)
-}
-
-pub fn read_trie<const N: usize>(
-    trie: &LpmTrie<&MapData, [u8; N], PrefixRule>,
-) -> Result<HashMap<(u32, [u8; N]), PrefixRule>> {
     let mut entries = HashMap::new();
     for item in trie.iter() {
         let (key, rule) = item?;
@@ -108,51 +175,11 @@ pub fn read_trie<const N: usize>(
     Ok(entries)
 }
 
-fn sync_trie<const N: usize>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    desired: Entries<N>,
-    ids: &mut IdAllocator,
-    report: &mut SyncReport,
-) -> Result<()> {
-    let current = read::<N>(ebpf, name)?;
-    let mut inserts = Vec::new();
-    for (key, verdict) in &desired {
-        match current.get(key) {
-            Some(rule) if rule.verdict == *verdict => report.unchanged += 1,
-            _ => {
-                // Past MAX_RULES rules a rule still works, it is just not counted.
-                let rule_id = ids.allocate().unwrap_or(MAX_RULES);
-                inserts.push((*key, PrefixRule { verdict: *verdict, rule_id }));
-            }
-        }
-    }
-    zero_counters(ebpf, inserts.iter().map(|(_, r)| r.rule_id))?;
-
-    let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
-    let mut trie: LpmTrie<&mut MapData, [u8; N], PrefixRule> = LpmTrie::try_from(map)?;
-    for ((len, addr), rule) in &inserts {
-        trie.insert(&Key::new(*len, *addr), *rule, 0).with_context(|| format!("inserting into {name}"))?;
-    }
-    report.added += inserts.len();
-    for (key, rule) in &current {
-        let replaced = inserts.iter().any(|(k, _)| k == key);
-        if replaced || !desired.contains_key(key) {
-            if !replaced {
-                trie.remove(&Key::new(key.0, key.1)).with_context(|| format!("removing from {name}"))?;
-                report.removed += 1;
-            }
-            ids.free(rule.rule_id);
-        }
-    }
-    Ok(())
-}
-
 fn zero_counters(ebpf: &mut Ebpf, ids: impl Iterator<Item = u32>) -> Result<()> {
     let map = ebpf.map_mut(MAP_RULE_HITS).context("map RULE_HITS missing")?;
     let mut hits: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(map)?;
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-    for id in ids.filter(|id| *id < MAX_RULES) {
+    for id in ids {
         hits.set(id, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
     }
     Ok(())
