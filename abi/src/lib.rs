@@ -6,6 +6,19 @@
 pub mod cgnat;
 pub mod counters;
 
+/// Policy generations: every policy map exists twice, and one switch says which copy the
+/// programs read. A change is written into the copy nobody reads, then the switch flips:
+/// the datapath sees the old policy or the new one, never a mix.
+pub mod generation {
+    /// `Array<u32, 1>`: slot 0 holds the generation (0 or 1) the programs read.
+    pub const MAP_ACTIVE: &str = "GENERATION";
+    /// `ArrayOfMaps` of one slot, never read by a program. Updating a map-of-maps makes the
+    /// kernel wait until every program that started before has finished (an RCU grace
+    /// period): after a flip, userspace writes its slot to know that no packet still reads
+    /// the generation it is about to change.
+    pub const MAP_BARRIER: &str = "GEN_BARRIER";
+}
+
 /// Names of the programs in the eBPF object (the `#[xdp]` / `#[classifier]` function names).
 pub mod programs {
     /// XDP on every uplink (Ethernet) interface: inbound source filtering.

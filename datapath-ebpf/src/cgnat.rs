@@ -12,7 +12,10 @@ use tailgate_abi::{cgnat::PrefixRule, counters::Counter, verdict, MAX_RULES};
 
 use crate::{
     counters::{count, count_rule},
-    maps::{CGNAT_FWD_V4, CGNAT_FWD_V6, CGNAT_IN_V4, CGNAT_IN_V6},
+    maps::{
+        generation, CGNAT_FWD_V4_0, CGNAT_FWD_V4_1, CGNAT_FWD_V6_0, CGNAT_FWD_V6_1, CGNAT_IN_V4_0,
+        CGNAT_IN_V4_1, CGNAT_IN_V6_0, CGNAT_IN_V6_1,
+    },
     parse::Packet,
 };
 
@@ -25,8 +28,12 @@ const IPV6_SRC_OFFSET: u32 = 8;
 #[inline(always)]
 pub fn uplink_verdict(ctx: &XdpContext, packet: &Packet) -> u32 {
     let rule = match packet {
-        Packet::V4 { src } => lookup(&CGNAT_IN_V4, *src, 32),
-        Packet::V6 { src } => lookup(&CGNAT_IN_V6, *src, 128),
+        Packet::V4 { src } => {
+            lookup(if generation() == 0 { &CGNAT_IN_V4_0 } else { &CGNAT_IN_V4_1 }, *src, 32)
+        }
+        Packet::V6 { src } => {
+            lookup(if generation() == 0 { &CGNAT_IN_V6_0 } else { &CGNAT_IN_V6_1 }, *src, 128)
+        }
         Packet::NotIp => return pass(Counter::UplinkPassNotIp),
         Packet::Malformed => return pass(Counter::UplinkPassMalformed),
     };
@@ -59,11 +66,11 @@ pub fn tunnel_egress_verdict(ctx: &TcContext) -> u32 {
     // keeps the program correct on any link type.
     let rule = match u16::from_be(protocol as u16) {
         ETH_P_IP => match load_net::<4>(ctx, IPV4_SRC_OFFSET) {
-            Some(src) => lookup(&CGNAT_FWD_V4, src, 32),
+            Some(src) => lookup(if generation() == 0 { &CGNAT_FWD_V4_0 } else { &CGNAT_FWD_V4_1 }, src, 32),
             None => return pass(Counter::TunnelPassOther),
         },
         ETH_P_IPV6 => match load_net::<16>(ctx, IPV6_SRC_OFFSET) {
-            Some(src) => lookup(&CGNAT_FWD_V6, src, 128),
+            Some(src) => lookup(if generation() == 0 { &CGNAT_FWD_V6_0 } else { &CGNAT_FWD_V6_1 }, src, 128),
             None => return pass(Counter::TunnelPassOther),
         },
         _ => return pass(Counter::TunnelPassOther),

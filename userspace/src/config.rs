@@ -12,6 +12,9 @@ use crate::policy::{CGNAT_V4, TAILNET_ULA_V6};
 const IFNAME_MAX: usize = 15;
 /// Prefixes a user can list in `cgnat.allow` + `cgnat.drop`, leaving room for built-ins.
 pub const MAX_USER_PREFIXES: usize = tailgate_abi::cgnat::MAX_POLICY_PREFIXES as usize - 16;
+/// Largest config file read. The biggest valid policy (131,040 IPv6 prefixes written out)
+/// is about 7 MiB; anything larger is a mistake (a log file passed as config, say).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -24,6 +27,23 @@ pub struct Config {
     pub keep_datapath: bool,
     pub cgnat: CgnatConfig,
     pub iptables: IptablesConfig,
+    /// Where the list values came from, to name them in errors and rule origins.
+    pub sources: ListSources,
+}
+
+/// The name a list had where it was given: the TOML key (`cgnat.allow`) or the environment
+/// variable that overrode it (`TAILGATE_CGNAT_ALLOW`). Item `i` is named `<name>[i]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListSources {
+    pub interfaces: &'static str,
+    pub allow: &'static str,
+    pub drop: &'static str,
+}
+
+impl Default for ListSources {
+    fn default() -> Self {
+        Self { interfaces: "interfaces", allow: "cgnat.allow", drop: "cgnat.drop" }
+    }
 }
 
 /// Settings of the iptables backend.
@@ -34,6 +54,18 @@ pub struct IptablesConfig {
     pub variant: IptablesVariant,
     /// How often the rules are read back and repaired.
     pub repair_interval: Duration,
+    pub hook_position: HookPosition,
+}
+
+/// Where tailgate's jumps from INPUT/FORWARD/POSTROUTING belong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookPosition {
+    /// Inserted first where missing, then left where they are: rules others insert above
+    /// them stay above (and are reported when they can accept what tailgate drops).
+    Keep,
+    /// Kept first: a repair moves a jump that is no longer the first rule back on top.
+    First,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -96,6 +128,8 @@ struct RawConfig {
     cgnat: RawCgnat,
     #[serde(default)]
     iptables: RawIptables,
+    #[serde(skip)]
+    sources: ListSources,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +138,7 @@ struct RawIptables {
     divert: Option<bool>,
     variant: Option<IptablesVariant>,
     repair_interval_ms: Option<u64>,
+    hook_position: Option<HookPosition>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,7 +153,7 @@ impl Config {
     /// Reads `path` (if given) and applies the process environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let text = match path {
-            Some(path) => std::fs::read_to_string(path)
+            Some(path) => read_limited(path)
                 .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?,
             None => String::new(),
         };
@@ -134,14 +169,30 @@ impl Config {
         raw.validate()
     }
 
-    /// Every prefix the user listed, with the field it came from.
-    pub fn user_prefixes(&self) -> impl Iterator<Item = (String, IpNet)> + '_ {
+    /// Every prefix the user listed: the field it came from, the prefix, and whether it is
+    /// allowed (`true`) or dropped.
+    pub fn user_prefixes(&self) -> impl Iterator<Item = (String, IpNet, bool)> + '_ {
         let allow = self.cgnat.allow.iter().enumerate();
         let drop = self.cgnat.drop.iter().enumerate();
+        let (allow_name, drop_name) = (self.sources.allow, self.sources.drop);
         allow
-            .map(|(i, p)| (format!("cgnat.allow[{i}]"), *p))
-            .chain(drop.map(|(i, p)| (format!("cgnat.drop[{i}]"), *p)))
+            .map(move |(i, p)| (format!("{allow_name}[{i}]"), *p, true))
+            .chain(drop.map(move |(i, p)| (format!("{drop_name}[{i}]"), *p, false)))
     }
+}
+
+/// Reads a config file of at most `MAX_CONFIG_BYTES`.
+fn read_limited(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB; is this the right file?",
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    Ok(text)
 }
 
 /// " (line N: <that line>)", so TOML-level errors show the key they are about.
@@ -156,13 +207,17 @@ fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     format!(" (line {number}: {})", text[line_start..line_end].trim())
 }
 
+/// Applies the `TAILGATE_*` variables. A variable set to an empty or blank value counts as
+/// unset (container templates often render "not given" that way): it never clears a list
+/// or setting of the file.
 fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), ConfigError> {
-    let get = |name: &str| env.get(name).map(|v| v.trim().to_string());
+    let get = |name: &str| env.get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
     if let Some(v) = get("TAILGATE_TUNNEL") {
         raw.tunnel = Some(v);
     }
     if let Some(v) = get("TAILGATE_INTERFACES") {
         raw.interfaces = Some(split_list(&v));
+        raw.sources.interfaces = "TAILGATE_INTERFACES";
     }
     if let Some(v) = get("TAILGATE_BACKEND") {
         raw.backend = Some(parse_enum("TAILGATE_BACKEND", &v, "auto, bpf, iptables")?);
@@ -181,14 +236,19 @@ fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), C
             .map_err(|_| ConfigError::new("TAILGATE_IPTABLES_REPAIR_INTERVAL_MS", "expected milliseconds"))?;
         raw.iptables.repair_interval_ms = Some(ms);
     }
+    if let Some(v) = get("TAILGATE_IPTABLES_HOOK_POSITION") {
+        raw.iptables.hook_position = Some(parse_enum("TAILGATE_IPTABLES_HOOK_POSITION", &v, "keep, first")?);
+    }
     if let Some(v) = get("TAILGATE_CGNAT_MODE") {
         raw.cgnat.mode = Some(parse_enum("TAILGATE_CGNAT_MODE", &v, "drop, off")?);
     }
     if let Some(v) = get("TAILGATE_CGNAT_ALLOW") {
         raw.cgnat.allow = Some(split_list(&v));
+        raw.sources.allow = "TAILGATE_CGNAT_ALLOW";
     }
     if let Some(v) = get("TAILGATE_CGNAT_DROP") {
         raw.cgnat.drop = Some(split_list(&v));
+        raw.sources.drop = "TAILGATE_CGNAT_DROP";
     }
     Ok(())
 }
@@ -214,15 +274,16 @@ impl RawConfig {
     fn validate(self) -> Result<Config, ConfigError> {
         let tunnel = self.tunnel.unwrap_or_else(|| "tailscale0".to_string());
         check_ifname("tunnel", &tunnel)?;
+        let sources = self.sources;
         if let Some(interfaces) = &self.interfaces {
-            validate_interfaces(interfaces, &tunnel)?;
+            validate_interfaces(interfaces, &tunnel, sources.interfaces)?;
         }
-        let allow = parse_prefixes("cgnat.allow", self.cgnat.allow.unwrap_or_default())?;
-        let drop = parse_prefixes("cgnat.drop", self.cgnat.drop.unwrap_or_default())?;
+        let allow = parse_prefixes(sources.allow, self.cgnat.allow.unwrap_or_default())?;
+        let drop = parse_prefixes(sources.drop, self.cgnat.drop.unwrap_or_default())?;
         if let Some((i, j)) = first_common(&allow, &drop) {
             return Err(ConfigError::new(
-                format!("cgnat.drop[{j}]"),
-                format!("{} is also listed in cgnat.allow[{i}]", drop[j]),
+                format!("{}[{j}]", sources.drop),
+                format!("{} is also listed in {}[{i}]", drop[j], sources.allow),
             ));
         }
         if allow.len() + drop.len() > MAX_USER_PREFIXES {
@@ -250,7 +311,9 @@ impl RawConfig {
                 divert: self.iptables.divert.unwrap_or(true),
                 variant: self.iptables.variant.unwrap_or(IptablesVariant::Auto),
                 repair_interval: Duration::from_millis(repair_ms),
+                hook_position: self.iptables.hook_position.unwrap_or(HookPosition::Keep),
             },
+            sources,
             tunnel,
             interfaces: self.interfaces,
             backend: self.backend.unwrap_or(BackendKind::Auto),
@@ -277,9 +340,16 @@ fn check_ifname(field: &str, name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_interfaces(interfaces: &[String], tunnel: &str) -> Result<(), ConfigError> {
+fn validate_interfaces(interfaces: &[String], tunnel: &str, source: &str) -> Result<(), ConfigError> {
+    if interfaces.is_empty() {
+        return Err(ConfigError::new(
+            source,
+            "an empty list would leave every uplink unprotected; omit it to use every up Ethernet \
+             interface but the tunnel, or set cgnat.mode = \"off\" to disable filtering",
+        ));
+    }
     for (i, name) in interfaces.iter().enumerate() {
-        let field = format!("interfaces[{i}]");
+        let field = format!("{source}[{i}]");
         check_ifname(&field, name)?;
         if name == tunnel {
             return Err(ConfigError::new(
@@ -294,7 +364,7 @@ fn validate_interfaces(interfaces: &[String], tunnel: &str) -> Result<(), Config
             ));
         }
         if let Some(j) = interfaces[..i].iter().position(|n| n == name) {
-            return Err(ConfigError::new(field, format!("{name:?} is already listed as interfaces[{j}]")));
+            return Err(ConfigError::new(field, format!("{name:?} is already listed as {source}[{j}]")));
         }
     }
     Ok(())
@@ -307,6 +377,14 @@ fn parse_prefixes(field: &str, items: Vec<String>) -> Result<Vec<IpNet>, ConfigE
 /// One filtered-range prefix: a CIDR (or a bare address, taken as /32 or /128) inside
 /// 100.64.0.0/10 or fd7a:115c:a1e0::/48, without host bits.
 fn parse_prefix(field: &str, s: &str) -> Result<IpNet, ConfigError> {
+    if has_leading_zero_octet(s) {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "{s:?} has an octet with a leading zero, which other tools read as octal; write it without"
+            ),
+        ));
+    }
     let net = match (IpNet::from_str(s), IpAddr::from_str(s)) {
         (Ok(net), _) => net,
         (_, Ok(addr)) => IpNet::from(addr),
@@ -336,6 +414,12 @@ fn parse_prefix(field: &str, s: &str) -> Result<IpNet, ConfigError> {
     Ok(net)
 }
 
+/// Whether an IPv4 address (or prefix) has an octet like `010`.
+fn has_leading_zero_octet(s: &str) -> bool {
+    let addr = s.split('/').next().unwrap_or(s);
+    !addr.contains(':') && addr.split('.').any(|octet| octet.len() > 1 && octet.starts_with('0'))
+}
+
 fn first_common(a: &[IpNet], b: &[IpNet]) -> Option<(usize, usize)> {
     let index: HashMap<&IpNet, usize> = a.iter().enumerate().map(|(i, p)| (p, i)).collect();
     b.iter().enumerate().find_map(|(j, p)| index.get(p).map(|&i| (i, j)))
@@ -363,6 +447,10 @@ mod tests {
         parse(text).unwrap_err().field
     }
 
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
     #[test]
     fn defaults() {
         let c = parse("").unwrap();
@@ -385,8 +473,7 @@ mod tests {
         assert_eq!(c.iptables.repair_interval, Duration::from_millis(200));
         assert_eq!(err_field("[iptables]\nrepair_interval_ms = 5"), "iptables.repair_interval_ms");
         assert!(parse("[iptables]\nvariant = \"xtables\"").is_err());
-        let env: HashMap<String, String> =
-            [("TAILGATE_IPTABLES_DIVERT".to_string(), "false".to_string())].into();
+        let env = vars(&[("TAILGATE_IPTABLES_DIVERT", "false")]);
         assert!(!Config::parse("", &env).unwrap().iptables.divert);
     }
 
@@ -497,10 +584,72 @@ mod tests {
 
     #[test]
     fn env_errors_name_the_variable() {
-        let env: HashMap<String, String> = [("TAILGATE_BACKEND".to_string(), "nft".to_string())].into();
+        let env = vars(&[("TAILGATE_BACKEND", "nft")]);
         assert_eq!(Config::parse("", &env).unwrap_err().field, "TAILGATE_BACKEND");
-        let env: HashMap<String, String> =
-            [("TAILGATE_CGNAT_DROP".to_string(), "1.2.3.4/32".to_string())].into();
-        assert_eq!(Config::parse("", &env).unwrap_err().field, "cgnat.drop[0]");
+        let env = vars(&[("TAILGATE_CGNAT_DROP", "100.64.0.0/24, 1.2.3.4/32")]);
+        assert_eq!(Config::parse("", &env).unwrap_err().field, "TAILGATE_CGNAT_DROP[1]");
+        let env = vars(&[("TAILGATE_INTERFACES", "eth0 lo")]);
+        assert_eq!(Config::parse("", &env).unwrap_err().field, "TAILGATE_INTERFACES[1]");
+        // Rule origins name the variable too.
+        let env = vars(&[("TAILGATE_CGNAT_ALLOW", "100.100.0.0/16")]);
+        let c = Config::parse("", &env).unwrap();
+        assert_eq!(c.user_prefixes().next().unwrap().0, "TAILGATE_CGNAT_ALLOW[0]");
+    }
+
+    #[test]
+    fn empty_variables_count_as_unset() {
+        let file = "interfaces = [\"eth0\"]\n[cgnat]\nallow = [\"100.100.0.0/16\"]";
+        for value in ["", "  "] {
+            let env: HashMap<String, String> =
+                ["TAILGATE_INTERFACES", "TAILGATE_CGNAT_ALLOW", "TAILGATE_BACKEND"]
+                    .into_iter()
+                    .map(|k| (k.to_string(), value.to_string()))
+                    .collect();
+            let c = Config::parse(file, &env).unwrap();
+            assert_eq!(c.interfaces.as_deref(), Some(&["eth0".to_string()][..]));
+            assert_eq!(c.cgnat.allow.len(), 1, "an empty variable must not clear the file's list");
+            assert_eq!(c.backend, BackendKind::Auto);
+            assert_eq!(c.sources, ListSources::default());
+        }
+        // A value with only separators is a list with nothing in it: refused for interfaces.
+        let env = vars(&[("TAILGATE_INTERFACES", ",")]);
+        assert_eq!(Config::parse("", &env).unwrap_err().field, "TAILGATE_INTERFACES");
+    }
+
+    #[test]
+    fn an_explicit_empty_uplink_list_is_refused() {
+        let e = parse("interfaces = []").unwrap_err();
+        assert_eq!(e.field, "interfaces");
+        assert!(e.message.contains("unprotected"), "{e}");
+    }
+
+    #[test]
+    fn octets_with_leading_zeros_are_refused() {
+        let e = parse("[cgnat]\nallow = [\"100.100.010.0/24\"]").unwrap_err();
+        assert_eq!(e.field, "cgnat.allow[0]");
+        assert!(e.message.contains("leading zero"), "{e}");
+        assert_eq!(err_field("[cgnat]\ndrop = [\"100.064.0.0/16\"]"), "cgnat.drop[0]");
+        assert_eq!(err_field("[cgnat]\ndrop = [\"100.100.0.05\"]"), "cgnat.drop[0]");
+        // Zero itself, and IPv6 groups with leading zeros, are fine.
+        assert!(parse("[cgnat]\nallow = [\"100.100.0.0/16\", \"fd7a:115c:a1e0:00ab::/64\"]").is_ok());
+    }
+
+    #[test]
+    fn oversized_config_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.toml");
+        let line = "# padding padding padding padding padding padding padding padding\n";
+        let text = line.repeat((MAX_CONFIG_BYTES as usize / line.len()) + 1);
+        std::fs::write(&path, text).unwrap();
+        let e = Config::load(Some(&path)).unwrap_err();
+        assert!(e.message.contains("larger than 16 MiB"), "{e}");
+    }
+
+    #[test]
+    fn hook_position() {
+        assert_eq!(parse("").unwrap().iptables.hook_position, HookPosition::Keep);
+        let c = parse("[iptables]\nhook_position = \"first\"").unwrap();
+        assert_eq!(c.iptables.hook_position, HookPosition::First);
+        assert!(parse("[iptables]\nhook_position = \"top\"").is_err());
     }
 }

@@ -1,13 +1,19 @@
-//! `tailgate run`: apply the config, then follow SIGHUP and config file changes until
-//! SIGTERM/SIGINT.
+//! `tailgate run`: apply the config, then follow SIGHUP, config file changes and network
+//! devices until SIGTERM/SIGINT.
+//!
+//! Start is one transaction: the stop signals are caught before anything else, the
+//! instance lock is taken, everything that can fail without touching the system (config,
+//! file watch, device events) is set up, then the backend starts; a failure or a stop
+//! request at any point after that rolls back what the start put in force.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use notify::{
+    event::{AccessKind, AccessMode, ModifyKind},
+    EventKind, RecursiveMode, Watcher,
 };
-
-use anyhow::{Context, Result};
-use notify::{RecursiveMode, Watcher};
+use sd_notify::NotifyState;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -16,12 +22,13 @@ use tokio::{
 
 use crate::{
     backend::{
-        bpf::{BpfBackend, KernelLog, Pins, StartError},
+        bpf::{self, BpfBackend, KernelLog, Pins, StartError},
         iptables::{self, exec::Variant, IptablesBackend},
-        Backend,
+        Backend, Cancel,
     },
-    config::{BackendKind, Config, IptablesVariant},
-    netdev,
+    config::{BackendKind, Config, HookPosition, IptablesVariant},
+    lock::{self, Lock},
+    netdev::{self, Check, LinkEvents},
     policy::{self, DesiredState},
     runstate::{self, RunState},
 };
@@ -35,34 +42,77 @@ pub struct RunOptions {
 /// Loads and validates the config and compiles it against this host's interfaces.
 pub fn desired_state(path: Option<&Path>) -> Result<(Config, DesiredState)> {
     let config = Config::load(path)?;
-    let uplinks = netdev::resolve_uplinks(&config)?;
+    let interfaces = netdev::list_for_config()?;
+    let uplinks = netdev::resolve_uplinks(&config, &interfaces, Check::Config)?;
     let state = policy::compile(&config, uplinks);
     Ok((config, state))
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
+    // First: a stop request is from now on a flag the start checks between its steps, not a
+    // kill half-way through it.
+    let cancel = Cancel::default();
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, cancel.flag()).context("installing signal handlers")?;
+    }
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    notify(&[NotifyState::Status("starting")]);
+
+    let _instance = match Lock::try_acquire(&lock::instance_path(&opts.pins))? {
+        Ok(lock) => lock,
+        Err(held) => bail!(
+            "another tailgate (PID {}) is running with pin dir {}; stop it first or use another --pin-dir",
+            held.pid,
+            opts.pins.root().display()
+        ),
+    };
     let (config, mut state) = desired_state(opts.config.as_deref()).context("invalid configuration")?;
-    let (mut backend, reason) = start_backend(&config, &state, &opts)?;
-    runstate::write(
-        &opts.pins,
-        &RunState { backend: backend.name().into(), reason, pid: std::process::id() },
-    )?;
+    let (changes, mut changed) = mpsc::unbounded_channel();
+    let _watcher = match &opts.config {
+        Some(path) => Some(watch(path, changes).context("watching the config file")?),
+        None => None,
+    };
+    let mut links = LinkEvents::subscribe().context("watching network devices (rtnetlink)")?;
+
+    let (mut backend, reason) = match start_backend(&config, &state, &opts, &cancel) {
+        Ok(started) => started,
+        Err(e) if e.is::<crate::backend::Interrupted>() || cancel.requested() => {
+            tracing::info!("stopped during start: everything it did is rolled back");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    // The start is complete only once the run state is written and no stop came meanwhile.
+    let rollback_keep = config.keep_datapath && backend.inherited();
+    let mut run_state = RunState {
+        backend: backend.name().into(),
+        reason,
+        pid: std::process::id(),
+        tunnel: Some(state.tunnel.clone()),
+        pending: backend.pending(),
+    };
+    if let Err(e) = runstate::write(&opts.pins, &run_state) {
+        roll_back(backend, rollback_keep, &opts.pins);
+        return Err(e.context("recording the run state; start rolled back"));
+    }
+    if cancel.requested() {
+        roll_back(backend, rollback_keep, &opts.pins);
+        tracing::info!("stopped during start: everything it did is rolled back");
+        return Ok(());
+    }
     tracing::info!(
         "enforcing on uplinks [{}] and tunnel {} with the {} backend",
         state.uplinks.join(", "),
         state.tunnel,
         backend.name()
     );
-    notify_systemd_ready();
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!("enforcing with the {} backend", backend.name())),
+    ]);
 
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let (changes, mut changed) = mpsc::unbounded_channel();
-    let _watcher = match &opts.config {
-        Some(path) => Some(watch(path, changes)?),
-        None => None,
-    };
     let mut keep = config.keep_datapath;
     let mut repair = backend.repair_interval().map(|every| {
         let mut timer = tokio::time::interval(every);
@@ -77,26 +127,53 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 }
                 continue;
             }
+            event = links.changed() => {
+                if let Err(e) = event {
+                    tracing::warn!("reading device events: {e}; listing devices anew");
+                }
+                follow_devices(backend.as_mut(), &config, &mut state);
+                let pending = backend.pending();
+                if pending != run_state.pending {
+                    run_state.pending = pending;
+                    if let Err(e) = runstate::write(&opts.pins, &run_state) {
+                        tracing::warn!("{e:#}");
+                    }
+                }
+                continue;
+            }
             _ = hup.recv() => tracing::info!("SIGHUP: reloading"),
             Some(()) = changed.recv() => {
-                // Editors write in several steps; let them finish, then reload once.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // One reload for whatever arrived together.
                 while changed.try_recv().is_ok() {}
                 tracing::info!("config file changed: reloading");
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+        notify_reloading();
         if let Some(new_keep) = reload(backend.as_mut(), &config, &mut state, opts.config.as_deref()) {
             keep = new_keep;
         }
+        notify(&[NotifyState::Ready]);
     }
     tracing::info!("stopping");
+    notify(&[NotifyState::Stopping]);
     backend.stop(keep)?;
     if !keep {
         runstate::remove(&opts.pins);
     }
     Ok(())
+}
+
+/// Undoes a start: removes what it put in force, or leaves a datapath it took over (and
+/// was told to keep) as it found it.
+fn roll_back(backend: Box<dyn Backend>, keep: bool, pins: &Pins) {
+    if let Err(e) = backend.stop(keep) {
+        tracing::error!("rolling back the start: {e:#}");
+    }
+    if !keep {
+        runstate::remove(pins);
+    }
 }
 
 /// Re-reads the config and applies it. Returns the new `keep_datapath` when the config was
@@ -131,6 +208,21 @@ fn reload(
     Some(config.keep_datapath)
 }
 
+/// Devices changed: resolve the uplinks anew (listed ones that went away are skipped until
+/// they are back) and let the backend follow.
+fn follow_devices(backend: &mut dyn Backend, config: &Config, state: &mut DesiredState) {
+    let uplinks = netdev::interfaces()
+        .map_err(anyhow::Error::from)
+        .and_then(|all| Ok(netdev::resolve_uplinks(config, &all, Check::Running)?));
+    match uplinks {
+        Ok(uplinks) => state.uplinks = uplinks,
+        Err(e) => return tracing::warn!("listing devices: {e:#}"),
+    }
+    if let Err(e) = backend.devices_changed(state) {
+        tracing::error!("following device changes: {e:#}");
+    }
+}
+
 async fn tick(timer: &mut Option<tokio::time::Interval>) {
     match timer {
         Some(timer) => {
@@ -146,30 +238,44 @@ fn start_backend(
     config: &Config,
     state: &DesiredState,
     opts: &RunOptions,
+    cancel: &Cancel,
 ) -> Result<(Box<dyn Backend>, String)> {
     match config.backend {
         BackendKind::Bpf => {
-            let bpf = start_bpf(state, opts, config.keep_datapath).context("BPF backend")?;
+            let bpf = start_bpf(state, opts, config.keep_datapath, cancel).context("BPF backend")?;
             Ok((bpf, "configured: backend = \"bpf\"".into()))
         }
         BackendKind::Iptables => {
-            Ok((start_iptables(config, state, opts)?, "configured: backend = \"iptables\"".into()))
+            Ok((start_iptables(config, state, opts, cancel)?, "configured: backend = \"iptables\"".into()))
         }
-        BackendKind::Auto => match start_bpf(state, opts, false) {
+        BackendKind::Auto => match start_bpf(state, opts, false, cancel) {
             Ok(bpf) => Ok((bpf, "auto: BPF loaded, verified and attached".into())),
+            Err(e) if e.interrupted() => Err(e.error),
             Err(e) => {
                 tracing::warn!("BPF backend unavailable, falling back to iptables: {e}");
                 let reason = format!("auto: BPF {e}");
-                Ok((start_iptables(config, state, opts)?, reason))
+                Ok((start_iptables(config, state, opts, cancel)?, reason))
             }
         },
     }
 }
 
-fn start_bpf(state: &DesiredState, opts: &RunOptions, keep: bool) -> Result<Box<dyn Backend>, StartError> {
+fn start_bpf(
+    state: &DesiredState,
+    opts: &RunOptions,
+    keep: bool,
+    cancel: &Cancel,
+) -> Result<Box<dyn Backend>, StartError> {
+    notify(&[NotifyState::Status("loading the BPF datapath")]);
     let mut bpf = BpfBackend::load(opts.pins.clone(), opts.kernel_log)?;
-    if let Err(e) = bpf.start(state) {
+    notify(&[NotifyState::Status("writing the policy and attaching")]);
+    let started = cancel
+        .check()
+        .map_err(|error| StartError { step: "load", error })
+        .and_then(|()| bpf.start(state, cancel));
+    if let Err(e) = started {
         // Leave no half-started datapath (unless a kept one is to be preserved).
+        let keep = keep && bpf.inherited();
         if let Err(stop) = Box::new(bpf).stop(keep) {
             tracing::error!("cleaning up the failed BPF start: {stop:#}");
         }
@@ -179,12 +285,18 @@ fn start_bpf(state: &DesiredState, opts: &RunOptions, keep: bool) -> Result<Box<
         tracing::warn!("kernel log reader: {e:#}");
     }
     if let Err(e) = iptables::remove_all() {
-        tracing::warn!("removing iptables rules of an earlier run: {e:#}");
+        tracing::warn!("iptables rules of an earlier run left in place: {e:#}");
     }
     Ok(Box::new(bpf))
 }
 
-fn start_iptables(config: &Config, state: &DesiredState, opts: &RunOptions) -> Result<Box<dyn Backend>> {
+fn start_iptables(
+    config: &Config,
+    state: &DesiredState,
+    opts: &RunOptions,
+    cancel: &Cancel,
+) -> Result<Box<dyn Backend>> {
+    notify(&[NotifyState::Status("writing iptables rules")]);
     let variant = match config.iptables.variant {
         IptablesVariant::Auto => None,
         IptablesVariant::Nft => Some(Variant::Nft),
@@ -192,26 +304,46 @@ fn start_iptables(config: &Config, state: &DesiredState, opts: &RunOptions) -> R
     };
     let mut backend = IptablesBackend::new(iptables::Options {
         divert: config.iptables.divert,
+        hook_first: config.iptables.hook_position == HookPosition::First,
         variant,
         repair_interval: config.iptables.repair_interval,
     })?;
+    cancel.check()?;
     backend.apply(state).context("applying the iptables rules")?;
-    // Switching from BPF: its datapath goes once the rules are in force.
-    opts.pins.remove_all().context("removing the BPF datapath of an earlier run")?;
+    let keep = config.keep_datapath && backend.inherited();
+    let finish = cancel.check().and_then(|()| {
+        // Switching from BPF: its datapath goes once the rules are in force.
+        opts.pins.remove_all(&bpf::known_maps()).context("removing the BPF datapath of an earlier run")
+    });
+    if let Err(e) = finish {
+        if let Err(stop) = Box::new(backend).stop(keep) {
+            tracing::error!("cleaning up the failed iptables start: {stop:#}");
+        }
+        return Err(e);
+    }
     Ok(Box::new(backend))
 }
 
-/// Watches the config file's directory (editors replace files by rename).
+/// Watches the config file's directory and reports a change once a new version is complete:
+/// closed after writing, or renamed into place (editors, config management, and the
+/// `..data` symlink swap of a Kubernetes ConfigMap). A file truncated and still being
+/// written is not reloaded half-written.
 fn watch(path: &Path, changes: mpsc::UnboundedSender<()>) -> Result<notify::RecommendedWatcher> {
     let path = std::path::absolute(path)?;
     let dir = path.parent().context("config path has no directory")?.to_path_buf();
     let name = path.file_name().map(|n| n.to_owned());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            let ours = event.paths.iter().any(|p| p.file_name() == name.as_deref());
-            if ours && !event.kind.is_access() {
-                let _ = changes.send(());
-            }
+        let Ok(event) = event else { return };
+        let complete = matches!(
+            event.kind,
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Modify(ModifyKind::Name(_))
+        );
+        let ours = event.paths.iter().any(|p| {
+            let file = p.file_name();
+            file == name.as_deref() || file == Some(std::ffi::OsStr::new("..data"))
+        });
+        if complete && ours {
+            let _ = changes.send(());
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
@@ -237,12 +369,18 @@ fn spawn_kernel_log_reader(bpf: &mut BpfBackend) -> Result<()> {
     Ok(())
 }
 
-/// Tells systemd (Type=notify) that the policy is in force.
-fn notify_systemd_ready() {
-    if let Some(socket) = std::env::var_os("NOTIFY_SOCKET") {
-        let sock = std::os::unix::net::UnixDatagram::unbound();
-        if let Ok(sock) = sock {
-            let _ = sock.send_to(b"READY=1", PathBuf::from(socket));
-        }
+/// Tells the service manager (systemd `Type=notify`, or a test harness) where the daemon is;
+/// nothing happens without `NOTIFY_SOCKET`.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// `RELOADING=1` with the timestamp systemd ≥ 253 requires.
+fn notify_reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(_) => notify(&[NotifyState::Reloading]),
     }
 }

@@ -3,8 +3,13 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tailgate::{
-    backend::bpf::{pins::DEFAULT_PIN_DIR, KernelLog, Pins},
-    daemon, status,
+    backend::{
+        bpf::{self, pins::DEFAULT_PIN_DIR, KernelLog, Pins},
+        iptables,
+    },
+    daemon,
+    lock::{self, Lock},
+    netdev, runstate, status,
 };
 
 /// Overlay gateway datapath: CGNAT source filtering in XDP/TC.
@@ -36,8 +41,13 @@ enum Command {
         json: bool,
     },
     /// Detach and unpin everything under the pin dir and remove tailgate's iptables rules
-    /// (this network namespace). For leftovers: stop the daemon first. Safe to run twice.
-    Cleanup,
+    /// (this network namespace). For leftovers: refused while a daemon runs (stop it
+    /// first). Safe to run twice.
+    Cleanup {
+        /// Remove even while a daemon holds the pin dir or the namespace's iptables rules.
+        #[arg(long)]
+        force: bool,
+    },
     /// Check a config file (and this host's interfaces) without applying it.
     Check {
         #[arg(long, short)]
@@ -84,16 +94,13 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             Some(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
             Some(s) => print!("{}", status::render_text(&s)),
         },
-        Command::Cleanup => {
-            pins.remove_all()?;
-            tailgate::backend::iptables::remove_all()?;
-            tailgate::runstate::remove(&pins);
-            println!("tailgate: nothing left under {} and no tailgate iptables rules", pins.root().display());
-        }
+        Command::Cleanup { force } => cleanup(&pins, force)?,
         Command::Check { config } => {
             let (_, state) = daemon::desired_state(config.as_deref())?;
+            let tunnel =
+                if netdev::interfaces()?.contains_key(&state.tunnel) { "" } else { " (absent for now)" };
             println!(
-                "ok: uplinks [{}], tunnel {}, {} inbound and {} forward rules",
+                "ok: uplinks [{}], tunnel {}{tunnel}, {} inbound and {} forward rules",
                 state.uplinks.join(", "),
                 state.tunnel,
                 state.cgnat.inbound.len(),
@@ -102,4 +109,28 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes what a stopped or killed instance left. Refused while a daemon holds the pin dir
+/// (it would be left running with nothing in force) unless `force`.
+fn cleanup(pins: &Pins, force: bool) -> Result<()> {
+    let _instance = match Lock::try_acquire(&lock::instance_path(pins))? {
+        Ok(lock) => Some(lock),
+        Err(held) if !force => anyhow::bail!(
+            "tailgate (PID {}) is running with pin dir {}: stop it instead (it removes what it \
+             installed), or use --force",
+            held.pid,
+            pins.root().display()
+        ),
+        Err(_) => None,
+    };
+    pins.remove_all(&bpf::known_maps())?;
+    if force {
+        iptables::remove_all_unlocked()?;
+    } else {
+        iptables::remove_all()?;
+    }
+    runstate::remove(pins);
+    println!("tailgate: nothing left under {} and no tailgate iptables rules", pins.root().display());
+    Ok(())
 }

@@ -1,20 +1,24 @@
-//! Network interfaces of the current network namespace (netlink-backed libc calls, so the
-//! answers are right inside a namespace entered with setns, whatever /sys shows).
+//! Network interfaces of the current network namespace, over rtnetlink: a dump for the
+//! current list, and a subscription to link events so the daemon follows devices that are
+//! created, deleted, renamed or brought up while it runs.
 
-use std::{collections::BTreeMap, io, os::fd::AsRawFd};
+use std::{collections::BTreeMap, io};
 
-use nix::{
-    net::if_::{if_nameindex, InterfaceFlags},
-    sys::socket::{socket, AddressFamily, SockFlag, SockType},
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage},
+    RouteNetlinkMessage,
 };
+use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, Socket, SocketAddr, TokioSocket};
 
 use crate::config::{Config, ConfigError};
 
-/// `ARPHRD_ETHER`: the XDP program parses Ethernet frames.
-const ARPHRD_ETHER: u16 = 1;
+/// `RTMGRP_LINK`: the multicast group of link events.
+const RTMGRP_LINK: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Interface {
+    pub index: u32,
     pub up: bool,
     pub loopback: bool,
     /// Link type (`ARPHRD_*`); TUN and WireGuard devices are `ARPHRD_NONE`.
@@ -22,72 +26,155 @@ pub struct Interface {
 }
 
 impl Interface {
+    /// The XDP program parses Ethernet frames.
     pub fn ethernet(&self) -> bool {
-        self.link_type == ARPHRD_ETHER
+        self.link_type == u16::from(LinkLayerType::Ether)
     }
 }
 
 /// The interfaces of this network namespace, by name.
 pub fn interfaces() -> io::Result<BTreeMap<String, Interface>> {
-    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut request = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
+    );
+    request.header.flags = NLM_F_DUMP | NLM_F_REQUEST;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+
     let mut found = BTreeMap::new();
-    for iface in if_nameindex()?.iter() {
-        let name = iface.name().to_string_lossy().into_owned();
-        let mut req = ifreq(&name);
-        // SAFETY: valid socket and ifreq; the kernel fills ifr_flags.
-        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
-            continue; // gone meanwhile
+    loop {
+        let (data, _) = socket.recv_from_full()?;
+        let mut offset = 0;
+        while offset < data.len() {
+            let message: NetlinkMessage<RouteNetlinkMessage> =
+                NetlinkMessage::deserialize(&data[offset..])
+                    .map_err(|e| io::Error::other(format!("bad rtnetlink message: {e}")))?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Error(e) => return Err(io::Error::other(format!("rtnetlink: {e:?}"))),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                    if let Some((name, iface)) = describe(&link) {
+                        found.insert(name, iface);
+                    }
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
         }
-        let flags = InterfaceFlags::from_bits_truncate(unsafe { req.ifr_ifru.ifru_flags } as libc::c_int);
-        let mut req = ifreq(&name);
-        // SAFETY: as above; the kernel fills ifr_hwaddr, whose family is the link type.
-        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
-            continue;
-        }
-        let link_type = unsafe { req.ifr_ifru.ifru_hwaddr.sa_family };
-        let up = flags.contains(InterfaceFlags::IFF_UP);
-        let loopback = flags.contains(InterfaceFlags::IFF_LOOPBACK);
-        found.insert(name, Interface { up, loopback, link_type });
     }
-    Ok(found)
 }
 
-fn ifreq(name: &str) -> libc::ifreq {
-    // SAFETY: ifreq is plain data; all zeroes is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
-        *dst = src as libc::c_char;
-    }
-    req
+fn describe(link: &LinkMessage) -> Option<(String, Interface)> {
+    let name = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.clone()),
+        _ => None,
+    })?;
+    let flags = link.header.flags;
+    let iface = Interface {
+        index: link.header.index,
+        up: flags.contains(LinkFlags::Up),
+        loopback: flags.contains(LinkFlags::Loopback),
+        link_type: u16::from(link.header.link_layer_type),
+    };
+    Some((name, iface))
 }
 
-/// The uplinks the config means on this host: the listed ones, which must exist and be
-/// Ethernet, or every up Ethernet interface but the tunnel (others are skipped with a log
-/// line). The tunnel must exist.
-pub fn resolve_uplinks(config: &Config) -> Result<Vec<String>, ConfigError> {
-    let all = interfaces().map_err(|e| error("interfaces", format!("cannot list interfaces: {e}")))?;
-    if !all.contains_key(&config.tunnel) {
-        return Err(missing("tunnel", &config.tunnel));
+/// Link events of this network namespace (new, changed, deleted devices).
+pub struct LinkEvents {
+    socket: TokioSocket,
+}
+
+impl LinkEvents {
+    /// Subscribes. Call from within the tokio runtime.
+    pub fn subscribe() -> io::Result<Self> {
+        let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
+        socket.socket_mut().bind(&SocketAddr::new(0, RTMGRP_LINK))?;
+        Ok(Self { socket })
     }
+
+    /// Waits for the next batch of link events and consumes every event already queued.
+    /// An overflowing socket (`ENOBUFS`: events were lost) counts as a change too: the
+    /// caller re-reads the whole list anyway.
+    pub async fn changed(&mut self) -> io::Result<()> {
+        match self.socket.recv_from_full().await {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+            Err(e) => return Err(e),
+        }
+        let mut buf = Vec::with_capacity(16 << 10);
+        loop {
+            buf.clear();
+            match self.socket.socket_ref().recv(&mut buf, libc::MSG_DONTWAIT) {
+                Ok(_) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// How strictly to treat listed uplinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// At start, reload and `check`: a listed uplink that does not exist or is not Ethernet
+    /// is a configuration error (a typo must not go unnoticed).
+    Config,
+    /// While running: a listed uplink that went away is skipped until it comes back.
+    Running,
+}
+
+/// The uplinks the config means on this host right now: the listed ones (which, with
+/// `Check::Config`, must exist and be Ethernet), or every up Ethernet interface but the
+/// tunnel and `lo` (others are skipped with a log line). The tunnel need not exist.
+pub fn resolve_uplinks(
+    config: &Config,
+    all: &BTreeMap<String, Interface>,
+    check: Check,
+) -> Result<Vec<String>, ConfigError> {
     match &config.interfaces {
         Some(list) => {
+            let mut uplinks = Vec::new();
             for (i, name) in list.iter().enumerate() {
-                let field = format!("interfaces[{i}]");
-                let iface = all.get(name).ok_or_else(|| missing(&field, name))?;
-                if !iface.ethernet() {
-                    let why = format!(
-                        "{name:?} is not an Ethernet device (link type {}); uplinks must be Ethernet",
-                        iface.link_type
-                    );
-                    return Err(error(&field, why));
+                let field = format!("{}[{i}]", config.sources.interfaces);
+                match (all.get(name), check) {
+                    (Some(iface), _) if iface.ethernet() => uplinks.push(name.clone()),
+                    (Some(iface), Check::Config) => {
+                        let why = format!(
+                            "{name:?} is not an Ethernet device (link type {}); uplinks must be Ethernet",
+                            iface.link_type
+                        );
+                        return Err(error(&field, why));
+                    }
+                    (None, Check::Config) => {
+                        return Err(error(
+                            &field,
+                            format!("no interface named {name:?} in this network namespace"),
+                        ))
+                    }
+                    (Some(_), Check::Running) => {
+                        tracing::warn!("{field}: {name:?} is no longer an Ethernet device; not attached")
+                    }
+                    (None, Check::Running) => {}
                 }
             }
-            Ok(list.clone())
+            Ok(uplinks)
         }
         None => {
             let candidates = all.iter().filter(|(name, i)| i.up && !i.loopback && **name != config.tunnel);
             let (uplinks, skipped): (Vec<_>, Vec<_>) = candidates.partition(|(_, i)| i.ethernet());
-            if !skipped.is_empty() {
+            if !skipped.is_empty() && check == Check::Config {
                 let names: Vec<&str> = skipped.iter().map(|(n, _)| n.as_str()).collect();
                 tracing::info!("not Ethernet, not used as uplinks: {}", names.join(", "));
             }
@@ -96,10 +183,56 @@ pub fn resolve_uplinks(config: &Config) -> Result<Vec<String>, ConfigError> {
     }
 }
 
-fn missing(field: &str, name: &str) -> ConfigError {
-    error(field, format!("no interface named {name:?} in this network namespace"))
+/// `interfaces()` as a configuration error naming what failed.
+pub fn list_for_config() -> Result<BTreeMap<String, Interface>, ConfigError> {
+    interfaces().map_err(|e| error("interfaces", format!("cannot list interfaces: {e}")))
 }
 
 fn error(field: &str, message: String) -> ConfigError {
     ConfigError { field: field.into(), message }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn iface(index: u32, up: bool, link_type: u16) -> Interface {
+        Interface { index, up, loopback: index == 1, link_type }
+    }
+
+    fn host() -> BTreeMap<String, Interface> {
+        [
+            ("lo", iface(1, true, 772)),
+            ("eth0", iface(2, true, 1)),
+            ("eth1", iface(3, false, 1)),
+            ("tun0", iface(4, true, 65534)),
+            ("wg0", iface(5, true, 65534)),
+        ]
+        .into_iter()
+        .map(|(n, i)| (n.to_string(), i))
+        .collect()
+    }
+
+    fn config(toml: &str) -> Config {
+        Config::parse(toml, &HashMap::new()).unwrap()
+    }
+
+    #[test]
+    fn auto_uplinks_are_the_up_ethernet_interfaces_and_the_tunnel_may_be_absent() {
+        let c = config("tunnel = \"tun9\"");
+        assert_eq!(resolve_uplinks(&c, &host(), Check::Config).unwrap(), ["eth0"]);
+    }
+
+    #[test]
+    fn listed_uplinks_must_exist_at_start_and_may_come_and_go_while_running() {
+        let c = config("tunnel = \"tun0\"\ninterfaces = [\"eth0\", \"eth7\"]");
+        let e = resolve_uplinks(&c, &host(), Check::Config).unwrap_err();
+        assert_eq!(e.field, "interfaces[1]");
+        assert_eq!(resolve_uplinks(&c, &host(), Check::Running).unwrap(), ["eth0"]);
+        let c = config("tunnel = \"tun0\"\ninterfaces = [\"wg0\"]");
+        assert!(resolve_uplinks(&c, &host(), Check::Config).unwrap_err().message.contains("not an Ethernet"));
+        assert!(resolve_uplinks(&c, &host(), Check::Running).unwrap().is_empty());
+    }
 }

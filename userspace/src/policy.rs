@@ -103,9 +103,8 @@ pub fn compile(config: &Config, uplinks: Vec<String>) -> DesiredState {
             let chromeos = rule(CHROMEOS_V4.into(), Verdict::Pass, Origin::ChromeOs);
             let user: Vec<Rule> = config
                 .user_prefixes()
-                .map(|(field, prefix)| {
-                    let verdict =
-                        if field.starts_with("cgnat.allow") { Verdict::Pass } else { Verdict::Drop };
+                .map(|(field, prefix, allow)| {
+                    let verdict = if allow { Verdict::Pass } else { Verdict::Drop };
                     rule(prefix, verdict, Origin::Config(field))
                 })
                 .collect();

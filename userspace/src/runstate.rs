@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::bpf::Pins;
-
-const DIR: &str = "/run/tailgate";
+use crate::{backend::bpf::Pins, lock};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunState {
@@ -16,18 +14,28 @@ pub struct RunState {
     /// Why this backend: "configured", or why BPF could not be used.
     pub reason: String,
     pub pid: u32,
+    /// The tunnel device name (iptables: to judge rules of others against it).
+    #[serde(default)]
+    pub tunnel: Option<String>,
+    /// What the daemon waits for (absent devices), e.g. "tc_egress on tun0 (absent)".
+    #[serde(default)]
+    pub pending: Vec<String>,
 }
 
 pub fn path(pins: &Pins) -> PathBuf {
-    let name = pins.root().to_string_lossy().trim_matches('/').replace('/', "_");
-    PathBuf::from(DIR).join(format!("{name}.json"))
+    PathBuf::from(lock::RUN_DIR).join(format!("{}.json", lock::instance_name(pins)))
 }
 
+/// Writes the file whole (write + rename): a reader never sees half of it.
 pub fn write(pins: &Pins, state: &RunState) -> Result<()> {
-    std::fs::create_dir_all(DIR).with_context(|| format!("creating {DIR}"))?;
+    std::fs::create_dir_all(lock::RUN_DIR).with_context(|| format!("creating {}", lock::RUN_DIR))?;
     let path = path(pins);
-    std::fs::write(&path, serde_json::to_vec_pretty(state)?)
-        .with_context(|| format!("writing {}", path.display()))
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display())).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 pub fn read(pins: &Pins) -> Option<RunState> {
@@ -35,5 +43,7 @@ pub fn read(pins: &Pins) -> Option<RunState> {
 }
 
 pub fn remove(pins: &Pins) {
-    let _ = std::fs::remove_file(path(pins));
+    let path = path(pins);
+    let _ = std::fs::remove_file(path.with_extension("json.tmp"));
+    let _ = std::fs::remove_file(path);
 }

@@ -4,12 +4,13 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use anyhow::{Context, Result};
-use aya::maps::{LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
 use serde::Serialize;
 use tailgate_abi::{
     cgnat::{PrefixRule, MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6},
     counters::Counter,
+    generation::MAP_ACTIVE,
     verdict, MAP_COUNTERS, MAP_RULE_HITS, MAX_RULES,
 };
 
@@ -17,12 +18,14 @@ use crate::{
     backend::{
         bpf::Pins,
         iptables::{
+            self,
             cgnat::{FORWARD, INPUT, POSTROUTING},
             exec::{detect_variant, Iptables},
             family_name,
             table::{SavedTable, CHAIN_PREFIX},
         },
     },
+    lock::{self, Lock},
     runstate,
 };
 
@@ -32,6 +35,14 @@ pub struct Status {
     /// Why this backend is in use (configured, or why BPF could not be used).
     pub reason: Option<String>,
     pub pin_dir: String,
+    /// The PID of the daemon enforcing this, `None` when none runs (a kept datapath, or
+    /// what a killed daemon left).
+    pub daemon: Option<i32>,
+    /// What the daemon waits for (absent devices).
+    pub pending: Vec<String>,
+    /// Problems tailgate cannot fix itself, e.g. rules of others that bypass it.
+    pub warnings: Vec<String>,
+    /// Live attachments only: a link whose device is gone is not listed.
     pub attachments: Vec<Attachment>,
     /// Packets per verdict reason, summed over CPUs (iptables: over rules).
     pub counters: BTreeMap<String, u64>,
@@ -60,15 +71,23 @@ pub struct RuleStatus {
 pub fn read(pins: &Pins) -> Result<Option<Status>> {
     let run = runstate::read(pins);
     let backend = run.as_ref().map(|r| r.backend.as_str());
+    let daemon = Lock::holder(&lock::instance_path(pins))?;
     let mut status = if backend != Some("iptables") && pins.exists() {
         read_bpf(pins)?
-    } else if let Some(status) = read_iptables()? {
+    } else if let Some(status) = read_iptables(run.as_ref().and_then(|r| r.tunnel.as_deref()))? {
         status
     } else {
         return Ok(None);
     };
     status.pin_dir = pins.root().display().to_string();
-    status.reason = run.map(|r| r.reason);
+    status.daemon = daemon;
+    if let Some(run) = run {
+        status.reason = Some(run.reason);
+        // What the daemon waits for is only current while it runs.
+        if daemon.is_some() {
+            status.pending = run.pending;
+        }
+    }
     Ok(Some(status))
 }
 
@@ -76,8 +95,11 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
     let attachments = pins
         .pinned_links()?
         .into_iter()
-        .map(|(hook, interface, _)| Attachment { hook: hook.pin_prefix().into(), target: interface })
+        .filter(|link| link.live)
+        .map(|link| Attachment { hook: link.name.hook.pin_prefix().into(), target: link.name.ifname })
         .collect();
+    let active: Array<MapData, u32> = Array::try_from(open(pins, MAP_ACTIVE)?)?;
+    let generation = (active.get(&0, 0)? & 1) as usize;
     let counters_map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open(pins, MAP_COUNTERS)?)?;
     let counters = Counter::ALL
         .iter()
@@ -85,7 +107,8 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
         .collect::<Result<_>>()?;
     let hits: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open(pins, MAP_RULE_HITS)?)?;
     let mut rules = Vec::new();
-    for (direction, v4, v6) in [("inbound", MAP_IN_V4, MAP_IN_V6), ("forward", MAP_FWD_V4, MAP_FWD_V6)] {
+    for (direction, v4, v6) in [("inbound", &MAP_IN_V4, &MAP_IN_V6), ("forward", &MAP_FWD_V4, &MAP_FWD_V6)] {
+        let (v4, v6) = (v4[generation], v6[generation]);
         let mut found: Vec<(IpNet, PrefixRule)> = Vec::new();
         let trie: LpmTrie<MapData, [u8; 4], PrefixRule> = LpmTrie::try_from(open(pins, v4)?)?;
         for item in trie.iter() {
@@ -109,16 +132,37 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
             });
         }
     }
-    Ok(Status { backend: "bpf".into(), reason: None, pin_dir: String::new(), attachments, counters, rules })
+    Ok(Status {
+        backend: "bpf".into(),
+        reason: None,
+        pin_dir: String::new(),
+        daemon: None,
+        pending: Vec::new(),
+        warnings: Vec::new(),
+        attachments,
+        counters,
+        rules,
+    })
 }
 
-/// The tailgate chains in iptables, if any (in the variant that holds rules).
-fn read_iptables() -> Result<Option<Status>> {
+/// The tailgate chains in iptables, if any (in the variant that holds rules). With the
+/// tunnel's name, rules of others that bypass them are reported.
+fn read_iptables(tunnel: Option<&str>) -> Result<Option<Status>> {
     let Ok(ip) = Iptables::probe_quiet(detect_variant()) else { return Ok(None) };
+    let warnings = match tunnel {
+        Some(tunnel) => iptables::bypasses(&ip, tunnel)?
+            .into_iter()
+            .map(|rule| format!("{rule} comes before tailgate's hook and can accept what tailgate drops"))
+            .collect(),
+        None => Vec::new(),
+    };
     let mut status = Status {
         backend: format!("iptables ({})", ip.variant.name()),
         reason: None,
         pin_dir: String::new(),
+        daemon: None,
+        pending: Vec::new(),
+        warnings,
         attachments: Vec::new(),
         counters: ["uplink_drop", "uplink_pass_rule", "tunnel_drop", "tunnel_pass_forward"]
             .into_iter()
@@ -191,6 +235,16 @@ pub fn render_text(s: &Status) -> String {
         let _ = writeln!(out, "reason:  {reason}");
     }
     let _ = writeln!(out, "pins:    {}", s.pin_dir);
+    let _ = match s.daemon {
+        Some(pid) => writeln!(out, "daemon:  running (PID {pid})"),
+        None => writeln!(out, "daemon:  none (datapath kept, no daemon)"),
+    };
+    for what in &s.pending {
+        let _ = writeln!(out, "waiting: {what}");
+    }
+    for warning in &s.warnings {
+        let _ = writeln!(out, "WARNING: {warning}");
+    }
     let _ = writeln!(out, "attached:");
     if s.attachments.is_empty() {
         let _ = writeln!(out, "  nothing");

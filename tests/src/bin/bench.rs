@@ -9,7 +9,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use ipnet::{IpNet, Ipv4Net};
 use tailgate::{
     backend::bpf::{links, Datapath, Hook, KernelLog},
-    config::{BackendKind, CgnatConfig, CgnatMode, Config, IptablesConfig, IptablesVariant},
+    config::Config,
     policy,
 };
 use tailgate_tests::{packets::eth_udp4, testrun};
@@ -84,18 +84,8 @@ fn datapath(count: usize) -> Result<(Datapath, String, String, f64)> {
         .find(|a| !allow.iter().any(|n| n.contains(&std::net::IpAddr::V4(*a))))
         .expect("some /28 is not exempt")
         .to_string();
-    let config = Config {
-        tunnel: "tun0".into(),
-        interfaces: None,
-        backend: BackendKind::Bpf,
-        keep_datapath: false,
-        cgnat: CgnatConfig { mode: CgnatMode::Drop, allow, drop: vec![] },
-        iptables: IptablesConfig {
-            divert: true,
-            variant: IptablesVariant::Auto,
-            repair_interval: std::time::Duration::from_millis(500),
-        },
-    };
+    let mut config = Config::parse("tunnel = \"tun0\"\nbackend = \"bpf\"", &Default::default())?;
+    config.cgnat.allow = allow;
     let mut dp = Datapath::load(None, KernelLog::Off)?;
     let start = Instant::now();
     dp.sync(&policy::compile(&config, vec![]))?;

@@ -4,7 +4,13 @@
 pub mod bpf;
 pub mod iptables;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::Result;
 
@@ -17,6 +23,19 @@ pub trait Backend {
     /// Makes the system enforce `state`. On error the previously applied state stays in
     /// force (nothing half-applied).
     fn apply(&mut self, state: &DesiredState) -> Result<()>;
+    /// Devices appeared, went or were renamed (`state.uplinks` is resolved anew): follow them.
+    /// Only the BPF backend attaches to devices; iptables rules match by name.
+    fn devices_changed(&mut self, _state: &DesiredState) -> Result<()> {
+        Ok(())
+    }
+    /// What is wanted but cannot be enforced right now (absent devices), for status.
+    fn pending(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Whether the backend found an earlier run's datapath in force and took it over.
+    fn inherited(&self) -> bool {
+        false
+    }
     /// How often `repair` should run; `None`: never (nothing else can change the state).
     fn repair_interval(&self) -> Option<Duration> {
         None
@@ -25,7 +44,43 @@ pub trait Backend {
     fn repair(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Problems in force that tailgate cannot fix by itself (e.g. a rule of another program
+    /// that bypasses it), for the log and status.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Stops enforcing and removes everything the backend created, unless `keep`, in which
     /// case the datapath stays in force for the next start to take over.
     fn stop(self: Box<Self>, keep: bool) -> Result<()>;
+}
+
+/// A start was stopped by a signal; everything it did is rolled back.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by a signal during start")]
+pub struct Interrupted;
+
+/// Set when the daemon is asked to stop; long steps check it.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn never() -> Self {
+        Self::default()
+    }
+
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// `Err(Interrupted)` once a stop was requested.
+    pub fn check(&self) -> Result<()> {
+        if self.requested() {
+            return Err(Interrupted.into());
+        }
+        Ok(())
+    }
 }

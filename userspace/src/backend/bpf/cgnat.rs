@@ -1,13 +1,12 @@
-//! Map sync for CGNAT filtering: makes the four LPM tries hold exactly the desired rules.
+//! Map sync for CGNAT filtering: makes the LPM tries of a policy generation hold exactly
+//! the desired rules (see `generation` for how a change reaches the datapath at once).
 //!
 //! A rule (prefix + verdict) has one id, and so one hit counter, wherever it appears
-//! (inbound and forward), kept for as long as the rule stays in the policy. New rules get
-//! the lowest free id with a zeroed counter; when a reload replaces so much of the policy
-//! that no id is free, a new rule takes the id of a rule this same sync removes. Ids live
-//! only in the maps, so they survive restarts with the pinned maps.
-//!
-//! Updates are per-key atomic and ordered insert-then-delete (the tries have room for two
-//! whole policies): a reload never leaves a prefix without a rule of the old or new policy.
+//! (inbound and forward, both generations), kept for as long as the rule stays in the
+//! policy. New rules get the lowest free id with a zeroed counter; when a reload replaces so
+//! much of the policy that no id is free, a new rule takes the id of a rule this same sync
+//! removes (both count into it until the switch). Ids live only in the maps, so they survive
+//! restarts with the pinned maps.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -22,9 +21,10 @@ use tailgate_abi::{
     verdict, MAP_RULE_HITS, MAX_RULES,
 };
 
+use super::generation::GenerationWriter;
 use crate::policy::{CgnatRules, Rule, Verdict};
 
-/// What a sync changed, in trie entries.
+/// What a sync changed in the generation that became active, in trie entries.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncReport {
     pub added: usize,
@@ -34,48 +34,83 @@ pub struct SyncReport {
 
 /// A trie key in one shape for both families: (IPv6?, prefix length, address bytes).
 type Prefix = (bool, u32, [u8; 16]);
-/// Trie name → prefix → verdict or rule.
-type Tries<T> = Vec<(&'static str, HashMap<Prefix, T>)>;
 
-const TRIES: [(&str, bool); 4] =
-    [(MAP_IN_V4, false), (MAP_IN_V6, true), (MAP_FWD_V4, false), (MAP_FWD_V6, true)];
+/// The four tries of a generation: (names per generation, IPv6?, inbound?).
+const TRIES: [(&[&str; 2], bool, bool); 4] = [
+    (&MAP_IN_V4, false, true),
+    (&MAP_IN_V6, true, true),
+    (&MAP_FWD_V4, false, false),
+    (&MAP_FWD_V6, true, false),
+];
 
-pub fn sync(ebpf: &mut Ebpf, rules: &CgnatRules) -> Result<SyncReport> {
-    let desired: Tries<u32> = TRIES
-        .iter()
-        .map(|&(name, _)| {
-            let list = if name == MAP_IN_V4 || name == MAP_IN_V6 { &rules.inbound } else { &rules.forward };
-            (name, entries(list, name == MAP_IN_V6 || name == MAP_FWD_V6))
-        })
-        .collect();
-    let current: Tries<PrefixRule> =
-        TRIES.iter().map(|&(name, v6)| Ok((name, read_any(ebpf, name, v6)?))).collect::<Result<_>>()?;
+/// Every map name of every generation.
+pub fn map_names() -> impl Iterator<Item = &'static str> {
+    TRIES.into_iter().flat_map(|(names, _, _)| names.iter().copied())
+}
 
-    let ids = assign_ids(&desired, &current);
-    zero_counters(ebpf, ids.fresh.iter().copied())?;
+/// The desired content of each trie, with rule ids assigned. Write it into a generation with
+/// `generation::swap`.
+pub struct CgnatSync {
+    desired: Vec<HashMap<Prefix, PrefixRule>>,
+    /// The report of the first write (the generation that becomes active).
+    pub report: Option<SyncReport>,
+}
 
-    let mut report = SyncReport::default();
-    for ((name, want), (_, have)) in desired.iter().zip(&current) {
-        let v6 = name == &MAP_IN_V6 || name == &MAP_FWD_V6;
-        let mut writes = Vec::new();
-        for (prefix, verdict) in want {
-            let rule = PrefixRule { verdict: *verdict, rule_id: ids.of[&(*prefix, *verdict)] };
-            if have.get(prefix) == Some(&rule) {
-                report.unchanged += 1;
-            } else {
-                writes.push((*prefix, rule));
+impl CgnatSync {
+    /// Reads what both generations hold, assigns ids and zeroes the counters of new ids.
+    pub fn plan(ebpf: &mut Ebpf, rules: &CgnatRules) -> Result<Self> {
+        let wanted: Vec<HashMap<Prefix, u32>> = TRIES
+            .iter()
+            .map(|&(_, v6, inbound)| entries(if inbound { &rules.inbound } else { &rules.forward }, v6))
+            .collect();
+        let mut current = Vec::new();
+        for &(names, v6, _) in &TRIES {
+            for name in names {
+                current.push(read_any(ebpf, name, v6)?);
             }
         }
-        let stale: Vec<Prefix> = have.keys().filter(|p| !want.contains_key(*p)).copied().collect();
-        report.added += writes.len();
-        report.removed += stale.len();
-        if v6 {
-            apply::<16>(ebpf, name, &writes, &stale)?;
-        } else {
-            apply::<4>(ebpf, name, &writes, &stale)?;
-        }
+        let ids = assign_ids(&wanted, &current);
+        zero_counters(ebpf, ids.fresh.iter().copied())?;
+        let desired = wanted
+            .into_iter()
+            .map(|trie| {
+                trie.into_iter()
+                    .map(|(prefix, verdict)| {
+                        (prefix, PrefixRule { verdict, rule_id: ids.of[&(prefix, verdict)] })
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(Self { desired, report: None })
     }
-    Ok(report)
+}
+
+impl GenerationWriter for CgnatSync {
+    fn write(&mut self, ebpf: &mut Ebpf, generation: u32) -> Result<usize> {
+        let mut report = SyncReport::default();
+        for (&(names, v6, _), want) in TRIES.iter().zip(&self.desired) {
+            let name = names[generation as usize];
+            let have = read_any(ebpf, name, v6)?;
+            let stale: Vec<Prefix> = have.keys().filter(|p| !want.contains_key(*p)).copied().collect();
+            let mut writes = Vec::new();
+            for (prefix, rule) in want {
+                if have.get(prefix) == Some(rule) {
+                    report.unchanged += 1;
+                } else {
+                    writes.push((*prefix, *rule));
+                }
+            }
+            report.added += writes.len();
+            report.removed += stale.len();
+            if v6 {
+                apply::<16>(ebpf, name, &writes, &stale)?;
+            } else {
+                apply::<4>(ebpf, name, &writes, &stale)?;
+            }
+        }
+        self.report.get_or_insert(report);
+        Ok(report.added + report.removed)
+    }
 }
 
 fn entries(rules: &[Rule], v6: bool) -> HashMap<Prefix, u32> {
@@ -100,12 +135,12 @@ struct Ids {
     fresh: Vec<u32>,
 }
 
-fn assign_ids(desired: &Tries<u32>, current: &Tries<PrefixRule>) -> Ids {
+fn assign_ids(desired: &[HashMap<Prefix, u32>], current: &[HashMap<Prefix, PrefixRule>]) -> Ids {
     let wanted: BTreeSet<(Prefix, u32)> =
-        desired.iter().flat_map(|(_, t)| t.iter().map(|(p, v)| (*p, *v))).collect();
+        desired.iter().flat_map(|t| t.iter().map(|(p, v)| (*p, *v))).collect();
     let mut of: HashMap<(Prefix, u32), u32> = HashMap::new();
     let mut in_use = BTreeSet::new();
-    for (_, trie) in current {
+    for trie in current {
         for (prefix, rule) in trie {
             in_use.insert(rule.rule_id);
             let rule_key = (*prefix, rule.verdict);
@@ -132,6 +167,7 @@ fn assign_ids(desired: &Tries<u32>, current: &Tries<PrefixRule>) -> Ids {
     Ids { of, fresh }
 }
 
+/// Writes a trie nobody reads: deletes first, so it never holds more than one policy.
 fn apply<const N: usize>(
     ebpf: &mut Ebpf,
     name: &str,
@@ -141,11 +177,11 @@ fn apply<const N: usize>(
     let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
     let mut trie: LpmTrie<&mut MapData, [u8; N], PrefixRule> = LpmTrie::try_from(map)?;
     let key = |(_, len, addr): &Prefix| Key::new(*len, addr[..N].try_into().expect("address width"));
-    for (prefix, rule) in writes {
-        trie.insert(&key(prefix), *rule, 0).with_context(|| format!("inserting into {name}"))?;
-    }
     for prefix in stale {
         trie.remove(&key(prefix)).with_context(|| format!("removing from {name}"))?;
+    }
+    for (prefix, rule) in writes {
+        trie.insert(&key(prefix), *rule, 0).with_context(|| format!("inserting into {name}"))?;
     }
     Ok(())
 }
@@ -161,6 +197,14 @@ fn read_any(ebpf: &Ebpf, name: &str, v6: bool) -> Result<HashMap<Prefix, PrefixR
     } else {
         read::<4>(ebpf, name)?.into_iter().map(|((len, a), r)| (widen(len, &a), r)).collect()
     })
+}
+
+/// Current entries of the active generation of a trie (`MAP_IN_V4`, ...).
+pub fn read_active<const N: usize>(
+    ebpf: &Ebpf,
+    names: &[&str; 2],
+) -> Result<HashMap<(u32, [u8; N]), PrefixRule>> {
+    read::<N>(ebpf, names[super::generation::active(ebpf)? as usize])
 }
 
 /// Current entries of a trie.

@@ -1,7 +1,8 @@
-//! Attaching programs as pinned BPF links, and taking over links a previous run left
-//! pinned (atomic program replacement: no moment without a program).
+//! Attaching programs as pinned BPF links, taking over links a previous run left pinned
+//! (atomic program replacement: no moment without a program), and asking the kernel which
+//! device a link is attached to (none once the device is gone).
 
-use std::path::Path;
+use std::{os::fd::AsFd, path::Path};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
@@ -15,7 +16,7 @@ use aya::{
 };
 use tailgate_abi::programs;
 
-use super::pins;
+use super::{pins, sys};
 
 /// Where a program is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -28,6 +29,8 @@ pub enum Hook {
 }
 
 impl Hook {
+    pub const ALL: [Hook; 2] = [Hook::Xdp, Hook::TcEgress];
+
     pub const fn pin_prefix(self) -> &'static str {
         match self {
             Hook::Xdp => "xdp",
@@ -41,10 +44,30 @@ impl Hook {
             Hook::TcEgress => programs::TUNNEL_EGRESS,
         }
     }
+}
 
-    pub fn from_pin_name(name: &str) -> Option<(Hook, &str)> {
-        let (prefix, ifname) = name.split_once('@')?;
-        [Hook::Xdp, Hook::TcEgress].into_iter().find(|h| h.pin_prefix() == prefix).map(|h| (h, ifname))
+/// One attachment as its pin names it: `<hook>@<ifname>:<ifindex>`. Interface names cannot
+/// contain ':', so the split is unambiguous; the ifindex tells a re-created device (same
+/// name, new index) from the one the link was made for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PinName {
+    pub hook: Hook,
+    pub ifname: String,
+    pub ifindex: u32,
+}
+
+impl PinName {
+    pub fn parse(name: &str) -> Option<Self> {
+        let (prefix, rest) = name.split_once('@')?;
+        let (ifname, ifindex) = rest.rsplit_once(':')?;
+        let hook = Hook::ALL.into_iter().find(|h| h.pin_prefix() == prefix)?;
+        Some(Self { hook, ifname: ifname.to_string(), ifindex: ifindex.parse().ok()? })
+    }
+}
+
+impl std::fmt::Display for PinName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}:{}", self.hook.pin_prefix(), self.ifname, self.ifindex)
     }
 }
 
@@ -57,28 +80,19 @@ pub enum Attached {
     TookOver,
 }
 
-/// Attaches `hook`'s program to `ifname` and pins the link at `pin`. If a live link is
-/// already pinned there, its program is replaced atomically instead.
-pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, pin: &Path) -> Result<Attached> {
-    if pin.exists() {
-        match take_over(ebpf, hook, pin) {
-            Ok(()) => return Ok(Attached::TookOver),
-            Err(e) => {
-                tracing::warn!("pinned link {} is stale ({e:#}); attaching anew", pin.display());
-                pins::remove_file(pin)?;
-            }
-        }
-    }
+/// Attaches `hook`'s program to interface `ifindex` (`ifname` for messages) and pins the link
+/// at `pin`; fails if the kernel attached it to another device.
+pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, ifindex: u32, pin: &Path) -> Result<()> {
     let link: FdLink = match hook {
         Hook::Xdp => {
             let prog = xdp(ebpf)?;
             // Native mode where the driver takes it (the kernel's default), generic where the
             // driver refuses (e.g. an MTU too large for single-buffer XDP).
-            let id = match prog.attach(ifname, XdpMode::Default) {
+            let id = match prog.attach_to_if_index(ifindex, XdpMode::Default) {
                 Ok(id) => id,
                 Err(native) => {
                     let native = anyhow::Error::from(native);
-                    let id = prog.attach(ifname, XdpMode::Skb).map_err(|generic| {
+                    let id = prog.attach_to_if_index(ifindex, XdpMode::Skb).map_err(|generic| {
                         let generic = anyhow::Error::from(generic);
                         anyhow!("attaching XDP to {ifname}: native: {native:#}; generic: {generic:#}")
                     })?;
@@ -94,6 +108,7 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, pin: &Path) -> Result<A
         }
         Hook::TcEgress => {
             let prog = tc(ebpf, hook)?;
+            // TCX attaches by name; the pin records what the kernel reports below.
             let id = prog
                 .attach(ifname, TcAttachType::Egress)
                 .with_context(|| format!("attaching TC egress to {ifname}"))?;
@@ -103,10 +118,18 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, pin: &Path) -> Result<A
         }
     };
     link.pin(pin).with_context(|| format!("pinning the link at {}", pin.display()))?;
-    Ok(Attached::New)
+    let attached_to = pinned_device(pin)?;
+    if attached_to != ifindex {
+        // The name now belongs to another device (re-created meanwhile). The next
+        // reconcile sees the new one.
+        detach(pin)?;
+        anyhow::bail!("{ifname} changed while attaching (ifindex {ifindex} -> {attached_to})");
+    }
+    Ok(())
 }
 
-fn take_over(ebpf: &mut Ebpf, hook: Hook, pin: &Path) -> Result<()> {
+/// Makes the live link pinned at `pin` run this run's program (atomic replacement).
+pub fn take_over(ebpf: &mut Ebpf, hook: Hook, pin: &Path) -> Result<()> {
     let link: FdLink = PinnedLink::from_pin(pin)?.into();
     match hook {
         Hook::Xdp => {
@@ -131,6 +154,19 @@ pub fn detach(pin: &Path) -> Result<()> {
     pins::remove_file(pin)
 }
 
+/// The ifindex the link pinned at `pin` is attached to; 0 when its device is gone (the
+/// kernel detaches a link from a device that is unregistered, and the pin then holds a
+/// defunct link).
+pub fn pinned_device(pin: &Path) -> Result<u32> {
+    // aya keeps a link's fd private, so open the pin directly.
+    let fd = sys::obj_get(pin).with_context(|| format!("opening {}", pin.display()))?;
+    let info = sys::link_info(fd.as_fd()).context("BPF_OBJ_GET_INFO_BY_FD on a link")?;
+    match info.link_type {
+        sys::BPF_LINK_TYPE_XDP | sys::BPF_LINK_TYPE_TCX => Ok(info.ifindex),
+        other => anyhow::bail!("{} is a link of type {other}, not XDP or TCX", pin.display()),
+    }
+}
+
 pub fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     let name = Hook::Xdp.program();
     let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
@@ -141,4 +177,22 @@ pub fn tc(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier> {
     let name = hook.program();
     let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
     Ok(prog.try_into()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip() {
+        for name in ["xdp@eth0:4", "tc_egress@tailscale0:17", "xdp@eth0.100:9"] {
+            assert_eq!(PinName::parse(name).unwrap().to_string(), name);
+        }
+        let p = PinName::parse("xdp@eth0.100:9").unwrap();
+        assert_eq!((p.hook, p.ifname.as_str(), p.ifindex), (Hook::Xdp, "eth0.100", 9));
+        // Older versions' names (no ifindex), other files: not ours.
+        for name in ["xdp@eth0", "tc_ingress@eth0:3", "xdp@eth0:x", "README"] {
+            assert_eq!(PinName::parse(name), None, "{name}");
+        }
+    }
 }

@@ -1,28 +1,44 @@
 //! The BPF backend: loads the embedded object, pins its maps, keeps the maps in sync with
-//! the desired state and the programs attached where the state says.
+//! the desired state (atomically, see `generation`) and the programs attached to the devices
+//! the state names, following devices that come and go (see `attachments`).
 
+pub mod attachments;
 pub mod cgnat;
+pub mod generation;
 pub mod links;
 pub mod pins;
-
-use std::collections::BTreeSet;
+mod sys;
 
 use anyhow::{Context, Result};
 use aya::{Ebpf, EbpfLoader};
 use tailgate_abi::{
-    cgnat::{MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6},
+    cgnat::LEGACY_MAPS,
+    generation::{MAP_ACTIVE, MAP_BARRIER},
     MAP_COUNTERS, MAP_RULE_HITS,
 };
 
+use self::{attachments::Attachments, cgnat::CgnatSync, generation::Barrier};
 pub use self::{links::Hook, pins::Pins};
-use super::Backend;
-use crate::policy::DesiredState;
+use super::{Backend, Cancel, Interrupted};
+use crate::policy::{CgnatRules, DesiredState};
 
 /// The eBPF object built by `build.rs` from the `datapath-ebpf` crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tailgate-datapath.o"));
 
-/// Every map of the object, by kernel name (also its pin name).
-pub const MAPS: [&str; 6] = [MAP_IN_V4, MAP_IN_V6, MAP_FWD_V4, MAP_FWD_V6, MAP_COUNTERS, MAP_RULE_HITS];
+/// The maps pinned under `<pin-dir>/maps`, by kernel name. The barrier holds no state and is
+/// not pinned.
+pub fn pinned_maps() -> Vec<&'static str> {
+    let mut maps = vec![MAP_ACTIVE, MAP_COUNTERS, MAP_RULE_HITS];
+    maps.extend(cgnat::map_names());
+    maps
+}
+
+/// Every map name tailgate ever pinned, older versions' included: what cleanup may remove.
+pub fn known_maps() -> Vec<&'static str> {
+    let mut maps = pinned_maps();
+    maps.extend(LEGACY_MAPS);
+    maps
+}
 
 /// Why the BPF backend could not start, and at which step: `load` (object, maps, bpffs),
 /// `verify` (the verifier refused a program) or `attach`.
@@ -31,6 +47,13 @@ pub const MAPS: [&str; 6] = [MAP_IN_V4, MAP_IN_V6, MAP_FWD_V4, MAP_FWD_V6, MAP_C
 pub struct StartError {
     pub step: &'static str,
     pub error: anyhow::Error,
+}
+
+impl StartError {
+    /// Whether the start stopped because the daemon was asked to stop.
+    pub fn interrupted(&self) -> bool {
+        self.error.is::<Interrupted>()
+    }
 }
 
 fn at(step: &'static str) -> impl FnOnce(anyhow::Error) -> StartError {
@@ -53,6 +76,9 @@ pub enum KernelLog {
 /// verified and loaded, nothing attached.
 pub struct Datapath {
     pub ebpf: Ebpf,
+    barrier: Barrier,
+    /// The policy the maps hold, once this process wrote it.
+    applied: Option<CgnatRules>,
 }
 
 impl Datapath {
@@ -61,7 +87,7 @@ impl Datapath {
     pub fn load(pins: Option<&Pins>, log: KernelLog) -> Result<Self, StartError> {
         let level = log as u8;
         let map_paths: Vec<_> = match pins {
-            Some(pins) => MAPS.iter().map(|name| (*name, pins.map(name))).collect(),
+            Some(pins) => pinned_maps().into_iter().map(|name| (name, pins.map(name))).collect(),
             None => Vec::new(),
         };
         let mut loader = EbpfLoader::new();
@@ -74,26 +100,42 @@ impl Datapath {
         xdp.load().context("the uplink XDP program").map_err(at("verify"))?;
         let tc = links::tc(&mut ebpf, Hook::TcEgress).map_err(at("load"))?;
         tc.load().context("the tunnel TC program").map_err(at("verify"))?;
-        Ok(Self { ebpf })
+        let barrier = Barrier::take(&mut ebpf).context(MAP_BARRIER).map_err(at("load"))?;
+        Ok(Self { ebpf, barrier, applied: None })
     }
 
-    /// Makes the maps hold `state`'s rules.
-    pub fn sync(&mut self, state: &DesiredState) -> Result<cgnat::SyncReport> {
-        cgnat::sync(&mut self.ebpf, &state.cgnat)
+    /// Makes the maps hold `state`'s rules, switching the datapath from the old policy to
+    /// the new one at once. Returns `None` when they already did.
+    pub fn sync(&mut self, state: &DesiredState) -> Result<Option<cgnat::SyncReport>> {
+        if self.applied.as_ref() == Some(&state.cgnat) {
+            return Ok(None);
+        }
+        let mut cgnat = CgnatSync::plan(&mut self.ebpf, &state.cgnat)?;
+        let swap = generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut cgnat])?;
+        tracing::debug!(
+            "policy generation {} active ({} entries changed; waited {:?} for running programs)",
+            swap.active,
+            swap.changed,
+            swap.grace
+        );
+        self.applied = Some(state.cgnat.clone());
+        Ok(cgnat.report)
     }
 }
 
 pub struct BpfBackend {
     datapath: Datapath,
     pins: Pins,
-    /// Attachments this process made or took over.
-    attached: BTreeSet<(Hook, String)>,
+    attachments: Attachments,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Whether a datapath was pinned here before this process (a kept one it takes over).
+    inherited: bool,
 }
 
 impl BpfBackend {
-    /// Loads the datapath with maps pinned under `pins`. Nothing is attached until `apply`.
+    /// Loads the datapath with maps pinned under `pins`. Nothing is attached until `start`.
     pub fn load(pins: Pins, log: KernelLog) -> Result<Self, StartError> {
+        let inherited = pins.exists();
         pins.prepare().map_err(at("load"))?;
         let mut datapath = Datapath::load(Some(&pins), log)?;
         let logger = match log {
@@ -104,7 +146,8 @@ impl BpfBackend {
                     .map_err(at("load"))?,
             ),
         };
-        Ok(Self { datapath, pins, attached: BTreeSet::new(), logger })
+        let attachments = Attachments::new(pins.clone());
+        Ok(Self { datapath, pins, attachments, logger, inherited })
     }
 
     /// The kernel log reader (present when kernel logging is on), to poll when readable.
@@ -112,92 +155,33 @@ impl BpfBackend {
         self.logger.take()
     }
 
-    fn wanted(state: &DesiredState) -> BTreeSet<(Hook, String)> {
-        let mut wanted: BTreeSet<_> = state.uplinks.iter().map(|i| (Hook::Xdp, i.clone())).collect();
-        wanted.insert((Hook::TcEgress, state.tunnel.clone()));
-        wanted
+    /// Whether this process found a datapath pinned (and took it over).
+    pub fn inherited(&self) -> bool {
+        self.inherited
     }
 
-    /// Attaches what is wanted and not yet attached by this process. On failure, detaches
-    /// what this call attached anew and returns the error.
-    fn attach_missing(&mut self, wanted: &BTreeSet<(Hook, String)>) -> Result<()> {
-        let mut fresh = Vec::new();
-        let missing: Vec<_> = wanted.difference(&self.attached).cloned().collect();
-        for (hook, ifname) in missing {
-            let pin = self.pins.link(hook, &ifname);
-            match links::attach(&mut self.datapath.ebpf, hook, &ifname, &pin) {
-                Ok(how) => {
-                    tracing::info!(
-                        "{} on {ifname}: {}",
-                        hook.pin_prefix(),
-                        match how {
-                            links::Attached::New => "attached",
-                            links::Attached::TookOver => "took over the pinned link",
-                        }
-                    );
-                    if how == links::Attached::New {
-                        fresh.push((hook, ifname.clone(), pin));
-                    }
-                    self.attached.insert((hook, ifname));
-                }
-                Err(e) => {
-                    for (hook, ifname, pin) in fresh {
-                        let _ = links::detach(&pin);
-                        self.attached.remove(&(hook, ifname));
-                    }
-                    return Err(e);
-                }
-            }
+    /// The first apply: the maps are filled before any program runs, then the programs are
+    /// attached. `cancel` is checked between steps.
+    pub fn start(&mut self, state: &DesiredState, cancel: &Cancel) -> Result<(), StartError> {
+        self.sync_and_log(state).map_err(at("load"))?;
+        cancel.check().map_err(at("attach"))?;
+        self.attachments.reconcile(&mut self.datapath.ebpf, state, true, cancel).map_err(at("attach"))?;
+        // Pins of versions before policy generations: their programs were just replaced.
+        for name in LEGACY_MAPS {
+            let _ = pins::remove_file(&self.pins.map(name));
         }
         Ok(())
     }
 
-    /// The first apply, with the step that failed.
-    pub fn start(&mut self, state: &DesiredState) -> Result<(), StartError> {
-        self.apply_state(state).map_err(at("attach"))
-    }
-
-    fn apply_state(&mut self, state: &DesiredState) -> Result<()> {
-        let wanted = Self::wanted(state);
-        // First apply: fill the maps before any program runs. Later: attach new
-        // interfaces first (they enforce the old rules until the maps change), so a failed
-        // attach leaves the running state as it was.
-        let report = if self.attached.is_empty() {
-            let report = self.datapath.sync(state)?;
-            self.attach_missing(&wanted)?;
-            report
-        } else {
-            self.attach_missing(&wanted)?;
-            self.datapath.sync(state)?
-        };
-        tracing::info!(
-            "rules: {} added, {} removed, {} unchanged",
-            report.added,
-            report.removed,
-            report.unchanged
-        );
-        for (hook, ifname, pin) in self.pins.pinned_links()? {
-            if !wanted.contains(&(hook, ifname.clone())) {
-                links::detach(&pin)?;
-                self.attached.remove(&(hook, ifname.clone()));
-                tracing::info!("{} on {ifname}: detached", hook.pin_prefix());
-            }
-        }
-        Ok(())
-    }
-
-    fn stop_datapath(self, keep: bool) -> Result<()> {
-        if keep {
+    fn sync_and_log(&mut self, state: &DesiredState) -> Result<()> {
+        if let Some(report) = self.datapath.sync(state)? {
             tracing::info!(
-                "keep_datapath: leaving programs attached and maps pinned under {}",
-                self.pins.root().display()
+                "rules: {} added, {} removed, {} unchanged",
+                report.added,
+                report.removed,
+                report.unchanged
             );
-            return Ok(());
         }
-        let pins = self.pins.clone();
-        drop(self);
-        pins.remove_all()?;
-        tracing::info!("detached and unpinned everything under {}", pins.root().display());
         Ok(())
     }
 }
@@ -208,10 +192,40 @@ impl Backend for BpfBackend {
     }
 
     fn apply(&mut self, state: &DesiredState) -> Result<()> {
-        self.apply_state(state)
+        // New devices first (they enforce the old rules until the switch), so a failed
+        // attach leaves the running state as it was; then the policy; then detach.
+        let plan = self.attachments.attach_new(&mut self.datapath.ebpf, state)?;
+        if let Err(e) = self.sync_and_log(state) {
+            self.attachments.undo(plan);
+            return Err(e);
+        }
+        self.attachments.detach_unwanted(state)
+    }
+
+    fn devices_changed(&mut self, state: &DesiredState) -> Result<()> {
+        self.attachments.reconcile(&mut self.datapath.ebpf, state, false, &Cancel::never())
+    }
+
+    fn pending(&self) -> Vec<String> {
+        self.attachments.pending()
+    }
+
+    fn inherited(&self) -> bool {
+        self.inherited
     }
 
     fn stop(self: Box<Self>, keep: bool) -> Result<()> {
-        self.stop_datapath(keep)
+        if keep {
+            tracing::info!(
+                "keep_datapath: leaving programs attached and maps pinned under {}",
+                self.pins.root().display()
+            );
+            return Ok(());
+        }
+        let pins = self.pins.clone();
+        drop(self);
+        pins.remove_all(&known_maps())?;
+        tracing::info!("detached and unpinned everything under {}", pins.root().display());
+        Ok(())
     }
 }

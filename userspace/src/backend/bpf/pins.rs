@@ -1,20 +1,23 @@
 //! Layout of the pin directory on bpffs:
 //!
 //! ```text
-//! <pin-dir>/maps/<MAP_NAME>         every map, by its kernel name (CGNAT_IN_V4, COUNTERS, ...)
-//! <pin-dir>/links/<hook>@<ifname>   one BPF link per attachment (xdp@eth0, tc_egress@tailscale0)
+//! <pin-dir>/maps/<MAP_NAME>                   every map, by its kernel name
+//! <pin-dir>/links/<hook>@<ifname>:<ifindex>   one BPF link per attachment (xdp@eth0:2)
 //! ```
 //! Pinned links keep the programs attached without a process; removing a link pin detaches.
+//! tailgate only ever removes what it creates here: the maps it knows by name (this
+//! version's and older versions'), link pins of its own naming, and the directories once
+//! empty. It creates nothing on a filesystem that is not bpffs.
 
 use std::{
     io,
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use nix::mount::{mount, MsFlags};
 
-use super::links::Hook;
+use super::links::{self, Hook, PinName};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tailgate";
 const BPFFS: &str = "/sys/fs/bpf";
@@ -25,9 +28,23 @@ pub struct Pins {
     root: PathBuf,
 }
 
+/// A link pin found in the links directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedLink {
+    /// What the attachment is: the hook, the interface name as pinned, and the ifindex the
+    /// link was made for.
+    pub name: PinName,
+    pub path: PathBuf,
+    /// Whether the link is still attached to that device (false once the device is gone).
+    pub live: bool,
+}
+
 impl Pins {
+    /// `root` made absolute and free of `.`/trailing `/`, so one directory has one name.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        let root: PathBuf = root.into();
+        let root = std::path::absolute(&root).unwrap_or(root);
+        Self { root: root.components().collect() }
     }
 
     pub fn root(&self) -> &Path {
@@ -46,66 +63,103 @@ impl Pins {
         self.root.join("links")
     }
 
-    pub fn link(&self, hook: Hook, ifname: &str) -> PathBuf {
-        self.links_dir().join(format!("{}@{ifname}", hook.pin_prefix()))
+    pub fn link(&self, name: &PinName) -> PathBuf {
+        self.links_dir().join(name.to_string())
     }
 
-    /// Whether anything is pinned here (a running or kept datapath).
+    /// Whether a datapath is pinned here (a running or kept one).
     pub fn exists(&self) -> bool {
-        self.maps_dir().is_dir()
+        is_bpffs(&self.root) && self.maps_dir().is_dir()
     }
 
-    /// Mounts bpffs on /sys/fs/bpf if the pin dir is under it and it is not mounted, then
-    /// creates the directories.
+    /// Mounts bpffs on /sys/fs/bpf if the pin dir is under it and nothing is mounted there,
+    /// refuses a pin dir that would not be on bpffs, then creates the directories.
     pub fn prepare(&self) -> Result<()> {
         if self.root.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
             mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>)
                 .with_context(|| format!("mounting bpffs on {BPFFS}"))?;
         }
+        // Check before creating anything: pins only work on bpffs, and a directory made
+        // elsewhere would be left to the user to clean up.
+        let existing = self.root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+        if !is_bpffs(existing) {
+            bail!(
+                "pin dir {} is not on a bpffs mount ({} is not bpffs); use a directory under {BPFFS}",
+                self.root.display(),
+                existing.display()
+            );
+        }
         for dir in [self.maps_dir(), self.links_dir()] {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        if !is_bpffs(&self.root) {
-            anyhow::bail!("{} is not on a bpffs mount: pins would not survive", self.root.display());
         }
         Ok(())
     }
 
-    /// Link pins present, as (hook, interface, path).
-    pub fn pinned_links(&self) -> Result<Vec<(Hook, String, PathBuf)>> {
-        let mut links = Vec::new();
-        let entries = match std::fs::read_dir(self.links_dir()) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(links),
-            Err(e) => return Err(e).context("reading the links pin directory"),
-        };
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some((hook, ifname)) = Hook::from_pin_name(&name) {
-                links.push((hook, ifname.to_string(), entry.path()));
-            }
+    /// The link pins present, with whether each is still attached. Pins of older versions
+    /// (`<hook>@<ifname>`) are named after the device their link is attached to.
+    pub fn pinned_links(&self) -> Result<Vec<PinnedLink>> {
+        let mut found = Vec::new();
+        for (file_name, path) in self.entries(&self.links_dir())? {
+            let (name, device) = if let Some(name) = PinName::parse(&file_name) {
+                let device = links::pinned_device(&path).unwrap_or(0);
+                (name, device)
+            } else if let Some((hook, ifname)) = legacy_link_name(&file_name) {
+                let device = links::pinned_device(&path).unwrap_or(0);
+                (PinName { hook, ifname: ifname.to_string(), ifindex: device }, device)
+            } else {
+                continue;
+            };
+            let live = device != 0 && device == name.ifindex;
+            found.push(PinnedLink { name, path, live });
         }
-        links.sort();
-        Ok(links)
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
     }
 
-    /// Detaches everything and removes every pin and directory. Idempotent.
-    pub fn remove_all(&self) -> Result<()> {
-        for dir in [self.links_dir(), self.maps_dir()] {
-            match std::fs::read_dir(&dir) {
-                Ok(entries) => {
-                    for entry in entries {
-                        remove_file(&entry?.path())?;
-                    }
-                    remove_dir(&dir)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    /// Detaches and unpins everything tailgate pinned here, and removes the directories
+    /// once empty. Anything else found there stays. Idempotent.
+    pub fn remove_all(&self, maps: &[&str]) -> Result<()> {
+        if !is_bpffs(&self.root) {
+            // tailgate never creates anything outside bpffs.
+            return Ok(());
+        }
+        for (file_name, path) in self.entries(&self.links_dir())? {
+            if PinName::parse(&file_name).is_some() || legacy_link_name(&file_name).is_some() {
+                remove_file(&path)?;
             }
         }
-        remove_dir(&self.root)
+        for (file_name, path) in self.entries(&self.maps_dir())? {
+            if maps.contains(&file_name.as_str()) {
+                remove_file(&path)?;
+            }
+        }
+        for dir in [self.links_dir(), self.maps_dir(), self.root.clone()] {
+            remove_dir_if_empty(&dir)?;
+        }
+        Ok(())
     }
+
+    /// (file name, path) of the entries of `dir`; none if it does not exist.
+    fn entries(&self, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+        };
+        let mut found = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            found.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
+        }
+        Ok(found)
+    }
+}
+
+/// `<hook>@<ifname>`: how versions before ifindex-keyed pins named links.
+fn legacy_link_name(name: &str) -> Option<(Hook, &str)> {
+    let (prefix, ifname) = name.split_once('@')?;
+    let hook = Hook::ALL.into_iter().find(|h| h.pin_prefix() == prefix)?;
+    (!ifname.contains(':') && !ifname.is_empty()).then_some((hook, ifname))
 }
 
 /// Removes a pin; a missing one is fine.
@@ -118,15 +172,55 @@ pub fn remove_file(path: &Path) -> Result<()> {
     }
 }
 
-fn remove_dir(path: &Path) -> Result<()> {
+/// Removes a directory unless something is left in it (not ours) or it is gone already.
+fn remove_dir_if_empty(path: &Path) -> Result<()> {
     match std::fs::remove_dir(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", path.display()))
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::DirectoryNotEmpty => {
+            Ok(())
         }
-        _ => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+        Ok(()) => Ok(()),
     }
 }
 
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_directory_has_one_name() {
+        let a = Pins::new("/sys/fs/bpf/tailgate/");
+        let b = Pins::new("/sys/fs/bpf/./tailgate");
+        assert_eq!(a.root(), Path::new("/sys/fs/bpf/tailgate"));
+        assert_eq!(a.root(), b.root());
+        assert!(Pins::new("relative").root().is_absolute());
+    }
+
+    #[test]
+    fn a_pin_dir_off_bpffs_is_refused_and_nothing_there_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = Pins::new(dir.path().join("tailgate"));
+        let e = pins.prepare().unwrap_err();
+        assert!(e.to_string().contains("not on a bpffs mount"), "{e:#}");
+        assert!(!pins.root().exists(), "nothing created");
+        // Files that look like tailgate's are left alone off bpffs.
+        std::fs::create_dir_all(pins.maps_dir()).unwrap();
+        std::fs::create_dir_all(pins.links_dir()).unwrap();
+        std::fs::write(pins.map("COUNTERS"), "mine").unwrap();
+        std::fs::write(pins.links_dir().join("xdp@eth0:2"), "mine").unwrap();
+        pins.remove_all(&["COUNTERS"]).unwrap();
+        assert!(pins.map("COUNTERS").exists() && pins.links_dir().join("xdp@eth0:2").exists());
+    }
+
+    #[test]
+    fn legacy_link_names() {
+        assert_eq!(legacy_link_name("xdp@eth0"), Some((Hook::Xdp, "eth0")));
+        assert_eq!(legacy_link_name("tc_egress@tailscale0"), Some((Hook::TcEgress, "tailscale0")));
+        assert_eq!(legacy_link_name("xdp@eth0:3"), None);
+        assert_eq!(legacy_link_name("mine@x"), None);
+    }
 }

@@ -29,22 +29,31 @@ pub struct Available {
     pub v6_nat: bool,
 }
 
-/// The tables to write, per family. `divert = false` renders no hooks.
-pub fn render(state: &DesiredState, divert: bool, available: Available) -> Vec<TableSpec> {
+/// How the chains are wired into the built-in ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wiring {
+    /// Insert jumps from the built-in chains (`divert`); `false` renders no hooks.
+    pub divert: bool,
+    /// Keep those jumps first (`hook_position = "first"`).
+    pub first: bool,
+}
+
+/// The tables to write, per family.
+pub fn render(state: &DesiredState, wiring: Wiring, available: Available) -> Vec<TableSpec> {
     let mut tables = Vec::new();
     for family in [Family::V4, Family::V6] {
         if family == Family::V6 && !available.v6_filter {
             continue;
         }
-        tables.push(filter(state, family, divert));
+        tables.push(filter(state, family, wiring));
         if family == Family::V4 || available.v6_nat {
-            tables.push(nat(family, divert));
+            tables.push(nat(family, wiring));
         }
     }
     tables
 }
 
-fn filter(state: &DesiredState, family: Family, divert: bool) -> TableSpec {
+fn filter(state: &DesiredState, family: Family, wiring: Wiring) -> TableSpec {
     let tun = &state.tunnel;
     let mut input: Vec<Rule> = prefix_rules(&state.cgnat.inbound, family)
         .map(|(prefix, verdict, label)| {
@@ -69,11 +78,11 @@ fn filter(state: &DesiredState, family: Family, divert: bool) -> TableSpec {
         family,
         table: "filter",
         chains: vec![Chain { name: INPUT, rules: input }, Chain { name: FORWARD, rules: forward }],
-        hooks: hooks(divert, &[("INPUT", INPUT), ("FORWARD", FORWARD)]),
+        hooks: hooks(wiring, &[("INPUT", INPUT), ("FORWARD", FORWARD)]),
     }
 }
 
-fn nat(family: Family, divert: bool) -> TableSpec {
+fn nat(family: Family, wiring: Wiring) -> TableSpec {
     let marked = format!("{:#x}/{:#x}", mark::SUBNET_ROUTE, mark::MASK);
     let rules =
         vec![rule(format!("-m mark --mark {marked} -j MASQUERADE"), "subnet route: masquerade".into())];
@@ -81,7 +90,7 @@ fn nat(family: Family, divert: bool) -> TableSpec {
         family,
         table: "nat",
         chains: vec![Chain { name: POSTROUTING, rules }],
-        hooks: hooks(divert, &[("POSTROUTING", POSTROUTING)]),
+        hooks: hooks(wiring, &[("POSTROUTING", POSTROUTING)]),
     }
 }
 
@@ -102,11 +111,11 @@ fn rule(spec: String, label: String) -> Rule {
     Rule { spec, label }
 }
 
-fn hooks(divert: bool, pairs: &[(&'static str, &'static str)]) -> Vec<Hook> {
-    if !divert {
+fn hooks(wiring: Wiring, pairs: &[(&'static str, &'static str)]) -> Vec<Hook> {
+    if !wiring.divert {
         return Vec::new();
     }
-    pairs.iter().map(|&(builtin, target)| Hook { builtin, target }).collect()
+    pairs.iter().map(|&(builtin, target)| Hook { builtin, target, first: wiring.first }).collect()
 }
 
 #[cfg(test)]
@@ -124,7 +133,7 @@ mod tests {
 
     fn tables(toml: &str, divert: bool, available: Available) -> Vec<TableSpec> {
         let config = Config::parse(toml, &HashMap::new()).unwrap();
-        render(&policy::compile(&config, vec!["eth0".into()]), divert, available)
+        render(&policy::compile(&config, vec!["eth0".into()]), Wiring { divert, first: false }, available)
     }
 
     /// Every restore payload for a fresh host, as tailgate would write them.

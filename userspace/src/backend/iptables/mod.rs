@@ -1,26 +1,33 @@
 //! The iptables backend: the same policy as the BPF datapath, enforced with netfilter.
 //! Used when BPF cannot be (`backend = "auto"`), or when asked (`backend = "iptables"`).
 
+pub mod bypass;
 pub mod cgnat;
 pub mod exec;
 pub mod table;
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use self::{
+    cgnat::Wiring,
     exec::{Iptables, Variant},
     table::{Family, SavedTable, TableSpec},
 };
 use super::Backend;
-use crate::policy::DesiredState;
+use crate::{
+    lock::{self, Lock},
+    policy::DesiredState,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
     /// Insert jumps from INPUT/FORWARD/POSTROUTING (where missing). `false`: the user wires
     /// the chains in; tailgate inserts no jump and never deletes one it did not write.
     pub divert: bool,
+    /// Keep the jumps first (a repair moves them back on top).
+    pub hook_first: bool,
     /// Force a variant; `None` picks the one the host already uses.
     pub variant: Option<Variant>,
     /// How often the rules are read back and repaired.
@@ -32,10 +39,26 @@ pub struct IptablesBackend {
     opts: Options,
     /// What was last applied; repairs restore it.
     desired: Vec<TableSpec>,
+    tunnel: String,
+    /// Rules of others that bypass tailgate, as last reported.
+    bypasses: Vec<String>,
+    /// Whether tailgate's rules were already in force at start (kept by an earlier run).
+    inherited: bool,
+    /// One writer of tailgate's chains per network namespace.
+    _netns: Lock,
 }
 
 impl IptablesBackend {
+    /// Takes this network namespace's iptables lock (refusing to start if another daemon
+    /// holds it) and probes iptables.
     pub fn new(opts: Options) -> Result<Self> {
+        let netns = match Lock::try_acquire(&lock::netns_path()?)? {
+            Ok(lock) => lock,
+            Err(held) => bail!(
+                "another tailgate (PID {}) enforces with iptables in this network namespace; stop it first",
+                held.pid
+            ),
+        };
         let ip = Iptables::probe(opts.variant).context("iptables backend")?;
         tracing::info!(
             "iptables-{} (IPv6 filter: {}, IPv6 nat: {}), divert: {}",
@@ -44,7 +67,15 @@ impl IptablesBackend {
             yes(ip.available.v6_nat),
             opts.divert
         );
-        Ok(Self { ip, opts, desired: Vec::new() })
+        Ok(Self {
+            ip,
+            opts,
+            desired: Vec::new(),
+            tunnel: String::new(),
+            bypasses: Vec::new(),
+            inherited: false,
+            _netns: netns,
+        })
     }
 
     /// Writes what differs between `desired` and the kernel; returns the tables written.
@@ -59,6 +90,35 @@ impl IptablesBackend {
         }
         Ok(written)
     }
+
+    /// Logs rules of others that now bypass tailgate (once per change).
+    fn check_bypasses(&mut self) {
+        let found = match bypasses(&self.ip, &self.tunnel) {
+            Ok(found) => found,
+            Err(e) => return tracing::warn!("reading the filter tables: {e:#}"),
+        };
+        if found != self.bypasses {
+            for rule in found.iter().filter(|r| !self.bypasses.contains(r)) {
+                tracing::warn!(
+                    "{rule} comes before tailgate's hook and can accept what tailgate drops \
+                     (set [iptables] hook_position = \"first\" to keep tailgate on top)"
+                );
+            }
+            self.bypasses = found;
+        }
+    }
+}
+
+/// Rules above tailgate's hooks, in every filter table, that can accept what it drops.
+pub fn bypasses(ip: &Iptables, tunnel: &str) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for (family, table) in ip.tables().filter(|(_, t)| *t == "filter") {
+        let saved = SavedTable::parse(&ip.save(family, table, false)?, table);
+        for rule in bypass::find(&saved, family, tunnel) {
+            found.push(format!("{} filter {rule}", family_name(family)));
+        }
+    }
+    Ok(found)
 }
 
 impl Backend for IptablesBackend {
@@ -67,11 +127,29 @@ impl Backend for IptablesBackend {
     }
 
     fn apply(&mut self, state: &DesiredState) -> Result<()> {
-        let desired = cgnat::render(state, self.opts.divert, self.ip.available);
+        let wiring = Wiring { divert: self.opts.divert, first: self.opts.hook_first };
+        let desired = cgnat::render(state, wiring, self.ip.available);
+        let first = self.desired.is_empty();
         match self.sync(&desired) {
             Ok(written) => {
                 tracing::info!("iptables: wrote [{}]", written.join(", "));
+                if first {
+                    self.inherited = written.is_empty();
+                    // A run with the other variant (nft <-> legacy) left its rules in force
+                    // with its policy: remove them now that these are in force.
+                    let other = match self.ip.variant {
+                        Variant::Nft => Variant::Legacy,
+                        Variant::Legacy => Variant::Nft,
+                    };
+                    if let Ok(ip) = Iptables::probe_quiet(other) {
+                        if let Err(e) = remove(&ip) {
+                            tracing::warn!("removing tailgate's iptables-{} rules: {e:#}", other.name());
+                        }
+                    }
+                }
                 self.desired = desired;
+                self.tunnel = state.tunnel.clone();
+                self.check_bypasses();
                 Ok(())
             }
             Err(e) => {
@@ -98,7 +176,12 @@ impl Backend for IptablesBackend {
         if !written.is_empty() {
             tracing::warn!("iptables: rules changed by another program; restored [{}]", written.join(", "));
         }
+        self.check_bypasses();
         Ok(())
+    }
+
+    fn inherited(&self) -> bool {
+        self.inherited
     }
 
     fn stop(self: Box<Self>, keep: bool) -> Result<()> {
@@ -127,8 +210,21 @@ fn remove(ip: &Iptables) -> Result<()> {
 }
 
 /// Removes tailgate's rules from both variants (for `tailgate cleanup` and when the BPF
-/// backend starts). Variants or families this host lacks are skipped.
+/// backend starts). Variants or families this host lacks are skipped. Refuses while another
+/// daemon enforces with iptables in this network namespace (it would restore them anyway).
 pub fn remove_all() -> Result<()> {
+    let _netns = match Lock::try_acquire(&lock::netns_path()?)? {
+        Ok(lock) => lock,
+        Err(held) => bail!(
+            "tailgate (PID {}) enforces with iptables in this network namespace; stop it first",
+            held.pid
+        ),
+    };
+    remove_all_unlocked()
+}
+
+/// `remove_all` without asking who holds the lock (`cleanup --force`).
+pub fn remove_all_unlocked() -> Result<()> {
     for variant in [Variant::Nft, Variant::Legacy] {
         if let Ok(ip) = Iptables::probe_quiet(variant) {
             remove(&ip).with_context(|| format!("cleaning iptables-{}", variant.name()))?;

@@ -54,6 +54,9 @@ pub struct Rule {
 pub struct Hook {
     pub builtin: &'static str,
     pub target: &'static str,
+    /// Keep tailgate's jump the first rule of `builtin` (`hook_position = "first"`): one that
+    /// others pushed down is moved back on top. A jump the user wrote is never moved.
+    pub first: bool,
 }
 
 impl Chain {
@@ -206,11 +209,17 @@ pub fn plan(desired: &TableSpec, current: &SavedTable) -> Option<String> {
         }
     }
     for hook in &desired.hooks {
-        let present = current
-            .chains
-            .get(hook.builtin)
-            .is_some_and(|rules| rules.iter().any(|r| r.targets(hook.target)));
-        if !present {
+        let rules = current.chains.get(hook.builtin).map(Vec::as_slice).unwrap_or_default();
+        let insert = match rules.iter().position(|r| r.targets(hook.target)) {
+            None => true,
+            Some(0) => false,
+            Some(i) if hook.first && rules[i].ours() => {
+                lines.push(format!("-D {} {}", hook.builtin, rules[i].body));
+                true
+            }
+            Some(_) => false,
+        };
+        if insert {
             lines.push(format!(
                 "-I {} 1 -m comment --comment \"{HOOK_COMMENT}\" -j {}",
                 hook.builtin, hook.target
@@ -251,7 +260,7 @@ mod tests {
         }
     }
 
-    const HOOK: Hook = Hook { builtin: "INPUT", target: "tg-input" };
+    const HOOK: Hook = Hook { builtin: "INPUT", target: "tg-input", first: false };
 
     /// What iptables-save would print after applying `payload` to nothing.
     fn saved_after(payload: &str) -> SavedTable {
@@ -301,6 +310,24 @@ mod tests {
         let payload = plan(&desired, &saved).unwrap();
         assert!(payload.contains("-A tg-input"));
         assert!(payload.contains("-I INPUT 1"));
+    }
+
+    #[test]
+    fn hook_position_first_moves_our_pushed_down_hook_back_on_top() {
+        let text = "*filter\n:INPUT ACCEPT [0:0]\n:tg-input - [0:0]\n-A INPUT -j ACCEPT\n-A INPUT -m comment --comment \"tailgate:hook\" -j tg-input\nCOMMIT\n";
+        let saved = SavedTable::parse(text, "filter");
+        let keep = spec(vec![], vec![HOOK]);
+        let first = spec(vec![], vec![Hook { first: true, ..HOOK }]);
+        let payload = |spec: &TableSpec| plan(spec, &saved).unwrap_or_default();
+        assert!(!payload(&keep).contains("INPUT"), "keep: left where it is\n{}", payload(&keep));
+        let moved = payload(&first);
+        let delete = moved.find("-D INPUT -m comment --comment \"tailgate:hook\" -j tg-input").unwrap();
+        let insert = moved.find("-I INPUT 1 -m comment").unwrap();
+        assert!(delete < insert, "{moved}");
+        // Already first: nothing to do. A user's own jump is never moved.
+        let text = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\n-A INPUT -j tg-input\nCOMMIT\n";
+        let user = SavedTable::parse(text, "filter");
+        assert!(!plan(&first, &user).unwrap_or_default().contains("INPUT"));
     }
 
     #[test]

@@ -1,0 +1,173 @@
+//! Which devices the programs are attached to, keyed by ifindex: a device deleted and
+//! re-created under the same name is a new device and gets a new link; a link whose device
+//! is gone is defunct and its pin goes; a renamed device keeps its link (the pin is renamed).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
+
+use anyhow::Result;
+use aya::Ebpf;
+
+use super::{
+    links::{self, Hook, PinName},
+    pins::{self, Pins},
+};
+use crate::{backend::Cancel, netdev, policy::DesiredState};
+
+/// (hook, ifindex) → interface name.
+type Wanted = BTreeMap<(Hook, u32), String>;
+
+pub struct Attachments {
+    pins: Pins,
+    /// Attachments this process made or took over.
+    owned: BTreeSet<(Hook, u32)>,
+    /// What is wanted but cannot be attached now (device absent), for status.
+    pending: Vec<String>,
+}
+
+/// Links one call attached anew (to undo if what follows fails).
+pub struct Fresh(Vec<((Hook, u32), PathBuf)>);
+
+impl Attachments {
+    pub fn new(pins: Pins) -> Self {
+        Self { pins, owned: BTreeSet::new(), pending: Vec::new() }
+    }
+
+    /// Wanted but not attachable now, e.g. "tc_egress on tun0 (absent)".
+    pub fn pending(&self) -> Vec<String> {
+        self.pending.clone()
+    }
+
+    /// The devices `state` names that exist now, by ifindex. Notes what is absent.
+    fn wanted(&mut self, state: &DesiredState) -> Result<Wanted> {
+        let interfaces = netdev::interfaces()?;
+        let mut wanted = Wanted::new();
+        let mut pending = Vec::new();
+        let tunnel = (Hook::TcEgress, &state.tunnel);
+        for (hook, ifname) in state.uplinks.iter().map(|u| (Hook::Xdp, u)).chain([tunnel]) {
+            match interfaces.get(ifname) {
+                Some(iface) => {
+                    wanted.insert((hook, iface.index), ifname.clone());
+                }
+                None => pending.push(format!("{} on {ifname} (absent)", hook.pin_prefix())),
+            }
+        }
+        if pending != self.pending {
+            for what in pending.iter().filter(|p| !self.pending.contains(p)) {
+                tracing::warn!("{what}: attached once it appears");
+            }
+            self.pending = pending;
+        }
+        Ok(wanted)
+    }
+
+    /// Attaches what is wanted, detaches what is not (or whose device is gone).
+    /// `strict` (start): the first failure undoes this call's attachments and is returned;
+    /// otherwise (devices changed while running) a failure is logged and the rest goes on.
+    pub fn reconcile(
+        &mut self,
+        ebpf: &mut Ebpf,
+        state: &DesiredState,
+        strict: bool,
+        cancel: &Cancel,
+    ) -> Result<()> {
+        let wanted = self.wanted(state)?;
+        self.attach(ebpf, &wanted, strict, cancel)?;
+        self.detach(&wanted)
+    }
+
+    /// The first half of a reload: attach what the new state adds.
+    pub fn attach_new(&mut self, ebpf: &mut Ebpf, state: &DesiredState) -> Result<Fresh> {
+        let wanted = self.wanted(state)?;
+        self.attach(ebpf, &wanted, true, &Cancel::never())
+    }
+
+    /// The last half of a reload: detach what the new state no longer has.
+    pub fn detach_unwanted(&mut self, state: &DesiredState) -> Result<()> {
+        let wanted = self.wanted(state)?;
+        self.detach(&wanted)
+    }
+
+    /// Detaches what one `attach_new` attached.
+    pub fn undo(&mut self, fresh: Fresh) {
+        for (key, pin) in fresh.0 {
+            let _ = links::detach(&pin);
+            self.owned.remove(&key);
+        }
+    }
+
+    fn attach(&mut self, ebpf: &mut Ebpf, wanted: &Wanted, strict: bool, cancel: &Cancel) -> Result<Fresh> {
+        let pinned = self.pins.pinned_links()?;
+        let mut fresh = Fresh(Vec::new());
+        for (&(hook, ifindex), ifname) in wanted {
+            let key = (hook, ifindex);
+            let live = pinned.iter().find(|p| p.live && (p.name.hook, p.name.ifindex) == key);
+            if self.owned.contains(&key) && live.is_some() {
+                continue;
+            }
+            let name = PinName { hook, ifname: ifname.clone(), ifindex };
+            let result = match live {
+                // A link a previous run left: replace its program (no gap).
+                Some(p) => links::take_over(ebpf, hook, &p.path).map(|()| "took over the pinned link"),
+                None => {
+                    // A pin at that path holds a dead link (or nothing usable): replace it.
+                    let path = self.pins.link(&name);
+                    pins::remove_file(&path)
+                        .and_then(|()| links::attach(ebpf, hook, ifname, ifindex, &path))
+                        .map(|()| {
+                            fresh.0.push((key, path));
+                            "attached"
+                        })
+                }
+            };
+            match result {
+                Ok(how) => {
+                    tracing::info!("{} on {ifname} (ifindex {ifindex}): {how}", hook.pin_prefix());
+                    self.owned.insert(key);
+                }
+                Err(e) if strict => {
+                    self.undo(fresh);
+                    return Err(e);
+                }
+                Err(e) => tracing::error!("{} on {ifname}: {e:#}", hook.pin_prefix()),
+            }
+            if let Err(e) = cancel.check() {
+                self.undo(fresh);
+                return Err(e);
+            }
+        }
+        Ok(fresh)
+    }
+
+    fn detach(&mut self, wanted: &Wanted) -> Result<()> {
+        for pinned in self.pins.pinned_links()? {
+            let key = (pinned.name.hook, pinned.name.ifindex);
+            let what = format!("{} on {} (ifindex {})", key.0.pin_prefix(), pinned.name.ifname, key.1);
+            match wanted.get(&key) {
+                Some(ifname) if pinned.live => {
+                    // Same device, maybe renamed (or a pin of an older version): name the pin
+                    // after what it is now.
+                    let name = PinName { ifname: ifname.clone(), ..pinned.name.clone() };
+                    let path = self.pins.link(&name);
+                    if path != pinned.path {
+                        if let Err(e) = std::fs::rename(&pinned.path, &path) {
+                            tracing::warn!("renaming pin {} to {name}: {e}", pinned.path.display());
+                        }
+                    }
+                }
+                _ => {
+                    links::detach(&pinned.path)?;
+                    self.owned.remove(&key);
+                    if pinned.live {
+                        tracing::info!("{what}: detached");
+                    } else {
+                        tracing::info!("{what}: device gone, link removed");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
