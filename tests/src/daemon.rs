@@ -1,8 +1,9 @@
 //! Runs the real `tailgate` binary inside a test namespace with its own pin directory.
 
 use std::{
+    cell::RefCell,
     fs,
-    os::fd::AsFd,
+    os::{fd::AsFd, unix::net::UnixDatagram},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::Duration,
@@ -60,6 +61,26 @@ impl Drop for PinDir {
     }
 }
 
+/// `tailgate status --json` of the instance of `pins` in `ns`; `{"running": false, ...}`
+/// when nothing is installed.
+pub fn status(ns: &Netns, pins: &PinDir) -> serde_json::Value {
+    let out = tailgate(ns, pins, &["status", "--json"]).expect("running tailgate status");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The live attachments `status` lists, as "hook@target".
+pub fn attachments(status: &serde_json::Value) -> Vec<String> {
+    status["attachments"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|a| format!("{}@{}", a["hook"].as_str().unwrap(), a["target"].as_str().unwrap()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `tailgate --pin-dir DIR ARGS` run in `ns`.
 pub fn tailgate(ns: &Netns, pins: &PinDir, args: &[&str]) -> Result<Output> {
     command(ns, pins, args)?.output().context("running tailgate")
@@ -82,13 +103,17 @@ fn command_in(netns_path: &str, pins: &PinDir, args: &[&str]) -> Result<Command>
     Ok(cmd)
 }
 
-/// What the daemon logs once the policy is in force.
-const READY: &str = "enforcing on uplinks";
-
 /// A running daemon. Stopped with SIGTERM (then SIGKILL) on drop.
+///
+/// It reports to a notify socket of its own (`NOTIFY_SOCKET`, as under systemd): `READY=1`
+/// once the policy is in force and again after every reload, `STATUS=` lines while it
+/// starts. Readiness is that signal, never a log line.
 pub struct Daemon {
     child: Option<Child>,
     dir: TempDir,
+    notify: UnixDatagram,
+    /// Every notification received so far, in order.
+    received: RefCell<Vec<String>>,
 }
 
 impl Daemon {
@@ -100,9 +125,8 @@ impl Daemon {
 
     /// `start` with extra arguments for `tailgate run`.
     pub fn start_with(ns: &Netns, pins: &PinDir, config: &str, args: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let mut daemon = Self::spawn(ns, pins, config, dir, args)?;
-        let ready = wait::until(Duration::from_secs(20), || daemon.log().contains(READY) || !daemon.alive());
+        let mut daemon = Self::spawn(ns, pins, config, args)?;
+        let ready = wait::until(Duration::from_secs(20), || daemon.readies() > 0 || !daemon.alive());
         if !ready || !daemon.alive() {
             let log = daemon.log();
             daemon.stop();
@@ -113,30 +137,69 @@ impl Daemon {
 
     /// Starts `tailgate run` and waits for it to exit (for configs it must refuse).
     pub fn run_to_exit(ns: &Netns, pins: &PinDir, config: &str) -> Result<(i32, String)> {
-        let dir = tempfile::tempdir()?;
-        let mut daemon = Self::spawn(ns, pins, config, dir, &[])?;
+        let mut daemon = Self::spawn(ns, pins, config, &[])?;
         let exited = wait::until(Duration::from_secs(20), || !daemon.alive());
         if !exited {
             daemon.stop();
             bail!("daemon kept running");
         }
-        let code = daemon.child.take().unwrap().wait()?.code().unwrap_or(-1);
-        Ok((code, daemon.log()))
+        Ok((daemon.exit_code()?, daemon.log()))
     }
 
-    fn spawn(ns: &Netns, pins: &PinDir, config: &str, dir: TempDir, args: &[&str]) -> Result<Self> {
+    /// Starts `tailgate run` without waiting for anything.
+    pub fn spawn(ns: &Netns, pins: &PinDir, config: &str, args: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("tailgate.toml");
         fs::write(&config_path, config)?;
+        let socket_path = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&socket_path)?;
+        notify.set_nonblocking(true)?;
         let log = fs::File::create(dir.path().join("log"))?;
         let mut run = vec!["run", "--config", config_path.to_str().unwrap()];
         run.extend_from_slice(args);
         let child = command(ns, pins, &run)?
+            .env("NOTIFY_SOCKET", &socket_path)
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null())
             .spawn()
             .context("spawning tailgate")?;
-        Ok(Self { child: Some(child), dir })
+        Ok(Self { child: Some(child), dir, notify, received: RefCell::new(Vec::new()) })
+    }
+
+    /// Every notification so far (`READY=1`, `STATUS=...`, one entry per line).
+    pub fn notifications(&self) -> Vec<String> {
+        let mut buf = [0u8; 4096];
+        let mut received = self.received.borrow_mut();
+        while let Ok(n) = self.notify.recv(&mut buf) {
+            received.extend(String::from_utf8_lossy(&buf[..n]).lines().map(String::from));
+        }
+        received.clone()
+    }
+
+    /// How many times the daemon said it is ready (start, then once per reload).
+    pub fn readies(&self) -> usize {
+        self.notifications().iter().filter(|n| *n == "READY=1").count()
+    }
+
+    /// SIGHUP, then waits until the daemon has handled it (ready again).
+    pub fn reload(&self) -> Result<()> {
+        let before = self.readies();
+        self.signal(Signal::SIGHUP)?;
+        self.wait_ready_after(before)
+    }
+
+    /// Waits up to 10 s for a `READY=1` beyond the first `count`.
+    pub fn wait_ready_after(&self, count: usize) -> Result<()> {
+        if !wait::until(Duration::from_secs(10), || self.readies() > count) {
+            bail!("the daemon did not report ready again; its log:\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    /// The exit code once the process has exited (-1 when killed by a signal).
+    pub fn exit_code(&mut self) -> Result<i32> {
+        Ok(self.child.take().context("not running")?.wait()?.code().unwrap_or(-1))
     }
 
     pub fn config_path(&self) -> PathBuf {

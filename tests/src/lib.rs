@@ -6,6 +6,7 @@
 //! panics. Loops that send traffic are bounded in count and time.
 
 pub mod daemon;
+pub mod flood;
 pub mod netns;
 pub mod packets;
 pub mod testrun;

@@ -67,6 +67,18 @@ impl Netns {
         self.exec("ping", &args).map(|o| o.status.success()).unwrap_or(false)
     }
 
+    /// Sends `count` UDP datagrams from `src` (an address of this namespace) to `dst:port`.
+    pub fn send_udp(&self, src: &str, dst: &str, port: u16, count: usize) -> Result<()> {
+        let (src, dst) = (src.to_string(), format!("{dst}:{port}"));
+        self.enter(move || {
+            let sock = std::net::UdpSocket::bind((src.as_str(), 0))?;
+            for _ in 0..count {
+                sock.send_to(b"tailgate", &dst)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Runs `f` on a thread that has entered this namespace (sockets and devices it
     /// creates belong to the namespace).
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {

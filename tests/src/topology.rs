@@ -77,36 +77,76 @@ impl Topology {
         let gw = Netns::new("tg-gw")?;
         let lan = Netns::new("tg-lan")?;
         let side = Netns::new("tg-side")?;
-        veth(&gw, "eth0", &lan, "eth0")?;
         veth(&gw, "eth1", &side, "eth0")?;
         for (ns, dev, addr) in [
-            (&gw, "eth0", "100.64.0.1/24"),
-            (&gw, "eth0", "192.0.2.1/24"),
             (&gw, "eth1", "198.51.100.1/24"),
             (&gw, "eth1", "100.64.7.1/24"),
-            (&lan, "eth0", "100.64.0.2/24"),
-            (&lan, "eth0", "192.0.2.2/24"),
-            (&lan, "eth0", "100.90.0.9/32"),
             (&side, "eth0", "198.51.100.2/24"),
             (&side, "eth0", "100.64.7.2/24"),
         ] {
             ns.ip(&["addr", "add", addr, "dev", dev])?;
         }
+        side.ip(&["route", "add", "100.101.0.0/16", "via", "198.51.100.1"])?;
+        let tun = Tun::open(&gw, "tun0")?;
+        gw.sysctl("net.ipv4.ip_forward", "1")?;
+        let t = Self { tun, pins: PinDir::new(&gw), gw, lan, side };
+        t.wire_lan()?;
+        t.wire_tunnel()?;
+        Ok(t)
+    }
+
+    /// The gateway's eth0 and the LAN host's eth0, with their addresses and the LAN's
+    /// default route.
+    fn wire_lan(&self) -> Result<()> {
+        let (gw, lan) = (&self.gw, &self.lan);
+        veth(gw, "eth0", lan, "eth0")?;
         for (ns, addr) in [
-            (&gw, "fd7a:115c:a1e0::1/64"),
-            (&gw, "2001:db8::1/64"),
-            (&lan, "fd7a:115c:a1e0::2/64"),
-            (&lan, "2001:db8::2/64"),
+            (gw, "100.64.0.1/24"),
+            (gw, "192.0.2.1/24"),
+            (lan, "100.64.0.2/24"),
+            (lan, "192.0.2.2/24"),
+            (lan, "100.90.0.9/32"),
+        ] {
+            ns.ip(&["addr", "add", addr, "dev", "eth0"])?;
+        }
+        for (ns, addr) in [
+            (gw, "fd7a:115c:a1e0::1/64"),
+            (gw, "2001:db8::1/64"),
+            (lan, "fd7a:115c:a1e0::2/64"),
+            (lan, "2001:db8::2/64"),
         ] {
             ns.ip(&["addr", "add", addr, "dev", "eth0", "nodad"])?;
         }
-        lan.ip(&["route", "add", "default", "via", GW_LAN])?;
-        side.ip(&["route", "add", "100.101.0.0/16", "via", "198.51.100.1"])?;
-        let tun = Tun::open(&gw, "tun0")?;
-        gw.ip(&["addr", "add", "100.101.0.1/32", "dev", "tun0"])?;
-        gw.ip(&["route", "add", "100.101.0.0/16", "dev", "tun0"])?;
-        gw.sysctl("net.ipv4.ip_forward", "1")?;
-        Ok(Self { tun, pins: PinDir::new(&gw), gw, lan, side })
+        lan.ip(&["route", "add", "default", "via", GW_LAN])
+    }
+
+    /// The tunnel's address and the tailnet route through it.
+    fn wire_tunnel(&self) -> Result<()> {
+        self.gw.ip(&["addr", "add", "100.101.0.1/32", "dev", "tun0"])?;
+        self.gw.ip(&["route", "add", "100.101.0.0/16", "dev", "tun0"])
+    }
+
+    /// Deletes the tunnel device, as a restart of the overlay daemon does.
+    pub fn delete_tunnel(&mut self) -> Result<()> {
+        self.tun.delete(&self.gw)
+    }
+
+    /// Creates the tunnel device anew (a new ifindex), with its address and route.
+    pub fn create_tunnel(&mut self) -> Result<()> {
+        self.tun.create(&self.gw)?;
+        self.wire_tunnel()
+    }
+
+    /// Deletes the LAN link (both ends of the veth pair) and creates it anew.
+    pub fn recreate_lan(&self) -> Result<()> {
+        self.gw.ip(&["link", "del", "eth0"])?;
+        self.wire_lan()
+    }
+
+    /// The ifindex of `dev` in the gateway.
+    pub fn ifindex(&self, dev: &str) -> Option<u64> {
+        let out = self.gw.exec("cat", &[&format!("/sys/class/net/{dev}/ifindex")]).ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
     }
 
     /// Whether `backend`'s datapath is installed in the gateway namespace.

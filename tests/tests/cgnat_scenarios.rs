@@ -9,7 +9,7 @@ use std::{
 use anyhow::Result;
 use nix::sys::signal::Signal;
 use tailgate_tests::{
-    daemon::{tailgate, Daemon},
+    daemon::{status, Daemon},
     netns::Netns,
     on_both_backends,
     packets::{ip_echo4, ip_summary},
@@ -26,18 +26,6 @@ on_both_backends!(
 );
 
 const SETTLE: Duration = Duration::from_secs(5);
-
-/// Sends `count` UDP datagrams from `src` (an address of `ns`) to `dst:port`.
-fn send_udp(ns: &Netns, src: &str, dst: &str, port: u16, count: usize) -> Result<()> {
-    let (src, dst) = (src.to_string(), format!("{dst}:{port}"));
-    ns.enter(move || {
-        let sock = UdpSocket::bind((src.as_str(), 0))?;
-        for _ in 0..count {
-            sock.send_to(b"tailgate", &dst)?;
-        }
-        Ok(())
-    })
-}
 
 /// A UDP socket bound inside `ns`.
 fn listen_udp(ns: &Netns, port: u16) -> Result<UdpSocket> {
@@ -60,9 +48,7 @@ fn received_from(sock: &UdpSocket, timeout: Duration) -> Vec<IpAddr> {
 }
 
 fn status_json(t: &Topology) -> serde_json::Value {
-    let out = tailgate(&t.gw, &t.pins, &["status", "--json"]).unwrap();
-    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    status(&t.gw, &t.pins)
 }
 
 fn counter(t: &Topology, name: &str) -> u64 {
@@ -101,7 +87,7 @@ fn lan_neighbour_in_cgnat_space_is_blocked_until_allowed_then_reloaded(backend: 
 fn spoofed_cgnat_source_on_the_uplink_is_dropped_while_non_cgnat_passes(backend: &str) {
     let t = Topology::new().unwrap();
     let sock = listen_udp(&t.gw, 5353).unwrap();
-    send_udp(&t.lan, LAN_SPOOF, GW_LAN, 5353, 3).unwrap();
+    t.lan.send_udp(LAN_SPOOF, GW_LAN, 5353, 3).unwrap();
     assert!(
         received_from(&sock, Duration::from_secs(1)).contains(&LAN_SPOOF.parse().unwrap()),
         "control: arrives without tailgate"
@@ -109,8 +95,8 @@ fn spoofed_cgnat_source_on_the_uplink_is_dropped_while_non_cgnat_passes(backend:
 
     let _daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
     let drops = counter(&t, "uplink_drop");
-    send_udp(&t.lan, LAN_SPOOF, GW_LAN, 5353, 5).unwrap();
-    send_udp(&t.lan, LAN, GW_LAN, 5353, 5).unwrap();
+    t.lan.send_udp(LAN_SPOOF, GW_LAN, 5353, 5).unwrap();
+    t.lan.send_udp(LAN, GW_LAN, 5353, 5).unwrap();
     let from = received_from(&sock, Duration::from_secs(1));
     assert!(!from.contains(&LAN_SPOOF.parse().unwrap()), "spoofed CGNAT source got through");
     assert_eq!(
@@ -149,12 +135,12 @@ fn cgnat_source_injected_into_the_tunnel_is_delivered(backend: &str) {
 fn cgnat_source_forwarded_into_the_tunnel_from_elsewhere_is_dropped(backend: &str) {
     let mut t = Topology::new().unwrap();
     let from = |src: &'static str| move |p: &[u8]| matches!(ip_summary(p), Some((s, _, _)) if s == src.parse::<IpAddr>().unwrap());
-    send_udp(&t.side, SIDE_CGNAT, PEER, 9, 1).unwrap();
+    t.side.send_udp(SIDE_CGNAT, PEER, 9, 1).unwrap();
     assert!(t.tun.recv_matching(SETTLE, from(SIDE_CGNAT)).is_some(), "control: forwarded without tailgate");
 
     let _daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
-    send_udp(&t.side, SIDE_CGNAT, PEER, 9, 3).unwrap();
-    send_udp(&t.side, SIDE, PEER, 9, 1).unwrap();
+    t.side.send_udp(SIDE_CGNAT, PEER, 9, 3).unwrap();
+    t.side.send_udp(SIDE, PEER, 9, 1).unwrap();
     assert!(
         t.tun.recv_matching(SETTLE, from(SIDE)).is_some(),
         "non-CGNAT forwarded source must reach the tunnel"

@@ -54,6 +54,9 @@ pub struct Status {
 pub struct Attachment {
     pub hook: String,
     pub target: String,
+    /// The device's ifindex (BPF).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ifindex: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -96,7 +99,11 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
         .pinned_links()?
         .into_iter()
         .filter(|link| link.live)
-        .map(|link| Attachment { hook: link.name.hook.pin_prefix().into(), target: link.name.ifname })
+        .map(|link| Attachment {
+            hook: link.name.hook.pin_prefix().into(),
+            target: link.name.ifname,
+            ifindex: Some(link.name.ifindex),
+        })
         .collect();
     let active: Array<MapData, u32> = Array::try_from(open(pins, MAP_ACTIVE)?)?;
     let generation = (active.get(&0, 0)? & 1) as usize;
@@ -186,9 +193,11 @@ fn add_hooks(status: &mut Status, saved: &SavedTable, table: &str) {
     for (chain, rules) in saved.chains.iter().filter(|(c, _)| !c.starts_with(CHAIN_PREFIX)) {
         for rule in rules {
             if let Some(target) = [INPUT, FORWARD, POSTROUTING].into_iter().find(|t| rule.targets(t)) {
-                status
-                    .attachments
-                    .push(Attachment { hook: format!("{table} {chain}"), target: target.into() });
+                status.attachments.push(Attachment {
+                    hook: format!("{table} {chain}"),
+                    target: target.into(),
+                    ifindex: None,
+                });
             }
         }
     }
@@ -250,7 +259,8 @@ pub fn render_text(s: &Status) -> String {
         let _ = writeln!(out, "  nothing");
     }
     for a in &s.attachments {
-        let _ = writeln!(out, "  {:<22} {}", a.hook, a.target);
+        let index = a.ifindex.map_or(String::new(), |i| format!(" (ifindex {i})"));
+        let _ = writeln!(out, "  {:<22} {}{index}", a.hook, a.target);
     }
     let _ = writeln!(out, "counters (packets):");
     for (name, value) in &s.counters {

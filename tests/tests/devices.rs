@@ -1,0 +1,136 @@
+//! Devices that come and go while the daemon runs: the tunnel deleted and re-created by a
+//! restart of the overlay daemon (or absent at start), an uplink deleted and re-created,
+//! a new uplink when `interfaces` is omitted. Protection is back within a second, and
+//! `status` lists only live attachments.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use tailgate_tests::{
+    daemon::{attachments, status, Daemon},
+    netns::{veth, Netns},
+    on_both_backends,
+    packets::ip_summary,
+    topology::*,
+    wait,
+};
+
+on_both_backends!(
+    tunnel_absent_at_start_then_deleted_and_recreated_is_filtered_again,
+    uplink_deleted_and_recreated_is_protected_again,
+    new_uplink_is_protected_when_interfaces_are_omitted,
+);
+
+/// How soon a device change must be followed.
+const FOLLOW: Duration = Duration::from_secs(1);
+
+/// Whether a CGNAT-sourced datagram forwarded from the side network reaches the tunnel,
+/// checked with a non-CGNAT control datagram that must arrive.
+fn forwarded_cgnat_reaches_tunnel(t: &mut Topology) -> bool {
+    let from = |src: &'static str| move |p: &[u8]| matches!(ip_summary(p), Some((s, _, _)) if s == src.parse::<IpAddr>().unwrap());
+    t.side.send_udp(SIDE_CGNAT, PEER, 9, 1).unwrap();
+    t.side.send_udp(SIDE, PEER, 9, 1).unwrap();
+    let control = t.tun.recv_matching(Duration::from_secs(2), from(SIDE));
+    assert!(control.is_some(), "control: a non-CGNAT source must reach the tunnel");
+    // Both were sent before the control arrived; anything CGNAT is already queued.
+    t.tun.recv_matching(Duration::from_millis(200), from(SIDE_CGNAT)).is_some()
+}
+
+/// Waits until `status` (BPF) lists `hook@dev` with the device's current ifindex; returns
+/// how long that took.
+fn attached_within(t: &Topology, hook: &str, dev: &str) -> Duration {
+    let start = Instant::now();
+    let ok = wait::until(Duration::from_secs(5), || {
+        let index = t.ifindex(dev);
+        status(&t.gw, &t.pins)["attachments"].as_array().unwrap().iter().any(|a| {
+            a["hook"] == hook
+                && a["target"] == dev
+                && a["ifindex"].as_u64().is_some()
+                && a["ifindex"].as_u64() == index
+        })
+    });
+    assert!(ok, "{hook} on {dev} never attached: {}", status(&t.gw, &t.pins));
+    start.elapsed()
+}
+
+fn tunnel_absent_at_start_then_deleted_and_recreated_is_filtered_again(backend: &str) {
+    let mut t = Topology::new().unwrap();
+    t.delete_tunnel().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
+    // What does not need the tunnel is enforced, and the daemon says what it waits for.
+    assert!(!t.cgnat_neighbours_ping(), "uplink filtering without a tunnel");
+    let s = status(&t.gw, &t.pins);
+    if backend == "bpf" {
+        assert_eq!(attachments(&s), ["xdp@eth0"]);
+        assert_eq!(s["pending"], serde_json::json!(["tc_egress on tun0 (absent)"]), "{s}");
+    }
+
+    for round in ["appears", "is re-created"] {
+        t.create_tunnel().unwrap();
+        if backend == "bpf" {
+            let took = attached_within(&t, "tc_egress", "tun0");
+            println!("tunnel {round}: attached after {took:?}");
+            assert!(took < FOLLOW, "tunnel {round}: attached after {took:?}");
+            assert_eq!(status(&t.gw, &t.pins)["pending"], serde_json::json!([]));
+        }
+        assert!(!forwarded_cgnat_reaches_tunnel(&mut t), "tunnel {round}: forwarded CGNAT source reached it");
+
+        // The overlay daemon restarts: the device goes.
+        t.delete_tunnel().unwrap();
+        if backend == "bpf" {
+            let gone = wait::until(FOLLOW, || {
+                !attachments(&status(&t.gw, &t.pins)).contains(&"tc_egress@tun0".into())
+            });
+            assert!(gone, "status still lists the dead attachment: {}", status(&t.gw, &t.pins));
+        }
+    }
+    assert!(!t.cgnat_neighbours_ping());
+    drop(daemon);
+}
+
+fn uplink_deleted_and_recreated_is_protected_again(backend: &str) {
+    let t = Topology::new().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
+    assert!(!t.cgnat_neighbours_ping());
+    for round in 0..2 {
+        t.recreate_lan().unwrap();
+        if backend == "bpf" {
+            let took = attached_within(&t, "xdp", "eth0");
+            println!("uplink re-created ({round}): attached after {took:?}");
+            assert!(took < FOLLOW, "attached after {took:?}");
+            let listed = attachments(&status(&t.gw, &t.pins));
+            assert_eq!(listed, ["xdp@eth0", "tc_egress@tun0"], "one live attachment each");
+        }
+        assert!(t.lan.ping(GW_LAN, Some(LAN)), "the new link works");
+        assert!(!t.cgnat_neighbours_ping(), "re-created uplink ({round}) unprotected\n{}", daemon.log());
+    }
+}
+
+fn new_uplink_is_protected_when_interfaces_are_omitted(backend: &str) {
+    let t = Topology::new().unwrap();
+    let toml = format!("tunnel = \"tun0\"\nbackend = \"{backend}\"\n");
+    let daemon = Daemon::start(&t.gw, &t.pins, &toml).unwrap();
+    let extra = Netns::new("tg-extra").unwrap();
+    veth(&t.gw, "eth2", &extra, "eth0").unwrap();
+    t.gw.ip(&["addr", "add", "100.64.9.1/24", "dev", "eth2"]).unwrap();
+    extra.ip(&["addr", "add", "100.64.9.2/24", "dev", "eth0"]).unwrap();
+    if backend == "bpf" {
+        let took = attached_within(&t, "xdp", "eth2");
+        println!("new uplink: attached after {took:?}");
+        assert!(took < FOLLOW, "attached after {took:?}");
+    }
+    assert!(!extra.ping("100.64.9.1", Some("100.64.9.2")), "CGNAT source on the new uplink passed");
+
+    // Gone again: no attachment left behind, nothing logged as an error.
+    t.gw.ip(&["link", "del", "eth2"]).unwrap();
+    if backend == "bpf" {
+        let gone = wait::until(FOLLOW, || !attachments(&status(&t.gw, &t.pins)).contains(&"xdp@eth2".into()));
+        assert!(gone, "{}", status(&t.gw, &t.pins));
+        assert!(!std::fs::read_dir(t.pins.path().join("links"))
+            .unwrap()
+            .any(|e| { e.unwrap().file_name().to_string_lossy().starts_with("xdp@eth2") }));
+    }
+    assert!(!daemon.log().contains("ERROR"), "{}", daemon.log());
+}
