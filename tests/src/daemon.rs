@@ -45,7 +45,18 @@ pub struct PinDir {
 
 impl PinDir {
     pub fn new(ns: &Netns) -> Self {
-        Self { path: PathBuf::from("/sys/fs/bpf").join(crate::unique("tailgate-test")), netns: ns.path() }
+        Self::at(ns, PathBuf::from("/sys/fs/bpf").join(crate::unique("tailgate-test")))
+    }
+
+    /// A pin dir at a path of the test's choosing (e.g. one that is not on bpffs).
+    pub fn at(ns: &Netns, path: PathBuf) -> Self {
+        Self { path, netns: ns.path() }
+    }
+
+    /// The run state file tailgate keeps for this instance.
+    pub fn run_state(&self) -> PathBuf {
+        let name = self.path.to_string_lossy().trim_matches('/').replace('/', "_");
+        PathBuf::from("/run/tailgate").join(format!("{name}.json"))
     }
 
     pub fn path(&self) -> &Path {

@@ -10,6 +10,7 @@ use tailgate_tests::{
 
 on_both_backends!(
     refused_reload_keeps_the_running_state,
+    a_config_file_written_slowly_is_reloaded_only_once_complete,
     sigterm_removes_everything,
     keep_datapath_survives_a_restart_and_cleanup_is_idempotent,
 );
@@ -67,6 +68,31 @@ fn refused_reload_keeps_the_running_state(backend: &str) {
     assert_eq!(status(&t)["rules"], rules, "rules changed after a refused reload");
     assert!(!t.cgnat_neighbours_ping(), "policy must still be in force");
     assert!(t.installed(backend));
+}
+
+fn a_config_file_written_slowly_is_reloaded_only_once_complete(backend: &str) {
+    use std::io::Write;
+    let t = Topology::new().unwrap();
+    let full = config(backend, "allow = [\"100.64.0.0/24\"]");
+    let daemon = Daemon::start(&t.gw, &t.pins, &full).unwrap();
+    assert!(t.cgnat_neighbours_ping(), "exempted");
+    let readies = daemon.readies();
+
+    // Truncated, then written in two parts: the first part alone is a valid config without
+    // the exemption. Until the file is closed, the policy in force must not lapse.
+    let (head, tail) = full.split_at(full.find("allow").unwrap());
+    let mut file = std::fs::File::create(daemon.config_path()).unwrap();
+    file.write_all(head.as_bytes()).unwrap();
+    file.flush().unwrap();
+    let watch = std::time::Instant::now();
+    while watch.elapsed() < std::time::Duration::from_millis(1500) {
+        assert!(t.cgnat_neighbours_ping(), "the half-written file was applied:\n{}", daemon.log());
+    }
+    assert_eq!(daemon.readies(), readies, "reloaded before the file was complete");
+    file.write_all(tail.as_bytes()).unwrap();
+    drop(file);
+    daemon.wait_ready_after(readies).unwrap();
+    assert!(t.cgnat_neighbours_ping(), "the complete file keeps the exemption");
 }
 
 fn sigterm_removes_everything(backend: &str) {

@@ -183,3 +183,39 @@ fn the_variant_follows_the_rules_already_on_the_host_unless_forced() {
     assert!(!t.cgnat_neighbours_ping());
     drop(daemon);
 }
+
+#[test]
+fn an_accept_above_the_hook_is_reported_and_hook_position_first_undoes_it() {
+    let t = Topology::new().unwrap();
+    let warnings = |t: &Topology| -> Vec<String> {
+        let s = tailgate_tests::daemon::status(&t.gw, &t.pins);
+        s["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect()
+    };
+    let mut daemon = Daemon::start(&t.gw, &t.pins, &config("iptables", "")).unwrap();
+    assert!(warnings(&t).is_empty());
+    // Another tool puts an ACCEPT on top of INPUT: tailgate is bypassed.
+    iptables(&t.gw, "v4", &["-I", "INPUT", "1", "-j", "ACCEPT"]);
+    assert!(t.cgnat_neighbours_ping(), "the ACCEPT above the hook bypasses tailgate");
+    let expected = "ipv4 filter INPUT rule 1 (-j ACCEPT) comes before tailgate's hook and can accept what tailgate drops";
+    assert_eq!(warnings(&t), [expected]);
+    // The daemon says so in its log (from a repair pass), and by default does not push the
+    // other rule down.
+    daemon.wait_for_log("comes before tailgate's hook");
+    assert!(save(&t.gw, "v4", "filter")
+        .contains("-A INPUT -j ACCEPT\n-A INPUT -m comment --comment \"tailgate:hook\""));
+    daemon.stop();
+
+    // hook_position = "first": the hook goes back on top, and stays there.
+    let first = format!("{}\n[iptables]\nhook_position = \"first\"\n", config("iptables", ""));
+    let _daemon = Daemon::start(&t.gw, &t.pins, &first).unwrap();
+    assert!(!t.cgnat_neighbours_ping(), "the hook is first again\n{}", save(&t.gw, "v4", "filter"));
+    assert!(warnings(&t).is_empty(), "{:?}", warnings(&t));
+    iptables(&t.gw, "v4", &["-I", "INPUT", "1", "-j", "ACCEPT"]);
+    let first_rule = || {
+        let rules = save(&t.gw, "v4", "filter");
+        rules.lines().find(|l| l.starts_with("-A INPUT ")).unwrap_or_default().to_string()
+    };
+    let back = wait::until(Duration::from_secs(2), || first_rule().contains("tailgate:hook"));
+    assert!(back, "{}", save(&t.gw, "v4", "filter"));
+    assert!(!t.cgnat_neighbours_ping(), "{}", counters(&t.gw, "v4", "filter"));
+}

@@ -1,0 +1,92 @@
+//! Start is one transaction: a stop while it runs, or a failure after the datapath is in
+//! force, leaves nothing behind; and it removes what a run with the other iptables variant
+//! left.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tailgate_tests::{
+    daemon::{status, Daemon},
+    netns::Netns,
+    on_both_backends,
+    topology::*,
+    wait,
+};
+
+on_both_backends!(
+    sigterm_during_start_rolls_everything_back,
+    a_failure_after_the_datapath_is_in_force_rolls_it_back
+);
+
+/// `count` distinct /28 exemptions: enough for the policy write to take a while.
+fn many_exemptions(count: u32) -> String {
+    let base = u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0));
+    let prefixes: Vec<String> =
+        (0..count).map(|i| format!("\"{}/28\"", std::net::Ipv4Addr::from(base + (i + 1) * 16))).collect();
+    format!("allow = [{}]", prefixes.join(","))
+}
+
+/// Nothing of tailgate is left in the gateway namespace.
+fn assert_nothing_left(t: &Topology, what: &str) {
+    assert!(!t.pins.path().exists(), "{what}: pins left");
+    assert!(!t.installed("bpf") && !t.installed("iptables"), "{what}: datapath left installed");
+    assert!(!t.pins.run_state().exists(), "{what}: run state left");
+    assert!(t.cgnat_neighbours_ping(), "{what}: policy left in force");
+}
+
+fn sigterm_during_start_rolls_everything_back(backend: &str) {
+    let t = Topology::new().unwrap();
+    // Long enough a start that the signal lands in the middle of writing the policy.
+    let count = if backend == "bpf" { 100_000 } else { 20_000 };
+    let mut daemon = Daemon::spawn(&t.gw, &t.pins, &config(backend, &many_exemptions(count)), &[]).unwrap();
+    let writing = wait::until(Duration::from_secs(20), || {
+        daemon.notifications().iter().any(|n| n.starts_with("STATUS=writing")) || !daemon.alive()
+    });
+    assert!(writing && daemon.alive(), "never reported writing the policy:\n{}", daemon.log());
+    daemon.signal(Signal::SIGTERM).unwrap();
+    assert!(wait::until(Duration::from_secs(30), || !daemon.alive()), "still running:\n{}", daemon.log());
+    assert_eq!(daemon.exit_code().unwrap(), 0, "{}", daemon.log());
+    let said = daemon.notifications();
+    assert!(!said.contains(&"READY=1".to_string()), "the stop came after the start finished: {said:?}");
+    assert_nothing_left(&t, "stopped during start");
+}
+
+fn a_failure_after_the_datapath_is_in_force_rolls_it_back(backend: &str) {
+    let t = Topology::new().unwrap();
+    // The last step of a start, recording the run state, fails: a directory is in the way.
+    let run_state = t.pins.run_state();
+    std::fs::create_dir_all(&run_state).unwrap();
+    let result = Daemon::run_to_exit(&t.gw, &t.pins, &config(backend, ""));
+    std::fs::remove_dir(&run_state).unwrap();
+    let (code, log) = result.unwrap();
+    assert_ne!(code, 0, "{log}");
+    assert!(log.contains("recording the run state; start rolled back"), "{log}");
+    assert_nothing_left(&t, "failed start");
+}
+
+#[test]
+fn starting_with_one_iptables_variant_removes_the_other_variants_rules() {
+    let t = Topology::new().unwrap();
+    let saved = |ns: &Netns, variant: &str| {
+        let out = ns.exec(&format!("iptables-{variant}-save"), &[]).unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("tailgate:")
+    };
+    for (from, to) in [("legacy", "nft"), ("nft", "legacy")] {
+        let kept =
+            format!("keep_datapath = true\n{}\n[iptables]\nvariant = \"{from}\"\n", config("iptables", ""));
+        let mut first = Daemon::start(&t.gw, &t.pins, &kept).unwrap();
+        first.stop();
+        assert!(saved(&t.gw, from), "{from}: kept");
+        let next = format!(
+            "{}\n[iptables]\nvariant = \"{to}\"\n",
+            config("iptables", "allow = [\"100.64.0.0/24\"]")
+        );
+        let mut second = Daemon::start(&t.gw, &t.pins, &next).unwrap();
+        assert!(saved(&t.gw, to), "{to}: in force");
+        assert!(!saved(&t.gw, from), "{from}: its rules (the old policy) still enforce next to {to}'s");
+        assert!(t.cgnat_neighbours_ping(), "the new policy decides");
+        second.stop();
+        assert!(!saved(&t.gw, "legacy") && !saved(&t.gw, "nft"));
+        assert_eq!(status(&t.gw, &t.pins)["running"], false);
+    }
+}
