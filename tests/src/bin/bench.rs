@@ -52,14 +52,39 @@ fn main() -> Result<()> {
             };
             println!("| {count} | {program} | {path} | {name} | {:.0} |", samples[RUNS / 2]);
         }
-        println!("| {count} | (map sync) | {count} prefixes into 2 tries | - | {sync_ms:.0} ms total |");
+        println!("| {count} | (map sync) | {count} prefixes into 2 tries × 2 generations | - | {sync_ms:.0} ms total |");
+        let (one_ms, grace) = add_one(&mut dp, count)?;
+        println!(
+            "| {count} | (reload) | one prefix added | - | {one_ms:.0} ms total, {:.2} ms of it waiting for running programs |",
+            grace.as_secs_f64() * 1000.0
+        );
     }
     Ok(())
+}
+
+/// Adds one prefix to the policy of `dp`: how long the atomic swap takes, and how long of it
+/// the wait for running programs (the RCU grace period).
+fn add_one(dp: &mut Datapath, count: usize) -> Result<(f64, std::time::Duration)> {
+    let (mut config, _, _) = policy_of(count)?;
+    config.cgnat.drop = vec!["100.127.255.255/32".parse()?];
+    let start = Instant::now();
+    dp.sync(&policy::compile(&config, vec![]))?;
+    let took = start.elapsed().as_secs_f64() * 1000.0;
+    Ok((took, dp.last_swap.map(|s| s.grace).unwrap_or_default()))
 }
 
 /// The datapath with `count` exemption prefixes; returns an address inside one of them, an
 /// address in CGNAT outside all of them, and how long the map sync took.
 fn datapath(count: usize) -> Result<(Datapath, String, String, f64)> {
+    let (config, exempt, drop) = policy_of(count)?;
+    let mut dp = Datapath::load(None, KernelLog::Off)?;
+    let start = Instant::now();
+    dp.sync(&policy::compile(&config, vec![]))?;
+    Ok((dp, exempt, drop, start.elapsed().as_secs_f64() * 1000.0))
+}
+
+/// The config with `count` exemptions, an exempt and a dropped source.
+fn policy_of(count: usize) -> Result<(Config, String, String)> {
     let allow: Vec<IpNet> = if count == 1 {
         vec!["100.100.0.0/16".parse()?]
     } else {
@@ -86,10 +111,7 @@ fn datapath(count: usize) -> Result<(Datapath, String, String, f64)> {
         .to_string();
     let mut config = Config::parse("tunnel = \"tun0\"\nbackend = \"bpf\"", &Default::default())?;
     config.cgnat.allow = allow;
-    let mut dp = Datapath::load(None, KernelLog::Off)?;
-    let start = Instant::now();
-    dp.sync(&policy::compile(&config, vec![]))?;
-    Ok((dp, exempt, drop, start.elapsed().as_secs_f64() * 1000.0))
+    Ok((config, exempt, drop))
 }
 
 fn time_tc(dp: &mut Datapath, frame: &[u8]) -> Result<(u32, f64)> {

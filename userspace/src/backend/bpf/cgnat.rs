@@ -48,30 +48,39 @@ pub fn map_names() -> impl Iterator<Item = &'static str> {
     TRIES.into_iter().flat_map(|(names, _, _)| names.iter().copied())
 }
 
-/// The desired content of each trie, with rule ids assigned. Write it into a generation with
-/// `generation::swap`.
-pub struct CgnatSync {
-    desired: Vec<HashMap<Prefix, PrefixRule>>,
-    /// The report of the first write (the generation that becomes active).
+/// Per trie (in `TRIES` order): prefix → rule.
+type Tries = Vec<HashMap<Prefix, PrefixRule>>;
+
+/// The CGNAT tries of both generations. What each generation holds is read from the maps
+/// once (they may come pinned from an earlier run) and then kept in step with every write,
+/// so a change costs what it changes, not a read of every entry.
+#[derive(Default)]
+pub struct CgnatMaps {
+    /// Per generation; `None` until read, and again after a write failed half-way.
+    held: [Option<Tries>; 2],
+    /// What the change being written wants, ids assigned.
+    desired: Tries,
+    /// The report of the first write of a change (the generation that becomes active).
     pub report: Option<SyncReport>,
 }
 
-impl CgnatSync {
-    /// Reads what both generations hold, assigns ids and zeroes the counters of new ids.
-    pub fn plan(ebpf: &mut Ebpf, rules: &CgnatRules) -> Result<Self> {
+impl CgnatMaps {
+    /// Prepares a change to `rules`: assigns ids (against what both generations hold) and
+    /// zeroes the counters of new ids. Write it with `generation::swap`.
+    pub fn plan(&mut self, ebpf: &mut Ebpf, rules: &CgnatRules) -> Result<()> {
         let wanted: Vec<HashMap<Prefix, u32>> = TRIES
             .iter()
             .map(|&(_, v6, inbound)| entries(if inbound { &rules.inbound } else { &rules.forward }, v6))
             .collect();
-        let mut current = Vec::new();
-        for &(names, v6, _) in &TRIES {
-            for name in names {
-                current.push(read_any(ebpf, name, v6)?);
+        for generation in 0..2 {
+            if self.held[generation].is_none() {
+                self.held[generation] = Some(read_generation(ebpf, generation)?);
             }
         }
+        let current: Vec<&HashMap<Prefix, PrefixRule>> = self.held.iter().flatten().flatten().collect();
         let ids = assign_ids(&wanted, &current);
         zero_counters(ebpf, ids.fresh.iter().copied())?;
-        let desired = wanted
+        self.desired = wanted
             .into_iter()
             .map(|trie| {
                 trie.into_iter()
@@ -81,16 +90,20 @@ impl CgnatSync {
                     .collect()
             })
             .collect();
-        Ok(Self { desired, report: None })
+        self.report = None;
+        Ok(())
     }
 }
 
-impl GenerationWriter for CgnatSync {
+impl GenerationWriter for CgnatMaps {
     fn write(&mut self, ebpf: &mut Ebpf, generation: u32) -> Result<usize> {
+        let held = match self.held[generation as usize].take() {
+            Some(held) => held,
+            None => read_generation(ebpf, generation as usize)?,
+        };
         let mut report = SyncReport::default();
-        for (&(names, v6, _), want) in TRIES.iter().zip(&self.desired) {
+        for ((&(names, v6, _), want), have) in TRIES.iter().zip(&self.desired).zip(&held) {
             let name = names[generation as usize];
-            let have = read_any(ebpf, name, v6)?;
             let stale: Vec<Prefix> = have.keys().filter(|p| !want.contains_key(*p)).copied().collect();
             let mut writes = Vec::new();
             for (prefix, rule) in want {
@@ -102,15 +115,22 @@ impl GenerationWriter for CgnatSync {
             }
             report.added += writes.len();
             report.removed += stale.len();
+            // On failure `held` stays unknown: the next change reads the maps again.
             if v6 {
                 apply::<16>(ebpf, name, &writes, &stale)?;
             } else {
                 apply::<4>(ebpf, name, &writes, &stale)?;
             }
         }
+        self.held[generation as usize] = Some(self.desired.clone());
         self.report.get_or_insert(report);
         Ok(report.added + report.removed)
     }
+}
+
+/// What the tries of `generation` hold.
+fn read_generation(ebpf: &Ebpf, generation: usize) -> Result<Tries> {
+    TRIES.iter().map(|&(names, v6, _)| read_any(ebpf, names[generation], v6)).collect()
 }
 
 fn entries(rules: &[Rule], v6: bool) -> HashMap<Prefix, u32> {
@@ -135,13 +155,13 @@ struct Ids {
     fresh: Vec<u32>,
 }
 
-fn assign_ids(desired: &[HashMap<Prefix, u32>], current: &[HashMap<Prefix, PrefixRule>]) -> Ids {
+fn assign_ids(desired: &[HashMap<Prefix, u32>], current: &[&HashMap<Prefix, PrefixRule>]) -> Ids {
     let wanted: BTreeSet<(Prefix, u32)> =
         desired.iter().flat_map(|t| t.iter().map(|(p, v)| (*p, *v))).collect();
     let mut of: HashMap<(Prefix, u32), u32> = HashMap::new();
     let mut in_use = BTreeSet::new();
     for trie in current {
-        for (prefix, rule) in trie {
+        for (prefix, rule) in trie.iter() {
             in_use.insert(rule.rule_id);
             let rule_key = (*prefix, rule.verdict);
             if wanted.contains(&rule_key) && rule.rule_id < MAX_RULES {

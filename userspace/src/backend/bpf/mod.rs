@@ -17,7 +17,7 @@ use tailgate_abi::{
     MAP_COUNTERS, MAP_RULE_HITS,
 };
 
-use self::{attachments::Attachments, cgnat::CgnatSync, generation::Barrier};
+use self::{attachments::Attachments, cgnat::CgnatMaps, generation::Barrier};
 pub use self::{links::Hook, pins::Pins};
 use super::{Backend, Cancel, Interrupted};
 use crate::policy::{CgnatRules, DesiredState};
@@ -77,8 +77,11 @@ pub enum KernelLog {
 pub struct Datapath {
     pub ebpf: Ebpf,
     barrier: Barrier,
+    cgnat: CgnatMaps,
     /// The policy the maps hold, once this process wrote it.
     applied: Option<CgnatRules>,
+    /// What the last policy change did (for logs and the benchmark).
+    pub last_swap: Option<generation::Swap>,
 }
 
 impl Datapath {
@@ -101,7 +104,7 @@ impl Datapath {
         let tc = links::tc(&mut ebpf, Hook::TcEgress).map_err(at("load"))?;
         tc.load().context("the tunnel TC program").map_err(at("verify"))?;
         let barrier = Barrier::take(&mut ebpf).context(MAP_BARRIER).map_err(at("load"))?;
-        Ok(Self { ebpf, barrier, applied: None })
+        Ok(Self { ebpf, barrier, cgnat: CgnatMaps::default(), applied: None, last_swap: None })
     }
 
     /// Makes the maps hold `state`'s rules, switching the datapath from the old policy to
@@ -110,8 +113,8 @@ impl Datapath {
         if self.applied.as_ref() == Some(&state.cgnat) {
             return Ok(None);
         }
-        let mut cgnat = CgnatSync::plan(&mut self.ebpf, &state.cgnat)?;
-        let swap = generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut cgnat])?;
+        self.cgnat.plan(&mut self.ebpf, &state.cgnat)?;
+        let swap = generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat])?;
         tracing::debug!(
             "policy generation {} active ({} entries changed; waited {:?} for running programs)",
             swap.active,
@@ -119,7 +122,8 @@ impl Datapath {
             swap.grace
         );
         self.applied = Some(state.cgnat.clone());
-        Ok(cgnat.report)
+        self.last_swap = Some(swap);
+        Ok(self.cgnat.report)
     }
 }
 
