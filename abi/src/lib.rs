@@ -6,9 +6,10 @@
 pub mod cgnat;
 pub mod counters;
 
-/// Policy generations: every policy map exists twice, and one switch says which copy the
-/// programs read. A change is written into the copy nobody reads, then the switch flips:
-/// the datapath sees the old policy or the new one, never a mix.
+/// Policy generations: every policy map holds the policy twice, generation 0 and 1 (keyed by
+/// generation), and one switch says which one the programs read. A change is written into
+/// the generation nobody reads, then the switch flips: the datapath sees the old policy or
+/// the new one, never a mix.
 pub mod generation {
     /// `Array<u32, 1>`: slot 0 holds the generation (0 or 1) the programs read.
     pub const MAP_ACTIVE: &str = "GENERATION";

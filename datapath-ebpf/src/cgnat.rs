@@ -8,14 +8,15 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use tailgate_abi::{cgnat::PrefixRule, counters::Counter, verdict, MAX_RULES};
+use tailgate_abi::{
+    cgnat::{PrefixRule, V4Key, V6Key},
+    counters::Counter,
+    verdict, MAX_RULES,
+};
 
 use crate::{
     counters::{count, count_rule},
-    maps::{
-        generation, CGNAT_FWD_V4_0, CGNAT_FWD_V4_1, CGNAT_FWD_V6_0, CGNAT_FWD_V6_1, CGNAT_IN_V4_0,
-        CGNAT_IN_V4_1, CGNAT_IN_V6_0, CGNAT_IN_V6_1,
-    },
+    maps::{generation, CGNAT_FWD4, CGNAT_FWD6, CGNAT_IN4, CGNAT_IN6},
     parse::Packet,
 };
 
@@ -28,12 +29,8 @@ const IPV6_SRC_OFFSET: u32 = 8;
 #[inline(always)]
 pub fn uplink_verdict(ctx: &XdpContext, packet: &Packet) -> u32 {
     let rule = match packet {
-        Packet::V4 { src } => {
-            lookup(if generation() == 0 { &CGNAT_IN_V4_0 } else { &CGNAT_IN_V4_1 }, *src, 32)
-        }
-        Packet::V6 { src } => {
-            lookup(if generation() == 0 { &CGNAT_IN_V6_0 } else { &CGNAT_IN_V6_1 }, *src, 128)
-        }
+        Packet::V4 { src } => lookup(&CGNAT_IN4, tagged4(generation(), src)),
+        Packet::V6 { src } => lookup(&CGNAT_IN6, tagged6(generation(), src)),
         Packet::NotIp => return pass(Counter::UplinkPassNotIp),
         Packet::Malformed => return pass(Counter::UplinkPassMalformed),
     };
@@ -66,11 +63,11 @@ pub fn tunnel_egress_verdict(ctx: &TcContext) -> u32 {
     // keeps the program correct on any link type.
     let rule = match u16::from_be(protocol as u16) {
         ETH_P_IP => match load_net::<4>(ctx, IPV4_SRC_OFFSET) {
-            Some(src) => lookup(if generation() == 0 { &CGNAT_FWD_V4_0 } else { &CGNAT_FWD_V4_1 }, src, 32),
+            Some(src) => lookup(&CGNAT_FWD4, tagged4(generation(), &src)),
             None => return pass(Counter::TunnelPassOther),
         },
         ETH_P_IPV6 => match load_net::<16>(ctx, IPV6_SRC_OFFSET) {
-            Some(src) => lookup(if generation() == 0 { &CGNAT_FWD_V6_0 } else { &CGNAT_FWD_V6_1 }, src, 128),
+            Some(src) => lookup(&CGNAT_FWD6, tagged6(generation(), &src)),
             None => return pass(Counter::TunnelPassOther),
         },
         _ => return pass(Counter::TunnelPassOther),
@@ -85,14 +82,32 @@ pub fn tunnel_egress_verdict(ctx: &TcContext) -> u32 {
     }
 }
 
-/// Longest-prefix lookup of `addr`; counts a hit on the matching rule.
+/// The key data for `addr` in `generation`: the tag `[generation, 0, 0, 0]`, then the
+/// address.
 #[inline(always)]
-fn lookup<const N: usize>(
-    trie: &LpmTrie<[u8; N], PrefixRule, { tailgate_abi::cgnat::MAX_PREFIXES as usize }>,
-    addr: [u8; N],
-    bits: u32,
+fn tagged4(generation: u8, a: &[u8; 4]) -> V4Key {
+    [generation, 0, 0, 0, a[0], a[1], a[2], a[3]]
+}
+
+#[inline(always)]
+fn tagged6(generation: u8, a: &[u8; 16]) -> V6Key {
+    let mut key = [0u8; 20];
+    key[0] = generation;
+    let mut i = 0;
+    while i < 16 {
+        key[i + 4] = a[i];
+        i += 1;
+    }
+    key
+}
+
+/// Longest-prefix lookup of a full key; counts a hit on the matching rule.
+#[inline(always)]
+fn lookup<const K: usize>(
+    trie: &LpmTrie<[u8; K], PrefixRule, { tailgate_abi::cgnat::MAX_PREFIXES as usize }>,
+    key: [u8; K],
 ) -> Option<PrefixRule> {
-    let rule = *trie.get(&Key::new(bits, addr))?;
+    let rule = *trie.get(&Key::new(K as u32 * 8, key))?;
     if rule.rule_id < MAX_RULES {
         count_rule(rule.rule_id);
     }

@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use tailgate_abi::{
-    cgnat::{PrefixRule, V4Addr, V6Addr, MAX_PREFIXES},
+    cgnat::{PrefixRule, V4Key, V6Key, MAX_PREFIXES},
     counters::Counter,
     MAX_RULES,
 };
@@ -18,29 +18,21 @@ pub static GENERATION: Array<u32, 1> = Array::new();
 #[btf_map]
 pub static GEN_BARRIER: ArrayOfMaps<Array<u32, 1>, 1> = ArrayOfMaps::new();
 
-/// A trie per generation.
-pub type V4Rules = LpmTrie<V4Addr, PrefixRule, { MAX_PREFIXES as usize }>;
-pub type V6Rules = LpmTrie<V6Addr, PrefixRule, { MAX_PREFIXES as usize }>;
+/// The rule tries; keys start with the generation (see `tailgate_abi::cgnat`).
+pub type V4Rules = LpmTrie<V4Key, PrefixRule, { MAX_PREFIXES as usize }>;
+pub type V6Rules = LpmTrie<V6Key, PrefixRule, { MAX_PREFIXES as usize }>;
 
-/// Source rules for packets entering an uplink, generations 0 and 1.
+/// Source rules for packets entering an uplink.
 #[btf_map]
-pub static CGNAT_IN_V4_0: V4Rules = LpmTrie::new();
+pub static CGNAT_IN4: V4Rules = LpmTrie::new();
 #[btf_map]
-pub static CGNAT_IN_V4_1: V4Rules = LpmTrie::new();
-#[btf_map]
-pub static CGNAT_IN_V6_0: V6Rules = LpmTrie::new();
-#[btf_map]
-pub static CGNAT_IN_V6_1: V6Rules = LpmTrie::new();
+pub static CGNAT_IN6: V6Rules = LpmTrie::new();
 
-/// Source rules for packets forwarded into the tunnel, generations 0 and 1.
+/// Source rules for packets forwarded into the tunnel.
 #[btf_map]
-pub static CGNAT_FWD_V4_0: V4Rules = LpmTrie::new();
+pub static CGNAT_FWD4: V4Rules = LpmTrie::new();
 #[btf_map]
-pub static CGNAT_FWD_V4_1: V4Rules = LpmTrie::new();
-#[btf_map]
-pub static CGNAT_FWD_V6_0: V6Rules = LpmTrie::new();
-#[btf_map]
-pub static CGNAT_FWD_V6_1: V6Rules = LpmTrie::new();
+pub static CGNAT_FWD6: V6Rules = LpmTrie::new();
 
 /// Packets per verdict reason (`Counter`).
 #[btf_map]
@@ -50,9 +42,9 @@ pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray
 #[btf_map]
 pub static RULE_HITS: PerCpuArray<u64, { MAX_RULES as usize }> = PerCpuArray::new();
 
-/// The generation to read for this packet. Read once per packet and used for every
-/// lookup, so a packet sees one policy whole.
+/// The generation to read for this packet. Read once per packet and put into every key, so
+/// a packet sees one policy whole.
 #[inline(always)]
-pub fn generation() -> u32 {
-    GENERATION.get(0).copied().unwrap_or(0)
+pub fn generation() -> u8 {
+    GENERATION.get(0).copied().unwrap_or(0) as u8
 }

@@ -138,7 +138,7 @@ fn uplink_truncated_and_malformed_pass() {
 fn rule_hits_are_counted_per_rule() {
     let mut dp = testrun::datapath(CONFIG).unwrap();
     let entries =
-        tailgate::backend::bpf::cgnat::read_active::<4>(&dp.ebpf, &tailgate_abi::cgnat::MAP_IN_V4).unwrap();
+        tailgate::backend::bpf::cgnat::read_active::<4>(&dp.ebpf, tailgate_abi::cgnat::MAP_IN_V4).unwrap();
     let id = |addr: [u8; 4], len: u32| entries[&(len, addr)].rule_id;
     let (cgnat, exempt, denied) =
         (id([100, 64, 0, 0], 10), id([100, 100, 0, 0], 16), id([100, 100, 100, 200], 32));
@@ -194,7 +194,7 @@ fn tunnel_egress_verdicts() {
 fn reload_keeps_rule_ids_and_counters_of_unchanged_rules() {
     let mut dp = testrun::datapath(CONFIG).unwrap();
     let read = |dp: &Datapath| {
-        tailgate::backend::bpf::cgnat::read_active::<4>(&dp.ebpf, &tailgate_abi::cgnat::MAP_IN_V4).unwrap()
+        tailgate::backend::bpf::cgnat::read_active::<4>(&dp.ebpf, tailgate_abi::cgnat::MAP_IN_V4).unwrap()
     };
     let before = read(&dp);
     let exempt_id = before[&(16, [100, 100, 0, 0])].rule_id;
@@ -251,13 +251,14 @@ fn replacing_most_rules_in_one_reload_keeps_every_rule_counted() {
 /// Every entry has a counter slot; ids are unique within a trie, and a prefix has the same id
 /// inbound and forward (one rule, one counter).
 fn assert_every_rule_counted(dp: &Datapath, user_prefixes: usize) {
-    use tailgate::backend::bpf::cgnat::{read, read_active};
+    use tailgate::backend::bpf::cgnat::{read_active, read_generation};
     use tailgate_abi::cgnat::{MAP_FWD_V4, MAP_IN_V4};
-    let inbound = read_active::<4>(&dp.ebpf, &MAP_IN_V4).unwrap();
-    let forward = read_active::<4>(&dp.ebpf, &MAP_FWD_V4).unwrap();
+    let inbound = read_active::<4>(&dp.ebpf, MAP_IN_V4).unwrap();
+    let forward = read_active::<4>(&dp.ebpf, MAP_FWD_V4).unwrap();
     // Both policy generations hold the same policy at rest.
-    for names in [&MAP_IN_V4, &MAP_FWD_V4] {
-        assert_eq!(read::<4>(&dp.ebpf, names[0]).unwrap(), read::<4>(&dp.ebpf, names[1]).unwrap());
+    for name in [MAP_IN_V4, MAP_FWD_V4] {
+        let generation = |g| read_generation::<4>(&dp.ebpf, name, g).unwrap();
+        assert_eq!(generation(0), generation(1));
     }
     assert_eq!(inbound.len(), user_prefixes + 2, "user rules, CGNAT range, ChromeOS range");
     assert_eq!(forward.len(), user_prefixes + 1, "user rules, CGNAT range");

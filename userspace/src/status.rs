@@ -8,7 +8,7 @@ use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
 use serde::Serialize;
 use tailgate_abi::{
-    cgnat::{PrefixRule, MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6},
+    cgnat::{PrefixRule, LEGACY_MAPS, MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6},
     counters::Counter,
     generation::MAP_ACTIVE,
     verdict, MAP_COUNTERS, MAP_RULE_HITS, MAX_RULES,
@@ -16,7 +16,7 @@ use tailgate_abi::{
 
 use crate::{
     backend::{
-        bpf::Pins,
+        bpf::{cgnat, Pins},
         iptables::{
             self,
             cgnat::{FORWARD, INPUT, POSTROUTING},
@@ -105,8 +105,12 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
             ifindex: Some(link.name.ifindex),
         })
         .collect();
-    let active: Array<MapData, u32> = Array::try_from(open(pins, MAP_ACTIVE)?)?;
-    let generation = (active.get(&0, 0)? & 1) as usize;
+    // A datapath kept by a version before policy generations has no GENERATION map and
+    // untagged keys.
+    let generation = match pins.map(MAP_ACTIVE).exists() {
+        true => Some(Array::<MapData, u32>::try_from(open(pins, MAP_ACTIVE)?)?.get(&0, 0)? & 1),
+        false => None,
+    };
     let counters_map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open(pins, MAP_COUNTERS)?)?;
     let counters = Counter::ALL
         .iter()
@@ -114,18 +118,17 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
         .collect::<Result<_>>()?;
     let hits: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open(pins, MAP_RULE_HITS)?)?;
     let mut rules = Vec::new();
-    for (direction, v4, v6) in [("inbound", &MAP_IN_V4, &MAP_IN_V6), ("forward", &MAP_FWD_V4, &MAP_FWD_V6)] {
-        let (v4, v6) = (v4[generation], v6[generation]);
+    let tries = [
+        ("inbound", [MAP_IN_V4, MAP_IN_V6], [LEGACY_MAPS[0], LEGACY_MAPS[1]]),
+        ("forward", [MAP_FWD_V4, MAP_FWD_V6], [LEGACY_MAPS[2], LEGACY_MAPS[3]]),
+    ];
+    for (direction, names, legacy) in tries {
         let mut found: Vec<(IpNet, PrefixRule)> = Vec::new();
-        let trie: LpmTrie<MapData, [u8; 4], PrefixRule> = LpmTrie::try_from(open(pins, v4)?)?;
-        for item in trie.iter() {
-            let (key, rule) = item?;
-            found.push((ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8)?.into(), rule));
-        }
-        let trie: LpmTrie<MapData, [u8; 16], PrefixRule> = LpmTrie::try_from(open(pins, v6)?)?;
-        for item in trie.iter() {
-            let (key, rule) = item?;
-            found.push((ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?.into(), rule));
+        for (v6, (name, legacy)) in [false, true].into_iter().zip(names.into_iter().zip(legacy)) {
+            found.extend(match generation {
+                Some(generation) => cgnat::rules(&open(pins, name)?, v6, generation)?,
+                None => legacy_rules(&open(pins, legacy)?, v6)?,
+            });
         }
         found.sort_by_key(|(net, _)| (net.addr().is_ipv6(), std::cmp::Reverse(net.prefix_len()), net.addr()));
         for (net, rule) in found {
@@ -150,6 +153,25 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
         counters,
         rules,
     })
+}
+
+/// The rules of a trie of a version before policy generations (keys without a tag).
+fn legacy_rules(map: &Map, v6: bool) -> Result<Vec<(IpNet, PrefixRule)>> {
+    let mut found = Vec::new();
+    if v6 {
+        let trie: LpmTrie<&MapData, [u8; 16], PrefixRule> = LpmTrie::try_from(map)?;
+        for item in trie.iter() {
+            let (key, rule) = item?;
+            found.push((ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?.into(), rule));
+        }
+    } else {
+        let trie: LpmTrie<&MapData, [u8; 4], PrefixRule> = LpmTrie::try_from(map)?;
+        for item in trie.iter() {
+            let (key, rule) = item?;
+            found.push((ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8)?.into(), rule));
+        }
+    }
+    Ok(found)
 }
 
 /// The tailgate chains in iptables, if any (in the variant that holds rules). With the

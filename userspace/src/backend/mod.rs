@@ -44,11 +44,6 @@ pub trait Backend {
     fn repair(&mut self) -> Result<()> {
         Ok(())
     }
-    /// Problems in force that tailgate cannot fix by itself (e.g. a rule of another program
-    /// that bypasses it), for the log and status.
-    fn warnings(&self) -> Vec<String> {
-        Vec::new()
-    }
     /// Stops enforcing and removes everything the backend created, unless `keep`, in which
     /// case the datapath stays in force for the next start to take over.
     fn stop(self: Box<Self>, keep: bool) -> Result<()>;

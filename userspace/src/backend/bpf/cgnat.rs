@@ -12,12 +12,12 @@ use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, LpmTrie, MapData, PerCpuArray, PerCpuValues},
+    maps::{lpm_trie::Key, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
     Ebpf,
 };
 use ipnet::IpNet;
 use tailgate_abi::{
-    cgnat::{PrefixRule, MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6},
+    cgnat::{PrefixRule, GENERATION_BITS, MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6, TAG_LEN},
     verdict, MAP_RULE_HITS, MAX_RULES,
 };
 
@@ -35,17 +35,17 @@ pub struct SyncReport {
 /// A trie key in one shape for both families: (IPv6?, prefix length, address bytes).
 type Prefix = (bool, u32, [u8; 16]);
 
-/// The four tries of a generation: (names per generation, IPv6?, inbound?).
-const TRIES: [(&[&str; 2], bool, bool); 4] = [
-    (&MAP_IN_V4, false, true),
-    (&MAP_IN_V6, true, true),
-    (&MAP_FWD_V4, false, false),
-    (&MAP_FWD_V6, true, false),
+/// The four tries: (name, IPv6?, inbound?). Each holds both generations.
+const TRIES: [(&str, bool, bool); 4] = [
+    (MAP_IN_V4, false, true),
+    (MAP_IN_V6, true, true),
+    (MAP_FWD_V4, false, false),
+    (MAP_FWD_V6, true, false),
 ];
 
-/// Every map name of every generation.
+/// The map names.
 pub fn map_names() -> impl Iterator<Item = &'static str> {
-    TRIES.into_iter().flat_map(|(names, _, _)| names.iter().copied())
+    TRIES.into_iter().map(|(name, _, _)| name)
 }
 
 /// Per trie (in `TRIES` order): prefix → rule.
@@ -72,10 +72,8 @@ impl CgnatMaps {
             .iter()
             .map(|&(_, v6, inbound)| entries(if inbound { &rules.inbound } else { &rules.forward }, v6))
             .collect();
-        for generation in 0..2 {
-            if self.held[generation].is_none() {
-                self.held[generation] = Some(read_generation(ebpf, generation)?);
-            }
+        if self.held.iter().any(Option::is_none) {
+            self.held = read_both(ebpf)?.map(Some);
         }
         let current: Vec<&HashMap<Prefix, PrefixRule>> = self.held.iter().flatten().flatten().collect();
         let ids = assign_ids(&wanted, &current);
@@ -99,11 +97,10 @@ impl GenerationWriter for CgnatMaps {
     fn write(&mut self, ebpf: &mut Ebpf, generation: u32) -> Result<usize> {
         let held = match self.held[generation as usize].take() {
             Some(held) => held,
-            None => read_generation(ebpf, generation as usize)?,
+            None => read_both(ebpf)?[generation as usize].clone(),
         };
         let mut report = SyncReport::default();
-        for ((&(names, v6, _), want), have) in TRIES.iter().zip(&self.desired).zip(&held) {
-            let name = names[generation as usize];
+        for ((&(name, v6, _), want), have) in TRIES.iter().zip(&self.desired).zip(&held) {
             let stale: Vec<Prefix> = have.keys().filter(|p| !want.contains_key(*p)).copied().collect();
             let mut writes = Vec::new();
             for (prefix, rule) in want {
@@ -117,9 +114,9 @@ impl GenerationWriter for CgnatMaps {
             report.removed += stale.len();
             // On failure `held` stays unknown: the next change reads the maps again.
             if v6 {
-                apply::<16>(ebpf, name, &writes, &stale)?;
+                apply::<20>(ebpf, name, generation, &writes, &stale)?;
             } else {
-                apply::<4>(ebpf, name, &writes, &stale)?;
+                apply::<8>(ebpf, name, generation, &writes, &stale)?;
             }
         }
         self.held[generation as usize] = Some(self.desired.clone());
@@ -128,9 +125,16 @@ impl GenerationWriter for CgnatMaps {
     }
 }
 
-/// What the tries of `generation` hold.
-fn read_generation(ebpf: &Ebpf, generation: usize) -> Result<Tries> {
-    TRIES.iter().map(|&(names, v6, _)| read_any(ebpf, names[generation], v6)).collect()
+/// What the tries hold, per generation.
+fn read_both(ebpf: &Ebpf) -> Result<[Tries; 2]> {
+    let mut both = [Tries::new(), Tries::new()];
+    for &(name, v6, _) in &TRIES {
+        let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
+        let [g0, g1] = read_trie(map, v6).with_context(|| format!("reading {name}"))?;
+        both[0].push(g0);
+        both[1].push(g1);
+    }
+    Ok(both)
 }
 
 fn entries(rules: &[Rule], v6: bool) -> HashMap<Prefix, u32> {
@@ -187,16 +191,22 @@ fn assign_ids(desired: &[HashMap<Prefix, u32>], current: &[&HashMap<Prefix, Pref
     Ids { of, fresh }
 }
 
-/// Writes a trie nobody reads: deletes first, so it never holds more than one policy.
-fn apply<const N: usize>(
+/// Writes generation `generation` of a trie (nobody reads it): deletes first.
+fn apply<const K: usize>(
     ebpf: &mut Ebpf,
     name: &str,
+    generation: u32,
     writes: &[(Prefix, PrefixRule)],
     stale: &[Prefix],
 ) -> Result<()> {
     let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
-    let mut trie: LpmTrie<&mut MapData, [u8; N], PrefixRule> = LpmTrie::try_from(map)?;
-    let key = |(_, len, addr): &Prefix| Key::new(*len, addr[..N].try_into().expect("address width"));
+    let mut trie: LpmTrie<&mut MapData, [u8; K], PrefixRule> = LpmTrie::try_from(map)?;
+    let key = |(_, len, addr): &Prefix| {
+        let mut data = [0u8; K];
+        data[0] = generation as u8;
+        data[TAG_LEN..].copy_from_slice(&addr[..K - TAG_LEN]);
+        Key::new(GENERATION_BITS + len, data)
+    };
     for prefix in stale {
         trie.remove(&key(prefix)).with_context(|| format!("removing from {name}"))?;
     }
@@ -206,37 +216,63 @@ fn apply<const N: usize>(
     Ok(())
 }
 
-fn read_any(ebpf: &Ebpf, name: &str, v6: bool) -> Result<HashMap<Prefix, PrefixRule>> {
-    let widen = |len: u32, bytes: &[u8]| {
-        let mut addr = [0u8; 16];
-        addr[..bytes.len()].copy_from_slice(bytes);
-        (v6, len, addr)
-    };
-    Ok(if v6 {
-        read::<16>(ebpf, name)?.into_iter().map(|((len, a), r)| (widen(len, &a), r)).collect()
+/// The entries of a trie, per generation.
+fn read_trie(map: &Map, v6: bool) -> Result<[HashMap<Prefix, PrefixRule>; 2]> {
+    if v6 {
+        read_tagged::<20>(map, v6)
     } else {
-        read::<4>(ebpf, name)?.into_iter().map(|((len, a), r)| (widen(len, &a), r)).collect()
-    })
+        read_tagged::<8>(map, v6)
+    }
 }
 
-/// Current entries of the active generation of a trie (`MAP_IN_V4`, ...).
-pub fn read_active<const N: usize>(
-    ebpf: &Ebpf,
-    names: &[&str; 2],
-) -> Result<HashMap<(u32, [u8; N]), PrefixRule>> {
-    read::<N>(ebpf, names[super::generation::active(ebpf)? as usize])
-}
-
-/// Current entries of a trie.
-pub fn read<const N: usize>(ebpf: &Ebpf, name: &str) -> Result<HashMap<(u32, [u8; N]), PrefixRule>> {
-    let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
-    let trie: LpmTrie<&MapData, [u8; N], PrefixRule> = LpmTrie::try_from(map)?;
-    let mut entries = HashMap::new();
+fn read_tagged<const K: usize>(map: &Map, v6: bool) -> Result<[HashMap<Prefix, PrefixRule>; 2]> {
+    let trie: LpmTrie<&MapData, [u8; K], PrefixRule> = LpmTrie::try_from(map)?;
+    let mut both = [HashMap::new(), HashMap::new()];
     for item in trie.iter() {
         let (key, rule) = item?;
-        entries.insert((key.prefix_len(), key.data()), rule);
+        let data = key.data();
+        let mut addr = [0u8; 16];
+        addr[..K - TAG_LEN].copy_from_slice(&data[TAG_LEN..]);
+        let len = key.prefix_len().saturating_sub(GENERATION_BITS);
+        both[usize::from(data[0] & 1)].insert((v6, len, addr), rule);
     }
-    Ok(entries)
+    Ok(both)
+}
+
+/// The rules of generation `generation` in a trie map (pinned or loaded), as prefixes.
+pub fn rules(map: &Map, v6: bool, generation: u32) -> Result<Vec<(IpNet, PrefixRule)>> {
+    let [g0, g1] = read_trie(map, v6)?;
+    let entries = if generation == 0 { g0 } else { g1 };
+    entries
+        .into_iter()
+        .map(|((v6, len, addr), rule)| {
+            let net: IpNet = if v6 {
+                ipnet::Ipv6Net::new(addr.into(), len as u8)?.into()
+            } else {
+                ipnet::Ipv4Net::new([addr[0], addr[1], addr[2], addr[3]].into(), len as u8)?.into()
+            };
+            Ok((net, rule))
+        })
+        .collect()
+}
+
+/// The entries of the active generation of trie `name`, for tests: (prefix length, address).
+pub fn read_active<const N: usize>(ebpf: &Ebpf, name: &str) -> Result<HashMap<(u32, [u8; N]), PrefixRule>> {
+    read_generation::<N>(ebpf, name, super::generation::active(ebpf)?)
+}
+
+/// The entries of one generation of trie `name`, for tests.
+pub fn read_generation<const N: usize>(
+    ebpf: &Ebpf,
+    name: &str,
+    generation: u32,
+) -> Result<HashMap<(u32, [u8; N]), PrefixRule>> {
+    let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
+    let both = read_trie(map, N == 16)?;
+    Ok(both[generation as usize & 1]
+        .iter()
+        .map(|((_, len, addr), rule)| ((*len, addr[..N].try_into().expect("address width")), *rule))
+        .collect())
 }
 
 fn zero_counters(ebpf: &mut Ebpf, ids: impl Iterator<Item = u32>) -> Result<()> {
