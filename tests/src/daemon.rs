@@ -55,7 +55,13 @@ impl PinDir {
 
     /// The run state file tailgate keeps for this instance.
     pub fn run_state(&self) -> PathBuf {
-        let name = self.path.to_string_lossy().trim_matches('/').replace('/', "_");
+        let name = self
+            .path
+            .to_string_lossy()
+            .trim_matches('/')
+            .replace('%', "%25")
+            .replace('_', "%5F")
+            .replace('/', "_");
         PathBuf::from("/run/tailgate").join(format!("{name}.json"))
     }
 

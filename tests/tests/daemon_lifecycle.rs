@@ -76,6 +76,13 @@ fn a_config_file_written_slowly_is_reloaded_only_once_complete(backend: &str) {
     let full = config(backend, "allow = [\"100.64.0.0/24\"]");
     let daemon = Daemon::start(&t.gw, &t.pins, &full).unwrap();
     assert!(t.cgnat_neighbours_ping(), "exempted");
+
+    // Truncated and closed before anything is written: never applied.
+    let readies = daemon.readies();
+    drop(std::fs::File::create(daemon.config_path()).unwrap());
+    daemon.wait_ready_after(readies).unwrap();
+    assert!(daemon.log().contains("is empty"), "{}", daemon.log());
+    assert!(t.cgnat_neighbours_ping(), "the empty file was applied");
     let readies = daemon.readies();
 
     // Truncated, then written in two parts: the first part alone is a valid config without
@@ -126,6 +133,10 @@ fn sigterm_removes_everything(backend: &str) {
     assert!(t.cgnat_neighbours_ping(), "policy left in force");
     let out = tailgate(&t.gw, &t.pins, &["status"]).unwrap();
     assert_eq!(out.status.code(), Some(3), "status of a stopped instance");
+    // Nothing probed the unused legacy variant into existence (iptables-nft would then
+    // warn about "iptables-legacy tables present" on every call).
+    let legacy = t.gw.exec("cat", &["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&legacy.stdout).trim(), "", "legacy tables created");
 }
 
 fn keep_datapath_survives_a_restart_and_cleanup_is_idempotent(backend: &str) {

@@ -21,6 +21,8 @@ on_both_backends!(
     tunnel_absent_at_start_then_deleted_and_recreated_is_filtered_again,
     uplink_deleted_and_recreated_is_protected_again,
     new_uplink_is_protected_when_interfaces_are_omitted,
+    uplinks_added_by_a_reload_stay_attached_through_device_events,
+    a_reload_while_a_listed_uplink_is_absent_is_applied,
 );
 
 /// How soon a device change must be followed.
@@ -133,4 +135,43 @@ fn new_uplink_is_protected_when_interfaces_are_omitted(backend: &str) {
             .any(|e| { e.unwrap().file_name().to_string_lossy().starts_with("xdp@eth2") }));
     }
     assert!(!daemon.log().contains("ERROR"), "{}", daemon.log());
+}
+
+/// Whether the side host reaches the gateway's CGNAT address on eth1.
+fn side_cgnat_pings(t: &Topology) -> bool {
+    t.side.ping("100.64.7.1", Some(SIDE_CGNAT))
+}
+
+fn uplinks_added_by_a_reload_stay_attached_through_device_events(backend: &str) {
+    let t = Topology::new().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
+    let both = config(backend, "").replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\", \"eth1\"]");
+    let readies = daemon.readies();
+    daemon.write_config(&both).unwrap();
+    daemon.wait_ready_after(readies).unwrap();
+    // An unrelated device comes and goes: the uplinks are those of the reloaded config.
+    t.gw.ip(&["link", "add", "x7", "type", "veth", "peer", "name", "y7"]).unwrap();
+    t.gw.ip(&["link", "del", "x7"]).unwrap();
+    if backend == "bpf" {
+        attached_within(&t, "xdp", "eth1");
+        let stays =
+            wait::until(FOLLOW, || !attachments(&status(&t.gw, &t.pins)).contains(&"xdp@eth1".into()));
+        assert!(!stays, "eth1 detached by a device event after the reload\n{}", daemon.log());
+    }
+    assert!(!side_cgnat_pings(&t), "the uplink added by the reload is unprotected");
+}
+
+fn a_reload_while_a_listed_uplink_is_absent_is_applied(backend: &str) {
+    let t = Topology::new().unwrap();
+    let both = config(backend, "").replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\", \"eth1\"]");
+    let daemon = Daemon::start(&t.gw, &t.pins, &both).unwrap();
+    t.gw.ip(&["link", "del", "eth1"]).unwrap();
+    let readies = daemon.readies();
+    daemon.write_config(&both.replace("[cgnat]\n", "[cgnat]\nallow = [\"100.64.0.0/24\"]\n")).unwrap();
+    daemon.wait_ready_after(readies).unwrap();
+    assert!(t.cgnat_neighbours_ping(), "the reload was not applied:\n{}", daemon.log());
+    if backend == "bpf" {
+        let s = status(&t.gw, &t.pins);
+        assert_eq!(s["pending"], serde_json::json!(["xdp on eth1 (absent)"]), "{s}");
+    }
 }

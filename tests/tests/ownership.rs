@@ -20,9 +20,15 @@ fn a_second_daemon_on_the_same_pin_dir_is_refused_and_cleanup_waits_for_the_firs
     let mut first = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
     let pid = first.pid().unwrap();
 
-    let (code, log) = Daemon::run_to_exit(&t.gw, &t.pins, &config(backend, "mode = \"off\"")).unwrap();
-    assert_ne!(code, 0, "a second daemon on the same pin dir must not start:\n{log}");
-    assert!(log.contains(&format!("another tailgate (PID {pid}) is running with pin dir")), "{log}");
+    // The same directory spelled differently is the same pin dir.
+    let name = t.pins.path().file_name().unwrap().to_str().unwrap();
+    let respelled = PinDir::at(&t.gw, format!("/sys/fs/bpf/../bpf/./{name}/").into());
+    for pins in [&t.pins, &respelled] {
+        let (code, log) = Daemon::run_to_exit(&t.gw, pins, &config(backend, "mode = \"off\"")).unwrap();
+        assert_ne!(code, 0, "a second daemon on the same pin dir must not start:\n{log}");
+        assert!(log.contains(&format!("another tailgate (PID {pid}) is running with pin dir")), "{log}");
+    }
+    std::mem::forget(respelled); // its guard would clean the first daemon's pin dir
     assert!(!t.cgnat_neighbours_ping(), "the first daemon's policy is still in force");
     assert_eq!(status(&t.gw, &t.pins)["daemon"], pid, "status names the running daemon");
 
@@ -34,6 +40,12 @@ fn a_second_daemon_on_the_same_pin_dir_is_refused_and_cleanup_waits_for_the_firs
     );
     assert!(t.installed(backend) && !t.cgnat_neighbours_ping(), "cleanup removed a live daemon's datapath");
 
+    // Forced, it goes ahead; status then says the daemon runs with nothing in force.
+    let out = tailgate(&t.gw, &t.pins, &["cleanup", "--force"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = status(&t.gw, &t.pins);
+    assert_eq!(s["daemon"], pid, "{s}");
+    assert!(s["warnings"][0].as_str().unwrap().contains("nothing of its datapath is in force"), "{s}");
     assert_eq!(first.stop(), Some(0));
     assert!(!t.installed(backend));
     // Once it is gone, the pin dir is free again.
@@ -62,6 +74,22 @@ fn a_second_iptables_daemon_in_the_same_namespace_is_refused() {
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(t.installed("iptables"));
     drop(first);
+}
+
+#[test]
+fn an_empty_pin_dir_variable_means_the_default() {
+    let t = Topology::new().unwrap();
+    // In the test's namespace: status reads iptables too.
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", t.gw.path()))
+        .arg(tailgate_tests::daemon::binary())
+        .args(["status", "--json"])
+        .env("TAILGATE_PIN_DIR", "")
+        .output()
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(s["pin_dir"], "/sys/fs/bpf/tailgate", "{}", String::from_utf8_lossy(&out.stderr));
+    drop(t);
 }
 
 fn status_after_kill_9_says_no_daemon_runs(backend: &str) {

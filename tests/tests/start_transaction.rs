@@ -15,7 +15,8 @@ use tailgate_tests::{
 
 on_both_backends!(
     sigterm_during_start_rolls_everything_back,
-    a_failure_after_the_datapath_is_in_force_rolls_it_back
+    a_failure_after_the_datapath_is_in_force_rolls_it_back,
+    a_failed_start_over_a_kept_datapath_leaves_it_as_it_was,
 );
 
 /// `count` distinct /28 exemptions: enough for the policy write to take a while.
@@ -54,7 +55,7 @@ fn sigterm_during_start_rolls_everything_back(backend: &str) {
 fn a_failure_after_the_datapath_is_in_force_rolls_it_back(backend: &str) {
     let t = Topology::new().unwrap();
     // The last step of a start, recording the run state, fails: a directory is in the way.
-    let run_state = t.pins.run_state();
+    let run_state = t.pins.run_state().with_extension("json.tmp");
     std::fs::create_dir_all(&run_state).unwrap();
     let result = Daemon::run_to_exit(&t.gw, &t.pins, &config(backend, ""));
     std::fs::remove_dir(&run_state).unwrap();
@@ -62,6 +63,38 @@ fn a_failure_after_the_datapath_is_in_force_rolls_it_back(backend: &str) {
     assert_ne!(code, 0, "{log}");
     assert!(log.contains("recording the run state; start rolled back"), "{log}");
     assert_nothing_left(&t, "failed start");
+}
+
+fn a_failed_start_over_a_kept_datapath_leaves_it_as_it_was(backend: &str) {
+    let t = Topology::new().unwrap();
+    let kept = format!("keep_datapath = true\n{}", config(backend, "allow = [\"100.64.0.0/24\"]"));
+    let mut first = Daemon::start(&t.gw, &t.pins, &kept).unwrap();
+    assert_eq!(first.stop(), Some(0));
+    assert!(t.cgnat_neighbours_ping(), "kept: the exemption holds");
+    let rules = status(&t.gw, &t.pins)["rules"].clone();
+
+    // A start with another policy that fails at its last step puts the kept one back.
+    let run_state = t.pins.run_state().with_extension("json.tmp");
+    std::fs::create_dir_all(&run_state).unwrap();
+    let result =
+        Daemon::run_to_exit(&t.gw, &t.pins, &format!("keep_datapath = true\n{}", config(backend, "")));
+    std::fs::remove_dir(&run_state).unwrap();
+    let (code, log) = result.unwrap();
+    assert_ne!(code, 0, "{log}");
+    assert!(t.installed(backend), "the kept datapath is gone:\n{log}");
+    assert!(t.cgnat_neighbours_ping(), "the kept policy (with the exemption) is not in force:\n{log}");
+    let now = status(&t.gw, &t.pins)["rules"].clone();
+    let prefixes = |rules: &serde_json::Value| {
+        let mut p: Vec<String> = rules
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {} {}", r["direction"], r["prefix"], r["verdict"]))
+            .collect();
+        p.sort();
+        p
+    };
+    assert_eq!(prefixes(&now), prefixes(&rules), "the kept rules changed");
 }
 
 #[test]

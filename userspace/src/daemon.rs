@@ -33,6 +33,9 @@ use crate::{
     runstate::{self, RunState},
 };
 
+/// How long the config file must stay quiet after a change before it is reloaded.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
 pub struct RunOptions {
     pub config: Option<PathBuf>,
     pub pins: Pins,
@@ -102,6 +105,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tracing::info!("stopped during start: everything it did is rolled back");
         return Ok(());
     }
+    // Past this point the start stands; what follows cannot be undone.
+    commit(backend.as_mut(), &state, &opts.pins);
     tracing::info!(
         "enforcing on uplinks [{}] and tunnel {} with the {} backend",
         state.uplinks.join(", "),
@@ -113,7 +118,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         NotifyState::Status(&format!("enforcing with the {} backend", backend.name())),
     ]);
 
-    let mut keep = config.keep_datapath;
+    // The config in force: reloads replace it; device events resolve uplinks against it.
+    let mut current = config.clone();
     let mut repair = backend.repair_interval().map(|every| {
         let mut timer = tokio::time::interval(every);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -131,33 +137,30 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 if let Err(e) = event {
                     tracing::warn!("reading device events: {e}; listing devices anew");
                 }
-                follow_devices(backend.as_mut(), &config, &mut state);
-                let pending = backend.pending();
-                if pending != run_state.pending {
-                    run_state.pending = pending;
-                    if let Err(e) = runstate::write(&opts.pins, &run_state) {
-                        tracing::warn!("{e:#}");
-                    }
-                }
+                follow_devices(backend.as_mut(), &current, &mut state);
+                record(&opts.pins, &mut run_state, &state, backend.as_ref());
                 continue;
             }
             _ = hup.recv() => tracing::info!("SIGHUP: reloading"),
             Some(()) = changed.recv() => {
-                // One reload for whatever arrived together.
-                while changed.try_recv().is_ok() {}
+                // Writers that finish in several steps (truncate, close, append) get to finish:
+                // reload once nothing more has happened for a moment.
+                while let Ok(Some(())) = tokio::time::timeout(SETTLE, changed.recv()).await {}
                 tracing::info!("config file changed: reloading");
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
         notify_reloading();
-        if let Some(new_keep) = reload(backend.as_mut(), &config, &mut state, opts.config.as_deref()) {
-            keep = new_keep;
+        if let Some(new) = reload(backend.as_mut(), &config, &mut state, opts.config.as_deref()) {
+            current = new;
         }
+        record(&opts.pins, &mut run_state, &state, backend.as_ref());
         notify(&[NotifyState::Ready]);
     }
     tracing::info!("stopping");
     notify(&[NotifyState::Stopping]);
+    let keep = current.keep_datapath;
     backend.stop(keep)?;
     if !keep {
         runstate::remove(&opts.pins);
@@ -165,10 +168,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     Ok(())
 }
 
-/// Undoes a start: removes what it put in force, or leaves a datapath it took over (and
-/// was told to keep) as it found it.
+/// Undoes a start: removes what it put in force, or puts a datapath it took over (and was
+/// told to keep) back as it found it.
 fn roll_back(backend: Box<dyn Backend>, keep: bool, pins: &Pins) {
-    if let Err(e) = backend.stop(keep) {
+    if let Err(e) = backend.roll_back(keep) {
         tracing::error!("rolling back the start: {e:#}");
     }
     if !keep {
@@ -176,15 +179,54 @@ fn roll_back(backend: Box<dyn Backend>, keep: bool, pins: &Pins) {
     }
 }
 
-/// Re-reads the config and applies it. Returns the new `keep_datapath` when the config was
-/// valid; on any error the running state stays as it was.
+/// Completes a start: the backend's irreversible steps, then what the other backend left
+/// behind goes (switching backends).
+fn commit(backend: &mut dyn Backend, state: &DesiredState, pins: &Pins) {
+    if let Err(e) = backend.commit(state) {
+        tracing::warn!("completing the start: {e:#}");
+    }
+    let leftovers = match backend.name() {
+        "bpf" => iptables::remove_all().context("iptables rules of an earlier run left in place"),
+        _ => pins.remove_all(&bpf::known_maps()).context("removing the BPF datapath of an earlier run"),
+    };
+    if let Err(e) = leftovers {
+        tracing::warn!("{e:#}");
+    }
+}
+
+/// Rewrites the run state when what it shows (tunnel, what is waited for) changed.
+fn record(pins: &Pins, run_state: &mut RunState, state: &DesiredState, backend: &dyn Backend) {
+    let (tunnel, pending) = (Some(state.tunnel.clone()), backend.pending());
+    if run_state.tunnel != tunnel || run_state.pending != pending {
+        run_state.tunnel = tunnel;
+        run_state.pending = pending;
+        if let Err(e) = runstate::write(pins, run_state) {
+            tracing::warn!("{e:#}");
+        }
+    }
+}
+
+/// Re-reads the config and applies it. Returns the new config when it was valid (even if
+/// applying it failed: its settings for later reloads and stop are the user's latest); on any
+/// error the running state stays as it was.
 fn reload(
     backend: &mut dyn Backend,
     started: &Config,
     state: &mut DesiredState,
     path: Option<&Path>,
-) -> Option<bool> {
-    let (config, new_state) = match desired_state(path) {
+) -> Option<Config> {
+    let loaded = Config::load(path).map_err(anyhow::Error::from).and_then(|config| {
+        if let Some(path) = path {
+            refuse_empty(path)?;
+        }
+        // A listed uplink that is absent right now is waited for, not an error: it may be
+        // going through a restart of its own.
+        let interfaces = netdev::list_for_config()?;
+        let uplinks = netdev::resolve_uplinks(&config, &interfaces, Check::Running)?;
+        let state = policy::compile(&config, uplinks);
+        Ok((config, state))
+    });
+    let (config, new_state) = match loaded {
         Ok(new) => new,
         Err(e) => {
             tracing::error!("reload refused, running state unchanged: {e:#}");
@@ -205,7 +247,20 @@ fn reload(
             Err(e) => tracing::error!("reload failed, running state unchanged: {e:#}"),
         }
     }
-    Some(config.keep_datapath)
+    Some(config)
+}
+
+/// A reload never applies an empty file: a file truncated by a writer that has not written
+/// yet looks the same, and would drop the whole policy back to the defaults.
+fn refuse_empty(path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if text.trim().is_empty() {
+        bail!(
+            "{} is empty (truncated while being written?); to run with the defaults, write a comment into it",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Devices changed: resolve the uplinks anew (listed ones that went away are skipped until
@@ -246,7 +301,7 @@ fn start_backend(
             Ok((bpf, "configured: backend = \"bpf\"".into()))
         }
         BackendKind::Iptables => {
-            Ok((start_iptables(config, state, opts, cancel)?, "configured: backend = \"iptables\"".into()))
+            Ok((start_iptables(config, state, cancel)?, "configured: backend = \"iptables\"".into()))
         }
         BackendKind::Auto => match start_bpf(state, opts, false, cancel) {
             Ok(bpf) => Ok((bpf, "auto: BPF loaded, verified and attached".into())),
@@ -254,7 +309,7 @@ fn start_backend(
             Err(e) => {
                 tracing::warn!("BPF backend unavailable, falling back to iptables: {e}");
                 let reason = format!("auto: BPF {e}");
-                Ok((start_iptables(config, state, opts, cancel)?, reason))
+                Ok((start_iptables(config, state, cancel)?, reason))
             }
         },
     }
@@ -290,12 +345,7 @@ fn start_bpf(
     Ok(Box::new(bpf))
 }
 
-fn start_iptables(
-    config: &Config,
-    state: &DesiredState,
-    opts: &RunOptions,
-    cancel: &Cancel,
-) -> Result<Box<dyn Backend>> {
+fn start_iptables(config: &Config, state: &DesiredState, cancel: &Cancel) -> Result<Box<dyn Backend>> {
     notify(&[NotifyState::Status("writing iptables rules")]);
     let variant = match config.iptables.variant {
         IptablesVariant::Auto => None,
@@ -309,17 +359,12 @@ fn start_iptables(
         repair_interval: config.iptables.repair_interval,
     })?;
     cancel.check()?;
-    backend.apply(state).context("applying the iptables rules")?;
-    let keep = config.keep_datapath && backend.inherited();
-    let finish = cancel.check().and_then(|()| {
-        // Switching from BPF: its datapath goes once the rules are in force.
-        opts.pins.remove_all(&bpf::known_maps()).context("removing the BPF datapath of an earlier run")
-    });
-    if let Err(e) = finish {
-        if let Err(stop) = Box::new(backend).stop(keep) {
-            tracing::error!("cleaning up the failed iptables start: {stop:#}");
+    if let Err(e) = backend.apply(state) {
+        let keep = config.keep_datapath && backend.inherited();
+        if let Err(undo) = Box::new(backend).roll_back(keep) {
+            tracing::error!("cleaning up the failed iptables start: {undo:#}");
         }
-        return Err(e);
+        return Err(e.context("applying the iptables rules"));
     }
     Ok(Box::new(backend))
 }

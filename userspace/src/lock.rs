@@ -113,9 +113,10 @@ pub fn instance_path(pins: &Pins) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{}.lock", instance_name(pins)))
 }
 
-/// A file name for the instance of `pins`: its pin dir with '/' as '_'.
+/// A file name for the instance of `pins`: its pin dir with '/' as '_' (and '_' and '%'
+/// escaped as `%5F`, `%25`, so two directories never share a name).
 pub fn instance_name(pins: &Pins) -> String {
-    pins.root().to_string_lossy().trim_matches('/').replace('/', "_")
+    pins.root().to_string_lossy().trim_matches('/').replace('%', "%25").replace('_', "%5F").replace('/', "_")
 }
 
 /// The lock of tailgate's iptables chains in this network namespace:
@@ -128,6 +129,14 @@ pub fn netns_path() -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_names_are_distinct_and_readable() {
+        let name = |p: &str| instance_name(&Pins::new(p));
+        assert_eq!(name("/sys/fs/bpf/tailgate"), "sys_fs_bpf_tailgate");
+        assert_ne!(name("/sys/fs/bpf/a_b"), name("/sys/fs/bpf/a/b"));
+        assert_ne!(name("/sys/fs/bpf/a%5Fb"), name("/sys/fs/bpf/a_b"));
+    }
 
     #[test]
     fn the_lock_file_goes_with_the_lock() {

@@ -65,6 +65,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // An empty TAILGATE_PIN_DIR counts as unset, like every other TAILGATE_* variable.
+    if std::env::var("TAILGATE_PIN_DIR").is_ok_and(|v| v.trim().is_empty()) {
+        std::env::remove_var("TAILGATE_PIN_DIR");
+    }
     let cli = Cli::parse();
     match execute(cli) {
         Ok(code) => code,
@@ -91,8 +95,8 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::from(3));
             }
-            Some(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
-            Some(s) => print!("{}", status::render_text(&s)),
+            Some(s) if json => out(&format!("{}\n", serde_json::to_string_pretty(&s)?)),
+            Some(s) => out(&status::render_text(&s)),
         },
         Command::Cleanup { force } => cleanup(&pins, force)?,
         Command::Check { config } => {
@@ -133,4 +137,10 @@ fn cleanup(pins: &Pins, force: bool) -> Result<()> {
     runstate::remove(pins);
     println!("tailgate: nothing left under {} and no tailgate iptables rules", pins.root().display());
     Ok(())
+}
+
+/// Prints to stdout; a reader that went away (`status | head`) is not an error.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }

@@ -131,7 +131,8 @@ pub enum Check {
     /// At start, reload and `check`: a listed uplink that does not exist or is not Ethernet
     /// is a configuration error (a typo must not go unnoticed).
     Config,
-    /// While running: a listed uplink that went away is skipped until it comes back.
+    /// While running (device events, reloads): a listed uplink that is absent stays wanted,
+    /// and is attached when it (re)appears.
     Running,
 }
 
@@ -166,7 +167,7 @@ pub fn resolve_uplinks(
                     (Some(_), Check::Running) => {
                         tracing::warn!("{field}: {name:?} is no longer an Ethernet device; not attached")
                     }
-                    (None, Check::Running) => {}
+                    (None, Check::Running) => uplinks.push(name.clone()),
                 }
             }
             Ok(uplinks)
@@ -230,7 +231,7 @@ mod tests {
         let c = config("tunnel = \"tun0\"\ninterfaces = [\"eth0\", \"eth7\"]");
         let e = resolve_uplinks(&c, &host(), Check::Config).unwrap_err();
         assert_eq!(e.field, "interfaces[1]");
-        assert_eq!(resolve_uplinks(&c, &host(), Check::Running).unwrap(), ["eth0"]);
+        assert_eq!(resolve_uplinks(&c, &host(), Check::Running).unwrap(), ["eth0", "eth7"]);
         let c = config("tunnel = \"tun0\"\ninterfaces = [\"wg0\"]");
         assert!(resolve_uplinks(&c, &host(), Check::Config).unwrap_err().message.contains("not an Ethernet"));
         assert!(resolve_uplinks(&c, &host(), Check::Running).unwrap().is_empty());

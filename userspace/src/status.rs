@@ -79,6 +79,15 @@ pub fn read(pins: &Pins) -> Result<Option<Status>> {
         read_bpf(pins)?
     } else if let Some(status) = read_iptables(run.as_ref().and_then(|r| r.tunnel.as_deref()))? {
         status
+    } else if let Some(pid) = daemon {
+        // A daemon holds the pin dir but nothing of it is in force (`cleanup --force`).
+        let backend = run.as_ref().map_or("unknown".to_string(), |r| r.backend.clone());
+        let mut status = empty(backend);
+        status.warnings.push(format!(
+            "the daemon (PID {pid}) runs but nothing of its datapath is in force (removed by \
+             `cleanup --force`?): restart it"
+        ));
+        status
     } else {
         return Ok(None);
     };
@@ -142,17 +151,21 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
             });
         }
     }
-    Ok(Status {
-        backend: "bpf".into(),
+    Ok(Status { attachments, counters, rules, ..empty("bpf".into()) })
+}
+
+fn empty(backend: String) -> Status {
+    Status {
+        backend,
         reason: None,
         pin_dir: String::new(),
         daemon: None,
         pending: Vec::new(),
         warnings: Vec::new(),
-        attachments,
-        counters,
-        rules,
-    })
+        attachments: Vec::new(),
+        counters: BTreeMap::new(),
+        rules: Vec::new(),
+    }
 }
 
 /// The rules of a trie of a version before policy generations (keys without a tag).
@@ -186,18 +199,12 @@ fn read_iptables(tunnel: Option<&str>) -> Result<Option<Status>> {
         None => Vec::new(),
     };
     let mut status = Status {
-        backend: format!("iptables ({})", ip.variant.name()),
-        reason: None,
-        pin_dir: String::new(),
-        daemon: None,
-        pending: Vec::new(),
         warnings,
-        attachments: Vec::new(),
         counters: ["uplink_drop", "uplink_pass_rule", "tunnel_drop", "tunnel_pass_forward"]
             .into_iter()
             .map(|name| (name.to_string(), 0))
             .collect(),
-        rules: Vec::new(),
+        ..empty(format!("iptables ({})", ip.variant.name()))
     };
     let mut found = false;
     for (family, table) in ip.tables() {

@@ -47,6 +47,16 @@ pub trait Backend {
     /// Stops enforcing and removes everything the backend created, unless `keep`, in which
     /// case the datapath stays in force for the next start to take over.
     fn stop(self: Box<Self>, keep: bool) -> Result<()>;
+    /// Completes a start once everything else succeeded: the steps that cannot be undone
+    /// (detaching what an earlier run left and this one does not want, removing the other
+    /// iptables variant's rules).
+    fn commit(&mut self, _state: &DesiredState) -> Result<()> {
+        Ok(())
+    }
+    /// Undoes a start that did not complete. With `keep` (a datapath kept by an earlier run
+    /// was taken over and is to be kept), what was in force before is put back; otherwise
+    /// everything is removed.
+    fn roll_back(self: Box<Self>, keep: bool) -> Result<()>;
 }
 
 /// A start was stopped by a signal; everything it did is rolled back.

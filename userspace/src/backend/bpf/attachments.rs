@@ -63,25 +63,24 @@ impl Attachments {
         Ok(wanted)
     }
 
-    /// Attaches what is wanted, detaches what is not (or whose device is gone).
-    /// `strict` (start): the first failure undoes this call's attachments and is returned;
-    /// otherwise (devices changed while running) a failure is logged and the rest goes on.
-    pub fn reconcile(
-        &mut self,
-        ebpf: &mut Ebpf,
-        state: &DesiredState,
-        strict: bool,
-        cancel: &Cancel,
-    ) -> Result<()> {
+    /// Devices changed: attaches what is wanted, detaches what is not (or whose device is
+    /// gone). A failure is logged and the rest goes on.
+    pub fn reconcile(&mut self, ebpf: &mut Ebpf, state: &DesiredState) -> Result<()> {
         let wanted = self.wanted(state)?;
-        self.attach(ebpf, &wanted, strict, cancel)?;
+        self.attach(ebpf, &wanted, false, &Cancel::never())?;
         self.detach(&wanted)
     }
 
     /// The first half of a reload: attach what the new state adds.
     pub fn attach_new(&mut self, ebpf: &mut Ebpf, state: &DesiredState) -> Result<Fresh> {
+        self.attach_all(ebpf, state, &Cancel::never())
+    }
+
+    /// Attaches (or takes over) everything `state` wants; the first failure undoes this
+    /// call's attachments.
+    pub fn attach_all(&mut self, ebpf: &mut Ebpf, state: &DesiredState, cancel: &Cancel) -> Result<Fresh> {
         let wanted = self.wanted(state)?;
-        self.attach(ebpf, &wanted, true, &Cancel::never())
+        self.attach(ebpf, &wanted, true, cancel)
     }
 
     /// The last half of a reload: detach what the new state no longer has.
@@ -127,6 +126,14 @@ impl Attachments {
                     tracing::info!("{} on {ifname} (ifindex {ifindex}): {how}", hook.pin_prefix());
                     self.owned.insert(key);
                 }
+                // The device went (or was re-created) meanwhile: not a failure of the start;
+                // its link event brings it back here.
+                Err(e) if !still_there(ifname, ifindex) => {
+                    tracing::info!(
+                        "{} on {ifname}: device changed while attaching ({e:#})",
+                        hook.pin_prefix()
+                    );
+                }
                 Err(e) if strict => {
                     self.undo(fresh);
                     return Err(e);
@@ -170,4 +177,9 @@ impl Attachments {
         }
         Ok(())
     }
+}
+
+/// Whether `ifname` still names the device `ifindex`.
+fn still_there(ifname: &str, ifindex: u32) -> bool {
+    netdev::interfaces().map_or(true, |all| all.get(ifname).is_some_and(|i| i.index == ifindex))
 }

@@ -33,7 +33,7 @@ pub struct SyncReport {
 }
 
 /// A trie key in one shape for both families: (IPv6?, prefix length, address bytes).
-type Prefix = (bool, u32, [u8; 16]);
+pub type Prefix = (bool, u32, [u8; 16]);
 
 /// The four tries: (name, IPv6?, inbound?). Each holds both generations.
 const TRIES: [(&str, bool, bool); 4] = [
@@ -49,7 +49,7 @@ pub fn map_names() -> impl Iterator<Item = &'static str> {
 }
 
 /// Per trie (in `TRIES` order): prefix → rule.
-type Tries = Vec<HashMap<Prefix, PrefixRule>>;
+pub type Tries = Vec<HashMap<Prefix, PrefixRule>>;
 
 /// The CGNAT tries of both generations. What each generation holds is read from the maps
 /// once (they may come pinned from an earlier run) and then kept in step with every write,
@@ -90,6 +90,19 @@ impl CgnatMaps {
             .collect();
         self.report = None;
         Ok(())
+    }
+}
+
+impl CgnatMaps {
+    /// What generation `generation` holds, if known.
+    pub fn held(&self, generation: u32) -> Option<&Tries> {
+        self.held[generation as usize & 1].as_ref()
+    }
+
+    /// Prepares writing back a content read earlier with `held` (ids and all).
+    pub fn restore(&mut self, content: Tries) {
+        self.desired = content;
+        self.report = None;
     }
 }
 

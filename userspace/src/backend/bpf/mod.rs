@@ -82,6 +82,8 @@ pub struct Datapath {
     applied: Option<CgnatRules>,
     /// What the last policy change did (for logs and the benchmark).
     pub last_swap: Option<generation::Swap>,
+    /// The policy in force before this process's first change (to roll back to).
+    previous: Option<cgnat::Tries>,
 }
 
 impl Datapath {
@@ -104,7 +106,14 @@ impl Datapath {
         let tc = links::tc(&mut ebpf, Hook::TcEgress).map_err(at("load"))?;
         tc.load().context("the tunnel TC program").map_err(at("verify"))?;
         let barrier = Barrier::take(&mut ebpf).context(MAP_BARRIER).map_err(at("load"))?;
-        Ok(Self { ebpf, barrier, cgnat: CgnatMaps::default(), applied: None, last_swap: None })
+        Ok(Self {
+            ebpf,
+            barrier,
+            cgnat: CgnatMaps::default(),
+            applied: None,
+            last_swap: None,
+            previous: None,
+        })
     }
 
     /// Makes the maps hold `state`'s rules, switching the datapath from the old policy to
@@ -114,6 +123,9 @@ impl Datapath {
             return Ok(None);
         }
         self.cgnat.plan(&mut self.ebpf, &state.cgnat)?;
+        if self.applied.is_none() {
+            self.previous = self.cgnat.held(generation::active(&self.ebpf)?).cloned();
+        }
         let swap = generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat])?;
         tracing::debug!(
             "policy generation {} active ({} entries changed; waited {:?} for running programs)",
@@ -125,6 +137,15 @@ impl Datapath {
         self.last_swap = Some(swap);
         Ok(self.cgnat.report)
     }
+
+    /// Puts back the policy that was in force before this process's first change.
+    fn restore_previous(&mut self) -> Result<()> {
+        let Some(previous) = self.previous.take() else { return Ok(()) };
+        self.cgnat.restore(previous);
+        generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat])?;
+        self.applied = None;
+        Ok(())
+    }
 }
 
 pub struct BpfBackend {
@@ -134,6 +155,8 @@ pub struct BpfBackend {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Whether a datapath was pinned here before this process (a kept one it takes over).
     inherited: bool,
+    /// What the start attached anew (undone by a roll-back).
+    started: Option<attachments::Fresh>,
 }
 
 impl BpfBackend {
@@ -151,7 +174,7 @@ impl BpfBackend {
             ),
         };
         let attachments = Attachments::new(pins.clone());
-        Ok(Self { datapath, pins, attachments, logger, inherited })
+        Ok(Self { datapath, pins, attachments, logger, inherited, started: None })
     }
 
     /// The kernel log reader (present when kernel logging is on), to poll when readable.
@@ -165,15 +188,14 @@ impl BpfBackend {
     }
 
     /// The first apply: the maps are filled before any program runs, then the programs are
-    /// attached. `cancel` is checked between steps.
+    /// attached (or links a previous run kept are taken over). `cancel` is checked between
+    /// steps. Nothing is detached before `commit`.
     pub fn start(&mut self, state: &DesiredState, cancel: &Cancel) -> Result<(), StartError> {
         self.sync_and_log(state).map_err(at("load"))?;
         cancel.check().map_err(at("attach"))?;
-        self.attachments.reconcile(&mut self.datapath.ebpf, state, true, cancel).map_err(at("attach"))?;
-        // Pins of versions before policy generations: their programs were just replaced.
-        for name in LEGACY_MAPS {
-            let _ = pins::remove_file(&self.pins.map(name));
-        }
+        let fresh =
+            self.attachments.attach_all(&mut self.datapath.ebpf, state, cancel).map_err(at("attach"))?;
+        self.started = Some(fresh);
         Ok(())
     }
 
@@ -203,11 +225,15 @@ impl Backend for BpfBackend {
             self.attachments.undo(plan);
             return Err(e);
         }
-        self.attachments.detach_unwanted(state)
+        // The new state is in force; what is left is cleanup, retried at the next change.
+        if let Err(e) = self.attachments.detach_unwanted(state) {
+            tracing::warn!("detaching what the new configuration no longer wants: {e:#}");
+        }
+        Ok(())
     }
 
     fn devices_changed(&mut self, state: &DesiredState) -> Result<()> {
-        self.attachments.reconcile(&mut self.datapath.ebpf, state, false, &Cancel::never())
+        self.attachments.reconcile(&mut self.datapath.ebpf, state)
     }
 
     fn pending(&self) -> Vec<String> {
@@ -216,6 +242,28 @@ impl Backend for BpfBackend {
 
     fn inherited(&self) -> bool {
         self.inherited
+    }
+
+    fn commit(&mut self, state: &DesiredState) -> Result<()> {
+        self.started = None;
+        self.attachments.detach_unwanted(state)?;
+        // Pins of versions before policy generations: their programs were just replaced.
+        for name in LEGACY_MAPS {
+            pins::remove_file(&self.pins.map(name))?;
+        }
+        Ok(())
+    }
+
+    fn roll_back(mut self: Box<Self>, keep: bool) -> Result<()> {
+        if !keep {
+            return self.stop(false);
+        }
+        if let Some(fresh) = self.started.take() {
+            self.attachments.undo(fresh);
+        }
+        self.datapath.restore_previous()?;
+        tracing::info!("start rolled back: the kept datapath is as it was");
+        Ok(())
     }
 
     fn stop(self: Box<Self>, keep: bool) -> Result<()> {

@@ -40,11 +40,27 @@ pub struct PinnedLink {
 }
 
 impl Pins {
-    /// `root` made absolute and free of `.`/trailing `/`, so one directory has one name.
+    /// `root` as one name per directory: absolute, `.` and `..` resolved, and the part that
+    /// exists with its symlinks resolved. The instance lock is keyed by this name, so two
+    /// spellings of one directory must not give two names.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         let root: PathBuf = root.into();
-        let root = std::path::absolute(&root).unwrap_or(root);
-        Self { root: root.components().collect() }
+        let absolute = std::path::absolute(&root).unwrap_or(root);
+        let mut lexical = PathBuf::from("/");
+        for part in absolute.components() {
+            match part {
+                std::path::Component::ParentDir => {
+                    lexical.pop();
+                }
+                std::path::Component::Normal(name) => lexical.push(name),
+                _ => {}
+            }
+        }
+        // Resolve symlinks in the longest existing ancestor; keep the rest as written.
+        let existing = lexical.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/")).to_path_buf();
+        let rest = lexical.strip_prefix(&existing).map(Path::to_path_buf).unwrap_or_default();
+        let root = std::fs::canonicalize(&existing).map(|base| base.join(&rest)).unwrap_or(lexical);
+        Self { root }
     }
 
     pub fn root(&self) -> &Path {
@@ -194,10 +210,17 @@ mod tests {
     #[test]
     fn one_directory_has_one_name() {
         let a = Pins::new("/sys/fs/bpf/tailgate/");
-        let b = Pins::new("/sys/fs/bpf/./tailgate");
         assert_eq!(a.root(), Path::new("/sys/fs/bpf/tailgate"));
-        assert_eq!(a.root(), b.root());
+        for other in ["/sys/fs/bpf/./tailgate", "/sys/fs/bpf/x/../tailgate", "/sys/fs/../fs/bpf/tailgate"] {
+            assert_eq!(Pins::new(other).root(), a.root(), "{other}");
+        }
         assert!(Pins::new("relative").root().is_absolute());
+        // A symlink to a directory names that directory.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        let real = std::fs::canonicalize(dir.path().join("real")).unwrap();
+        assert_eq!(Pins::new(dir.path().join("link/pins")).root(), real.join("pins"));
     }
 
     #[test]

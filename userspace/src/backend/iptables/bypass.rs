@@ -51,16 +51,21 @@ fn can_accept(rule: &SavedRule, saved: &SavedTable, range: &IpNet, tunnel: &str,
     if !(target == "ACCEPT" || target == "RETURN" || user_chain) || SAFE_TARGETS.contains(&target) {
         return false;
     }
-    // From the tunnel: tailgate accepts that too. In FORWARD, only packets into the
-    // tunnel are filtered: another output interface never carries them.
+    // From the tunnel (exactly: `-i tun+` also matches other devices): tailgate accepts that
+    // too. In FORWARD, only packets into the tunnel are filtered: an output interface match
+    // that cannot be the tunnel never carries them (`+` is iptables' prefix wildcard).
     if let Some((iface, false)) = arg("-i") {
         if iface == tunnel {
             return false;
         }
     }
     if tunnel_flag == "-o" {
-        if let Some((iface, negated)) = arg("-o") {
-            if (iface == tunnel) == negated {
+        if let Some((pattern, negated)) = arg("-o") {
+            let matches_tunnel = match pattern.strip_suffix('+') {
+                Some(prefix) => tunnel.starts_with(prefix),
+                None => pattern == tunnel,
+            };
+            if matches_tunnel == negated {
                 return false;
             }
         }
@@ -145,9 +150,14 @@ mod tests {
                 "-m conntrack --ctstate NEW -j ACCEPT",
                 HOOK_IN,
             ],
-            &["-o tun0 -j ACCEPT", "! -o eth1 -j ACCEPT", HOOK_FWD],
+            &["-o tun0 -j ACCEPT", "! -o eth1 -j ACCEPT", "-o tun+ -j ACCEPT", "-o t+ -j ACCEPT", HOOK_FWD],
         );
-        assert_eq!(find(&saved, Family::V4, "tun0").len(), 5);
+        assert_eq!(find(&saved, Family::V4, "tun0").len(), 7);
+        // Wildcards that cannot be the tunnel, or exclude it, are fine; `-i tun+` is not
+        // only the tunnel.
+        let saved =
+            table(&["-i tun+ -j ACCEPT", HOOK_IN], &["-o eth+ -j ACCEPT", "! -o tun+ -j ACCEPT", HOOK_FWD]);
+        assert_eq!(find(&saved, Family::V4, "tun0"), ["INPUT rule 1 (-i tun+ -j ACCEPT)"]);
         // The IPv6 table is judged against the tailnet ULA.
         let v6 = table(&["-s 2001:db8::/32 -j ACCEPT", "-s fd7a:115c:a1e0::/64 -j ACCEPT", HOOK_IN], &[]);
         assert_eq!(find(&v6, Family::V6, "tun0"), ["INPUT rule 2 (-s fd7a:115c:a1e0::/64 -j ACCEPT)"]);

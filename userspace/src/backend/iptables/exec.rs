@@ -84,10 +84,15 @@ impl Iptables {
         Ok(Self { variant, available: Available { v6_filter, v6_nat } })
     }
 
-    /// Like `probe` for a given variant, without log lines (cleanup).
+    /// Like `probe` for a given variant, without log lines (cleanup, status). A legacy
+    /// variant with no table in this namespace holds nothing of tailgate's and is not
+    /// touched: reading a legacy table creates it, and iptables-nft then warns about it.
     pub fn probe_quiet(variant: Variant) -> Result<Self> {
         if !exists(&binary(Family::V4, variant, "-restore")) {
             bail!("not installed");
+        }
+        if variant == Variant::Legacy && !legacy_in_use() {
+            bail!("no legacy tables in this network namespace");
         }
         let ip = Self { variant, available: Available { v6_filter: false, v6_nat: false } };
         let v6 = exists(&binary(Family::V6, variant, "-restore")) && Path::new("/proc/net/if_inet6").exists();
@@ -149,6 +154,9 @@ impl Iptables {
 /// nft when neither or both equally do.
 pub fn detect_variant() -> Variant {
     let rules = |variant: Variant| -> usize {
+        if variant == Variant::Legacy && !legacy_in_use() {
+            return 0;
+        }
         [Family::V4, Family::V6]
             .iter()
             .filter_map(|f| Command::new(binary(*f, variant, "-save")).stderr(Stdio::null()).output().ok())
@@ -160,4 +168,12 @@ pub fn detect_variant() -> Variant {
     } else {
         Variant::Nft
     }
+}
+
+/// Whether any iptables-legacy table exists in this network namespace (the kernel lists
+/// them in /proc/net/ip_tables_names and ip6_tables_names).
+fn legacy_in_use() -> bool {
+    ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]
+        .iter()
+        .any(|path| std::fs::read_to_string(path).is_ok_and(|names| !names.trim().is_empty()))
 }

@@ -44,6 +44,8 @@ pub struct IptablesBackend {
     bypasses: Vec<String>,
     /// Whether tailgate's rules were already in force at start (kept by an earlier run).
     inherited: bool,
+    /// tailgate's part of each table before the first write (to roll back to).
+    before: Vec<TableSpec>,
     /// One writer of tailgate's chains per network namespace.
     _netns: Lock,
 }
@@ -74,6 +76,7 @@ impl IptablesBackend {
             tunnel: String::new(),
             bypasses: Vec::new(),
             inherited: false,
+            before: Vec::new(),
             _netns: netns,
         })
     }
@@ -129,24 +132,17 @@ impl Backend for IptablesBackend {
     fn apply(&mut self, state: &DesiredState) -> Result<()> {
         let wiring = Wiring { divert: self.opts.divert, first: self.opts.hook_first };
         let desired = cgnat::render(state, wiring, self.ip.available);
-        let first = self.desired.is_empty();
+        if self.desired.is_empty() {
+            // The first write: remember what an earlier run left in force.
+            for spec in &desired {
+                let saved = SavedTable::parse(&self.ip.save(spec.family, spec.table, false)?, spec.table);
+                self.before.push(TableSpec::from_saved(spec.family, spec.table, &saved));
+            }
+            self.inherited = self.before.iter().any(|t| !t.chains.is_empty());
+        }
         match self.sync(&desired) {
             Ok(written) => {
                 tracing::info!("iptables: wrote [{}]", written.join(", "));
-                if first {
-                    self.inherited = written.is_empty();
-                    // A run with the other variant (nft <-> legacy) left its rules in force
-                    // with its policy: remove them now that these are in force.
-                    let other = match self.ip.variant {
-                        Variant::Nft => Variant::Legacy,
-                        Variant::Legacy => Variant::Nft,
-                    };
-                    if let Ok(ip) = Iptables::probe_quiet(other) {
-                        if let Err(e) = remove(&ip) {
-                            tracing::warn!("removing tailgate's iptables-{} rules: {e:#}", other.name());
-                        }
-                    }
-                }
                 self.desired = desired;
                 self.tunnel = state.tunnel.clone();
                 self.check_bypasses();
@@ -182,6 +178,29 @@ impl Backend for IptablesBackend {
 
     fn inherited(&self) -> bool {
         self.inherited
+    }
+
+    fn commit(&mut self, _state: &DesiredState) -> Result<()> {
+        self.before.clear();
+        // A run with the other variant (nft <-> legacy) left its rules in force with its
+        // policy: remove them now that these are in force.
+        let other = match self.ip.variant {
+            Variant::Nft => Variant::Legacy,
+            Variant::Legacy => Variant::Nft,
+        };
+        if let Ok(ip) = Iptables::probe_quiet(other) {
+            remove(&ip).with_context(|| format!("removing tailgate's iptables-{} rules", other.name()))?;
+        }
+        Ok(())
+    }
+
+    fn roll_back(self: Box<Self>, keep: bool) -> Result<()> {
+        if !(keep && self.inherited) {
+            return self.stop(false);
+        }
+        self.sync(&self.before)?;
+        tracing::info!("start rolled back: the kept rules are as they were");
+        Ok(())
     }
 
     fn stop(self: Box<Self>, keep: bool) -> Result<()> {

@@ -160,6 +160,66 @@ fn split_counters(line: &str) -> (u64, &str) {
     (0, line)
 }
 
+impl TableSpec {
+    /// tailgate's part of a table as it was read back: its chains (rules as iptables-save
+    /// printed them, labels from their comments) and its hooks. Written back with `plan`,
+    /// it restores that state (a start that rolls back over a kept datapath).
+    pub fn from_saved(family: Family, table: &'static str, saved: &SavedTable) -> Self {
+        let chains = saved
+            .chains
+            .iter()
+            .filter(|(name, _)| name.starts_with(CHAIN_PREFIX))
+            .map(|(name, rules)| Chain {
+                name: leak(name),
+                rules: rules
+                    .iter()
+                    .map(|r| {
+                        let label =
+                            r.comment.as_deref().and_then(|c| c.split_once(' ')).map_or("", |(_, l)| l);
+                        Rule { spec: r.without_comment(), label: label.to_string() }
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut hooks = Vec::new();
+        for (builtin, rules) in saved.chains.iter().filter(|(name, _)| !name.starts_with(CHAIN_PREFIX)) {
+            for rule in rules.iter().filter(|r| r.ours()) {
+                let words: Vec<&str> = rule.body.split_whitespace().collect();
+                if let Some(w) = words.windows(2).find(|w| w[0] == "-j" && w[1].starts_with(CHAIN_PREFIX)) {
+                    hooks.push(Hook { builtin: leak(builtin), target: leak(w[1]), first: false });
+                }
+            }
+        }
+        Self { family, table, chains, hooks }
+    }
+}
+
+/// Chain names are `&'static str` in a spec (they are constants when rendered); a restored
+/// spec is made once per start at most, so leaking its few names is fine.
+fn leak(name: &str) -> &'static str {
+    Box::leak(name.to_string().into_boxed_str())
+}
+
+impl SavedRule {
+    /// The rule without its `-m comment --comment ...` match.
+    pub fn without_comment(&self) -> String {
+        let Some(start) = self.body.find("-m comment --comment ") else { return self.body.clone() };
+        let rest = &self.body[start + "-m comment --comment ".len()..];
+        let end = if let Some(quoted) = rest.strip_prefix('"') {
+            let mut escaped = false;
+            let close = quoted.char_indices().find(|&(_, c)| {
+                let done = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                done
+            });
+            close.map_or(rest.len(), |(i, _)| i + 2)
+        } else {
+            rest.find(' ').unwrap_or(rest.len())
+        };
+        format!("{}{}", &self.body[..start], rest[end..].trim_start()).trim().to_string()
+    }
+}
+
 /// The text of `--comment X` or `--comment "X Y"`.
 fn comment_of(body: &str) -> Option<String> {
     let rest = &body[body.find("--comment ")? + "--comment ".len()..];
@@ -372,6 +432,23 @@ mod tests {
         assert_eq!(a, c);
         assert_ne!(a[0], b[1], "same rule at another position hashes differently");
         assert_eq!(a[0].len(), 16);
+    }
+
+    #[test]
+    fn a_saved_table_restores_what_it_held() {
+        let desired = spec(vec![input(&["-s 100.64.0.0/10 -j DROP", "-j RETURN"])], vec![HOOK]);
+        let saved = saved_after(&plan(&desired, &SavedTable::default()).unwrap());
+        let restored = TableSpec::from_saved(Family::V4, "filter", &saved);
+        assert_eq!(restored.hooks, [HOOK]);
+        let rules: Vec<_> =
+            restored.chains[0].rules.iter().map(|r| (r.spec.as_str(), r.label.as_str())).collect();
+        assert_eq!(rules, [("-s 100.64.0.0/10 -j DROP", "test"), ("-j RETURN", "test")]);
+        // Written over something else, it brings the same rules back.
+        let other = saved_after(
+            &plan(&spec(vec![input(&["-j ACCEPT"])], vec![HOOK]), &SavedTable::default()).unwrap(),
+        );
+        let payload = plan(&restored, &other).unwrap();
+        assert!(payload.contains("-s 100.64.0.0/10 -j DROP") && !payload.contains("-j ACCEPT"), "{payload}");
     }
 
     #[test]
