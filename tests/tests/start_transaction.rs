@@ -44,6 +44,12 @@ fn sigterm_during_start_rolls_everything_back(backend: &str) {
         daemon.notifications().iter().any(|n| n.starts_with("STATUS=writing")) || !daemon.alive()
     });
     assert!(writing && daemon.alive(), "never reported writing the policy:\n{}", daemon.log());
+    let s = status(&t.gw, &t.pins);
+    assert_eq!(
+        (s["daemon"].as_u64(), &s["starting"]),
+        (daemon.pid().map(u64::from), &serde_json::json!(true)),
+        "{s}"
+    );
     daemon.signal(Signal::SIGTERM).unwrap();
     assert!(wait::until(Duration::from_secs(30), || !daemon.alive()), "still running:\n{}", daemon.log());
     assert_eq!(daemon.exit_code().unwrap(), 0, "{}", daemon.log());

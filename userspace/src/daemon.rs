@@ -63,7 +63,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     notify(&[NotifyState::Status("starting")]);
 
-    let _instance = match Lock::try_acquire(&lock::instance_path(&opts.pins))? {
+    let instance = match Lock::try_acquire(&lock::instance_path(&opts.pins))? {
         Ok(lock) => lock,
         Err(held) => bail!(
             "another tailgate (PID {}) is running with pin dir {}; stop it first or use another --pin-dir",
@@ -93,6 +93,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         backend: backend.name().into(),
         reason,
         pid: std::process::id(),
+        lock: instance.id(),
         tunnel: Some(state.tunnel.clone()),
         pending: backend.pending(),
     };

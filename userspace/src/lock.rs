@@ -72,6 +72,18 @@ impl Lock {
         }
     }
 
+    /// Identifies this holding of the lock (the lock file's inode: a new file per holder),
+    /// for records that must tell the current holder from an earlier one whatever PID
+    /// namespace the reader is in.
+    pub fn id(&self) -> u64 {
+        self.file.metadata().map_or(0, |m| m.ino())
+    }
+
+    /// The id (see `id`) of the current holding of the lock at `path`, if the file exists.
+    pub fn current_id(path: &Path) -> Option<u64> {
+        std::fs::metadata(path).ok().map(|m| m.ino())
+    }
+
     /// The PID of the live process holding the lock at `path`, if any.
     pub fn holder(path: &Path) -> Result<Option<i32>> {
         match File::open(path) {

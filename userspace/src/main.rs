@@ -118,7 +118,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
 /// Removes what a stopped or killed instance left. Refused while a daemon holds the pin dir
 /// (it would be left running with nothing in force) unless `force`.
 fn cleanup(pins: &Pins, force: bool) -> Result<()> {
-    let _instance = match Lock::try_acquire(&lock::instance_path(pins))? {
+    let instance = match Lock::try_acquire(&lock::instance_path(pins))? {
         Ok(lock) => Some(lock),
         Err(held) if !force => anyhow::bail!(
             "tailgate (PID {}) is running with pin dir {}: stop it instead (it removes what it \
@@ -134,7 +134,10 @@ fn cleanup(pins: &Pins, force: bool) -> Result<()> {
     } else {
         iptables::remove_all()?;
     }
-    runstate::remove(pins);
+    // A running daemon's run state is its own (it says what it is; it goes when it stops).
+    if instance.is_some() {
+        runstate::remove(pins);
+    }
     println!("tailgate: nothing left under {} and no tailgate iptables rules", pins.root().display());
     Ok(())
 }

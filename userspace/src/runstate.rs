@@ -14,6 +14,9 @@ pub struct RunState {
     /// Why this backend: "configured", or why BPF could not be used.
     pub reason: String,
     pub pid: u32,
+    /// The id of the instance lock held by the daemon that wrote this (`Lock::id`).
+    #[serde(default)]
+    pub lock: u64,
     /// The tunnel device name (iptables: to judge rules of others against it).
     #[serde(default)]
     pub tunnel: Option<String>,

@@ -38,6 +38,8 @@ pub struct Status {
     /// The PID of the daemon enforcing this, `None` when none runs (a kept datapath, or
     /// what a killed daemon left).
     pub daemon: Option<i32>,
+    /// The daemon has not finished starting (not ready yet).
+    pub starting: bool,
     /// What the daemon waits for (absent devices).
     pub pending: Vec<String>,
     /// Problems tailgate cannot fix itself, e.g. rules of others that bypass it.
@@ -72,25 +74,32 @@ pub struct RuleStatus {
 
 /// The state in force for the instance of `pins`; `None` when nothing is.
 pub fn read(pins: &Pins) -> Result<Option<Status>> {
-    let run = runstate::read(pins);
-    let backend = run.as_ref().map(|r| r.backend.as_str());
     let daemon = Lock::holder(&lock::instance_path(pins))?;
-    let mut status = if backend != Some("iptables") && pins.exists() {
-        read_bpf(pins)?
-    } else if let Some(status) = read_iptables(run.as_ref().and_then(|r| r.tunnel.as_deref()))? {
-        status
-    } else if let Some(pid) = daemon {
-        // A daemon holds the pin dir but nothing of it is in force (`cleanup --force`).
-        let backend = run.as_ref().map_or("unknown".to_string(), |r| r.backend.clone());
-        let mut status = empty(backend);
-        status.warnings.push(format!(
-            "the daemon (PID {pid}) runs but nothing of its datapath is in force (removed by \
-             `cleanup --force`?): restart it"
-        ));
-        status
-    } else {
-        return Ok(None);
+    // The run state is written once a start stands: a daemon without one (or with one of an
+    // earlier run) is still starting, and what is pinned may be half there.
+    let run = runstate::read(pins);
+    let instance = lock::instance_path(pins);
+    let starting = daemon.is_some() && run.as_ref().map(|r| r.lock) != Lock::current_id(&instance);
+    let in_force = read_in_force(pins, run.as_ref());
+    let mut status = match (in_force, starting) {
+        (Ok(Some(status)), _) => status,
+        (Err(_) | Ok(None), true) => empty("starting".into()),
+        (Err(e), false) => return Err(e),
+        (Ok(None), false) => match daemon {
+            // A daemon holds the pin dir but nothing of it is in force (`cleanup --force`).
+            Some(pid) => {
+                let backend = run.as_ref().map_or("unknown".to_string(), |r| r.backend.clone());
+                let mut status = empty(backend);
+                status.warnings.push(format!(
+                    "the daemon (PID {pid}) runs but nothing of its datapath is in force (removed by \
+                     `cleanup --force`?): restart it"
+                ));
+                status
+            }
+            None => return Ok(None),
+        },
     };
+    status.starting = starting;
     status.pin_dir = pins.root().display().to_string();
     status.daemon = daemon;
     if let Some(run) = run {
@@ -101,6 +110,15 @@ pub fn read(pins: &Pins) -> Result<Option<Status>> {
         }
     }
     Ok(Some(status))
+}
+
+/// What is in force: the pinned BPF datapath, or tailgate's iptables chains.
+fn read_in_force(pins: &Pins, run: Option<&runstate::RunState>) -> Result<Option<Status>> {
+    let backend = run.map(|r| r.backend.as_str());
+    if backend != Some("iptables") && pins.exists() {
+        return read_bpf(pins).map(Some);
+    }
+    read_iptables(run.and_then(|r| r.tunnel.as_deref()))
 }
 
 fn read_bpf(pins: &Pins) -> Result<Status> {
@@ -160,6 +178,7 @@ fn empty(backend: String) -> Status {
         reason: None,
         pin_dir: String::new(),
         daemon: None,
+        starting: false,
         pending: Vec::new(),
         warnings: Vec::new(),
         attachments: Vec::new(),
@@ -274,6 +293,7 @@ pub fn render_text(s: &Status) -> String {
     }
     let _ = writeln!(out, "pins:    {}", s.pin_dir);
     let _ = match s.daemon {
+        Some(pid) if s.starting => writeln!(out, "daemon:  starting (PID {pid})"),
         Some(pid) => writeln!(out, "daemon:  running (PID {pid})"),
         None => writeln!(out, "daemon:  none (datapath kept, no daemon)"),
     };

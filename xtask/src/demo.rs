@@ -134,8 +134,10 @@ pub fn run(seconds: u64, backend: &str) -> Result<()> {
     let mut run = demo.tailgate(&["run", "--config", config.to_str().unwrap()]);
     std::os::unix::process::CommandExt::process_group(&mut run, 0);
     demo.daemon = Some(run.spawn()?);
-    // The daemon reports its state once the policy is in force.
-    let up = wait(Duration::from_secs(20), || demo.counters().is_some_and(|s| s.get("counters").is_some()));
+    // `status` says when the daemon has finished starting (the policy is in force).
+    let up = wait(Duration::from_secs(20), || {
+        demo.counters().is_some_and(|s| s["daemon"].is_number() && s["starting"] == false)
+    });
     anyhow::ensure!(up, "the daemon did not come up within 20 s");
 
     show(&demo, "100.64.0.2", "100.64.0.1", "CGNAT neighbour (expect DROPPED)");

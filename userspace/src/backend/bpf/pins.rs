@@ -59,7 +59,11 @@ impl Pins {
         // Resolve symlinks in the longest existing ancestor; keep the rest as written.
         let existing = lexical.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/")).to_path_buf();
         let rest = lexical.strip_prefix(&existing).map(Path::to_path_buf).unwrap_or_default();
-        let root = std::fs::canonicalize(&existing).map(|base| base.join(&rest)).unwrap_or(lexical);
+        let root = match std::fs::canonicalize(&existing) {
+            Ok(base) if rest.as_os_str().is_empty() => base,
+            Ok(base) => base.join(&rest),
+            Err(_) => lexical,
+        };
         Self { root }
     }
 
@@ -211,6 +215,8 @@ mod tests {
     fn one_directory_has_one_name() {
         let a = Pins::new("/sys/fs/bpf/tailgate/");
         assert_eq!(a.root(), Path::new("/sys/fs/bpf/tailgate"));
+        // Existing or not, no trailing separator.
+        assert_eq!(Pins::new("/tmp/").root().as_os_str(), "/tmp");
         for other in ["/sys/fs/bpf/./tailgate", "/sys/fs/bpf/x/../tailgate", "/sys/fs/../fs/bpf/tailgate"] {
             assert_eq!(Pins::new(other).root(), a.root(), "{other}");
         }
