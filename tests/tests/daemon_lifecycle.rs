@@ -6,11 +6,13 @@ use tailgate_tests::{
     daemon::{tailgate, Daemon, PinDir},
     on_both_backends,
     topology::*,
+    wait,
 };
 
 on_both_backends!(
     refused_reload_keeps_the_running_state,
     a_config_file_written_slowly_is_reloaded_only_once_complete,
+    a_config_file_that_keeps_changing_does_not_hold_up_a_stop,
     sigterm_removes_everything,
     keep_datapath_survives_a_restart_and_cleanup_is_idempotent,
 );
@@ -100,6 +102,37 @@ fn a_config_file_written_slowly_is_reloaded_only_once_complete(backend: &str) {
     drop(file);
     daemon.wait_ready_after(readies).unwrap();
     assert!(t.cgnat_neighbours_ping(), "the complete file keeps the exemption");
+}
+
+fn a_config_file_that_keeps_changing_does_not_hold_up_a_stop(backend: &str) {
+    use std::{
+        io::Write,
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Duration, Instant},
+    };
+    let t = Topology::new().unwrap();
+    let mut daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
+    let done = AtomicBool::new(false);
+    let path = daemon.config_path();
+    std::thread::scope(|s| {
+        // A writer that never pauses long: one line every 50 ms, for at most 10 s.
+        s.spawn(|| {
+            let start = Instant::now();
+            while !done.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(10) {
+                let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+                writeln!(file, "# still writing").unwrap();
+                drop(file);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let asked = Instant::now();
+        daemon.signal(Signal::SIGTERM).unwrap();
+        let stopped = wait::until(Duration::from_secs(2), || !daemon.alive());
+        done.store(true, Ordering::Relaxed);
+        assert!(stopped, "still running {:?} after SIGTERM:\n{}", asked.elapsed(), daemon.log());
+    });
+    assert_eq!(daemon.exit_code().unwrap(), 0);
+    assert!(!t.installed(backend));
 }
 
 fn sigterm_removes_everything(backend: &str) {

@@ -175,3 +175,25 @@ fn a_reload_while_a_listed_uplink_is_absent_is_applied(backend: &str) {
         assert_eq!(s["pending"], serde_json::json!(["xdp on eth1 (absent)"]), "{s}");
     }
 }
+
+#[test]
+fn a_failed_reload_is_not_applied_by_a_later_device_event() {
+    let t = Topology::new().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &config("bpf", "")).unwrap();
+    // Another program owns eth1's XDP hook: a reload moving the uplink there fails.
+    let other = tailgate_tests::daemon::PinDir::new(&t.gw);
+    let owner = "tunnel = \"tun0\"\ninterfaces = [\"eth1\"]\nbackend = \"bpf\"\n";
+    let _owner = Daemon::start(&t.gw, &other, owner).unwrap();
+    let readies = daemon.readies();
+    daemon
+        .write_config(&config("bpf", "").replace("interfaces = [\"eth0\"]", "interfaces = [\"eth1\"]"))
+        .unwrap();
+    daemon.wait_ready_after(readies).unwrap();
+    assert!(daemon.log().contains("reload failed, running state unchanged"), "{}", daemon.log());
+    // A device event: the uplinks stay those of the config in force.
+    t.gw.ip(&["link", "add", "x7", "type", "veth", "peer", "name", "y7"]).unwrap();
+    t.gw.ip(&["link", "del", "x7"]).unwrap();
+    let detached = wait::until(FOLLOW, || !attachments(&status(&t.gw, &t.pins)).contains(&"xdp@eth0".into()));
+    assert!(!detached, "eth0 detached after a failed reload\n{}", daemon.log());
+    assert!(!t.cgnat_neighbours_ping());
+}

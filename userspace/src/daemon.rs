@@ -6,7 +6,10 @@
 //! file watch, device events) is set up, then the backend starts; a failure or a stop
 //! request at any point after that rolls back what the start put in force.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context, Result};
 use notify::{
@@ -33,8 +36,10 @@ use crate::{
     runstate::{self, RunState},
 };
 
-/// How long the config file must stay quiet after a change before it is reloaded.
-const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long the config file must stay quiet after a change before it is reloaded...
+const SETTLE: Duration = Duration::from_millis(200);
+/// ... but a file that keeps changing is reloaded this long after the first change.
+const SETTLE_MAX: Duration = Duration::from_secs(2);
 
 pub struct RunOptions {
     pub config: Option<PathBuf>,
@@ -88,12 +93,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Err(e) => return Err(e),
     };
     // The start is complete only once the run state is written and no stop came meanwhile.
-    let rollback_keep = config.keep_datapath && backend.inherited();
+    // A datapath an earlier run left in force (kept, or left by a killed daemon) is put back
+    // as it was if the start does not complete; otherwise nothing of the start stays.
+    let rollback_keep = backend.inherited();
     let mut run_state = RunState {
         backend: backend.name().into(),
         reason,
         pid: std::process::id(),
         lock: instance.id(),
+        variant: backend.variant(),
         tunnel: Some(state.tunnel.clone()),
         pending: backend.pending(),
     };
@@ -126,6 +134,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         timer
     });
+    // A file change is reloaded once the file has been quiet for SETTLE (writers that finish
+    // in several steps — truncate, close, append — get to finish), and at the latest
+    // SETTLE_MAX after the first change. Meanwhile everything else goes on.
+    let mut reload_at: Option<(Instant, Instant)> = None;
     loop {
         tokio::select! {
             _ = tick(&mut repair) => {
@@ -144,14 +156,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             _ = hup.recv() => tracing::info!("SIGHUP: reloading"),
             Some(()) = changed.recv() => {
-                // Writers that finish in several steps (truncate, close, append) get to finish:
-                // reload once nothing more has happened for a moment.
-                while let Ok(Some(())) = tokio::time::timeout(SETTLE, changed.recv()).await {}
-                tracing::info!("config file changed: reloading");
+                let now = Instant::now();
+                let first = reload_at.map_or(now, |(first, _)| first);
+                reload_at = Some((first, (now + SETTLE).min(first + SETTLE_MAX)));
+                continue;
             }
+            _ = at(reload_at.map(|(_, due)| due)) => tracing::info!("config file changed: reloading"),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+        reload_at = None;
         notify_reloading();
         if let Some(new) = reload(backend.as_mut(), &config, &mut state, opts.config.as_deref()) {
             current = new;
@@ -207,9 +221,8 @@ fn record(pins: &Pins, run_state: &mut RunState, state: &DesiredState, backend: 
     }
 }
 
-/// Re-reads the config and applies it. Returns the new config when it was valid (even if
-/// applying it failed: its settings for later reloads and stop are the user's latest); on any
-/// error the running state stays as it was.
+/// Re-reads the config and applies it. Returns the new config once it is in force; on any
+/// error the running state (and the config in force) stays as it was.
 fn reload(
     backend: &mut dyn Backend,
     started: &Config,
@@ -223,7 +236,7 @@ fn reload(
         // A listed uplink that is absent right now is waited for, not an error: it may be
         // going through a restart of its own.
         let interfaces = netdev::list_for_config()?;
-        let uplinks = netdev::resolve_uplinks(&config, &interfaces, Check::Running)?;
+        let uplinks = netdev::resolve_uplinks(&config, &interfaces, Check::Reload)?;
         let state = policy::compile(&config, uplinks);
         Ok((config, state))
     });
@@ -245,7 +258,11 @@ fn reload(
                 tracing::info!("reloaded");
                 *state = new_state;
             }
-            Err(e) => tracing::error!("reload failed, running state unchanged: {e:#}"),
+            Err(e) => {
+                // The old config stays the one in force, for device events too.
+                tracing::error!("reload failed, running state unchanged: {e:#}");
+                return None;
+            }
         }
     }
     Some(config)
@@ -279,6 +296,14 @@ fn follow_devices(backend: &mut dyn Backend, config: &Config, state: &mut Desire
     }
 }
 
+/// Resolves at `due`; never without one.
+async fn at(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn tick(timer: &mut Option<tokio::time::Interval>) {
     match timer {
         Some(timer) => {
@@ -298,13 +323,13 @@ fn start_backend(
 ) -> Result<(Box<dyn Backend>, String)> {
     match config.backend {
         BackendKind::Bpf => {
-            let bpf = start_bpf(state, opts, config.keep_datapath, cancel).context("BPF backend")?;
+            let bpf = start_bpf(state, opts, cancel).context("BPF backend")?;
             Ok((bpf, "configured: backend = \"bpf\"".into()))
         }
         BackendKind::Iptables => {
             Ok((start_iptables(config, state, cancel)?, "configured: backend = \"iptables\"".into()))
         }
-        BackendKind::Auto => match start_bpf(state, opts, false, cancel) {
+        BackendKind::Auto => match start_bpf(state, opts, cancel) {
             Ok(bpf) => Ok((bpf, "auto: BPF loaded, verified and attached".into())),
             Err(e) if e.interrupted() => Err(e.error),
             Err(e) => {
@@ -319,7 +344,6 @@ fn start_backend(
 fn start_bpf(
     state: &DesiredState,
     opts: &RunOptions,
-    keep: bool,
     cancel: &Cancel,
 ) -> Result<Box<dyn Backend>, StartError> {
     notify(&[NotifyState::Status("loading the BPF datapath")]);
@@ -330,18 +354,15 @@ fn start_bpf(
         .map_err(|error| StartError { step: "load", error })
         .and_then(|()| bpf.start(state, cancel));
     if let Err(e) = started {
-        // Leave no half-started datapath (unless a kept one is to be preserved).
-        let keep = keep && bpf.inherited();
-        if let Err(stop) = Box::new(bpf).stop(keep) {
-            tracing::error!("cleaning up the failed BPF start: {stop:#}");
+        // Leave no half-started datapath; one an earlier run left is put back as it was.
+        let keep = bpf.inherited();
+        if let Err(undo) = Box::new(bpf).roll_back(keep) {
+            tracing::error!("cleaning up the failed BPF start: {undo:#}");
         }
         return Err(e);
     }
     if let Err(e) = spawn_kernel_log_reader(&mut bpf) {
         tracing::warn!("kernel log reader: {e:#}");
-    }
-    if let Err(e) = iptables::remove_all() {
-        tracing::warn!("iptables rules of an earlier run left in place: {e:#}");
     }
     Ok(Box::new(bpf))
 }
@@ -361,7 +382,7 @@ fn start_iptables(config: &Config, state: &DesiredState, cancel: &Cancel) -> Res
     })?;
     cancel.check()?;
     if let Err(e) = backend.apply(state) {
-        let keep = config.keep_datapath && backend.inherited();
+        let keep = backend.inherited();
         if let Err(undo) = Box::new(backend).roll_back(keep) {
             tracing::error!("cleaning up the failed iptables start: {undo:#}");
         }

@@ -128,11 +128,14 @@ impl LinkEvents {
 /// How strictly to treat listed uplinks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
-    /// At start, reload and `check`: a listed uplink that does not exist or is not Ethernet
-    /// is a configuration error (a typo must not go unnoticed).
+    /// At start and `check`: a listed uplink that does not exist or is not Ethernet is a
+    /// configuration error (a typo must not go unnoticed).
     Config,
-    /// While running (device events, reloads): a listed uplink that is absent stays wanted,
-    /// and is attached when it (re)appears.
+    /// At a reload: one that is not Ethernet is an error; one that is absent is waited for
+    /// (it may be going through a restart of its own).
+    Reload,
+    /// On device events: the config was accepted already, so nothing is an error; an absent
+    /// listed uplink stays wanted, one re-created as non-Ethernet is skipped with a warning.
     Running,
 }
 
@@ -151,7 +154,7 @@ pub fn resolve_uplinks(
                 let field = format!("{}[{i}]", config.sources.interfaces);
                 match (all.get(name), check) {
                     (Some(iface), _) if iface.ethernet() => uplinks.push(name.clone()),
-                    (Some(iface), Check::Config) => {
+                    (Some(iface), Check::Config | Check::Reload) => {
                         let why = format!(
                             "{name:?} is not an Ethernet device (link type {}); uplinks must be Ethernet",
                             iface.link_type
@@ -167,7 +170,7 @@ pub fn resolve_uplinks(
                     (Some(_), Check::Running) => {
                         tracing::warn!("{field}: {name:?} is no longer an Ethernet device; not attached")
                     }
-                    (None, Check::Running) => uplinks.push(name.clone()),
+                    (None, Check::Reload | Check::Running) => uplinks.push(name.clone()),
                 }
             }
             Ok(uplinks)
@@ -234,6 +237,7 @@ mod tests {
         assert_eq!(resolve_uplinks(&c, &host(), Check::Running).unwrap(), ["eth0", "eth7"]);
         let c = config("tunnel = \"tun0\"\ninterfaces = [\"wg0\"]");
         assert!(resolve_uplinks(&c, &host(), Check::Config).unwrap_err().message.contains("not an Ethernet"));
+        assert!(resolve_uplinks(&c, &host(), Check::Reload).is_err(), "wrong type at reload");
         assert!(resolve_uplinks(&c, &host(), Check::Running).unwrap().is_empty());
     }
 }

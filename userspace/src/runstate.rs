@@ -17,6 +17,9 @@ pub struct RunState {
     /// The id of the instance lock held by the daemon that wrote this (`Lock::id`).
     #[serde(default)]
     pub lock: u64,
+    /// The iptables variant in use (iptables backend).
+    #[serde(default)]
+    pub variant: Option<crate::backend::iptables::exec::Variant>,
     /// The tunnel device name (iptables: to judge rules of others against it).
     #[serde(default)]
     pub tunnel: Option<String>,

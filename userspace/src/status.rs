@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
 use serde::Serialize;
 use tailgate_abi::{
@@ -20,7 +20,7 @@ use crate::{
         iptables::{
             self,
             cgnat::{FORWARD, INPUT, POSTROUTING},
-            exec::{detect_variant, Iptables},
+            exec::{detect_variant, Iptables, Variant},
             family_name,
             table::{SavedTable, CHAIN_PREFIX},
         },
@@ -118,7 +118,7 @@ fn read_in_force(pins: &Pins, run: Option<&runstate::RunState>) -> Result<Option
     if backend != Some("iptables") && pins.exists() {
         return read_bpf(pins).map(Some);
     }
-    read_iptables(run.and_then(|r| r.tunnel.as_deref()))
+    read_iptables(run.and_then(|r| r.tunnel.as_deref()), run.and_then(|r| r.variant))
 }
 
 fn read_bpf(pins: &Pins) -> Result<Status> {
@@ -154,7 +154,7 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
         for (v6, (name, legacy)) in [false, true].into_iter().zip(names.into_iter().zip(legacy)) {
             found.extend(match generation {
                 Some(generation) => cgnat::rules(&open(pins, name)?, v6, generation)?,
-                None => legacy_rules(&open(pins, legacy)?, v6)?,
+                None => cgnat::legacy_rules(&open(pins, legacy)?, v6)?,
             });
         }
         found.sort_by_key(|(net, _)| (net.addr().is_ipv6(), std::cmp::Reverse(net.prefix_len()), net.addr()));
@@ -187,29 +187,10 @@ fn empty(backend: String) -> Status {
     }
 }
 
-/// The rules of a trie of a version before policy generations (keys without a tag).
-fn legacy_rules(map: &Map, v6: bool) -> Result<Vec<(IpNet, PrefixRule)>> {
-    let mut found = Vec::new();
-    if v6 {
-        let trie: LpmTrie<&MapData, [u8; 16], PrefixRule> = LpmTrie::try_from(map)?;
-        for item in trie.iter() {
-            let (key, rule) = item?;
-            found.push((ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?.into(), rule));
-        }
-    } else {
-        let trie: LpmTrie<&MapData, [u8; 4], PrefixRule> = LpmTrie::try_from(map)?;
-        for item in trie.iter() {
-            let (key, rule) = item?;
-            found.push((ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8)?.into(), rule));
-        }
-    }
-    Ok(found)
-}
-
 /// The tailgate chains in iptables, if any (in the variant that holds rules). With the
 /// tunnel's name, rules of others that bypass them are reported.
-fn read_iptables(tunnel: Option<&str>) -> Result<Option<Status>> {
-    let Ok(ip) = Iptables::probe_quiet(detect_variant()) else { return Ok(None) };
+fn read_iptables(tunnel: Option<&str>, variant: Option<Variant>) -> Result<Option<Status>> {
+    let Ok(ip) = Iptables::probe_quiet(variant.unwrap_or_else(detect_variant)) else { return Ok(None) };
     let warnings = match tunnel {
         Some(tunnel) => iptables::bypasses(&ip, tunnel)?
             .into_iter()

@@ -32,6 +32,10 @@ pub trait Backend {
     fn pending(&self) -> Vec<String> {
         Vec::new()
     }
+    /// The iptables variant in use (iptables backend), for status.
+    fn variant(&self) -> Option<iptables::exec::Variant> {
+        None
+    }
     /// Whether the backend found an earlier run's datapath in force and took it over.
     fn inherited(&self) -> bool {
         false

@@ -17,7 +17,9 @@ use aya::{
 };
 use ipnet::IpNet;
 use tailgate_abi::{
-    cgnat::{PrefixRule, GENERATION_BITS, MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6, TAG_LEN},
+    cgnat::{
+        PrefixRule, GENERATION_BITS, LEGACY_MAPS, MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6, TAG_LEN,
+    },
     verdict, MAP_RULE_HITS, MAX_RULES,
 };
 
@@ -255,7 +257,15 @@ fn read_tagged<const K: usize>(map: &Map, v6: bool) -> Result<[HashMap<Prefix, P
 /// The rules of generation `generation` in a trie map (pinned or loaded), as prefixes.
 pub fn rules(map: &Map, v6: bool, generation: u32) -> Result<Vec<(IpNet, PrefixRule)>> {
     let [g0, g1] = read_trie(map, v6)?;
-    let entries = if generation == 0 { g0 } else { g1 };
+    as_nets(if generation == 0 { g0 } else { g1 })
+}
+
+/// The rules of a trie pinned by a version before policy generations (keys without a tag).
+pub fn legacy_rules(map: &Map, v6: bool) -> Result<Vec<(IpNet, PrefixRule)>> {
+    as_nets(read_untagged(map, v6)?)
+}
+
+fn as_nets(entries: HashMap<Prefix, PrefixRule>) -> Result<Vec<(IpNet, PrefixRule)>> {
     entries
         .into_iter()
         .map(|((v6, len, addr), rule)| {
@@ -267,6 +277,44 @@ pub fn rules(map: &Map, v6: bool, generation: u32) -> Result<Vec<(IpNet, PrefixR
             Ok((net, rule))
         })
         .collect()
+}
+
+fn read_untagged(map: &Map, v6: bool) -> Result<HashMap<Prefix, PrefixRule>> {
+    if v6 {
+        untagged::<16>(map, v6)
+    } else {
+        untagged::<4>(map, v6)
+    }
+}
+
+fn untagged<const N: usize>(map: &Map, v6: bool) -> Result<HashMap<Prefix, PrefixRule>> {
+    let trie: LpmTrie<&MapData, [u8; N], PrefixRule> = LpmTrie::try_from(map)?;
+    let mut entries = HashMap::new();
+    for item in trie.iter() {
+        let (key, rule) = item?;
+        let mut addr = [0u8; 16];
+        addr[..N].copy_from_slice(&key.data());
+        entries.insert((v6, key.prefix_len(), addr), rule);
+    }
+    Ok(entries)
+}
+
+/// The policy a version before policy generations left pinned under `pins` (a kept
+/// datapath being upgraded), in the shape of one generation; `None` if there is none.
+pub fn legacy_policy(pins: &super::Pins) -> Result<Option<Tries>> {
+    if !pins.map(LEGACY_MAPS[0]).exists() {
+        return Ok(None);
+    }
+    // LEGACY_MAPS is in TRIES order.
+    let mut tries = Tries::new();
+    for (&(_, v6, _), name) in TRIES.iter().zip(LEGACY_MAPS) {
+        let path = pins.map(name);
+        let map = Map::from_map_data(
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?,
+        )?;
+        tries.push(read_untagged(&map, v6)?);
+    }
+    Ok(Some(tries))
 }
 
 /// The entries of the active generation of trie `name`, for tests: (prefix length, address).

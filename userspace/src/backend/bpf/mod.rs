@@ -123,7 +123,7 @@ impl Datapath {
             return Ok(None);
         }
         self.cgnat.plan(&mut self.ebpf, &state.cgnat)?;
-        if self.applied.is_none() {
+        if self.applied.is_none() && self.previous.is_none() {
             self.previous = self.cgnat.held(generation::active(&self.ebpf)?).cloned();
         }
         let swap = generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat])?;
@@ -191,6 +191,12 @@ impl BpfBackend {
     /// attached (or links a previous run kept are taken over). `cancel` is checked between
     /// steps. Nothing is detached before `commit`.
     pub fn start(&mut self, state: &DesiredState, cancel: &Cancel) -> Result<(), StartError> {
+        // Upgrading a datapath kept by a version before policy generations: the links are
+        // about to run this version's program on this version's maps, so a roll-back puts
+        // the old policy into those.
+        if let Some(legacy) = cgnat::legacy_policy(&self.pins).map_err(at("load"))? {
+            self.datapath.previous = Some(legacy);
+        }
         self.sync_and_log(state).map_err(at("load"))?;
         cancel.check().map_err(at("attach"))?;
         let fresh =

@@ -132,7 +132,8 @@ impl Backend for IptablesBackend {
     fn apply(&mut self, state: &DesiredState) -> Result<()> {
         let wiring = Wiring { divert: self.opts.divert, first: self.opts.hook_first };
         let desired = cgnat::render(state, wiring, self.ip.available);
-        if self.desired.is_empty() {
+        let first = self.desired.is_empty();
+        if first {
             // The first write: remember what an earlier run left in force.
             for spec in &desired {
                 let saved = SavedTable::parse(&self.ip.save(spec.family, spec.table, false)?, spec.table);
@@ -143,6 +144,11 @@ impl Backend for IptablesBackend {
         match self.sync(&desired) {
             Ok(written) => {
                 tracing::info!("iptables: wrote [{}]", written.join(", "));
+                if first {
+                    // A roll-back only puts back the tables this start changed.
+                    self.before
+                        .retain(|t| written.contains(&format!("{} {}", family_name(t.family), t.table)));
+                }
                 self.desired = desired;
                 self.tunnel = state.tunnel.clone();
                 self.check_bypasses();
@@ -150,10 +156,10 @@ impl Backend for IptablesBackend {
             }
             Err(e) => {
                 // One table failed after others were written: put back what was in force.
-                let restore = if self.desired.is_empty() {
-                    remove(&self.ip)
-                } else {
-                    self.sync(&self.desired).map(drop)
+                let restore = match (first, self.inherited) {
+                    (true, true) => self.sync(&self.before).map(drop),
+                    (true, false) => remove(&self.ip),
+                    (false, _) => self.sync(&self.desired).map(drop),
                 };
                 if let Err(back) = restore {
                     tracing::error!("iptables: could not restore the previous rules: {back:#}");
@@ -178,6 +184,10 @@ impl Backend for IptablesBackend {
 
     fn inherited(&self) -> bool {
         self.inherited
+    }
+
+    fn variant(&self) -> Option<Variant> {
+        Some(self.ip.variant)
     }
 
     fn commit(&mut self, _state: &DesiredState) -> Result<()> {
