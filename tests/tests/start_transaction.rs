@@ -81,6 +81,21 @@ fn keep(t: &Topology, backend: &str) -> Vec<String> {
     rules(t)
 }
 
+/// tailgate's iptables rules as written (comments and hashes included), both families.
+fn iptables_rules(t: &Topology) -> Vec<String> {
+    ["iptables-save", "ip6tables-save"]
+        .iter()
+        .flat_map(|tool| {
+            let out = t.gw.exec(tool, &[]).unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("tailgate:"))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 fn rules(t: &Topology) -> Vec<String> {
     let s = status(&t.gw, &t.pins);
     let mut rules: Vec<String> = s["rules"]
@@ -98,6 +113,10 @@ fn assert_kept(t: &Topology, backend: &str, before: &[String], log: &str) {
     assert!(t.installed(backend), "the kept datapath is gone:\n{log}");
     assert!(t.cgnat_neighbours_ping(), "the kept policy (with the exemption) is not in force:\n{log}");
     assert_eq!(rules(t), before, "the kept rules changed:\n{log}");
+    // The record of the kept run is back too (status reads the backend and variant from it).
+    let s = status(&t.gw, &t.pins);
+    assert_eq!(s["reason"], format!("configured: backend = \"{backend}\""), "{s}\n{log}");
+    assert_eq!(s["daemon"], serde_json::Value::Null);
 }
 
 /// Starts `config` with the run state unwritable (the last step of a start fails).
@@ -112,10 +131,14 @@ fn start_failing_at_the_end(t: &Topology, config: &str) -> (i32, String) {
 fn a_failed_start_over_a_kept_datapath_leaves_it_as_it_was(backend: &str) {
     let t = Topology::new().unwrap();
     let before = keep(&t, backend);
+    let written = iptables_rules(&t);
     // Another policy, and not even keep_datapath: what was in force before is put back.
     let (code, log) = start_failing_at_the_end(&t, &config(backend, ""));
     assert_ne!(code, 0, "{log}");
     assert_kept(&t, backend, &before, &log);
+    // iptables: as written, hashes included (the next start of the kept config rewrites
+    // nothing, so counters go on counting).
+    assert_eq!(iptables_rules(&t), written, "{log}");
 }
 
 #[test]
@@ -142,6 +165,8 @@ fn sigterm_during_an_auto_start_over_a_kept_datapath_leaves_it_as_it_was() {
         daemon.notifications().iter().any(|n| n.starts_with("STATUS=writing")) || !daemon.alive()
     });
     assert!(writing && daemon.alive(), "{}", daemon.log());
+    // The run state of the kept run is still there: status must not take it for this one's.
+    assert_eq!(status(&t.gw, &t.pins)["starting"], true);
     daemon.signal(Signal::SIGTERM).unwrap();
     assert!(wait::until(Duration::from_secs(30), || !daemon.alive()), "{}", daemon.log());
     assert_eq!(daemon.exit_code().unwrap(), 0);

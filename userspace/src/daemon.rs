@@ -84,9 +84,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     let mut links = LinkEvents::subscribe().context("watching network devices (rtnetlink)")?;
 
+    // What an earlier run recorded (it describes what is in force until this start stands).
+    let earlier = runstate::read(&opts.pins);
     let (mut backend, reason) = match start_backend(&config, &state, &opts, &cancel) {
         Ok(started) => started,
-        Err(e) if e.is::<crate::backend::Interrupted>() || cancel.requested() => {
+        Err(e) if e.is::<crate::backend::Interrupted>() => {
             tracing::info!("stopped during start: everything it did is rolled back");
             return Ok(());
         }
@@ -106,11 +108,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         pending: backend.pending(),
     };
     if let Err(e) = runstate::write(&opts.pins, &run_state) {
-        roll_back(backend, rollback_keep, &opts.pins);
+        roll_back(backend, rollback_keep, &opts.pins, earlier.as_ref());
         return Err(e.context("recording the run state; start rolled back"));
     }
     if cancel.requested() {
-        roll_back(backend, rollback_keep, &opts.pins);
+        roll_back(backend, rollback_keep, &opts.pins, earlier.as_ref());
         tracing::info!("stopped during start: everything it did is rolled back");
         return Ok(());
     }
@@ -183,14 +185,20 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     Ok(())
 }
 
-/// Undoes a start: removes what it put in force, or puts a datapath it took over (and was
-/// told to keep) back as it found it.
-fn roll_back(backend: Box<dyn Backend>, keep: bool, pins: &Pins) {
+/// Undoes a start: removes what it put in force, or puts a datapath an earlier run left back
+/// as it found it; the earlier run's record (which may describe the other backend's
+/// datapath, still in force) is put back too.
+fn roll_back(backend: Box<dyn Backend>, keep: bool, pins: &Pins, earlier: Option<&RunState>) {
     if let Err(e) = backend.roll_back(keep) {
         tracing::error!("rolling back the start: {e:#}");
     }
-    if !keep {
-        runstate::remove(pins);
+    match earlier {
+        Some(earlier) => {
+            if let Err(e) = runstate::write(pins, earlier) {
+                tracing::warn!("putting the earlier run state back: {e:#}");
+            }
+        }
+        None => runstate::remove(pins),
     }
 }
 
@@ -322,10 +330,11 @@ fn start_backend(
     cancel: &Cancel,
 ) -> Result<(Box<dyn Backend>, String)> {
     match config.backend {
-        BackendKind::Bpf => {
-            let bpf = start_bpf(state, opts, cancel).context("BPF backend")?;
-            Ok((bpf, "configured: backend = \"bpf\"".into()))
-        }
+        BackendKind::Bpf => match start_bpf(state, opts, cancel) {
+            Ok(bpf) => Ok((bpf, "configured: backend = \"bpf\"".into())),
+            Err(e) if e.interrupted() => Err(e.error),
+            Err(e) => Err(anyhow::Error::new(e).context("BPF backend")),
+        },
         BackendKind::Iptables => {
             Ok((start_iptables(config, state, cancel)?, "configured: backend = \"iptables\"".into()))
         }

@@ -12,7 +12,7 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io,
+    io::{self, Read, Write},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
@@ -30,6 +30,8 @@ pub const RUN_DIR: &str = "/run/tailgate";
 pub struct Lock {
     file: File,
     path: PathBuf,
+    /// A random id written into the file, naming this holding of the lock.
+    id: u64,
 }
 
 /// Someone else holds the lock.
@@ -67,21 +69,24 @@ impl Lock {
             let same =
                 std::fs::metadata(path).is_ok_and(|m| m.ino() == file.metadata().map_or(0, |f| f.ino()));
             if same {
-                return Ok(Ok(Self { file, path: path.to_path_buf() }));
+                let id = random_id()?;
+                file.set_len(0)?;
+                (&file).write_all(id.to_string().as_bytes())?;
+                return Ok(Ok(Self { file, path: path.to_path_buf(), id }));
             }
         }
     }
 
-    /// Identifies this holding of the lock (the lock file's inode: a new file per holder),
-    /// for records that must tell the current holder from an earlier one whatever PID
-    /// namespace the reader is in.
+    /// Identifies this holding of the lock (random, written into the lock file), for records
+    /// that must tell the current holder from an earlier one whatever PID namespace the
+    /// reader is in. (Not the file's inode: filesystems reuse those at once.)
     pub fn id(&self) -> u64 {
-        self.file.metadata().map_or(0, |m| m.ino())
+        self.id
     }
 
-    /// The id (see `id`) of the current holding of the lock at `path`, if the file exists.
+    /// The id (see `id`) of the current holding of the lock at `path`, if there is one.
     pub fn current_id(path: &Path) -> Option<u64> {
-        std::fs::metadata(path).ok().map(|m| m.ino())
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
     /// The PID of the live process holding the lock at `path`, if any.
@@ -100,6 +105,12 @@ impl Drop for Lock {
         let _ = std::fs::remove_file(&self.path);
         let _ = set_lock(&self.file, libc::F_UNLCK);
     }
+}
+
+fn random_id() -> Result<u64> {
+    let mut bytes = [0u8; 8];
+    File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom")?;
+    Ok(u64::from_ne_bytes(bytes))
 }
 
 fn whole_file(kind: libc::c_int) -> libc::flock {
@@ -159,9 +170,12 @@ mod tests {
         assert_eq!(Lock::holder(&path).unwrap(), None);
         let first = Lock::try_acquire(&path).unwrap().unwrap();
         assert!(path.exists());
+        assert_eq!(Lock::current_id(&path), Some(first.id()));
+        let first_id = first.id();
         drop(first);
         assert!(!path.exists(), "the lock file goes with the lock");
         assert_eq!(Lock::holder(&path).unwrap(), None);
-        assert!(Lock::try_acquire(&path).unwrap().is_ok());
+        let second = Lock::try_acquire(&path).unwrap().unwrap();
+        assert_ne!(second.id(), first_id, "each holding has its own id");
     }
 }

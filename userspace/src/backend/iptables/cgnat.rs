@@ -108,7 +108,7 @@ fn prefix_rules(
 }
 
 fn rule(spec: String, label: String) -> Rule {
-    Rule { spec, label }
+    Rule { spec, label, hash: None }
 }
 
 fn hooks(wiring: Wiring, pairs: &[(&'static str, &'static str)]) -> Vec<Hook> {

@@ -228,14 +228,22 @@ impl Backend for IptablesBackend {
 /// with a tailgate comment, older versions' too). A chain a user-written jump still
 /// refers to is flushed and left.
 fn remove(ip: &Iptables) -> Result<()> {
+    // Every table, even after one failed: leave as little behind as possible.
+    let mut first_error = None;
     for (family, table) in ip.tables() {
         let empty = TableSpec { family, table, chains: Vec::new(), hooks: Vec::new() };
-        let saved = SavedTable::parse(&ip.save(family, table, false)?, table);
-        if let Some(payload) = table::plan(&empty, &saved) {
-            ip.restore(family, &payload)?;
+        let removed = ip.save(family, table, false).and_then(|text| {
+            match table::plan(&empty, &SavedTable::parse(&text, table)) {
+                Some(payload) => ip.restore(family, &payload),
+                None => Ok(()),
+            }
+        });
+        if let Err(e) = removed {
+            tracing::error!("removing tailgate's rules from {} {table}: {e:#}", family_name(family));
+            first_error.get_or_insert(e);
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Removes tailgate's rules from both variants (for `tailgate cleanup` and when the BPF

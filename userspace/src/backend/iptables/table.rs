@@ -44,10 +44,14 @@ pub struct Chain {
 
 /// One rule: its match and target (`! -i tun0 -s 100.64.0.0/10 -j DROP`), and a label for
 /// people reading `iptables-save` (where it comes from).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Rule {
     pub spec: String,
     pub label: String,
+    /// The hash to write instead of computing one: a rule put back as it was read keeps
+    /// the hash it was written with (iptables-save prints the rule in its own words, which
+    /// would hash differently and make the next start rewrite it).
+    pub hash: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +70,10 @@ impl Chain {
         self.rules
             .iter()
             .map(|rule| {
+                if let Some(hash) = &rule.hash {
+                    prev = hash.clone();
+                    return prev.clone();
+                }
                 let mut h = Sha256::new();
                 for part in [self.name, &prev, &rule.spec, &rule.label] {
                     h.update(part.as_bytes());
@@ -176,7 +184,11 @@ impl TableSpec {
                     .map(|r| {
                         let label =
                             r.comment.as_deref().and_then(|c| c.split_once(' ')).map_or("", |(_, l)| l);
-                        Rule { spec: r.without_comment(), label: label.to_string() }
+                        Rule {
+                            spec: r.without_comment(),
+                            label: label.to_string(),
+                            hash: r.hash().map(String::from),
+                        }
                     })
                     .collect(),
             })
@@ -316,7 +328,10 @@ mod tests {
     fn input(rules: &[&str]) -> Chain {
         Chain {
             name: "tg-input",
-            rules: rules.iter().map(|s| Rule { spec: s.to_string(), label: "test".into() }).collect(),
+            rules: rules
+                .iter()
+                .map(|s| Rule { spec: s.to_string(), label: "test".into(), hash: None })
+                .collect(),
         }
     }
 
@@ -350,7 +365,7 @@ mod tests {
     fn only_changed_chains_are_rewritten() {
         let forward = Chain {
             name: "tg-forward",
-            rules: vec![Rule { spec: "-j ACCEPT".into(), label: String::new() }],
+            rules: vec![Rule { spec: "-j ACCEPT".into(), label: String::new(), hash: None }],
         };
         let before = spec(vec![input(&["-j DROP"]), forward.clone()], vec![HOOK]);
         let saved = saved_after(&plan(&before, &SavedTable::default()).unwrap());
@@ -449,6 +464,9 @@ mod tests {
         );
         let payload = plan(&restored, &other).unwrap();
         assert!(payload.contains("-s 100.64.0.0/10 -j DROP") && !payload.contains("-j ACCEPT"), "{payload}");
+        // With their hashes, so the original spec then finds the chain as desired.
+        assert_eq!(restored.chains[0].hashes(), desired.chains[0].hashes());
+        assert!(payload.contains(&format!("tailgate:{} test", desired.chains[0].hashes()[0])), "{payload}");
     }
 
     #[test]
