@@ -47,11 +47,12 @@ pub struct RunOptions {
     pub kernel_log: KernelLog,
 }
 
-/// Loads and validates the config and compiles it against this host's interfaces.
-pub fn desired_state(path: Option<&Path>) -> Result<(Config, DesiredState)> {
+/// Loads and validates the config and compiles it against this host's interfaces, with
+/// `check` saying how strict to be about the listed uplinks (start and reload differ).
+pub fn desired_state(path: Option<&Path>, check: Check) -> Result<(Config, DesiredState)> {
     let config = Config::load(path)?;
     let interfaces = netdev::list_for_config()?;
-    let uplinks = netdev::resolve_uplinks(&config, &interfaces, Check::Config)?;
+    let uplinks = netdev::resolve_uplinks(&config, &interfaces, check)?;
     let state = policy::compile(&config, uplinks);
     Ok((config, state))
 }
@@ -76,7 +77,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             opts.pins.root().display()
         ),
     };
-    let (config, mut state) = desired_state(opts.config.as_deref()).context("invalid configuration")?;
+    let (config, mut state) =
+        desired_state(opts.config.as_deref(), Check::Config).context("invalid configuration")?;
     let (changes, mut changed) = mpsc::unbounded_channel();
     let _watcher = match &opts.config {
         Some(path) => Some(watch(path, changes).context("watching the config file")?),
@@ -95,9 +97,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Err(e) => return Err(e),
     };
     // The start is complete only once the run state is written and no stop came meanwhile.
-    // A datapath an earlier run left in force (kept, or left by a killed daemon) is put back
-    // as it was if the start does not complete; otherwise nothing of the start stays.
-    let rollback_keep = backend.inherited();
     let mut run_state = RunState {
         backend: backend.name().into(),
         reason,
@@ -108,11 +107,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         pending: backend.pending(),
     };
     if let Err(e) = runstate::write(&opts.pins, &run_state) {
-        roll_back(backend, rollback_keep, &opts.pins, earlier.as_ref());
+        roll_back(backend, &opts.pins, earlier.as_ref());
         return Err(e.context("recording the run state; start rolled back"));
     }
     if cancel.requested() {
-        roll_back(backend, rollback_keep, &opts.pins, earlier.as_ref());
+        roll_back(backend, &opts.pins, earlier.as_ref());
         tracing::info!("stopped during start: everything it did is rolled back");
         return Ok(());
     }
@@ -188,8 +187,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 /// Undoes a start: removes what it put in force, or puts a datapath an earlier run left back
 /// as it found it; the earlier run's record (which may describe the other backend's
 /// datapath, still in force) is put back too.
-fn roll_back(backend: Box<dyn Backend>, keep: bool, pins: &Pins, earlier: Option<&RunState>) {
-    if let Err(e) = backend.roll_back(keep) {
+fn roll_back(backend: Box<dyn Backend>, pins: &Pins, earlier: Option<&RunState>) {
+    if let Err(e) = backend.roll_back() {
         tracing::error!("rolling back the start: {e:#}");
     }
     match earlier {
@@ -237,17 +236,9 @@ fn reload(
     state: &mut DesiredState,
     path: Option<&Path>,
 ) -> Option<Config> {
-    let loaded = Config::load(path).map_err(anyhow::Error::from).and_then(|config| {
-        if let Some(path) = path {
-            refuse_empty(path)?;
-        }
-        // A listed uplink that is absent right now is waited for, not an error: it may be
-        // going through a restart of its own.
-        let interfaces = netdev::list_for_config()?;
-        let uplinks = netdev::resolve_uplinks(&config, &interfaces, Check::Reload)?;
-        let state = policy::compile(&config, uplinks);
-        Ok((config, state))
-    });
+    // A listed uplink that is absent right now is waited for, not an error (Check::Reload):
+    // it may be going through a restart of its own.
+    let loaded = path.map_or(Ok(()), refuse_empty).and_then(|()| desired_state(path, Check::Reload));
     let (config, new_state) = match loaded {
         Ok(new) => new,
         Err(e) => {
@@ -364,8 +355,7 @@ fn start_bpf(
         .and_then(|()| bpf.start(state, cancel));
     if let Err(e) = started {
         // Leave no half-started datapath; one an earlier run left is put back as it was.
-        let keep = bpf.inherited();
-        if let Err(undo) = Box::new(bpf).roll_back(keep) {
+        if let Err(undo) = Box::new(bpf).roll_back() {
             tracing::error!("cleaning up the failed BPF start: {undo:#}");
         }
         return Err(e);
@@ -391,8 +381,7 @@ fn start_iptables(config: &Config, state: &DesiredState, cancel: &Cancel) -> Res
     })?;
     cancel.check()?;
     if let Err(e) = backend.apply(state) {
-        let keep = backend.inherited();
-        if let Err(undo) = Box::new(backend).roll_back(keep) {
+        if let Err(undo) = Box::new(backend).roll_back() {
             tracing::error!("cleaning up the failed iptables start: {undo:#}");
         }
         return Err(e.context("applying the iptables rules"));

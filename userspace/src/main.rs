@@ -100,7 +100,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         },
         Command::Cleanup { force } => cleanup(&pins, force)?,
         Command::Check { config } => {
-            let (_, state) = daemon::desired_state(config.as_deref())?;
+            let (_, state) = daemon::desired_state(config.as_deref(), netdev::Check::Config)?;
             let tunnel =
                 if netdev::interfaces()?.contains_key(&state.tunnel) { "" } else { " (absent for now)" };
             println!(

@@ -74,11 +74,11 @@ pub struct RuleStatus {
 
 /// The state in force for the instance of `pins`; `None` when nothing is.
 pub fn read(pins: &Pins) -> Result<Option<Status>> {
-    let daemon = Lock::holder(&lock::instance_path(pins))?;
+    let instance = lock::instance_path(pins);
+    let daemon = Lock::holder(&instance)?;
     // The run state is written once a start stands: a daemon without one (or with one of an
     // earlier run) is still starting, and what is pinned may be half there.
     let run = runstate::read(pins);
-    let instance = lock::instance_path(pins);
     let starting = daemon.is_some() && run.as_ref().map(|r| r.lock) != Lock::current_id(&instance);
     let in_force = read_in_force(pins, run.as_ref());
     let mut status = match (in_force, starting) {

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: ns/packet of the uplink XDP program and the tunnel TC program via
-//! BPF_PROG_TEST_RUN, for the pass and drop paths, with 1 and with 100,000 exemption
-//! prefixes in the LPM trie. Median of 5 runs of 1,000,000 repeats each.
+//! BPF_PROG_TEST_RUN, for the pass and drop paths, with 1, 1,000 and 100,000 exemption
+//! prefixes in the LPM trie (median of 5 runs of 1,000,000 repeats each); and how long the
+//! first fill and a one-prefix reload take, with the wait for running programs.
 
 use std::{net::Ipv4Addr, time::Instant};
 

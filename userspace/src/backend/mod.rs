@@ -57,10 +57,10 @@ pub trait Backend {
     fn commit(&mut self, _state: &DesiredState) -> Result<()> {
         Ok(())
     }
-    /// Undoes a start that did not complete. With `keep` (a datapath kept by an earlier run
-    /// was taken over and is to be kept), what was in force before is put back; otherwise
-    /// everything is removed.
-    fn roll_back(self: Box<Self>, keep: bool) -> Result<()>;
+    /// Undoes a start that did not complete: a datapath an earlier run left in force (kept,
+    /// or left by a killed daemon; see `inherited`) is put back as it was found; otherwise
+    /// everything the start created is removed.
+    fn roll_back(self: Box<Self>) -> Result<()>;
 }
 
 /// A start was stopped by a signal; everything it did is rolled back.

@@ -71,13 +71,8 @@ impl Attachments {
         self.detach(&wanted)
     }
 
-    /// The first half of a reload: attach what the new state adds.
-    pub fn attach_new(&mut self, ebpf: &mut Ebpf, state: &DesiredState) -> Result<Fresh> {
-        self.attach_all(ebpf, state, &Cancel::never())
-    }
-
-    /// Attaches (or takes over) everything `state` wants; the first failure undoes this
-    /// call's attachments.
+    /// Attaches (or takes over) everything `state` wants (at start, and first thing in a
+    /// reload); the first failure undoes this call's attachments.
     pub fn attach_all(&mut self, ebpf: &mut Ebpf, state: &DesiredState, cancel: &Cancel) -> Result<Fresh> {
         let wanted = self.wanted(state)?;
         self.attach(ebpf, &wanted, true, cancel)
@@ -89,7 +84,7 @@ impl Attachments {
         self.detach(&wanted)
     }
 
-    /// Detaches what one `attach_new` attached.
+    /// Detaches what one `attach_all` attached.
     pub fn undo(&mut self, fresh: Fresh) {
         for (key, pin) in fresh.0 {
             let _ = links::detach(&pin);

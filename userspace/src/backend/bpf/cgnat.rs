@@ -93,9 +93,7 @@ impl CgnatMaps {
         self.report = None;
         Ok(())
     }
-}
 
-impl CgnatMaps {
     /// What generation `generation` holds, if known.
     pub fn held(&self, generation: u32) -> Option<&Tries> {
         self.held[generation as usize & 1].as_ref()
@@ -112,7 +110,7 @@ impl GenerationWriter for CgnatMaps {
     fn write(&mut self, ebpf: &mut Ebpf, generation: u32) -> Result<usize> {
         let held = match self.held[generation as usize].take() {
             Some(held) => held,
-            None => read_both(ebpf)?[generation as usize].clone(),
+            None => std::mem::take(&mut read_both(ebpf)?[generation as usize]),
         };
         let mut report = SyncReport::default();
         for ((&(name, v6, _), want), have) in TRIES.iter().zip(&self.desired).zip(&held) {

@@ -71,15 +71,6 @@ impl std::fmt::Display for PinName {
     }
 }
 
-/// How an attachment came about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Attached {
-    /// A new link.
-    New,
-    /// A link pinned by an earlier run now runs this run's program.
-    TookOver,
-}
-
 /// Attaches `hook`'s program to interface `ifindex` (`ifname` for messages) and pins the link
 /// at `pin`; fails if the kernel attached it to another device.
 pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, ifindex: u32, pin: &Path) -> Result<()> {

@@ -182,11 +182,6 @@ impl BpfBackend {
         self.logger.take()
     }
 
-    /// Whether this process found a datapath pinned (and took it over).
-    pub fn inherited(&self) -> bool {
-        self.inherited
-    }
-
     /// The first apply: the maps are filled before any program runs, then the programs are
     /// attached (or links a previous run kept are taken over). `cancel` is checked between
     /// steps. Nothing is detached before `commit`.
@@ -226,7 +221,7 @@ impl Backend for BpfBackend {
     fn apply(&mut self, state: &DesiredState) -> Result<()> {
         // New devices first (they enforce the old rules until the switch), so a failed
         // attach leaves the running state as it was; then the policy; then detach.
-        let plan = self.attachments.attach_new(&mut self.datapath.ebpf, state)?;
+        let plan = self.attachments.attach_all(&mut self.datapath.ebpf, state, &Cancel::never())?;
         if let Err(e) = self.sync_and_log(state) {
             self.attachments.undo(plan);
             return Err(e);
@@ -260,8 +255,8 @@ impl Backend for BpfBackend {
         Ok(())
     }
 
-    fn roll_back(mut self: Box<Self>, keep: bool) -> Result<()> {
-        if !keep {
+    fn roll_back(mut self: Box<Self>) -> Result<()> {
+        if !self.inherited {
             return self.stop(false);
         }
         if let Some(fresh) = self.started.take() {

@@ -77,7 +77,10 @@ fn filter(state: &DesiredState, family: Family, wiring: Wiring) -> TableSpec {
     TableSpec {
         family,
         table: "filter",
-        chains: vec![Chain { name: INPUT, rules: input }, Chain { name: FORWARD, rules: forward }],
+        chains: vec![
+            Chain { name: INPUT.into(), rules: input },
+            Chain { name: FORWARD.into(), rules: forward },
+        ],
         hooks: hooks(wiring, &[("INPUT", INPUT), ("FORWARD", FORWARD)]),
     }
 }
@@ -89,7 +92,7 @@ fn nat(family: Family, wiring: Wiring) -> TableSpec {
     TableSpec {
         family,
         table: "nat",
-        chains: vec![Chain { name: POSTROUTING, rules }],
+        chains: vec![Chain { name: POSTROUTING.into(), rules }],
         hooks: hooks(wiring, &[("POSTROUTING", POSTROUTING)]),
     }
 }
@@ -115,7 +118,14 @@ fn hooks(wiring: Wiring, pairs: &[(&'static str, &'static str)]) -> Vec<Hook> {
     if !wiring.divert {
         return Vec::new();
     }
-    pairs.iter().map(|&(builtin, target)| Hook { builtin, target, first: wiring.first }).collect()
+    pairs
+        .iter()
+        .map(|&(builtin, target)| Hook {
+            builtin: builtin.into(),
+            target: target.into(),
+            first: wiring.first,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -226,7 +236,7 @@ mod tests {
         };
         assert_eq!(chain(INPUT), REFERENCE_INPUT);
         assert_eq!(chain(FORWARD), REFERENCE_FORWARD);
-        let hooks: Vec<_> = filter.hooks.iter().map(|h| (h.builtin, h.target)).collect();
+        let hooks: Vec<_> = filter.hooks.iter().map(|h| (&*h.builtin, &*h.target)).collect();
         assert_eq!(hooks, [("INPUT", INPUT), ("FORWARD", FORWARD)]);
         let nat = t.iter().find(|t| t.family == Family::V4 && t.table == "nat").unwrap();
         assert_eq!(nat.chains[0].rules[0].spec, "-m mark --mark 0x40000/0xff0000 -j MASQUERADE");

@@ -204,8 +204,8 @@ impl Backend for IptablesBackend {
         Ok(())
     }
 
-    fn roll_back(self: Box<Self>, keep: bool) -> Result<()> {
-        if !(keep && self.inherited) {
+    fn roll_back(self: Box<Self>) -> Result<()> {
+        if !self.inherited {
             return self.stop(false);
         }
         self.sync(&self.before)?;

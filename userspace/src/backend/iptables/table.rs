@@ -8,7 +8,7 @@
 //! hooks only where no jump to the chain exists, removes owned leftovers, and goes to the
 //! kernel as one `iptables-restore --noflush` per table: atomic.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{borrow::Cow, collections::BTreeMap, fmt::Write as _};
 
 use sha2::{Digest, Sha256};
 
@@ -38,7 +38,7 @@ pub struct TableSpec {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
-    pub name: &'static str,
+    pub name: Cow<'static, str>,
     pub rules: Vec<Rule>,
 }
 
@@ -54,10 +54,10 @@ pub struct Rule {
     pub hash: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hook {
-    pub builtin: &'static str,
-    pub target: &'static str,
+    pub builtin: Cow<'static, str>,
+    pub target: Cow<'static, str>,
     /// Keep tailgate's jump the first rule of `builtin` (`hook_position = "first"`): one that
     /// others pushed down is moved back on top. A jump the user wrote is never moved.
     pub first: bool,
@@ -75,7 +75,7 @@ impl Chain {
                     return prev.clone();
                 }
                 let mut h = Sha256::new();
-                for part in [self.name, &prev, &rule.spec, &rule.label] {
+                for part in [&*self.name, &prev, &rule.spec, &rule.label] {
                     h.update(part.as_bytes());
                     h.update([0]);
                 }
@@ -178,7 +178,7 @@ impl TableSpec {
             .iter()
             .filter(|(name, _)| name.starts_with(CHAIN_PREFIX))
             .map(|(name, rules)| Chain {
-                name: leak(name),
+                name: name.clone().into(),
                 rules: rules
                     .iter()
                     .map(|r| {
@@ -198,18 +198,13 @@ impl TableSpec {
             for rule in rules.iter().filter(|r| r.ours()) {
                 let words: Vec<&str> = rule.body.split_whitespace().collect();
                 if let Some(w) = words.windows(2).find(|w| w[0] == "-j" && w[1].starts_with(CHAIN_PREFIX)) {
-                    hooks.push(Hook { builtin: leak(builtin), target: leak(w[1]), first: false });
+                    let (builtin, target) = (builtin.clone().into(), w[1].to_string().into());
+                    hooks.push(Hook { builtin, target, first: false });
                 }
             }
         }
         Self { family, table, chains, hooks }
     }
-}
-
-/// Chain names are `&'static str` in a spec (they are constants when rendered); a restored
-/// spec is made once per start at most, so leaking its few names is fine.
-fn leak(name: &str) -> &'static str {
-    Box::leak(name.to_string().into_boxed_str())
 }
 
 impl SavedRule {
@@ -258,7 +253,7 @@ pub fn plan(desired: &TableSpec, current: &SavedTable) -> Option<String> {
     let mut lines = Vec::new();
     for chain in &desired.chains {
         let have: Option<Vec<Option<&str>>> =
-            current.chains.get(chain.name).map(|rules| rules.iter().map(SavedRule::hash).collect());
+            current.chains.get(&*chain.name).map(|rules| rules.iter().map(SavedRule::hash).collect());
         let want: Vec<String> = chain.hashes();
         let same =
             have.is_some_and(|h| h.len() == want.len() && h.iter().zip(&want).all(|(a, b)| *a == Some(b)));
@@ -274,15 +269,16 @@ pub fn plan(desired: &TableSpec, current: &SavedTable) -> Option<String> {
             continue;
         }
         for rule in rules.iter().filter(|r| r.ours()) {
-            let is_wanted_hook = desired.hooks.iter().any(|h| h.builtin == chain && rule.targets(h.target));
+            let is_wanted_hook =
+                desired.hooks.iter().any(|h| h.builtin == chain.as_str() && rule.targets(&h.target));
             if !is_wanted_hook {
                 lines.push(format!("-D {chain} {}", rule.body));
             }
         }
     }
     for hook in &desired.hooks {
-        let rules = current.chains.get(hook.builtin).map(Vec::as_slice).unwrap_or_default();
-        let insert = match rules.iter().position(|r| r.targets(hook.target)) {
+        let rules = current.chains.get(&*hook.builtin).map(Vec::as_slice).unwrap_or_default();
+        let insert = match rules.iter().position(|r| r.targets(&hook.target)) {
             None => true,
             Some(0) => false,
             Some(i) if hook.first && rules[i].ours() => {
@@ -327,7 +323,7 @@ mod tests {
 
     fn input(rules: &[&str]) -> Chain {
         Chain {
-            name: "tg-input",
+            name: "tg-input".into(),
             rules: rules
                 .iter()
                 .map(|s| Rule { spec: s.to_string(), label: "test".into(), hash: None })
@@ -335,7 +331,8 @@ mod tests {
         }
     }
 
-    const HOOK: Hook = Hook { builtin: "INPUT", target: "tg-input", first: false };
+    const HOOK: Hook =
+        Hook { builtin: Cow::Borrowed("INPUT"), target: Cow::Borrowed("tg-input"), first: false };
 
     /// What iptables-save would print after applying `payload` to nothing.
     fn saved_after(payload: &str) -> SavedTable {
@@ -364,7 +361,7 @@ mod tests {
     #[test]
     fn only_changed_chains_are_rewritten() {
         let forward = Chain {
-            name: "tg-forward",
+            name: "tg-forward".into(),
             rules: vec![Rule { spec: "-j ACCEPT".into(), label: String::new(), hash: None }],
         };
         let before = spec(vec![input(&["-j DROP"]), forward.clone()], vec![HOOK]);
