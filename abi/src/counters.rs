@@ -25,10 +25,23 @@ pub enum Counter {
     TunnelDrop = 8,
     /// Tunnel egress: not IP or unreadable header.
     TunnelPassOther = 9,
+    /// Tunnel ingress: passed (marked and clamped as configured).
+    TunnelInPass = 10,
+    /// Tunnel ingress: not IP or unreadable header; passed untouched.
+    TunnelInPassOther = 11,
+    /// Tunnel ingress: the subnet-route mark was set.
+    TunnelInMarked = 12,
+    /// Tunnel ingress: a SYN's MSS was lowered.
+    TunnelInMssClamped = 13,
+    /// Tunnel egress: a SYN's MSS was lowered.
+    TunnelOutMssClamped = 14,
+    /// Either direction: a SYN whose TCP options could not be walked (zero or overlong
+    /// length, cut by the packet end) was left as it was.
+    MssBadOptions = 15,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 16] = [
         Counter::UplinkPassNotIp,
         Counter::UplinkPassMalformed,
         Counter::UplinkPassNoMatch,
@@ -39,6 +52,12 @@ impl Counter {
         Counter::TunnelPassForward,
         Counter::TunnelDrop,
         Counter::TunnelPassOther,
+        Counter::TunnelInPass,
+        Counter::TunnelInPassOther,
+        Counter::TunnelInMarked,
+        Counter::TunnelInMssClamped,
+        Counter::TunnelOutMssClamped,
+        Counter::MssBadOptions,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -55,6 +74,12 @@ impl Counter {
             Counter::TunnelPassForward => "tunnel_pass_forward",
             Counter::TunnelDrop => "tunnel_drop",
             Counter::TunnelPassOther => "tunnel_pass_other",
+            Counter::TunnelInPass => "tunnel_in_pass",
+            Counter::TunnelInPassOther => "tunnel_in_pass_other",
+            Counter::TunnelInMarked => "tunnel_in_marked",
+            Counter::TunnelInMssClamped => "tunnel_in_mss_clamped",
+            Counter::TunnelOutMssClamped => "tunnel_out_mss_clamped",
+            Counter::MssBadOptions => "mss_bad_options",
         }
     }
 }

@@ -5,6 +5,8 @@
 
 pub mod cgnat;
 pub mod counters;
+pub mod layout;
+pub mod settings;
 
 /// Policy generations: every policy map holds the policy twice, generation 0 and 1 (keyed by
 /// generation), and one switch says which one the programs read. A change is written into
@@ -24,8 +26,19 @@ pub mod generation {
 pub mod programs {
     /// XDP on every uplink (Ethernet) interface: inbound source filtering.
     pub const UPLINK_XDP: &str = "tg_uplink";
-    /// TC egress on the tunnel (TUN) interface: forwarded-into-tunnel source filtering.
+    /// TC egress on the tunnel (TUN) interface: forwarded-into-tunnel source filtering, MSS
+    /// clamp.
     pub const TUNNEL_EGRESS: &str = "tg_tunnel_egress";
+    /// TC ingress on the tunnel: subnet-route mark, MSS clamp.
+    pub const TUNNEL_INGRESS: &str = "tg_tunnel_ingress";
+}
+
+/// Load-time constants of the object (`EbpfLoader::override_global`).
+pub mod globals {
+    /// `u32`: where the IP header starts in a packet the tunnel programs see. 0 on a TUN
+    /// device (raw IP); BPF_PROG_TEST_RUN builds an Ethernet frame even for a program meant
+    /// for a TUN device, so tests load with 14.
+    pub const TUNNEL_L3_OFFSET: &str = "TUNNEL_L3_OFFSET";
 }
 
 /// Name of the per-CPU array counting packets per [`counters::Counter`].
@@ -43,10 +56,10 @@ pub mod verdict {
     pub const DROP: u32 = 1;
 }
 
-/// Packet marks shared with the host's routing/NAT rules (the reference's values).
+/// The reference's packet marks (defaults of `[subnet_routes] mark`).
 pub mod mark {
     /// Traffic from the tunnel to a subnet route: masqueraded on the way out.
     pub const SUBNET_ROUTE: u32 = 0x40000;
-    /// Bits of the mark tailgate owns.
+    /// Bits of the mark the reference owns.
     pub const MASK: u32 = 0xff0000;
 }

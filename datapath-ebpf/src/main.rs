@@ -1,4 +1,12 @@
-//! tailgate's kernel programs. Entry points only; each concern lives in its own module.
+//! tailgate's kernel programs: the entry points, each one pipeline over one packet
+//! description. Stages live in their own modules and only decide; the entry point applies
+//! rewrites, counts and returns the verdict.
+//!
+//! | hook (program)                       | stages, in order                  |
+//! |--------------------------------------|-----------------------------------|
+//! | uplink XDP (`tg_uplink`)             | cgnat (inbound)                   |
+//! | tunnel TC ingress (`tg_tunnel_ingress`) | mark, mss                      |
+//! | tunnel TC egress (`tg_tunnel_egress`)   | cgnat (forward), mss           |
 //!
 //! The crate builds only for `bpfel-unknown-none` (see `userspace/build.rs`); on the host it
 //! is an empty binary so `cargo clippy --workspace` and `cargo test --workspace` work.
@@ -11,7 +19,13 @@ mod counters;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod mark;
+#[cfg(target_arch = "bpf")]
+mod mss;
+#[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod stage;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -20,28 +34,119 @@ mod programs {
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
-    use tailgate_abi::verdict;
+    use aya_log_ebpf::debug;
+    use tailgate_abi::counters::Counter;
 
-    use crate::{cgnat, parse};
+    use crate::{
+        cgnat,
+        counters::count,
+        maps::{generation, settings, TUNNEL_L3_OFFSET},
+        mark,
+        mss::{self, Clamp},
+        parse::{self, NoPacket},
+        stage::{Rewrite, Verdict},
+    };
 
     /// XDP on every uplink: drops packets whose source is in a filtered range (CGNAT,
     /// tailnet ULA) unless the policy exempts it.
     #[xdp]
     pub fn tg_uplink(ctx: XdpContext) -> u32 {
-        let packet = parse::ethernet(ctx.data(), ctx.data_end());
-        match cgnat::uplink_verdict(&ctx, &packet) {
-            verdict::DROP => xdp_action::XDP_DROP,
-            _ => xdp_action::XDP_PASS,
+        let verdict = match parse::ethernet(ctx.data(), ctx.data_end()) {
+            Ok(packet) => cgnat::inbound(&packet, generation()),
+            Err(NoPacket::NotIp) => Verdict::Pass(Counter::UplinkPassNotIp),
+            Err(NoPacket::Malformed) => Verdict::Pass(Counter::UplinkPassMalformed),
+        };
+        match verdict {
+            Verdict::Pass(reason) => {
+                count(reason);
+                xdp_action::XDP_PASS
+            }
+            Verdict::Drop(reason) => {
+                debug!(&ctx, "uplink: drop");
+                count(reason);
+                xdp_action::XDP_DROP
+            }
         }
     }
 
+    /// TC ingress on the tunnel: marks packets for subnet routes and clamps the MSS of SYNs
+    /// coming out of the tunnel.
+    #[classifier]
+    pub fn tg_tunnel_ingress(ctx: TcContext) -> i32 {
+        let packet = match parse::skb(&ctx, TUNNEL_L3_OFFSET.load() as usize) {
+            Ok(packet) => packet,
+            Err(_) => return pass(Counter::TunnelInPassOther),
+        };
+        let settings = settings(generation());
+        // SAFETY: the context pointer is valid for the program's run.
+        let current = unsafe { (*ctx.skb.skb).mark };
+        if let Some(rewrite) = mark::from_tunnel(current, &settings) {
+            apply(&ctx, rewrite, Counter::TunnelInMarked);
+        }
+        clamp(&ctx, mss::clamp(&ctx, &packet, &settings), Counter::TunnelInMssClamped);
+        pass(Counter::TunnelInPass)
+    }
+
     /// TC egress on the tunnel: drops forwarded packets with a filtered source that did not
-    /// come in through the tunnel (reference rule ts-forward 3).
+    /// come in through the tunnel (reference rule ts-forward 3); clamps the MSS of SYNs
+    /// going into the tunnel.
     #[classifier]
     pub fn tg_tunnel_egress(ctx: TcContext) -> i32 {
-        match cgnat::tunnel_egress_verdict(&ctx) {
-            verdict::DROP => TC_ACT_SHOT as i32,
-            _ => TC_ACT_OK as i32,
+        let packet = match parse::skb(&ctx, TUNNEL_L3_OFFSET.load() as usize) {
+            Ok(packet) => packet,
+            Err(_) => return pass(Counter::TunnelPassOther),
+        };
+        let generation = generation();
+        // SAFETY: the context pointer is valid for the program's run.
+        let origin = unsafe {
+            cgnat::Origin { ingress_ifindex: (*ctx.skb.skb).ingress_ifindex, ifindex: (*ctx.skb.skb).ifindex }
+        };
+        let reason = match cgnat::into_tunnel(&packet, &origin, generation) {
+            Verdict::Pass(reason) => reason,
+            Verdict::Drop(reason) => {
+                debug!(&ctx, "tunnel egress: drop forwarded");
+                count(reason);
+                return TC_ACT_SHOT as i32;
+            }
+        };
+        clamp(&ctx, mss::clamp(&ctx, &packet, &settings(generation)), Counter::TunnelOutMssClamped);
+        pass(reason)
+    }
+
+    #[inline(always)]
+    fn pass(reason: Counter) -> i32 {
+        count(reason);
+        TC_ACT_OK as i32
+    }
+
+    #[inline(always)]
+    fn clamp(ctx: &TcContext, clamp: Clamp, counter: Counter) {
+        match clamp {
+            Clamp::Untouched => {}
+            Clamp::BadOptions(reason) => count(reason),
+            Clamp::Lower(rewrite) => apply(ctx, rewrite, counter),
+        }
+    }
+
+    /// Applies a rewrite; counts it when it took.
+    #[inline(always)]
+    fn apply(ctx: &TcContext, rewrite: Rewrite, counter: Counter) {
+        let done = match rewrite {
+            Rewrite::Mark(mark) => {
+                ctx.set_mark(mark);
+                true
+            }
+            Rewrite::Mss { at, check, old, new, odd } => {
+                // A 16-bit value at an odd distance from the header start straddles two of
+                // the checksum's words: its bytes count swapped.
+                let (from, to) = if odd { (old.swap_bytes(), new.swap_bytes()) } else { (old, new) };
+                // The helper keeps the checksum right with offload (CHECKSUM_PARTIAL) too.
+                ctx.store(at, &new, 0).is_ok()
+                    && ctx.l4_csum_replace(check, u64::from(from), u64::from(to), 2).is_ok()
+            }
+        };
+        if done {
+            count(counter);
         }
     }
 

@@ -3,12 +3,26 @@
 use aya_ebpf::{
     btf_maps::{Array, ArrayOfMaps, LpmTrie, PerCpuArray},
     macros::btf_map,
+    Global,
 };
 use tailgate_abi::{
     cgnat::{PrefixRule, V4Key, V6Key, MAX_PREFIXES},
     counters::Counter,
+    settings::Settings,
     MAX_RULES,
 };
+
+/// See `tailgate_abi::globals::TUNNEL_L3_OFFSET`.
+#[unsafe(no_mangle)]
+pub static TUNNEL_L3_OFFSET: Global<u32> = Global::new(0);
+
+/// The layout version of the pinned maps (`tailgate_abi::layout`); only userspace reads it.
+#[btf_map]
+pub static LAYOUT: Array<u32, 1> = Array::new();
+
+/// Stage parameters per generation (`tailgate_abi::settings`).
+#[btf_map]
+pub static SETTINGS: Array<Settings, 2> = Array::new();
 
 /// Which policy generation the programs read (slot 0: 0 or 1). See `tailgate_abi::generation`.
 #[btf_map]
@@ -47,4 +61,10 @@ pub static RULE_HITS: PerCpuArray<u64, { MAX_RULES as usize }> = PerCpuArray::ne
 #[inline(always)]
 pub fn generation() -> u8 {
     GENERATION.get(0).copied().unwrap_or(0) as u8
+}
+
+/// The stage parameters of `generation`; all stages off if unreadable.
+#[inline(always)]
+pub fn settings(generation: u8) -> Settings {
+    SETTINGS.get(u32::from(generation)).copied().unwrap_or_default()
 }

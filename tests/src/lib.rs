@@ -9,6 +9,8 @@ pub mod daemon;
 pub mod flood;
 pub mod netns;
 pub mod packets;
+pub mod relay;
+pub mod tailnet;
 pub mod testrun;
 pub mod topology;
 pub mod tun;

@@ -161,3 +161,77 @@ impl BuilderWrite for etherparse::PacketBuilderStep<etherparse::Icmpv4Header> {
         self.write(out, payload).unwrap()
     }
 }
+
+impl BuilderWrite for etherparse::PacketBuilderStep<etherparse::TcpHeader> {
+    fn write_to(self, out: &mut Vec<u8>, payload: &[u8]) {
+        self.write(out, payload).unwrap()
+    }
+}
+
+/// TCP flags of a crafted segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tcp {
+    Syn,
+    SynAck,
+    /// A data segment (ACK, PSH).
+    Data,
+    SynRst,
+}
+
+/// The options of a Linux SYN: MSS `mss`, SACK permitted, timestamps, NOP, window scale.
+pub fn linux_syn_options(mss: u16) -> Vec<u8> {
+    let [hi, lo] = mss.to_be_bytes();
+    vec![2, 4, hi, lo, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7]
+}
+
+/// Ethernet + IPv4 or IPv6 (by the addresses) + TCP with raw `options` (padded by the
+/// caller to a multiple of 4) and `payload`.
+pub fn eth_tcp(src: &str, dst: &str, flags: Tcp, options: &[u8], payload: &[u8]) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(SRC_MAC, DST_MAC);
+    let ip = match (src.parse::<IpAddr>().unwrap(), dst.parse::<IpAddr>().unwrap()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed families"),
+    };
+    let tcp = ip.tcp(40000, 443, 1000, 64240);
+    let tcp = match flags {
+        Tcp::Syn => tcp.syn(),
+        Tcp::SynAck => tcp.syn().ack(1),
+        Tcp::Data => tcp.ack(1).psh(),
+        Tcp::SynRst => tcp.syn().rst(),
+    };
+    let tcp = tcp.options_raw(options).unwrap();
+    write(tcp, payload)
+}
+
+/// The MSS option of an Ethernet frame's TCP header (first one), and whether the TCP
+/// checksum is right.
+pub fn tcp_mss(frame: &[u8]) -> (Option<u16>, bool) {
+    let sliced = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = sliced.transport else { panic!("not TCP") };
+    let mss = tcp.options_iterator().find_map(|o| match o {
+        Ok(etherparse::TcpOptionElement::MaximumSegmentSize(mss)) => Some(mss),
+        _ => None,
+    });
+    let header = tcp.to_header();
+    let checksum = match sliced.net.unwrap() {
+        etherparse::NetSlice::Ipv4(ip) => header.calc_checksum_ipv4(&ip.header().to_header(), tcp.payload()),
+        etherparse::NetSlice::Ipv6(ip) => header.calc_checksum_ipv6(&ip.header().to_header(), tcp.payload()),
+        _ => panic!("not IP"),
+    }
+    .unwrap();
+    (mss, checksum == header.checksum)
+}
+
+/// Sets the IPv4 fragment fields (more fragments, offset 0) of an Ethernet + IPv4 frame and
+/// fixes the header checksum: the first fragment of a datagram.
+pub fn first_fragment4(mut frame: Vec<u8>) -> Vec<u8> {
+    let (ip, _) = Ipv4Header::from_slice(&frame[14..]).unwrap();
+    let mut ip = ip;
+    ip.more_fragments = true;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut bytes = Vec::new();
+    ip.write(&mut bytes).unwrap();
+    frame[14..14 + bytes.len()].copy_from_slice(&bytes);
+    frame
+}

@@ -149,14 +149,23 @@ impl Topology {
         String::from_utf8_lossy(&out.stdout).trim().parse().ok()
     }
 
-    /// Whether `backend`'s datapath is installed in the gateway namespace.
+    /// Whether `backend`'s datapath is installed in the gateway namespace (iptables: its
+    /// filter rules; the BPF backend keeps a nat rule too, see `netfilter_rules`).
     pub fn installed(&self, backend: &str) -> bool {
         let (program, args, needle): (&str, &[&str], &str) = match backend {
             "bpf" => ("ip", &["-d", "link", "show", "dev", "eth0"], "prog/xdp"),
-            _ => ("iptables-save", &[], "tailgate:"),
+            _ => ("iptables-save", &["-t", "filter"], "tailgate:"),
         };
         let out = self.gw.exec(program, args).expect("inspecting the gateway");
         String::from_utf8_lossy(&out.stdout).contains(needle)
+    }
+
+    /// Whether any rule of tailgate's is in the gateway's netfilter tables (either backend).
+    pub fn netfilter_rules(&self) -> bool {
+        ["iptables-save", "ip6tables-save"].iter().any(|program| {
+            let out = self.gw.exec(program, &[]).expect("inspecting the gateway");
+            String::from_utf8_lossy(&out.stdout).contains("tailgate:")
+        })
     }
 
     /// Whether the LAN neighbour and the gateway can exchange pings over CGNAT addresses.

@@ -62,6 +62,12 @@ impl Tun {
         ns.ip(&["link", "set", &name, "up"])
     }
 
+    /// Another handle on the open device (for a relay thread).
+    pub fn clone_file(&self) -> Result<File> {
+        let file = self.file.as_ref().with_context(|| format!("{} is deleted", self.name))?;
+        Ok(file.try_clone()?)
+    }
+
     fn file(&mut self) -> Result<&mut File> {
         self.file.as_mut().with_context(|| format!("{} is deleted", self.name))
     }

@@ -206,7 +206,7 @@ fn reload_keeps_rule_ids_and_counters_of_unchanged_rules() {
         &HashMap::new(),
     )
     .unwrap();
-    let report = dp.sync(&tailgate::policy::compile(&config, vec![])).unwrap().expect("a change");
+    let report = dp.sync(&tailgate::policy::compile(&config, Default::default())).unwrap().expect("a change");
     let after = read(&dp);
     assert_eq!(after[&(16, [100, 100, 0, 0])].rule_id, exempt_id);
     assert!(!after.contains_key(&(32, [100, 100, 100, 200])));
@@ -220,7 +220,7 @@ fn reload_keeps_rule_ids_and_counters_of_unchanged_rules() {
     // A verdict change gets a fresh id with a zeroed counter.
     let config =
         tailgate::config::Config::parse("[cgnat]\ndrop = [\"100.100.0.0/16\"]", &HashMap::new()).unwrap();
-    dp.sync(&tailgate::policy::compile(&config, vec![])).unwrap();
+    dp.sync(&tailgate::policy::compile(&config, Default::default())).unwrap();
     let rule = read(&dp)[&(16, [100, 100, 0, 0])];
     assert_eq!(rule.verdict, tailgate_abi::verdict::DROP);
     assert_eq!(testrun::rule_hits(&dp, rule.rule_id).unwrap(), 0);
@@ -241,7 +241,7 @@ fn replacing_most_rules_in_one_reload_keeps_every_rule_counted() {
     // while old and new overlap.
     let mut dp = testrun::datapath(&many_exemptions(0, 70_000)).unwrap();
     let config = tailgate::config::Config::parse(&many_exemptions(100_000, 70_000), &HashMap::new()).unwrap();
-    dp.sync(&tailgate::policy::compile(&config, vec![])).unwrap();
+    dp.sync(&tailgate::policy::compile(&config, Default::default())).unwrap();
     assert_every_rule_counted(&dp, 70_000);
     // The new rules work and count.
     let src = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0)) + 100_000 * 16 + 3);

@@ -149,20 +149,23 @@ fn sigterm_removes_everything(backend: &str) {
         .map(|a| format!("{}@{}", a["hook"].as_str().unwrap(), a["target"].as_str().unwrap()))
         .collect();
     let expected: &[&str] = match backend {
-        "bpf" => &["xdp@eth0", "tc_egress@tun0"],
+        "bpf" => &["xdp@eth0", "tc_egress@tun0", "tc_ingress@tun0"],
         _ => &[
             "ipv4 filter FORWARD@tg-forward",
             "ipv4 filter INPUT@tg-input",
             "ipv4 nat POSTROUTING@tg-postrouting",
+            "ipv4 mangle FORWARD@tg-mss",
             "ipv6 filter FORWARD@tg-forward",
             "ipv6 filter INPUT@tg-input",
             "ipv6 nat POSTROUTING@tg-postrouting",
+            "ipv6 mangle FORWARD@tg-mss",
         ],
     };
     assert_eq!(hooks, expected);
     assert_eq!(daemon.stop(), Some(0));
     assert!(!t.pins.path().exists(), "pins left behind");
     assert!(!t.installed(backend), "datapath left installed");
+    assert!(!t.netfilter_rules(), "netfilter rules left behind");
     assert!(t.cgnat_neighbours_ping(), "policy left in force");
     let out = tailgate(&t.gw, &t.pins, &["status"]).unwrap();
     assert_eq!(out.status.code(), Some(3), "status of a stopped instance");
@@ -211,7 +214,9 @@ fn auto_falls_back_to_iptables_when_bpf_cannot_attach_and_says_why() {
     let t = Topology::new().unwrap();
     // Another XDP program already owns eth0: the BPF attach must fail.
     let other_pins = PinDir::new(&t.gw);
-    let _other = Daemon::start(&t.gw, &other_pins, &config("bpf", "")).unwrap();
+    // (Without masquerade: two daemons writing netfilter rules in one namespace are refused.)
+    let other = "tunnel = \"tun0\"\ninterfaces = [\"eth0\"]\nbackend = \"bpf\"\n[subnet_routes]\nmasquerade = false\n";
+    let _other = Daemon::start(&t.gw, &other_pins, other).unwrap();
     let daemon = Daemon::start(&t.gw, &t.pins, &config("auto", "")).unwrap();
     daemon.wait_for_log("falling back to iptables");
     let s = status(&t);
@@ -258,7 +263,7 @@ fn kernel_logging_is_off_by_default_and_on_with_the_flag() {
 
     let loud = Daemon::start_with(&t.gw, &t.pins, &config("bpf", ""), &["--kernel-log", "debug"]).unwrap();
     assert!(!t.cgnat_neighbours_ping());
-    loud.wait_for_log("uplink: drop, rule");
+    loud.wait_for_log("uplink: drop");
 }
 
 #[test]
@@ -275,5 +280,5 @@ fn omitted_interfaces_mean_every_up_ethernet_interface_but_the_tunnel() {
         .iter()
         .map(|a| format!("{}@{}", a["hook"].as_str().unwrap(), a["target"].as_str().unwrap()))
         .collect();
-    assert_eq!(attached, ["xdp@eth0", "xdp@eth1", "tc_egress@tun0"]);
+    assert_eq!(attached, ["xdp@eth0", "xdp@eth1", "tc_egress@tun0", "tc_ingress@tun0"]);
 }

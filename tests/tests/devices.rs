@@ -66,16 +66,25 @@ fn tunnel_absent_at_start_then_deleted_and_recreated_is_filtered_again(backend: 
     let s = status(&t.gw, &t.pins);
     if backend == "bpf" {
         assert_eq!(attachments(&s), ["xdp@eth0"]);
-        assert_eq!(s["pending"], serde_json::json!(["tc_egress on tun0 (absent)"]), "{s}");
+        assert_eq!(
+            s["pending"],
+            serde_json::json!(["tc_egress on tun0 (absent)", "tc_ingress on tun0 (absent)"]),
+            "{s}"
+        );
     }
 
     for round in ["appears", "is re-created"] {
         t.create_tunnel().unwrap();
         if backend == "bpf" {
-            let took = attached_within(&t, "tc_egress", "tun0");
-            println!("tunnel {round}: attached after {took:?}");
-            assert!(took < FOLLOW, "tunnel {round}: attached after {took:?}");
-            assert_eq!(status(&t.gw, &t.pins)["pending"], serde_json::json!([]));
+            for hook in ["tc_egress", "tc_ingress"] {
+                let took = attached_within(&t, hook, "tun0");
+                println!("tunnel {round}: {hook} attached after {took:?}");
+                assert!(took < FOLLOW, "tunnel {round}: {hook} attached after {took:?}");
+            }
+            // The run state is written once the device event is handled.
+            let none_pending =
+                wait::until(FOLLOW, || status(&t.gw, &t.pins)["pending"] == serde_json::json!([]));
+            assert!(none_pending, "{}", status(&t.gw, &t.pins));
         }
         assert!(!forwarded_cgnat_reaches_tunnel(&mut t), "tunnel {round}: forwarded CGNAT source reached it");
 
@@ -103,7 +112,7 @@ fn uplink_deleted_and_recreated_is_protected_again(backend: &str) {
             println!("uplink re-created ({round}): attached after {took:?}");
             assert!(took < FOLLOW, "attached after {took:?}");
             let listed = attachments(&status(&t.gw, &t.pins));
-            assert_eq!(listed, ["xdp@eth0", "tc_egress@tun0"], "one live attachment each");
+            assert_eq!(listed, ["xdp@eth0", "tc_egress@tun0", "tc_ingress@tun0"], "one live attachment each");
         }
         assert!(t.lan.ping(GW_LAN, Some(LAN)), "the new link works");
         assert!(!t.cgnat_neighbours_ping(), "re-created uplink ({round}) unprotected\n{}", daemon.log());
@@ -182,7 +191,8 @@ fn a_failed_reload_is_not_applied_by_a_later_device_event() {
     let daemon = Daemon::start(&t.gw, &t.pins, &config("bpf", "")).unwrap();
     // Another program owns eth1's XDP hook: a reload moving the uplink there fails.
     let other = tailgate_tests::daemon::PinDir::new(&t.gw);
-    let owner = "tunnel = \"tun0\"\ninterfaces = [\"eth1\"]\nbackend = \"bpf\"\n";
+    // (Without masquerade: two daemons writing netfilter rules in one namespace are refused.)
+    let owner = "tunnel = \"tun0\"\ninterfaces = [\"eth1\"]\nbackend = \"bpf\"\n[subnet_routes]\nmasquerade = false\n";
     let _owner = Daemon::start(&t.gw, &other, owner).unwrap();
     let readies = daemon.readies();
     daemon

@@ -64,7 +64,7 @@ fn a_second_iptables_daemon_in_the_same_namespace_is_refused() {
     let pid = first.pid().unwrap();
     assert!(
         log.contains(&format!(
-            "another tailgate (PID {pid}) enforces with iptables in this network namespace"
+            "another tailgate (PID {pid}) writes iptables rules in this network namespace"
         )),
         "{log}"
     );

@@ -147,7 +147,7 @@ fn a_bpf_start_failing_to_attach_over_a_kept_datapath_leaves_it_as_it_was() {
     let before = keep(&t, "bpf");
     // Another program owns eth1's XDP hook: attaching there fails after the policy changed.
     let other = PinDir::new(&t.gw);
-    let owner = "tunnel = \"tun0\"\ninterfaces = [\"eth1\"]\nbackend = \"bpf\"\n";
+    let owner = "tunnel = \"tun0\"\ninterfaces = [\"eth1\"]\nbackend = \"bpf\"\n[subnet_routes]\nmasquerade = false\n";
     let _owner = Daemon::start(&t.gw, &other, owner).unwrap();
     let both = config("bpf", "").replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\", \"eth1\"]");
     let (code, log) = Daemon::run_to_exit(&t.gw, &t.pins, &both).unwrap();

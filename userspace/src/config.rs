@@ -26,6 +26,8 @@ pub struct Config {
     /// Leave the datapath attached when the daemon stops (the next start takes it over).
     pub keep_datapath: bool,
     pub cgnat: CgnatConfig,
+    pub subnet_routes: SubnetRoutesConfig,
+    pub mss: MssConfig,
     pub iptables: IptablesConfig,
     /// Where the list values came from, to name them in errors and rule origins.
     pub sources: ListSources,
@@ -38,11 +40,19 @@ pub struct ListSources {
     pub interfaces: &'static str,
     pub allow: &'static str,
     pub drop: &'static str,
+    pub mark: &'static str,
+    pub clamp: &'static str,
 }
 
 impl Default for ListSources {
     fn default() -> Self {
-        Self { interfaces: "interfaces", allow: "cgnat.allow", drop: "cgnat.drop" }
+        Self {
+            interfaces: "interfaces",
+            allow: "cgnat.allow",
+            drop: "cgnat.drop",
+            mark: "subnet_routes.mark",
+            clamp: "mss.clamp",
+        }
     }
 }
 
@@ -103,6 +113,47 @@ pub enum CgnatMode {
     Off,
 }
 
+/// `[subnet_routes]`: what happens to traffic from the tunnel that the gateway forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubnetRoutesConfig {
+    /// The mark bits set on it, under their mask.
+    pub mark: Mark,
+    /// SNAT it to the address of the interface it leaves by (not the tunnel).
+    pub masquerade: bool,
+}
+
+/// A packet mark: `value` under `mask` (`value` has no bits outside `mask`, and is not 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mark {
+    pub value: u32,
+    pub mask: u32,
+}
+
+impl fmt::Display for Mark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}/{:#x}", self.value, self.mask)
+    }
+}
+
+/// `[mss]`: clamping the MSS of TCP SYN and SYN-ACK crossing the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MssConfig {
+    pub clamp: MssClamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MssClamp {
+    /// From the tunnel's MTU: MTU - 40 (IPv4), MTU - 60 (IPv6), followed when it changes.
+    Pmtu,
+    /// This MSS, both families.
+    Fixed(u16),
+    Off,
+}
+
+/// Fixed MSS values a TCP stack can use: every IPv4 host must accept 536 (RFC 9293); the
+/// largest is an IPv4 packet of 65535 bytes with minimal headers.
+pub const MSS_RANGE: std::ops::RangeInclusive<u16> = 536..=65495;
+
 /// A configuration problem, with the field (`cgnat.allow[2]`) or variable it is about.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{field}: {message}")]
@@ -127,6 +178,10 @@ struct RawConfig {
     #[serde(default)]
     cgnat: RawCgnat,
     #[serde(default)]
+    subnet_routes: RawSubnetRoutes,
+    #[serde(default)]
+    mss: RawMss,
+    #[serde(default)]
     iptables: RawIptables,
     #[serde(skip)]
     sources: ListSources,
@@ -139,6 +194,27 @@ struct RawIptables {
     variant: Option<IptablesVariant>,
     repair_interval_ms: Option<u64>,
     hook_position: Option<HookPosition>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubnetRoutes {
+    mark: Option<String>,
+    masquerade: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMss {
+    clamp: Option<RawClamp>,
+}
+
+/// `clamp = "pmtu"`, `"off"` or a number.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawClamp {
+    Number(i64),
+    Word(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -239,6 +315,20 @@ fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), C
     if let Some(v) = get("TAILGATE_IPTABLES_HOOK_POSITION") {
         raw.iptables.hook_position = Some(parse_enum("TAILGATE_IPTABLES_HOOK_POSITION", &v, "keep, first")?);
     }
+    if let Some(v) = get("TAILGATE_SUBNET_ROUTES_MARK") {
+        raw.subnet_routes.mark = Some(v);
+        raw.sources.mark = "TAILGATE_SUBNET_ROUTES_MARK";
+    }
+    if let Some(v) = get("TAILGATE_SUBNET_ROUTES_MASQUERADE") {
+        raw.subnet_routes.masquerade = Some(parse_bool("TAILGATE_SUBNET_ROUTES_MASQUERADE", &v)?);
+    }
+    if let Some(v) = get("TAILGATE_MSS_CLAMP") {
+        raw.mss.clamp = Some(match v.parse::<i64>() {
+            Ok(n) => RawClamp::Number(n),
+            Err(_) => RawClamp::Word(v),
+        });
+        raw.sources.clamp = "TAILGATE_MSS_CLAMP";
+    }
     if let Some(v) = get("TAILGATE_CGNAT_MODE") {
         raw.cgnat.mode = Some(parse_enum("TAILGATE_CGNAT_MODE", &v, "drop, off")?);
     }
@@ -306,7 +396,20 @@ impl RawConfig {
                 ),
             ));
         }
+        let mark = match &self.subnet_routes.mark {
+            Some(text) => parse_mark(sources.mark, text)?,
+            None => Mark { value: tailgate_abi::mark::SUBNET_ROUTE, mask: tailgate_abi::mark::MASK },
+        };
+        let clamp = match self.mss.clamp {
+            None => MssClamp::Pmtu,
+            Some(raw) => parse_clamp(sources.clamp, raw)?,
+        };
         Ok(Config {
+            subnet_routes: SubnetRoutesConfig {
+                mark,
+                masquerade: self.subnet_routes.masquerade.unwrap_or(true),
+            },
+            mss: MssConfig { clamp },
             iptables: IptablesConfig {
                 divert: self.iptables.divert.unwrap_or(true),
                 variant: self.iptables.variant.unwrap_or(IptablesVariant::Auto),
@@ -320,6 +423,65 @@ impl RawConfig {
             keep_datapath: self.keep_datapath.unwrap_or(false),
             cgnat: CgnatConfig { mode: self.cgnat.mode.unwrap_or(CgnatMode::Drop), allow, drop },
         })
+    }
+}
+
+/// `"0x40000/0xff0000"` (hex or decimal, each part).
+fn parse_mark(field: &str, text: &str) -> Result<Mark, ConfigError> {
+    let number = |s: &str| {
+        let s = s.trim();
+        match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            Some(hex) => u32::from_str_radix(hex, 16),
+            None => s.parse::<u32>(),
+        }
+    };
+    let bad = || {
+        ConfigError::new(
+            field,
+            format!("{text:?} is not a mark: expected value/mask, e.g. \"0x40000/0xff0000\""),
+        )
+    };
+    let (value, mask) = text.split_once('/').ok_or_else(bad)?;
+    let (value, mask) = (number(value).map_err(|_| bad())?, number(mask).map_err(|_| bad())?);
+    if mask == 0 {
+        return Err(ConfigError::new(field, "the mask is 0: the mark would own no bits"));
+    }
+    if value & !mask != 0 {
+        return Err(ConfigError::new(
+            field,
+            format!("value {value:#x} has bits outside mask {mask:#x} (did you mean {:#x}?)", value & mask),
+        ));
+    }
+    if value == 0 {
+        return Err(ConfigError::new(
+            field,
+            "the value is 0: every unmarked packet would look marked (and be masqueraded)",
+        ));
+    }
+    Ok(Mark { value, mask })
+}
+
+fn parse_clamp(field: &str, raw: RawClamp) -> Result<MssClamp, ConfigError> {
+    match raw {
+        RawClamp::Word(w) if w == "pmtu" => Ok(MssClamp::Pmtu),
+        RawClamp::Word(w) if w == "off" => Ok(MssClamp::Off),
+        RawClamp::Word(w) => match w.trim().parse::<i64>() {
+            Ok(n) => parse_clamp(field, RawClamp::Number(n)),
+            Err(_) => {
+                Err(ConfigError::new(field, format!("{w:?} is not \"pmtu\", \"off\" or an MSS in bytes")))
+            }
+        },
+        RawClamp::Number(n) => match u16::try_from(n) {
+            Ok(mss) if MSS_RANGE.contains(&mss) => Ok(MssClamp::Fixed(mss)),
+            _ => Err(ConfigError::new(
+                field,
+                format!(
+                    "{n} is not an MSS a TCP stack can use ({}..={}; 536 is the least every IPv4 host must accept)",
+                    MSS_RANGE.start(),
+                    MSS_RANGE.end()
+                ),
+            )),
+        },
     }
 }
 
@@ -651,5 +813,52 @@ mod tests {
         let c = parse("[iptables]\nhook_position = \"first\"").unwrap();
         assert_eq!(c.iptables.hook_position, HookPosition::First);
         assert!(parse("[iptables]\nhook_position = \"top\"").is_err());
+    }
+
+    #[test]
+    fn subnet_routes_settings() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            c.subnet_routes,
+            SubnetRoutesConfig { mark: Mark { value: 0x40000, mask: 0xff0000 }, masquerade: true }
+        );
+        let c = parse("[subnet_routes]\nmark = \"0x1/0xf\"\nmasquerade = false").unwrap();
+        assert_eq!(
+            c.subnet_routes,
+            SubnetRoutesConfig { mark: Mark { value: 1, mask: 0xf }, masquerade: false }
+        );
+        assert_eq!(
+            parse("[subnet_routes]\nmark = \"4096/61440\"").unwrap().subnet_routes.mark.to_string(),
+            "0x1000/0xf000"
+        );
+        for bad in ["0x40000", "0x40000/0xf000", "0x0/0xff0000", "0x1/0", "x/0xff", "0x1/0x1ffffffff"] {
+            let e = parse(&format!("[subnet_routes]\nmark = \"{bad}\"")).unwrap_err();
+            assert_eq!(e.field, "subnet_routes.mark", "{bad}");
+        }
+        let e = parse("[subnet_routes]\nmark = \"0x40000/0xf000\"").unwrap_err();
+        assert!(e.message.contains("outside mask"), "{e}");
+        let env = vars(&[
+            ("TAILGATE_SUBNET_ROUTES_MARK", "0x2/0x2"),
+            ("TAILGATE_SUBNET_ROUTES_MASQUERADE", "false"),
+        ]);
+        let c = Config::parse("", &env).unwrap();
+        assert_eq!((c.subnet_routes.mark.value, c.subnet_routes.masquerade), (2, false));
+        let env = vars(&[("TAILGATE_SUBNET_ROUTES_MARK", "7/2")]);
+        assert_eq!(Config::parse("", &env).unwrap_err().field, "TAILGATE_SUBNET_ROUTES_MARK");
+    }
+
+    #[test]
+    fn mss_settings() {
+        assert_eq!(parse("").unwrap().mss.clamp, MssClamp::Pmtu);
+        assert_eq!(parse("[mss]\nclamp = \"off\"").unwrap().mss.clamp, MssClamp::Off);
+        assert_eq!(parse("[mss]\nclamp = 1200").unwrap().mss.clamp, MssClamp::Fixed(1200));
+        assert_eq!(parse("[mss]\nclamp = \"1200\"").unwrap().mss.clamp, MssClamp::Fixed(1200));
+        for bad in ["0", "535", "65496", "-1", "\"auto\"", "\"100\""] {
+            assert_eq!(err_field(&format!("[mss]\nclamp = {bad}")), "mss.clamp", "{bad}");
+        }
+        let env = vars(&[("TAILGATE_MSS_CLAMP", "1300")]);
+        assert_eq!(Config::parse("", &env).unwrap().mss.clamp, MssClamp::Fixed(1300));
+        let env = vars(&[("TAILGATE_MSS_CLAMP", "12")]);
+        assert_eq!(Config::parse("", &env).unwrap_err().field, "TAILGATE_MSS_CLAMP");
     }
 }

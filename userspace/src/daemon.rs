@@ -52,9 +52,20 @@ pub struct RunOptions {
 pub fn desired_state(path: Option<&Path>, check: Check) -> Result<(Config, DesiredState)> {
     let config = Config::load(path)?;
     let interfaces = netdev::list_for_config()?;
-    let uplinks = netdev::resolve_uplinks(&config, &interfaces, check)?;
-    let state = policy::compile(&config, uplinks);
+    let state = policy::compile(&config, system(&config, &interfaces, check)?);
     Ok((config, state))
+}
+
+/// What the policy needs to know of the devices: the uplinks, the tunnel's MTU.
+fn system(
+    config: &Config,
+    interfaces: &std::collections::BTreeMap<String, netdev::Interface>,
+    check: Check,
+) -> Result<policy::System, crate::config::ConfigError> {
+    Ok(policy::System {
+        uplinks: netdev::resolve_uplinks(config, interfaces, check)?,
+        tunnel_mtu: interfaces.get(&config.tunnel).map(|t| t.mtu),
+    })
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -117,6 +128,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     // Past this point the start stands; what follows cannot be undone.
     commit(backend.as_mut(), &state, &opts.pins);
+    warn_if_not_forwarding();
     tracing::info!(
         "enforcing on uplinks [{}] and tunnel {} with the {} backend",
         state.uplinks.join(", "),
@@ -201,18 +213,33 @@ fn roll_back(backend: Box<dyn Backend>, pins: &Pins, earlier: Option<&RunState>)
     }
 }
 
+/// A gateway that does not forward routes nothing from the tunnel: say so once (read only;
+/// enabling forwarding is the host's decision).
+fn warn_if_not_forwarding() {
+    for (key, family) in
+        [("/proc/sys/net/ipv4/ip_forward", "IPv4"), ("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6")]
+    {
+        if std::fs::read_to_string(key).is_ok_and(|v| v.trim() == "0") {
+            tracing::warn!(
+                "{family} forwarding is off ({key} = 0): subnet routes and exit traffic from the tunnel \
+                 are not forwarded until it is on"
+            );
+        }
+    }
+}
+
 /// Completes a start: the backend's irreversible steps, then what the other backend left
 /// behind goes (switching backends).
 fn commit(backend: &mut dyn Backend, state: &DesiredState, pins: &Pins) {
     if let Err(e) = backend.commit(state) {
         tracing::warn!("completing the start: {e:#}");
     }
-    let leftovers = match backend.name() {
-        "bpf" => iptables::remove_all().context("iptables rules of an earlier run left in place"),
-        _ => pins.remove_all(&bpf::known_maps()).context("removing the BPF datapath of an earlier run"),
-    };
-    if let Err(e) = leftovers {
-        tracing::warn!("{e:#}");
+    // The BPF backend's iptables writer already removed an earlier iptables run's rules
+    // (it keeps every table but its masquerade chain empty of tailgate's rules).
+    if backend.name() != "bpf" {
+        if let Err(e) = pins.remove_all(&bpf::known_maps()) {
+            tracing::warn!("removing the BPF datapath of an earlier run: {e:#}");
+        }
     }
 }
 
@@ -283,15 +310,28 @@ fn refuse_empty(path: &Path) -> Result<()> {
 /// Devices changed: resolve the uplinks anew (listed ones that went away are skipped until
 /// they are back) and let the backend follow.
 fn follow_devices(backend: &mut dyn Backend, config: &Config, state: &mut DesiredState) {
-    let uplinks = netdev::interfaces()
+    let system = netdev::interfaces()
         .map_err(anyhow::Error::from)
-        .and_then(|all| Ok(netdev::resolve_uplinks(config, &all, Check::Running)?));
-    match uplinks {
-        Ok(uplinks) => state.uplinks = uplinks,
+        .and_then(|all| Ok(system(config, &all, Check::Running)?));
+    let new = match system {
+        Ok(system) => policy::compile(config, system),
         Err(e) => return tracing::warn!("listing devices: {e:#}"),
-    }
+    };
+    state.uplinks = new.uplinks.clone();
     if let Err(e) = backend.devices_changed(state) {
         tracing::error!("following device changes: {e:#}");
+    }
+    // What depends on a device's properties (the MSS clamp on the tunnel's MTU).
+    if new != *state {
+        match backend.apply(&new) {
+            Ok(()) => {
+                if new.mss != state.mss {
+                    tracing::info!("tunnel MTU changed: MSS clamp now {:?}", new.mss.limits());
+                }
+                *state = new;
+            }
+            Err(e) => tracing::error!("following device changes: {e:#}"),
+        }
     }
 }
 
@@ -321,7 +361,7 @@ fn start_backend(
     cancel: &Cancel,
 ) -> Result<(Box<dyn Backend>, String)> {
     match config.backend {
-        BackendKind::Bpf => match start_bpf(state, opts, cancel) {
+        BackendKind::Bpf => match start_bpf(config, state, opts, cancel) {
             Ok(bpf) => Ok((bpf, "configured: backend = \"bpf\"".into())),
             Err(e) if e.interrupted() => Err(e.error),
             Err(e) => Err(anyhow::Error::new(e).context("BPF backend")),
@@ -329,7 +369,7 @@ fn start_backend(
         BackendKind::Iptables => {
             Ok((start_iptables(config, state, cancel)?, "configured: backend = \"iptables\"".into()))
         }
-        BackendKind::Auto => match start_bpf(state, opts, cancel) {
+        BackendKind::Auto => match start_bpf(config, state, opts, cancel) {
             Ok(bpf) => Ok((bpf, "auto: BPF loaded, verified and attached".into())),
             Err(e) if e.interrupted() => Err(e.error),
             Err(e) => {
@@ -342,12 +382,13 @@ fn start_backend(
 }
 
 fn start_bpf(
+    config: &Config,
     state: &DesiredState,
     opts: &RunOptions,
     cancel: &Cancel,
 ) -> Result<Box<dyn Backend>, StartError> {
     notify(&[NotifyState::Status("loading the BPF datapath")]);
-    let mut bpf = BpfBackend::load(opts.pins.clone(), opts.kernel_log)?;
+    let mut bpf = BpfBackend::load(opts.pins.clone(), opts.kernel_log, iptables_options(config))?;
     notify(&[NotifyState::Status("writing the policy and attaching")]);
     let started = cancel
         .check()
@@ -368,17 +409,7 @@ fn start_bpf(
 
 fn start_iptables(config: &Config, state: &DesiredState, cancel: &Cancel) -> Result<Box<dyn Backend>> {
     notify(&[NotifyState::Status("writing iptables rules")]);
-    let variant = match config.iptables.variant {
-        IptablesVariant::Auto => None,
-        IptablesVariant::Nft => Some(Variant::Nft),
-        IptablesVariant::Legacy => Some(Variant::Legacy),
-    };
-    let mut backend = IptablesBackend::new(iptables::Options {
-        divert: config.iptables.divert,
-        hook_first: config.iptables.hook_position == HookPosition::First,
-        variant,
-        repair_interval: config.iptables.repair_interval,
-    })?;
+    let mut backend = IptablesBackend::new(iptables_options(config))?;
     cancel.check()?;
     if let Err(e) = backend.apply(state) {
         if let Err(undo) = Box::new(backend).roll_back() {
@@ -387,6 +418,21 @@ fn start_iptables(config: &Config, state: &DesiredState, cancel: &Cancel) -> Res
         return Err(e.context("applying the iptables rules"));
     }
     Ok(Box::new(backend))
+}
+
+/// `[iptables]`: how the iptables backend, and the BPF backend's masquerade rule, write.
+fn iptables_options(config: &Config) -> iptables::Options {
+    let variant = match config.iptables.variant {
+        IptablesVariant::Auto => None,
+        IptablesVariant::Nft => Some(Variant::Nft),
+        IptablesVariant::Legacy => Some(Variant::Legacy),
+    };
+    iptables::Options {
+        divert: config.iptables.divert,
+        hook_first: config.iptables.hook_position == HookPosition::First,
+        variant,
+        repair_interval: config.iptables.repair_interval,
+    }
 }
 
 /// Watches the config file's directory and reports a change once a new version is complete:

@@ -23,6 +23,7 @@ pub struct Interface {
     pub loopback: bool,
     /// Link type (`ARPHRD_*`); TUN and WireGuard devices are `ARPHRD_NONE`.
     pub link_type: u16,
+    pub mtu: u32,
 }
 
 impl Interface {
@@ -86,6 +87,14 @@ fn describe(link: &LinkMessage) -> Option<(String, Interface)> {
         up: flags.contains(LinkFlags::Up),
         loopback: flags.contains(LinkFlags::Loopback),
         link_type: u16::from(link.header.link_layer_type),
+        mtu: link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(mtu) => Some(*mtu),
+                _ => None,
+            })
+            .unwrap_or(0),
     };
     Some((name, iface))
 }
@@ -203,7 +212,7 @@ mod tests {
     use super::*;
 
     fn iface(index: u32, up: bool, link_type: u16) -> Interface {
-        Interface { index, up, loopback: index == 1, link_type }
+        Interface { index, up, loopback: index == 1, link_type, mtu: 1500 }
     }
 
     fn host() -> BTreeMap<String, Interface> {

@@ -19,7 +19,6 @@ use crate::{
         bpf::{cgnat, Pins},
         iptables::{
             self,
-            cgnat::{FORWARD, INPUT, POSTROUTING},
             exec::{detect_variant, Iptables, Variant},
             family_name,
             table::{SavedTable, CHAIN_PREFIX},
@@ -208,23 +207,23 @@ fn read_iptables(tunnel: Option<&str>, variant: Option<Variant>) -> Result<Optio
     };
     let mut found = false;
     for (family, table) in ip.tables() {
-        let saved = SavedTable::parse(&ip.save(family, table, true)?, table);
+        let saved = SavedTable::parse(&ip.save(family, table, true)?, table.name());
         found |= saved.chains.keys().any(|c| c.starts_with(CHAIN_PREFIX));
         add_hooks(&mut status, &saved, &format!("{} {table}", family_name(family)));
-        add_rules(&mut status, &saved, "inbound", INPUT, ("uplink_drop", "uplink_pass_rule"));
-        add_rules(&mut status, &saved, "forward", FORWARD, ("tunnel_drop", "tunnel_pass_forward"));
+        add_rules(&mut status, &saved);
     }
     Ok(found.then_some(status))
 }
 
 /// Jumps from built-in chains to tailgate's chains (ours or the user's).
 fn add_hooks(status: &mut Status, saved: &SavedTable, table: &str) {
+    let ours: Vec<&String> = saved.chains.keys().filter(|c| c.starts_with(CHAIN_PREFIX)).collect();
     for (chain, rules) in saved.chains.iter().filter(|(c, _)| !c.starts_with(CHAIN_PREFIX)) {
         for rule in rules {
-            if let Some(target) = [INPUT, FORWARD, POSTROUTING].into_iter().find(|t| rule.targets(t)) {
+            if let Some(target) = ours.iter().find(|t| rule.targets(t)) {
                 status.attachments.push(Attachment {
                     hook: format!("{table} {chain}"),
-                    target: target.into(),
+                    target: target.to_string(),
                     ifindex: None,
                 });
             }
@@ -232,24 +231,27 @@ fn add_hooks(status: &mut Status, saved: &SavedTable, table: &str) {
     }
 }
 
-/// The prefix rules of `chain`, counted into (drop, pass) counters.
-fn add_rules(
-    status: &mut Status,
-    saved: &SavedTable,
-    direction: &'static str,
-    chain: &str,
-    names: (&str, &str),
-) {
-    for rule in saved.chains.get(chain).into_iter().flatten() {
-        let words: Vec<&str> = rule.body.split_whitespace().collect();
-        let arg = |flag: &str| words.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
-        let (Some(prefix), Some(target)) = (arg("-s"), arg("-j")) else { continue };
-        let drop = target == "DROP";
-        *status.counters.entry(if drop { names.0 } else { names.1 }.into()).or_default() += rule.packets;
+/// Every rule of tailgate's chains counts into the counter its comment names; prefix rules
+/// (their label starts with the prefix) are listed too.
+fn add_rules(status: &mut Status, saved: &SavedTable) {
+    let rules = saved.chains.iter().filter(|(c, _)| c.starts_with(CHAIN_PREFIX)).flat_map(|(_, r)| r);
+    for rule in rules {
+        let Some((counter, label)) = rule.counter_and_label() else { continue };
+        if counter == "-" {
+            continue;
+        }
+        *status.counters.entry(counter.to_string()).or_default() += rule.packets;
+        let (direction, verdict) = match counter {
+            c if c == Counter::UplinkDrop.name() => ("inbound", "drop"),
+            c if c == Counter::UplinkPassRule.name() => ("inbound", "pass"),
+            c if c == Counter::TunnelDrop.name() => ("forward", "drop"),
+            c if c == Counter::TunnelPassForward.name() => ("forward", "pass"),
+            _ => continue,
+        };
         status.rules.push(RuleStatus {
             direction,
-            prefix: prefix.to_string(),
-            verdict: if drop { "drop" } else { "pass" },
+            prefix: label.split_whitespace().next().unwrap_or_default().to_string(),
+            verdict,
             rule_id: None,
             packets: Some(rule.packets),
         });

@@ -69,7 +69,7 @@ fn add_one(dp: &mut Datapath, count: usize) -> Result<(f64, std::time::Duration)
     let (mut config, _, _) = policy_of(count)?;
     config.cgnat.drop = vec!["100.127.255.255/32".parse()?];
     let start = Instant::now();
-    dp.sync(&policy::compile(&config, vec![]))?;
+    dp.sync(&policy::compile(&config, Default::default()))?;
     let took = start.elapsed().as_secs_f64() * 1000.0;
     Ok((took, dp.last_swap.map(|s| s.grace).unwrap_or_default()))
 }
@@ -80,7 +80,7 @@ fn datapath(count: usize) -> Result<(Datapath, String, String, f64)> {
     let (config, exempt, drop) = policy_of(count)?;
     let mut dp = Datapath::load(None, KernelLog::Off)?;
     let start = Instant::now();
-    dp.sync(&policy::compile(&config, vec![]))?;
+    dp.sync(&policy::compile(&config, Default::default()))?;
     Ok((dp, exempt, drop, start.elapsed().as_secs_f64() * 1000.0))
 }
 

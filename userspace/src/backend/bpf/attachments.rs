@@ -45,8 +45,8 @@ impl Attachments {
         let interfaces = netdev::interfaces()?;
         let mut wanted = Wanted::new();
         let mut pending = Vec::new();
-        let tunnel = (Hook::TcEgress, &state.tunnel);
-        for (hook, ifname) in state.uplinks.iter().map(|u| (Hook::Xdp, u)).chain([tunnel]) {
+        let tunnel = [(Hook::TcEgress, &state.tunnel), (Hook::TcIngress, &state.tunnel)];
+        for (hook, ifname) in state.uplinks.iter().map(|u| (Hook::Xdp, u)).chain(tunnel) {
             match interfaces.get(ifname) {
                 Some(iface) => {
                     wanted.insert((hook, iface.index), ifname.clone());

@@ -26,15 +26,18 @@ pub enum Hook {
     Xdp,
     /// TC egress (TCX) on the tunnel.
     TcEgress,
+    /// TC ingress (TCX) on the tunnel.
+    TcIngress,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 2] = [Hook::Xdp, Hook::TcEgress];
+    pub const ALL: [Hook; 3] = [Hook::Xdp, Hook::TcEgress, Hook::TcIngress];
 
     pub const fn pin_prefix(self) -> &'static str {
         match self {
             Hook::Xdp => "xdp",
             Hook::TcEgress => "tc_egress",
+            Hook::TcIngress => "tc_ingress",
         }
     }
 
@@ -42,8 +45,18 @@ impl Hook {
         match self {
             Hook::Xdp => programs::UPLINK_XDP,
             Hook::TcEgress => programs::TUNNEL_EGRESS,
+            Hook::TcIngress => programs::TUNNEL_INGRESS,
         }
     }
+}
+
+/// Loads (verifies) the program of `hook`.
+pub fn load(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
+    match hook {
+        Hook::Xdp => xdp(ebpf)?.load()?,
+        Hook::TcEgress | Hook::TcIngress => tc(ebpf, hook)?.load()?,
+    }
+    Ok(())
 }
 
 /// One attachment as its pin names it: `<hook>@<ifname>:<ifindex>`. Interface names cannot
@@ -97,12 +110,13 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, ifindex: u32, pin: &Pat
                 anyhow!("XDP on {ifname} was attached without a BPF link (kernel older than 5.9?)")
             })?
         }
-        Hook::TcEgress => {
+        Hook::TcEgress | Hook::TcIngress => {
             let prog = tc(ebpf, hook)?;
+            let kind = if hook == Hook::TcEgress { TcAttachType::Egress } else { TcAttachType::Ingress };
             // TCX attaches by name; the pin records what the kernel reports below.
             let id = prog
-                .attach(ifname, TcAttachType::Egress)
-                .with_context(|| format!("attaching TC egress to {ifname}"))?;
+                .attach(ifname, kind)
+                .with_context(|| format!("attaching {} to {ifname}", hook.pin_prefix()))?;
             prog.take_link(id)?.try_into().map_err(|_| {
                 anyhow!("TC on {ifname} was attached without a BPF link (kernel older than 6.6?)")
             })?
@@ -130,7 +144,7 @@ pub fn take_over(ebpf: &mut Ebpf, hook: Hook, pin: &Path) -> Result<()> {
             // The pin keeps the link; this process's fd can go.
             drop(prog.take_link(id)?);
         }
-        Hook::TcEgress => {
+        Hook::TcEgress | Hook::TcIngress => {
             let link = SchedClassifierLink::try_from(link).map_err(|e| anyhow!("not a TC link: {e}"))?;
             let prog = tc(ebpf, hook)?;
             let id = prog.attach_to_link(link)?;
@@ -182,7 +196,8 @@ mod tests {
         let p = PinName::parse("xdp@eth0.100:9").unwrap();
         assert_eq!((p.hook, p.ifname.as_str(), p.ifindex), (Hook::Xdp, "eth0.100", 9));
         // Older versions' names (no ifindex), other files: not ours.
-        for name in ["xdp@eth0", "tc_ingress@eth0:3", "xdp@eth0:x", "README"] {
+        assert_eq!(PinName::parse("tc_ingress@tun0:3").unwrap().hook, Hook::TcIngress);
+        for name in ["xdp@eth0", "tc_other@eth0:3", "xdp@eth0:x", "README"] {
             assert_eq!(PinName::parse(name), None, "{name}");
         }
     }

@@ -5,22 +5,38 @@
 pub mod attachments;
 pub mod cgnat;
 pub mod generation;
+pub mod layout;
 pub mod links;
+pub mod mss;
 pub mod pins;
+pub mod settings;
+pub mod subnet_routes;
 mod sys;
+
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use aya::{Ebpf, EbpfLoader};
 use tailgate_abi::{
     cgnat::LEGACY_MAPS,
     generation::{MAP_ACTIVE, MAP_BARRIER},
+    globals,
+    settings::Settings,
     MAP_COUNTERS, MAP_RULE_HITS,
 };
 
-use self::{attachments::Attachments, cgnat::CgnatMaps, generation::Barrier};
+use self::{
+    attachments::Attachments, cgnat::CgnatMaps, generation::Barrier, layout::Stash, settings::SettingsMap,
+};
 pub use self::{links::Hook, pins::Pins};
-use super::{Backend, Cancel, Interrupted};
-use crate::policy::{CgnatRules, DesiredState};
+use super::{
+    iptables::{self, writer::Writer},
+    Backend, Cancel, Interrupted,
+};
+use crate::{
+    lock::Lock,
+    policy::{CgnatRules, DesiredState},
+};
 
 /// The eBPF object built by `build.rs` from the `datapath-ebpf` crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tailgate-datapath.o"));
@@ -28,7 +44,8 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// The maps pinned under `<pin-dir>/maps`, by kernel name. The barrier holds no state and is
 /// not pinned.
 pub fn pinned_maps() -> Vec<&'static str> {
-    let mut maps = vec![MAP_ACTIVE, MAP_COUNTERS, MAP_RULE_HITS];
+    let mut maps =
+        vec![tailgate_abi::layout::MAP, MAP_ACTIVE, tailgate_abi::settings::MAP, MAP_COUNTERS, MAP_RULE_HITS];
     maps.extend(cgnat::map_names());
     maps
 }
@@ -72,24 +89,58 @@ pub enum KernelLog {
     Trace,
 }
 
+/// Load-time parameters of the object.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Params {
+    /// Where the IP header starts in what the tunnel programs see: 0 on a TUN device; 14
+    /// for BPF_PROG_TEST_RUN, which builds Ethernet frames.
+    pub tunnel_l3_offset: u32,
+}
+
 /// The object loaded into the kernel: maps created (or reused from pins), programs
 /// verified and loaded, nothing attached.
 pub struct Datapath {
     pub ebpf: Ebpf,
     barrier: Barrier,
     cgnat: CgnatMaps,
+    settings: SettingsMap,
     /// The policy the maps hold, once this process wrote it.
-    applied: Option<CgnatRules>,
+    applied: Option<(CgnatRules, Settings)>,
     /// What the last policy change did (for logs and the benchmark).
     pub last_swap: Option<generation::Swap>,
     /// The policy in force before this process's first change (to roll back to).
     previous: Option<cgnat::Tries>,
+    previous_settings: Option<Settings>,
+    /// Pinned maps of another layout, set aside for this load (see `layout`).
+    stash: Stash,
 }
 
 impl Datapath {
     /// Loads the object. With `pins`, maps are pinned there, and maps already pinned there
-    /// are reused with their contents (rules and counters survive restarts).
+    /// are reused with their contents (rules and counters survive restarts) when their
+    /// layout allows; the others are rebuilt (see `layout`).
     pub fn load(pins: Option<&Pins>, log: KernelLog) -> Result<Self, StartError> {
+        Self::load_with(pins, log, Params::default())
+    }
+
+    pub fn load_with(pins: Option<&Pins>, log: KernelLog, params: Params) -> Result<Self, StartError> {
+        let stash = match pins {
+            Some(pins) => layout::set_aside_incompatible(pins, &pinned_maps()).map_err(at("load"))?,
+            None => Stash::default(),
+        };
+        match Self::load_object(pins, log, params) {
+            Ok(mut datapath) => {
+                datapath.stash = stash;
+                Ok(datapath)
+            }
+            Err(e) => {
+                stash.put_back();
+                Err(e)
+            }
+        }
+    }
+
+    fn load_object(pins: Option<&Pins>, log: KernelLog, params: Params) -> Result<Self, StartError> {
         let level = log as u8;
         let map_paths: Vec<_> = match pins {
             Some(pins) => pinned_maps().into_iter().map(|name| (name, pins.map(name))).collect(),
@@ -97,52 +148,68 @@ impl Datapath {
         };
         let mut loader = EbpfLoader::new();
         loader.override_global(aya_log::LEVEL, &level, true);
+        loader.override_global(globals::TUNNEL_L3_OFFSET, &params.tunnel_l3_offset, true);
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object").map_err(at("load"))?;
-        let xdp = links::xdp(&mut ebpf).map_err(at("load"))?;
-        xdp.load().context("the uplink XDP program").map_err(at("verify"))?;
-        let tc = links::tc(&mut ebpf, Hook::TcEgress).map_err(at("load"))?;
-        tc.load().context("the tunnel TC program").map_err(at("verify"))?;
+        for hook in Hook::ALL {
+            links::load(&mut ebpf, hook)
+                .with_context(|| format!("the {} program", hook.pin_prefix()))
+                .map_err(at("verify"))?;
+        }
+        if pins.is_some() {
+            layout::record(&mut ebpf).map_err(at("load"))?;
+        }
         let barrier = Barrier::take(&mut ebpf).context(MAP_BARRIER).map_err(at("load"))?;
         Ok(Self {
             ebpf,
             barrier,
             cgnat: CgnatMaps::default(),
+            settings: SettingsMap::default(),
             applied: None,
             last_swap: None,
             previous: None,
+            previous_settings: None,
+            stash: Stash::default(),
         })
     }
 
-    /// Makes the maps hold `state`'s rules, switching the datapath from the old policy to
-    /// the new one at once. Returns `None` when they already did.
+    /// Makes the maps hold `state`'s policy (every feature's), switching the datapath from
+    /// the old policy to the new one at once. Returns `None` when they already did.
     pub fn sync(&mut self, state: &DesiredState) -> Result<Option<cgnat::SyncReport>> {
-        if self.applied.as_ref() == Some(&state.cgnat) {
+        let settings = settings::compile(state);
+        if self.applied.as_ref().is_some_and(|(c, s)| *c == state.cgnat && *s == settings) {
             return Ok(None);
         }
         self.cgnat.plan(&mut self.ebpf, &state.cgnat)?;
-        if self.applied.is_none() && self.previous.is_none() {
-            self.previous = self.cgnat.held(generation::active(&self.ebpf)?).cloned();
+        self.settings.desired = settings;
+        if self.applied.is_none() && self.previous_settings.is_none() {
+            let active = generation::active(&self.ebpf)?;
+            self.previous = self.previous.take().or_else(|| self.cgnat.held(active).cloned());
+            self.previous_settings = Some(SettingsMap::read(&self.ebpf, active)?);
         }
-        let swap = generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat])?;
+        let swap =
+            generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat, &mut self.settings])?;
         tracing::debug!(
             "policy generation {} active ({} entries changed; waited {:?} for running programs)",
             swap.active,
             swap.changed,
             swap.grace
         );
-        self.applied = Some(state.cgnat.clone());
+        self.applied = Some((state.cgnat.clone(), settings));
         self.last_swap = Some(swap);
         Ok(self.cgnat.report)
     }
 
     /// Puts back the policy that was in force before this process's first change.
     fn restore_previous(&mut self) -> Result<()> {
-        let Some(previous) = self.previous.take() else { return Ok(()) };
-        self.cgnat.restore(previous);
-        generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat])?;
+        let Some(settings) = self.previous_settings.take() else { return Ok(()) };
+        if let Some(previous) = self.previous.take() {
+            self.cgnat.restore(previous);
+        }
+        self.settings.desired = settings;
+        generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat, &mut self.settings])?;
         self.applied = None;
         Ok(())
     }
@@ -157,11 +224,23 @@ pub struct BpfBackend {
     inherited: bool,
     /// What the start attached anew (undone by a roll-back).
     started: Option<attachments::Fresh>,
+    /// Whether the start got as far as attaching (links may run this object's programs).
+    attaching: bool,
+    /// The netfilter part (masquerade), once wanted.
+    netfilter: Option<Netfilter>,
+    iptables: iptables::Options,
+}
+
+/// The iptables writer for the masquerade rule, holding this network namespace's lock.
+struct Netfilter {
+    writer: Writer,
+    _netns: Lock,
 }
 
 impl BpfBackend {
     /// Loads the datapath with maps pinned under `pins`. Nothing is attached until `start`.
-    pub fn load(pins: Pins, log: KernelLog) -> Result<Self, StartError> {
+    /// `iptables` says how the masquerade rule is written (variant, hooks, repair).
+    pub fn load(pins: Pins, log: KernelLog, iptables: iptables::Options) -> Result<Self, StartError> {
         let inherited = pins.exists();
         pins.prepare().map_err(at("load"))?;
         let mut datapath = Datapath::load(Some(&pins), log)?;
@@ -174,7 +253,36 @@ impl BpfBackend {
             ),
         };
         let attachments = Attachments::new(pins.clone());
-        Ok(Self { datapath, pins, attachments, logger, inherited, started: None })
+        Ok(Self {
+            datapath,
+            pins,
+            attachments,
+            logger,
+            inherited,
+            started: None,
+            attaching: false,
+            netfilter: None,
+            iptables,
+        })
+    }
+
+    /// Writes the netfilter part of `state` (the masquerade rule, or its absence). The
+    /// iptables lock of the namespace is taken the first time masquerade is wanted.
+    fn apply_netfilter(&mut self, state: &DesiredState) -> Result<()> {
+        if self.netfilter.is_none() && state.subnet_routes.masquerade {
+            let (ip, netns) = iptables::open(&self.iptables).context(
+                "[subnet_routes] masquerade needs netfilter's nat table until the BPF NAT engine exists \
+                 (install iptables, or set masquerade = false)",
+            )?;
+            self.netfilter = Some(Netfilter { writer: Writer::new(ip), _netns: netns });
+        }
+        let Some(netfilter) = &mut self.netfilter else { return Ok(()) };
+        let tables = subnet_routes::tables(state, self.iptables.wiring(), &netfilter.writer.ip.available);
+        let written = netfilter.writer.apply(tables)?;
+        if !written.is_empty() {
+            tracing::info!("iptables (masquerade): wrote [{}]", written.join(", "));
+        }
+        Ok(())
     }
 
     /// The kernel log reader (present when kernel logging is on), to poll when readable.
@@ -194,9 +302,12 @@ impl BpfBackend {
         }
         self.sync_and_log(state).map_err(at("load"))?;
         cancel.check().map_err(at("attach"))?;
+        self.attaching = true;
         let fresh =
             self.attachments.attach_all(&mut self.datapath.ebpf, state, cancel).map_err(at("attach"))?;
         self.started = Some(fresh);
+        // After the programs: what an earlier iptables run left goes once these enforce.
+        self.apply_netfilter(state).map_err(at("netfilter"))?;
         Ok(())
     }
 
@@ -226,6 +337,9 @@ impl Backend for BpfBackend {
             self.attachments.undo(plan);
             return Err(e);
         }
+        // The masquerade rule last: it only ever follows the mark, which is in force now.
+        // A failure leaves the new maps in force and is reported; the repair retries it.
+        self.apply_netfilter(state)?;
         // The new state is in force; what is left is cleanup, retried at the next change.
         if let Err(e) = self.attachments.detach_unwanted(state) {
             tracing::warn!("detaching what the new configuration no longer wants: {e:#}");
@@ -245,19 +359,51 @@ impl Backend for BpfBackend {
         self.inherited
     }
 
+    fn repair_interval(&self) -> Option<Duration> {
+        self.netfilter.as_ref().map(|_| self.iptables.repair_interval)
+    }
+
+    fn repair(&mut self) -> Result<()> {
+        let Some(netfilter) = &mut self.netfilter else { return Ok(()) };
+        let written = netfilter.writer.repair()?;
+        if !written.is_empty() {
+            tracing::warn!("iptables: rules changed by another program; restored [{}]", written.join(", "));
+        }
+        Ok(())
+    }
+
     fn commit(&mut self, state: &DesiredState) -> Result<()> {
         self.started = None;
+        std::mem::take(&mut self.datapath.stash).discard();
+        let netfilter = match &mut self.netfilter {
+            Some(netfilter) => netfilter.writer.commit(),
+            // No iptables writer of ours: rules an earlier iptables run left go (they would
+            // enforce the old policy alongside the programs).
+            None => iptables::remove_all().context("iptables rules of an earlier run left in place"),
+        };
         self.attachments.detach_unwanted(state)?;
         // Pins of versions before policy generations: their programs were just replaced.
         for name in LEGACY_MAPS {
             pins::remove_file(&self.pins.map(name))?;
         }
-        Ok(())
+        netfilter
     }
 
     fn roll_back(mut self: Box<Self>) -> Result<()> {
+        if let Some(netfilter) = &self.netfilter {
+            if let Err(e) = netfilter.writer.roll_back() {
+                tracing::error!("rolling back the iptables rules: {e:#}");
+            }
+        }
+        // Maps of another layout set aside: back in place if the old programs still run.
+        let stash = std::mem::take(&mut self.datapath.stash);
+        if self.attaching {
+            stash.discard();
+        } else {
+            stash.put_back();
+        }
         if !self.inherited {
-            return self.stop(false);
+            return self.stop_bpf(false);
         }
         if let Some(fresh) = self.started.take() {
             self.attachments.undo(fresh);
@@ -268,9 +414,20 @@ impl Backend for BpfBackend {
     }
 
     fn stop(self: Box<Self>, keep: bool) -> Result<()> {
+        if !keep {
+            if let Some(netfilter) = &self.netfilter {
+                netfilter.writer.remove()?;
+            }
+        }
+        self.stop_bpf(keep)
+    }
+}
+
+impl BpfBackend {
+    fn stop_bpf(self: Box<Self>, keep: bool) -> Result<()> {
         if keep {
             tracing::info!(
-                "keep_datapath: leaving programs attached and maps pinned under {}",
+                "keep_datapath: leaving programs attached, maps pinned under {} and the masquerade rule",
                 self.pins.root().display()
             );
             return Ok(());

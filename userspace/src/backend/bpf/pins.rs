@@ -75,6 +75,11 @@ impl Pins {
         self.root.join("maps")
     }
 
+    /// Where a pinned map of another layout waits while a start replaces it (see `layout`).
+    pub fn stale_map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(format!("{name}{STALE_SUFFIX}"))
+    }
+
     pub fn map(&self, name: &str) -> PathBuf {
         self.maps_dir().join(name)
     }
@@ -149,7 +154,8 @@ impl Pins {
             }
         }
         for (file_name, path) in self.entries(&self.maps_dir())? {
-            if maps.contains(&file_name.as_str()) {
+            let name = file_name.strip_suffix(STALE_SUFFIX).unwrap_or(&file_name);
+            if maps.contains(&name) {
                 remove_file(&path)?;
             }
         }
@@ -181,6 +187,10 @@ fn legacy_link_name(name: &str) -> Option<(Hook, &str)> {
     let hook = Hook::ALL.into_iter().find(|h| h.pin_prefix() == prefix)?;
     (!ifname.contains(':') && !ifname.is_empty()).then_some((hook, ifname))
 }
+
+/// Suffix of a pinned map set aside by a start that rebuilds it (see `layout`).
+/// (bpffs refuses names with a dot.)
+pub const STALE_SUFFIX: &str = "@stale";
 
 /// Removes a pin; a missing one is fine.
 pub fn remove_file(path: &Path) -> Result<()> {

@@ -2,14 +2,16 @@
 //! the save/restore calls. One `iptables-restore --noflush` per table and family.
 
 use std::{
+    collections::BTreeSet,
     io::Write,
     path::Path,
     process::{Command, Stdio},
+    sync::Arc,
 };
 
 use anyhow::{bail, Context, Result};
 
-use super::{cgnat::Available, table::Family};
+use super::table::{Family, Table};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -27,12 +29,57 @@ impl Variant {
     }
 }
 
+/// Which (family, table) pairs this host's netfilter offers, from the probe.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Available(BTreeSet<(Family, Table)>);
+
+impl Available {
+    pub fn has(&self, family: Family, table: Table) -> bool {
+        self.0.contains(&(family, table))
+    }
+
+    /// Every pair, for tests.
+    pub fn all() -> Self {
+        Self([Family::V4, Family::V6].into_iter().flat_map(|f| Table::ALL.map(|t| (f, t))).collect())
+    }
+
+    pub fn without(mut self, family: Family, table: Table) -> Self {
+        self.0.remove(&(family, table));
+        self
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Family, Table)> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+/// Runs `*-save` and `*-restore`: the real binaries, or a stand-in in tests.
+pub trait Runner: Send + Sync {
+    /// `iptables-save [-c] -t <table>` for one family.
+    fn save(&self, family: Family, table: Table, counters: bool) -> Result<String>;
+    /// `iptables-restore --noflush` with `payload`, atomic for the table.
+    fn restore(&self, family: Family, payload: &str) -> Result<()>;
+}
+
 /// The iptables of this host (in the current network namespace).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Iptables {
     pub variant: Variant,
     pub available: Available,
+    runner: Arc<dyn Runner>,
 }
+
+impl std::fmt::Debug for Iptables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Iptables")
+            .field("variant", &self.variant)
+            .field("available", &self.available)
+            .finish()
+    }
+}
+
+/// The installed binaries of one variant.
+struct Binaries(Variant);
 
 fn binary(family: Family, variant: Variant, tool: &str) -> String {
     let base = match family {
@@ -48,7 +95,8 @@ fn exists(bin: &str) -> bool {
 
 impl Iptables {
     /// Picks the variant (`forced`, or the one that already holds rules, nft on a tie) and
-    /// probes IPv6: ip6tables, kernel IPv6, a usable filter table and, separately, nat.
+    /// probes every table of both families: IPv4 filter must work; the rest is used where
+    /// it does (ip6tables installed, kernel IPv6, the table usable).
     pub fn probe(forced: Option<Variant>) -> Result<Self> {
         let variant = match forced {
             Some(v) => v,
@@ -57,31 +105,34 @@ impl Iptables {
         if !exists(&binary(Family::V4, variant, "-restore")) {
             bail!("{} not found (install the iptables package)", binary(Family::V4, variant, "-restore"));
         }
-        let ip = Self { variant, available: Available { v6_filter: false, v6_nat: false } };
-        for table in ["filter", "nat"] {
-            ip.save(Family::V4, table, false).with_context(|| format!("IPv4 {table} table unusable"))?;
-        }
-        let v6_filter = if !exists(&binary(Family::V6, variant, "-restore")) {
+        let mut ip = Self::with_runner(variant, Available::default(), Arc::new(Binaries(variant)));
+        ip.save(Family::V4, Table::Filter, false).context("IPv4 filter table unusable")?;
+        let v6 = if !exists(&binary(Family::V6, variant, "-restore")) {
             tracing::info!("ip6tables ({}) not found: IPv6 rules skipped", variant.name());
             false
         } else if !Path::new("/proc/net/if_inet6").exists() {
             tracing::info!("kernel has no IPv6: IPv6 rules skipped");
             false
-        } else if let Err(e) = ip.save(Family::V6, "filter", false) {
-            tracing::info!("IPv6 filter table unusable ({e:#}): IPv6 rules skipped");
-            false
         } else {
             true
         };
-        let v6_nat = v6_filter
-            && match ip.save(Family::V6, "nat", false) {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::info!("IPv6 nat table unusable ({e:#}): IPv6 masquerade skipped");
-                    false
+        for family in [Family::V4, Family::V6] {
+            if family == Family::V6 && !v6 {
+                continue;
+            }
+            for table in Table::ALL {
+                match ip.save(family, table, false) {
+                    Ok(_) => {
+                        ip.available.0.insert((family, table));
+                    }
+                    Err(e) => tracing::info!(
+                        "{} {table} table unusable ({e:#}): its rules are skipped",
+                        super::family_name(family)
+                    ),
                 }
-            };
-        Ok(Self { variant, available: Available { v6_filter, v6_nat } })
+            }
+        }
+        Ok(ip)
     }
 
     /// Like `probe` for a given variant, without log lines (cleanup, status). A legacy
@@ -94,30 +145,44 @@ impl Iptables {
         if variant == Variant::Legacy && !legacy_in_use() {
             bail!("no legacy tables in this network namespace");
         }
-        let ip = Self { variant, available: Available { v6_filter: false, v6_nat: false } };
+        let mut ip = Self::with_runner(variant, Available::default(), Arc::new(Binaries(variant)));
         let v6 = exists(&binary(Family::V6, variant, "-restore")) && Path::new("/proc/net/if_inet6").exists();
-        let v6_filter = v6 && ip.save(Family::V6, "filter", false).is_ok();
-        let v6_nat = v6_filter && ip.save(Family::V6, "nat", false).is_ok();
-        Ok(Self { variant, available: Available { v6_filter, v6_nat } })
+        for family in [Family::V4, Family::V6] {
+            for table in Table::ALL {
+                if (family == Family::V4 || v6) && ip.save(family, table, false).is_ok() {
+                    ip.available.0.insert((family, table));
+                }
+            }
+        }
+        Ok(ip)
     }
 
-    /// The (family, table) pairs this host can use: IPv4 filter and nat always, IPv6 as the
-    /// probe found.
-    pub fn tables(&self) -> impl Iterator<Item = (Family, &'static str)> + '_ {
-        [(Family::V4, "filter"), (Family::V4, "nat"), (Family::V6, "filter"), (Family::V6, "nat")]
-            .into_iter()
-            .filter(|(family, table)| match (family, *table) {
-                (Family::V4, _) => true,
-                (Family::V6, "filter") => self.available.v6_filter,
-                (Family::V6, _) => self.available.v6_nat,
-            })
+    /// An `Iptables` that runs `runner` (tests: a stand-in for the binaries).
+    pub fn with_runner(variant: Variant, available: Available, runner: Arc<dyn Runner>) -> Self {
+        Self { variant, available, runner }
+    }
+
+    /// The (family, table) pairs this host can use.
+    pub fn tables(&self) -> impl Iterator<Item = (Family, Table)> + '_ {
+        self.available.iter()
     }
 
     /// `iptables-save [-c] -t <table>` for one family.
-    pub fn save(&self, family: Family, table: &str, counters: bool) -> Result<String> {
-        let bin = binary(family, self.variant, "-save");
+    pub fn save(&self, family: Family, table: Table, counters: bool) -> Result<String> {
+        self.runner.save(family, table, counters)
+    }
+
+    /// `iptables-restore --noflush` with `payload`, atomic for the table.
+    pub fn restore(&self, family: Family, payload: &str) -> Result<()> {
+        self.runner.restore(family, payload)
+    }
+}
+
+impl Runner for Binaries {
+    fn save(&self, family: Family, table: Table, counters: bool) -> Result<String> {
+        let bin = binary(family, self.0, "-save");
         let mut cmd = Command::new(&bin);
-        cmd.args(["-t", table]);
+        cmd.args(["-t", table.name()]);
         if counters {
             cmd.arg("-c");
         }
@@ -128,9 +193,8 @@ impl Iptables {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// `iptables-restore --noflush` with `payload`, atomic for the table.
-    pub fn restore(&self, family: Family, payload: &str) -> Result<()> {
-        let bin = binary(family, self.variant, "-restore");
+    fn restore(&self, family: Family, payload: &str) -> Result<()> {
+        let bin = binary(family, self.0, "-restore");
         let mut child = Command::new(&bin)
             .args(["-w", "5", "--noflush"])
             .stdin(Stdio::piped())

@@ -26,11 +26,39 @@ pub enum Family {
     V6,
 }
 
+/// The tables tailgate may write, in the order they are probed and written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    Filter,
+    Nat,
+    Mangle,
+    Raw,
+}
+
+impl Table {
+    pub const ALL: [Table; 4] = [Table::Filter, Table::Nat, Table::Mangle, Table::Raw];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Table::Filter => "filter",
+            Table::Nat => "nat",
+            Table::Mangle => "mangle",
+            Table::Raw => "raw",
+        }
+    }
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The desired state of one table of one family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableSpec {
     pub family: Family,
-    pub table: &'static str,
+    pub table: Table,
     pub chains: Vec<Chain>,
     /// Jumps from built-in chains, inserted at position 1 where missing.
     pub hooks: Vec<Hook>,
@@ -42,16 +70,33 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
-/// One rule: its match and target (`! -i tun0 -s 100.64.0.0/10 -j DROP`), and a label for
-/// people reading `iptables-save` (where it comes from).
+/// One rule: its match and target (`! -i tun0 -s 100.64.0.0/10 -j DROP`), the counter its
+/// packets count into (for `status`, read back from the comment), and a label for people
+/// reading `iptables-save` (where it comes from).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Rule {
     pub spec: String,
+    /// A counter name (`tailgate_abi::counters::Counter::name`), or `-`.
+    pub counter: Cow<'static, str>,
     pub label: String,
     /// The hash to write instead of computing one: a rule put back as it was read keeps
     /// the hash it was written with (iptables-save prints the rule in its own words, which
     /// would hash differently and make the next start rewrite it).
     pub hash: Option<String>,
+}
+
+impl Rule {
+    pub fn new(spec: String, counter: &'static str, label: impl Into<String>) -> Self {
+        Self { spec, counter: counter.into(), label: label.into(), hash: None }
+    }
+
+    fn counter_word(&self) -> &str {
+        if self.counter.is_empty() {
+            "-"
+        } else {
+            &self.counter
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +120,7 @@ impl Chain {
                     return prev.clone();
                 }
                 let mut h = Sha256::new();
-                for part in [&*self.name, &prev, &rule.spec, &rule.label] {
+                for part in [&*self.name, &prev, &rule.spec, rule.counter_word(), &rule.label] {
                     h.update(part.as_bytes());
                     h.update([0]);
                 }
@@ -91,7 +136,7 @@ impl Chain {
     fn render(&self, out: &mut Vec<String>) {
         out.push(format!(":{} - [0:0]", self.name));
         for (rule, hash) in self.rules.iter().zip(self.hashes()) {
-            let comment = format!("{COMMENT_PREFIX}{hash} {}", rule.label);
+            let comment = format!("{COMMENT_PREFIX}{hash} {} {}", rule.counter_word(), rule.label);
             out.push(format!("-A {} -m comment --comment \"{}\" {}", self.name, comment.trim(), rule.spec));
         }
     }
@@ -116,6 +161,13 @@ impl SavedRule {
     /// The hash from a `tailgate:<hash> ...` comment.
     pub fn hash(&self) -> Option<&str> {
         self.comment.as_deref()?.strip_prefix(COMMENT_PREFIX)?.split_whitespace().next()
+    }
+
+    /// The counter and label from a `tailgate:<hash> <counter> <label>` comment.
+    pub fn counter_and_label(&self) -> Option<(&str, &str)> {
+        let rest = self.comment.as_deref()?.strip_prefix(COMMENT_PREFIX)?;
+        let (_hash, rest) = rest.split_once(' ')?;
+        Some(rest.split_once(' ').unwrap_or((rest, "")))
     }
 
     /// Whether this rule jumps or goes to `chain`.
@@ -172,7 +224,7 @@ impl TableSpec {
     /// tailgate's part of a table as it was read back: its chains (rules as iptables-save
     /// printed them, labels from their comments) and its hooks. Written back with `plan`,
     /// it restores that state (a start that rolls back over a kept datapath).
-    pub fn from_saved(family: Family, table: &'static str, saved: &SavedTable) -> Self {
+    pub fn from_saved(family: Family, table: Table, saved: &SavedTable) -> Self {
         let chains = saved
             .chains
             .iter()
@@ -182,10 +234,10 @@ impl TableSpec {
                 rules: rules
                     .iter()
                     .map(|r| {
-                        let label =
-                            r.comment.as_deref().and_then(|c| c.split_once(' ')).map_or("", |(_, l)| l);
+                        let (counter, label) = r.counter_and_label().unwrap_or(("-", ""));
                         Rule {
                             spec: r.without_comment(),
+                            counter: counter.to_string().into(),
                             label: label.to_string(),
                             hash: r.hash().map(String::from),
                         }
@@ -318,7 +370,7 @@ mod tests {
     use super::*;
 
     fn spec(chains: Vec<Chain>, hooks: Vec<Hook>) -> TableSpec {
-        TableSpec { family: Family::V4, table: "filter", chains, hooks }
+        TableSpec { family: Family::V4, table: Table::Filter, chains, hooks }
     }
 
     fn input(rules: &[&str]) -> Chain {
@@ -326,7 +378,7 @@ mod tests {
             name: "tg-input".into(),
             rules: rules
                 .iter()
-                .map(|s| Rule { spec: s.to_string(), label: "test".into(), hash: None })
+                .map(|s| Rule { spec: s.to_string(), label: "test".into(), ..Default::default() })
                 .collect(),
         }
     }
@@ -362,7 +414,7 @@ mod tests {
     fn only_changed_chains_are_rewritten() {
         let forward = Chain {
             name: "tg-forward".into(),
-            rules: vec![Rule { spec: "-j ACCEPT".into(), label: String::new(), hash: None }],
+            rules: vec![Rule { spec: "-j ACCEPT".into(), ..Default::default() }],
         };
         let before = spec(vec![input(&["-j DROP"]), forward.clone()], vec![HOOK]);
         let saved = saved_after(&plan(&before, &SavedTable::default()).unwrap());
@@ -450,7 +502,7 @@ mod tests {
     fn a_saved_table_restores_what_it_held() {
         let desired = spec(vec![input(&["-s 100.64.0.0/10 -j DROP", "-j RETURN"])], vec![HOOK]);
         let saved = saved_after(&plan(&desired, &SavedTable::default()).unwrap());
-        let restored = TableSpec::from_saved(Family::V4, "filter", &saved);
+        let restored = TableSpec::from_saved(Family::V4, Table::Filter, &saved);
         assert_eq!(restored.hooks, [HOOK]);
         let rules: Vec<_> =
             restored.chains[0].rules.iter().map(|r| (r.spec.as_str(), r.label.as_str())).collect();
@@ -463,7 +515,7 @@ mod tests {
         assert!(payload.contains("-s 100.64.0.0/10 -j DROP") && !payload.contains("-j ACCEPT"), "{payload}");
         // With their hashes, so the original spec then finds the chain as desired.
         assert_eq!(restored.chains[0].hashes(), desired.chains[0].hashes());
-        assert!(payload.contains(&format!("tailgate:{} test", desired.chains[0].hashes()[0])), "{payload}");
+        assert!(payload.contains(&format!("tailgate:{} - test", desired.chains[0].hashes()[0])), "{payload}");
     }
 
     #[test]

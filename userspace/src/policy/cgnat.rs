@@ -1,11 +1,11 @@
-//! The policy compiler: `Config` → `DesiredState`, in pure code. Both backends apply the
-//! same `DesiredState`, which is what keeps them equivalent.
+//! CGNAT (and tailnet ULA) source filtering: built-in ranges plus the user's per-prefix
+//! exemptions, as longest-prefix rules per direction.
 
 use std::{fmt, net::IpAddr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::config::{CgnatMode, Config};
+use crate::config::{CgnatConfig, CgnatMode};
 
 /// Carrier-grade NAT space, where tailnet addresses live.
 pub const CGNAT_V4: Ipv4Net = ipv4net(100, 64, 0, 0, 10);
@@ -23,14 +23,6 @@ const fn ipv4net(a: u8, b: u8, c: u8, d: u8, len: u8) -> Ipv4Net {
         Ok(net) => net,
         Err(_) => panic!("bad constant"),
     }
-}
-
-/// Everything the datapath must enforce, independent of how.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredState {
-    pub tunnel: String,
-    pub uplinks: Vec<String>,
-    pub cgnat: CgnatRules,
 }
 
 /// Source-prefix rules; within each list the longest matching prefix decides.
@@ -85,15 +77,15 @@ impl fmt::Display for Verdict {
     }
 }
 
-/// Compiles a validated config and the resolved uplinks into the desired state.
+/// Compiles `[cgnat]` with the user's prefixes (field, prefix, allowed?).
 ///
 /// Inbound: drop the CGNAT range and the tailnet ULA, pass the ChromeOS range, then the
 /// user's `allow`/`drop` prefixes on top. Forward into the tunnel: drop the CGNAT range and
 /// the ULA, with the user's prefixes on top (a prefix the user declares as a real network is
 /// not a tailnet address either way); the ChromeOS carve-out is inbound only, as in the
 /// reference. A user prefix equal to a built-in one replaces it.
-pub fn compile(config: &Config, uplinks: Vec<String>) -> DesiredState {
-    let cgnat = match config.cgnat.mode {
+pub fn compile(config: &CgnatConfig, user: impl Iterator<Item = (String, IpNet, bool)>) -> CgnatRules {
+    match config.mode {
         CgnatMode::Off => CgnatRules::default(),
         CgnatMode::Drop => {
             let ranges = [
@@ -101,8 +93,7 @@ pub fn compile(config: &Config, uplinks: Vec<String>) -> DesiredState {
                 rule(TAILNET_ULA_V6.into(), Verdict::Drop, Origin::TailnetUla),
             ];
             let chromeos = rule(CHROMEOS_V4.into(), Verdict::Pass, Origin::ChromeOs);
-            let user: Vec<Rule> = config
-                .user_prefixes()
+            let user: Vec<Rule> = user
                 .map(|(field, prefix, allow)| {
                     let verdict = if allow { Verdict::Pass } else { Verdict::Drop };
                     rule(prefix, verdict, Origin::Config(field))
@@ -112,8 +103,7 @@ pub fn compile(config: &Config, uplinks: Vec<String>) -> DesiredState {
             inbound.push(chromeos);
             CgnatRules { inbound: merge(inbound, &user), forward: merge(ranges.to_vec(), &user) }
         }
-    };
-    DesiredState { tunnel: config.tunnel.clone(), uplinks, cgnat }
+    }
 }
 
 fn rule(prefix: IpNet, verdict: Verdict, origin: Origin) -> Rule {
@@ -151,10 +141,14 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::{
+        config::Config,
+        policy::{self, DesiredState, System},
+    };
 
     fn state(toml: &str) -> DesiredState {
         let config = Config::parse(toml, &HashMap::new()).unwrap();
-        compile(&config, vec!["eth0".into()])
+        policy::compile(&config, System { uplinks: vec!["eth0".into()], tunnel_mtu: None })
     }
 
     fn inbound(s: &DesiredState, addr: &str) -> Option<Verdict> {

@@ -1,0 +1,31 @@
+//! Per-policy parameters of the packet stages that have no table of their own (subnet-route
+//! mark, MSS clamp): one `Settings` per policy generation, so they change together with the
+//! prefix rules, atomically (see [`crate::generation`]).
+
+/// `Array<Settings, 2>`, indexed by generation.
+pub const MAP: &str = "SETTINGS";
+
+/// Bits of [`Settings::stages`]: a stage whose bit is clear does nothing (one branch).
+pub mod stage {
+    /// Set the subnet-route mark on packets arriving from the tunnel.
+    pub const MARK: u32 = 1 << 0;
+    /// Clamp the MSS of SYN and SYN-ACK crossing the tunnel.
+    pub const MSS: u32 = 1 << 1;
+}
+
+/// The parameters of one generation. All zero: every stage off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Enabled stages ([`stage`] bits).
+    pub stages: u32,
+    /// Subnet-route mark: `mark = (mark & !mark_mask) | mark_value`.
+    pub mark_value: u32,
+    pub mark_mask: u32,
+    /// Highest MSS let through in a SYN over IPv4 / IPv6.
+    pub mss_v4: u16,
+    pub mss_v6: u16,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Settings {}

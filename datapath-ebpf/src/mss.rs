@@ -1,0 +1,97 @@
+//! MSS clamping of TCP SYN and SYN-ACK crossing the tunnel, as `xt_TCPMSS` does: only ever
+//! lowers, only the first MSS option, never a packet with RST, a non-SYN or a fragment. The
+//! options are walked with bounds-checked loads; anything odd (zero or overlong option
+//! length, options cut by the packet end) leaves the packet as it was. A SYN without an MSS
+//! option is left too: the peer then assumes 536 (IPv4) or 1220 (IPv6); growing the header
+//! to add one, as xt_TCPMSS does, is not worth it (see the README on the difference).
+
+use aya_ebpf::programs::TcContext;
+use tailgate_abi::{
+    counters::Counter,
+    settings::{stage, Settings},
+};
+
+use crate::{
+    parse::{tcp_flag, Ip, Packet, IPPROTO_TCP, TCP_CHECK, TCP_HLEN},
+    stage::Rewrite,
+};
+
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_MSS: u8 = 2;
+const TCPOLEN_MSS: usize = 4;
+/// Options walked before giving up (leaving the packet as it is). Every SYN seen in practice
+/// has at most six (MSS first on Linux, BSD and Windows); NOP padding counts as one each.
+/// The bound keeps the walk within what the verifier accepts.
+const MAX_OPTIONS: usize = 12;
+
+/// What the clamp does with a packet.
+pub enum Clamp {
+    /// Not a SYN through a clamp, or the MSS is already low enough.
+    Untouched,
+    /// The options could not be walked safely.
+    BadOptions(Counter),
+    Lower(Rewrite),
+}
+
+/// The clamp for `packet`, a TCP segment crossing the tunnel.
+#[inline(always)]
+pub fn clamp(ctx: &TcContext, packet: &Packet, settings: &Settings) -> Clamp {
+    if settings.stages & stage::MSS == 0 || packet.proto != IPPROTO_TCP || packet.fragment {
+        return Clamp::Untouched;
+    }
+    let Some(l4) = packet.l4 else { return Clamp::Untouched };
+    if l4.tcp_flags & (tcp_flag::SYN | tcp_flag::RST) != tcp_flag::SYN {
+        return Clamp::Untouched;
+    }
+    let limit = match packet.ip {
+        Ip::V4 { .. } => settings.mss_v4,
+        Ip::V6 { .. } => settings.mss_v6,
+    };
+    let (offset, tcp_len) = (usize::from(l4.offset), usize::from(l4.tcp_len));
+    if tcp_len < TCP_HLEN || offset + tcp_len > ctx.len() as usize {
+        return Clamp::BadOptions(Counter::MssBadOptions);
+    }
+    let end = offset + tcp_len;
+    let mut at = offset + TCP_HLEN;
+    for _ in 0..MAX_OPTIONS {
+        if at >= end {
+            // Options end at the header end: no MSS option.
+            return Clamp::Untouched;
+        }
+        let Ok(kind) = ctx.load::<u8>(at) else { return Clamp::BadOptions(Counter::MssBadOptions) };
+        if kind == TCPOPT_EOL {
+            return Clamp::Untouched;
+        }
+        let len = if kind == TCPOPT_NOP {
+            1
+        } else {
+            if at + 2 > end {
+                return Clamp::BadOptions(Counter::MssBadOptions);
+            }
+            let Ok(len) = ctx.load::<u8>(at + 1) else { return Clamp::BadOptions(Counter::MssBadOptions) };
+            let len = usize::from(len);
+            if len < 2 || at + len > end {
+                return Clamp::BadOptions(Counter::MssBadOptions);
+            }
+            len
+        };
+        if kind == TCPOPT_MSS && len == TCPOLEN_MSS {
+            let Ok(old) = ctx.load::<u16>(at + 2) else { return Clamp::BadOptions(Counter::MssBadOptions) };
+            if u16::from_be(old) <= limit {
+                return Clamp::Untouched;
+            }
+            return Clamp::Lower(Rewrite::Mss {
+                at: at + 2,
+                check: offset + TCP_CHECK,
+                old,
+                new: limit.to_be(),
+                odd: (at + 2 - offset) % 2 == 1,
+            });
+        }
+        at += len;
+    }
+    // More options than walked: leave it (an MSS option, if any, came later than any stack
+    // puts it).
+    Clamp::BadOptions(Counter::MssBadOptions)
+}

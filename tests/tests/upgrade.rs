@@ -1,0 +1,84 @@
+//! Starting over pins of another layout (an upgrade or downgrade with `keep_datapath`): the
+//! maps this version cannot reuse are rebuilt from the configuration, the kept links switch
+//! to the new programs, and nothing counts into wrong slots.
+
+use std::path::Path;
+
+use aya::maps::{Array, MapData, MapInfo, PerCpuArray, PerCpuValues};
+use tailgate_abi::{counters::Counter, layout, settings, MAP_COUNTERS};
+use tailgate_tests::{
+    daemon::{attachments, status, Daemon},
+    topology::Topology,
+};
+
+const CONFIG: &str = "tunnel = \"tun0\"\ninterfaces = [\"eth0\"]\nbackend = \"bpf\"\nkeep_datapath = true\n";
+
+fn map(t: &Topology, name: &str) -> std::path::PathBuf {
+    t.pins.path().join("maps").join(name)
+}
+
+/// Stops a kept daemon, then makes its pins look like an older layout's: `COUNTERS` with the
+/// ten counters of layout 1 (each holding `marker`), no `SETTINGS`, and the given
+/// `LAYOUT` (none: layout 1 had no such map).
+fn kept_pins_of_older_layout(t: &Topology, layout_version: Option<u32>, marker: u64) {
+    let mut daemon = Daemon::start(&t.gw, &t.pins, CONFIG).unwrap();
+    assert_eq!(daemon.stop(), Some(0));
+    for name in [MAP_COUNTERS, settings::MAP, layout::MAP] {
+        std::fs::remove_file(map(t, name)).unwrap();
+    }
+    let cpus = aya::util::nr_cpus().unwrap();
+    let mut old = PerCpuArray::<MapData, u64>::create(10, 0).unwrap();
+    for slot in 0..10 {
+        old.set(slot, PerCpuValues::try_from(vec![marker; cpus]).unwrap(), 0).unwrap();
+    }
+    old.pin(map(t, MAP_COUNTERS)).unwrap();
+    if let Some(version) = layout_version {
+        let mut meta = Array::<MapData, u32>::create(1, 0).unwrap();
+        meta.set(0, version, 0).unwrap();
+        meta.pin(map(t, layout::MAP)).unwrap();
+    }
+}
+
+fn entries(path: &Path) -> u32 {
+    MapInfo::from_pin(path).unwrap().max_entries()
+}
+
+fn comes_up_right(t: &Topology, marker: u64) {
+    let mut daemon = Daemon::start(&t.gw, &t.pins, CONFIG).unwrap();
+    daemon.wait_for_log("rebuilt from the configuration");
+    assert_eq!(entries(&map(t, MAP_COUNTERS)), Counter::COUNT, "counters rebuilt in this layout's shape");
+    let meta = aya::maps::Map::from_map_data(MapData::from_pin(map(t, layout::MAP)).unwrap()).unwrap();
+    let meta: Array<&MapData, u32> = Array::try_from(&meta).unwrap();
+    assert_eq!(meta.get(&0, 0).unwrap(), layout::VERSION);
+    assert!(map(t, settings::MAP).exists());
+    // The policy is in force through the new programs, counted in the new slots.
+    assert!(!t.cgnat_neighbours_ping(), "CGNAT neighbour not dropped after the upgrade");
+    let s = status(&t.gw, &t.pins);
+    let drops = s["counters"]["uplink_drop"].as_u64().unwrap();
+    assert!(drops >= 1 && drops < marker, "uplink_drop {drops}: counted anew, not on top of the old map");
+    assert_eq!(attachments(&s), ["xdp@eth0", "tc_egress@tun0", "tc_ingress@tun0"]);
+    let leftovers: Vec<_> = std::fs::read_dir(t.pins.path().join("maps"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("@stale"))
+        .collect();
+    assert!(leftovers.is_empty(), "set-aside maps left: {leftovers:?}");
+    daemon.write_config(&CONFIG.replace("keep_datapath = true", "keep_datapath = false")).unwrap();
+    daemon.reload().unwrap();
+    assert_eq!(daemon.stop(), Some(0));
+    assert!(!t.pins.path().exists(), "everything removed, set-aside maps included");
+}
+
+#[test]
+fn pins_of_layout_one_are_upgraded_map_by_map() {
+    let t = Topology::new().unwrap();
+    kept_pins_of_older_layout(&t, None, 1_000_000);
+    comes_up_right(&t, 1_000_000);
+}
+
+#[test]
+fn pins_of_an_unknown_layout_are_rebuilt_whole() {
+    let t = Topology::new().unwrap();
+    kept_pins_of_older_layout(&t, Some(99), 1_000_000);
+    comes_up_right(&t, 1_000_000);
+}

@@ -1,0 +1,103 @@
+//! Pins of another layout (an upgrade or downgrade over a kept datapath, see
+//! `tailgate_abi::layout`). Before the object is loaded, every pinned map this version
+//! cannot reuse as it is (other layout version, other shape) is set aside, so the load
+//! creates it anew and the start fills it from the desired state; the links then switch to
+//! the new programs atomically (`links::take_over`), with no moment without a program. The
+//! maps set aside go at commit, or come back when the start fails before any program was
+//! replaced.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{Array, Map, MapData, MapInfo},
+    Ebpf,
+};
+use tailgate_abi::layout::{MAP, SAME_MEANING_SINCE, UNVERSIONED, VERSION};
+
+use super::{pins, Pins, OBJECT};
+
+/// Maps set aside: (pin path, where it waits).
+#[derive(Debug, Default)]
+pub struct Stash(Vec<(PathBuf, PathBuf)>);
+
+impl Stash {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The start failed before a program was replaced: the old programs still use these.
+    pub fn put_back(self) {
+        for (pin, stale) in self.0 {
+            let _ = pins::remove_file(&pin);
+            if let Err(e) = std::fs::rename(&stale, &pin) {
+                tracing::warn!("putting {} back: {e}", pin.display());
+            }
+        }
+    }
+
+    /// The new programs run: the old maps go.
+    pub fn discard(self) {
+        for (_, stale) in self.0 {
+            if let Err(e) = pins::remove_file(&stale) {
+                tracing::warn!("{e:#}");
+            }
+        }
+    }
+}
+
+/// The layout version of the pins under `pins`; `None` when no map is pinned there.
+pub fn pinned_version(pins: &Pins, maps: &[&str]) -> Result<Option<u32>> {
+    let path = pins.map(MAP);
+    if path.exists() {
+        let map = Map::from_map_data(
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?,
+        )?;
+        let array: Array<&MapData, u32> = Array::try_from(&map)?;
+        return Ok(Some(array.get(&0, 0)?));
+    }
+    Ok(maps.iter().any(|name| pins.map(name).exists()).then_some(UNVERSIONED))
+}
+
+/// Sets aside every pinned map of `maps` this object cannot reuse.
+pub fn set_aside_incompatible(pins: &Pins, maps: &[&str]) -> Result<Stash> {
+    let Some(version) = pinned_version(pins, maps)? else { return Ok(Stash::default()) };
+    let same_meaning = (SAME_MEANING_SINCE..=VERSION).contains(&version);
+    let object = aya_obj::Object::parse(OBJECT).context("parsing the eBPF object")?;
+    let mut stash = Stash::default();
+    for &name in maps {
+        let pin = pins.map(name);
+        if !pin.exists() {
+            continue;
+        }
+        let why = if !same_meaning {
+            Some(format!("layout {version}, this version has {VERSION}"))
+        } else {
+            let want =
+                object.maps.get(name).with_context(|| format!("map {name} missing from the object"))?;
+            let have = MapInfo::from_pin(&pin).with_context(|| format!("reading {}", pin.display()))?;
+            let shape = |k: u32, v: u32, n: u32| format!("key {k} B, value {v} B, {n} entries");
+            let (want, have) = (
+                shape(want.key_size(), want.value_size(), want.max_entries()),
+                shape(have.key_size(), have.value_size(), have.max_entries()),
+            );
+            (want != have).then(|| format!("pinned with {have}, this version needs {want}"))
+        };
+        if let Some(why) = why {
+            let stale = pins.stale_map(name);
+            pins::remove_file(&stale)?;
+            std::fs::rename(&pin, &stale).with_context(|| format!("setting {} aside", pin.display()))?;
+            tracing::info!("map {name}: {why}; rebuilt from the configuration");
+            stash.0.push((pin, stale));
+        }
+    }
+    Ok(stash)
+}
+
+/// Records this object's layout in the pinned `LAYOUT` map.
+pub fn record(ebpf: &mut Ebpf) -> Result<()> {
+    let map = ebpf.map_mut(MAP).with_context(|| format!("map {MAP} missing"))?;
+    let mut array: Array<&mut MapData, u32> = Array::try_from(map)?;
+    array.set(0, VERSION, 0).context("recording the layout version")?;
+    Ok(())
+}

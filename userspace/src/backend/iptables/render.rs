@@ -1,0 +1,282 @@
+//! Renders the desired state into iptables tables (pure): each feature adds its rules to
+//! tailgate's chains through one `Builder`, which knows which tables this host offers and
+//! how chains are hooked into the built-in ones. Features render in pipeline order, so
+//! within a shared chain (filter/tg-forward) the subnet-route rules come first.
+
+use super::{
+    cgnat,
+    exec::Available,
+    mss, subnet_routes,
+    table::{Chain, Family, Hook, Rule, Table, TableSpec},
+};
+use crate::policy::DesiredState;
+
+pub const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// How the chains are wired into the built-in ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wiring {
+    /// Insert jumps from the built-in chains (`divert`); `false` renders no hooks.
+    pub divert: bool,
+    /// Keep those jumps first (`hook_position = "first"`).
+    pub first: bool,
+}
+
+/// Collects chains per (family, table). Every table the host offers gets a spec, empty or
+/// not, so writing the result also removes tailgate's chains a feature no longer wants.
+pub struct Builder {
+    wiring: Wiring,
+    tables: Vec<TableSpec>,
+}
+
+impl Builder {
+    pub fn new(available: &Available, wiring: Wiring) -> Self {
+        let tables = available
+            .iter()
+            .map(|(family, table)| TableSpec { family, table, chains: Vec::new(), hooks: Vec::new() })
+            .collect();
+        Self { wiring, tables }
+    }
+
+    /// Appends `rules` to tailgate's chain `chain` of (`family`, `table`), hooked from the
+    /// built-in chain `builtin`; nothing where the host lacks the table.
+    pub fn add(
+        &mut self,
+        family: Family,
+        table: Table,
+        chain: &'static str,
+        builtin: &'static str,
+        rules: Vec<Rule>,
+    ) {
+        let Some(spec) = self.tables.iter_mut().find(|t| t.family == family && t.table == table) else {
+            return;
+        };
+        match spec.chains.iter_mut().find(|c| c.name == chain) {
+            Some(existing) => existing.rules.extend(rules),
+            None => {
+                spec.chains.push(Chain { name: chain.into(), rules });
+                if self.wiring.divert {
+                    spec.hooks.push(Hook {
+                        builtin: builtin.into(),
+                        target: chain.into(),
+                        first: self.wiring.first,
+                    });
+                }
+            }
+        }
+    }
+
+    pub fn finish(self) -> Vec<TableSpec> {
+        self.tables
+    }
+}
+
+/// The tables the iptables backend writes for `state`.
+pub fn render(state: &DesiredState, wiring: Wiring, available: &Available) -> Vec<TableSpec> {
+    let mut b = Builder::new(available, wiring);
+    subnet_routes::render(&mut b, state);
+    cgnat::render(&mut b, state);
+    mss::render(&mut b, state);
+    b.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use ipnet::IpNet;
+
+    use super::*;
+    use crate::{
+        backend::iptables::{
+            cgnat::{FORWARD, INPUT},
+            subnet_routes::POSTROUTING,
+            table::{plan, SavedTable},
+        },
+        config::Config,
+        policy::{self, System, Verdict},
+    };
+
+    fn state(toml: &str) -> DesiredState {
+        let config = Config::parse(toml, &HashMap::new()).unwrap();
+        policy::compile(&config, System { uplinks: vec!["eth0".into()], tunnel_mtu: Some(1280) })
+    }
+
+    fn tables(toml: &str, divert: bool, available: Available) -> Vec<TableSpec> {
+        render(&state(toml), Wiring { divert, first: false }, &available)
+    }
+
+    fn all() -> Available {
+        Available::all()
+    }
+
+    /// Every restore payload for a fresh host, as tailgate would write them.
+    fn payloads(tables: &[TableSpec]) -> String {
+        tables
+            .iter()
+            .filter_map(|t| {
+                let family = if t.family == Family::V4 { "iptables" } else { "ip6tables" };
+                let payload = plan(t, &SavedTable::default())?;
+                Some(format!("# {family}-restore --noflush\n{payload}"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Compares with `golden/<name>.rules`; `UPDATE_GOLDEN=1` rewrites the file (review
+    /// the diff by eye before committing it).
+    fn golden(name: &str, text: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/backend/iptables/golden")
+            .join(format!("{name}.rules"));
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, text).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(text, want, "{name}: rendering changed; if intended, run with UPDATE_GOLDEN=1 and review");
+    }
+
+    #[test]
+    fn golden_reference_config() {
+        golden("reference", &payloads(&tables("tunnel = \"tailscale0\"", true, all())));
+    }
+
+    #[test]
+    fn golden_exemptions() {
+        let toml = r#"
+            tunnel = "tailscale0"
+            [cgnat]
+            allow = ["100.100.0.0/16", "100.64.0.0/24", "fd7a:115c:a1e0:ab::/64"]
+            drop = ["100.100.100.200/32"]
+        "#;
+        golden("exemptions", &payloads(&tables(toml, true, all())));
+    }
+
+    #[test]
+    fn golden_mode_off() {
+        golden(
+            "mode_off",
+            &payloads(&tables("tunnel = \"tailscale0\"\n[cgnat]\nmode = \"off\"", true, all())),
+        );
+    }
+
+    #[test]
+    fn golden_no_divert_and_no_ipv6_nat() {
+        let available = all().without(Family::V6, Table::Nat);
+        golden("no_divert_no_v6_nat", &payloads(&tables("tunnel = \"tailscale0\"", false, available)));
+    }
+
+    #[test]
+    fn ipv6_is_skipped_where_unusable() {
+        let mut available = all();
+        for table in Table::ALL {
+            available = available.without(Family::V6, table);
+        }
+        let t = tables("", true, available);
+        assert!(t.iter().all(|t| t.family == Family::V4));
+        assert_eq!(t.len(), 4);
+    }
+
+    /// The reference's filter rules (ts-input, ts-forward; TUN = tailscale0), rule for rule.
+    const REFERENCE_INPUT: [&str; 3] = [
+        "! -i tailscale0 -s 100.115.92.0/23 -j RETURN",
+        "! -i tailscale0 -s 100.64.0.0/10 -j DROP",
+        "-i tailscale0 -j ACCEPT",
+    ];
+    const REFERENCE_FORWARD: [&str; 4] = [
+        "-i tailscale0 -j MARK --set-mark 0x40000/0xff0000",
+        "-m mark --mark 0x40000/0xff0000 -j ACCEPT",
+        "-o tailscale0 -s 100.64.0.0/10 -j DROP",
+        "-o tailscale0 -j ACCEPT",
+    ];
+
+    #[test]
+    fn reference_config_matches_the_reference_filter_rules_rule_for_rule() {
+        let t = tables("tunnel = \"tailscale0\"", true, all());
+        let filter = t.iter().find(|t| t.family == Family::V4 && t.table == Table::Filter).unwrap();
+        let chain = |name: &str| -> Vec<&str> {
+            filter
+                .chains
+                .iter()
+                .find(|c| c.name == name)
+                .unwrap()
+                .rules
+                .iter()
+                .map(|r| r.spec.as_str())
+                .collect()
+        };
+        assert_eq!(chain(INPUT), REFERENCE_INPUT);
+        assert_eq!(chain(FORWARD), REFERENCE_FORWARD);
+        let mut hooks: Vec<_> = filter.hooks.iter().map(|h| (&*h.builtin, &*h.target)).collect();
+        hooks.sort();
+        assert_eq!(hooks, [("FORWARD", FORWARD), ("INPUT", INPUT)]);
+        // The reference masquerades hairpin traffic (tunnel to tunnel) too; here it keeps its
+        // source, as `[subnet_routes] masquerade` documents.
+        let nat = t.iter().find(|t| t.family == Family::V4 && t.table == Table::Nat).unwrap();
+        assert_eq!(nat.chains[0].name, POSTROUTING);
+        assert_eq!(
+            nat.chains[0].rules[0].spec,
+            "-m mark --mark 0x40000/0xff0000 ! -o tailscale0 -j MASQUERADE"
+        );
+    }
+
+    #[test]
+    fn subnet_route_settings_shape_the_rules() {
+        let t = tables(
+            "tunnel = \"tun0\"\n[subnet_routes]\nmark = \"0x1000/0xf000\"\nmasquerade = false",
+            true,
+            all(),
+        );
+        let filter = t.iter().find(|t| t.family == Family::V6 && t.table == Table::Filter).unwrap();
+        let forward = filter.chains.iter().find(|c| c.name == FORWARD).unwrap();
+        assert_eq!(forward.rules[0].spec, "-i tun0 -j MARK --set-mark 0x1000/0xf000");
+        assert_eq!(forward.rules[1].spec, "-m mark --mark 0x1000/0xf000 -j ACCEPT");
+        let nat = t.iter().find(|t| t.family == Family::V4 && t.table == Table::Nat).unwrap();
+        assert!(nat.chains.is_empty() && nat.hooks.is_empty(), "masquerade = false: no nat chain");
+    }
+
+    #[test]
+    fn mss_rules_per_setting() {
+        let mss = |toml: &str| -> Vec<String> {
+            let t = tables(&format!("tunnel = \"tun0\"\n[mss]\n{toml}"), true, all());
+            let mangle = t.iter().find(|t| t.family == Family::V4 && t.table == Table::Mangle).unwrap();
+            mangle.chains.iter().flat_map(|c| c.rules.iter().map(|r| r.spec.clone())).collect()
+        };
+        assert_eq!(
+            mss(""),
+            [
+                "-i tun0 -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu",
+                "-o tun0 -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu",
+            ]
+        );
+        assert!(mss("clamp = 1200").iter().all(|r| r.ends_with("-j TCPMSS --set-mss 1200")));
+        assert!(mss("clamp = \"off\"").is_empty());
+    }
+
+    #[test]
+    fn rule_order_gives_the_longest_prefix_answer() {
+        let toml =
+            "[cgnat]\nallow = [\"100.100.0.0/16\"]\ndrop = [\"100.100.100.200/32\", \"100.100.100.0/24\"]";
+        let t = tables(toml, true, all());
+        let config = Config::parse(toml, &HashMap::new()).unwrap();
+        let state = policy::compile(&config, System::default());
+        let filter = t.iter().find(|t| t.family == Family::V4 && t.table == Table::Filter).unwrap();
+        let input = &filter.chains.iter().find(|c| c.name == INPUT).unwrap().rules;
+        for addr in
+            ["100.100.100.200", "100.100.100.7", "100.100.1.1", "100.64.0.1", "100.115.92.1", "198.51.100.1"]
+        {
+            let ip: std::net::IpAddr = addr.parse().unwrap();
+            // First rule whose -s matches, as netfilter walks the chain.
+            let first = input.iter().find(|r| {
+                r.spec
+                    .split_whitespace()
+                    .skip_while(|w| *w != "-s")
+                    .nth(1)
+                    .is_some_and(|p| p.parse::<IpNet>().unwrap().contains(&ip))
+            });
+            let verdict = first.map(|r| if r.spec.ends_with("DROP") { Verdict::Drop } else { Verdict::Pass });
+            let lpm = policy::resolve(&state.cgnat.inbound, ip).map(|r| r.verdict);
+            assert_eq!(verdict, lpm, "{addr}");
+        }
+    }
+}
