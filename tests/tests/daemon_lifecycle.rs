@@ -282,3 +282,14 @@ fn omitted_interfaces_mean_every_up_ethernet_interface_but_the_tunnel() {
         .collect();
     assert_eq!(attached, ["xdp@eth0", "xdp@eth1", "tc_egress@tun0", "tc_ingress@tun0"]);
 }
+
+#[test]
+fn forwarding_off_is_reported_not_changed() {
+    let t = Topology::new().unwrap();
+    // The topology turns IPv4 forwarding on and leaves IPv6 forwarding off.
+    let daemon = Daemon::start(&t.gw, &t.pins, &config("bpf", "")).unwrap();
+    daemon.wait_for_log("IPv6 forwarding is off");
+    assert!(!daemon.log().contains("IPv4 forwarding is off"), "{}", daemon.log());
+    let out = t.gw.exec("sysctl", &["-n", "net.ipv6.conf.all.forwarding"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "read, never written");
+}

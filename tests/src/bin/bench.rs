@@ -1,7 +1,8 @@
-//! `cargo xtask bench`: ns/packet of the uplink XDP program and the tunnel TC program via
+//! `cargo xtask bench`: ns/packet of the uplink XDP program and the tunnel TC programs via
 //! BPF_PROG_TEST_RUN, for the pass and drop paths, with 1, 1,000 and 100,000 exemption
-//! prefixes in the LPM trie (median of 5 runs of 1,000,000 repeats each); and how long the
-//! first fill and a one-prefix reload take, with the wait for running programs.
+//! prefixes in the LPM trie (median of 5 runs of 1,000,000 repeats each); the tunnel
+//! ingress program (mark + MSS clamp) on a SYN and a data segment; and how long the first
+//! fill and a one-prefix reload take, with the wait for running programs.
 
 use std::{net::Ipv4Addr, time::Instant};
 
@@ -9,11 +10,14 @@ use anyhow::Result;
 use aya::programs::{TestRun, TestRunOptions};
 use ipnet::{IpNet, Ipv4Net};
 use tailgate::{
-    backend::bpf::{links, Datapath, Hook, KernelLog},
+    backend::bpf::{links, Datapath, Hook, KernelLog, Params},
     config::Config,
     policy,
 };
-use tailgate_tests::{packets::eth_udp4, testrun};
+use tailgate_tests::{
+    packets::{eth_tcp, eth_udp4, linux_syn_options, Tcp},
+    testrun,
+};
 
 const REPEAT: u32 = 1_000_000;
 const RUNS: usize = 5;
@@ -24,21 +28,31 @@ fn main() -> Result<()> {
     println!("|---:|---|---|---|---:|");
     for count in [1, 1_000, 100_000] {
         let (mut dp, exempt_src, drop_src, sync_ms) = datapath(count)?;
-        let cases: [(&str, &str, &str); 4] = [
-            ("uplink XDP", "pass: non-CGNAT source", "198.51.100.7"),
-            ("uplink XDP", "pass: exempt CGNAT source", exempt_src.as_str()),
-            ("uplink XDP", "drop: CGNAT source", drop_src.as_str()),
-            ("tunnel TC", "drop: forwarded CGNAT source", drop_src.as_str()),
+        let udp = |src: &str| eth_udp4(src, "192.0.2.1");
+        let mut cases: Vec<(&str, &str, Vec<u8>)> = vec![
+            ("uplink XDP", "pass: non-CGNAT source", udp("198.51.100.7")),
+            ("uplink XDP", "pass: exempt CGNAT source", udp(&exempt_src)),
+            ("uplink XDP", "drop: CGNAT source", udp(&drop_src)),
+            ("tunnel TC egress", "drop: forwarded CGNAT source", udp(&drop_src)),
         ];
-        for (program, path, src) in cases {
-            let frame = eth_udp4(src, "192.0.2.1");
+        if count == 1 {
+            // Test-run reuses one packet for every repeat: the MSS is lowered in the first
+            // repeat; the others walk the options and find it low enough.
+            let syn = eth_tcp("100.101.2.3", "192.0.2.2", Tcp::Syn, &linux_syn_options(1460), &[]);
+            let data = eth_tcp("100.101.2.3", "192.0.2.2", Tcp::Data, &[], &[0u8; 1000]);
+            cases.push(("tunnel TC ingress", "SYN: mark, MSS options walked", syn));
+            cases.push(("tunnel TC ingress", "data segment: mark", data));
+            let data = eth_tcp("198.51.100.7", "100.101.2.3", Tcp::Data, &[], &[0u8; 1000]);
+            cases.push(("tunnel TC egress", "pass: forwarded data segment", data));
+        }
+        for (program, path, frame) in cases {
             let mut samples = Vec::new();
             let mut verdict = 0;
             for _ in 0..RUNS {
-                let (v, ns) = if program == "uplink XDP" {
-                    testrun::time_xdp(&mut dp, &frame, REPEAT)?
-                } else {
-                    time_tc(&mut dp, &frame)?
+                let (v, ns) = match program {
+                    "uplink XDP" => testrun::time_xdp(&mut dp, &frame, REPEAT)?,
+                    "tunnel TC egress" => time_tc(&mut dp, Hook::TcEgress, &frame)?,
+                    _ => time_tc(&mut dp, Hook::TcIngress, &frame)?,
                 };
                 verdict = v;
                 samples.push(ns);
@@ -69,7 +83,7 @@ fn add_one(dp: &mut Datapath, count: usize) -> Result<(f64, std::time::Duration)
     let (mut config, _, _) = policy_of(count)?;
     config.cgnat.drop = vec!["100.127.255.255/32".parse()?];
     let start = Instant::now();
-    dp.sync(&policy::compile(&config, Default::default()))?;
+    dp.sync(&policy::compile(&config, system()))?;
     let took = start.elapsed().as_secs_f64() * 1000.0;
     Ok((took, dp.last_swap.map(|s| s.grace).unwrap_or_default()))
 }
@@ -78,9 +92,10 @@ fn add_one(dp: &mut Datapath, count: usize) -> Result<(f64, std::time::Duration)
 /// address in CGNAT outside all of them, and how long the map sync took.
 fn datapath(count: usize) -> Result<(Datapath, String, String, f64)> {
     let (config, exempt, drop) = policy_of(count)?;
-    let mut dp = Datapath::load(None, KernelLog::Off)?;
+    // Test-run frames are Ethernet: the tunnel programs find the IP header at 14.
+    let mut dp = Datapath::load_with(None, KernelLog::Off, Params { tunnel_l3_offset: 14 })?;
     let start = Instant::now();
-    dp.sync(&policy::compile(&config, Default::default()))?;
+    dp.sync(&policy::compile(&config, system()))?;
     Ok((dp, exempt, drop, start.elapsed().as_secs_f64() * 1000.0))
 }
 
@@ -115,8 +130,13 @@ fn policy_of(count: usize) -> Result<(Config, String, String)> {
     Ok((config, exempt, drop))
 }
 
-fn time_tc(dp: &mut Datapath, frame: &[u8]) -> Result<(u32, f64)> {
-    let prog = links::tc(&mut dp.ebpf, Hook::TcEgress)?;
+/// A gateway whose tunnel has the reference's MTU.
+fn system() -> policy::System {
+    policy::System { uplinks: Vec::new(), tunnel_mtu: Some(testrun::TUNNEL_MTU) }
+}
+
+fn time_tc(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> Result<(u32, f64)> {
+    let prog = links::tc(&mut dp.ebpf, hook)?;
     let mut ctx = [0u8; 192];
     ctx[36..40].copy_from_slice(&7u32.to_ne_bytes()); // forwarded from ifindex 7
     let mut opts = TestRunOptions::new();

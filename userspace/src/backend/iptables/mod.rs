@@ -6,6 +6,8 @@ pub mod cgnat;
 pub mod exec;
 pub mod mss;
 pub mod render;
+#[cfg(test)]
+mod standin;
 pub mod subnet_routes;
 pub mod table;
 pub mod writer;

@@ -150,3 +150,110 @@ pub fn remove(ip: &Iptables) -> Result<()> {
     }
     first_error.map_or(Ok(()), Err)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, sync::Arc};
+
+    use super::*;
+    use crate::{
+        backend::iptables::{
+            exec::Available,
+            render::{render, Wiring},
+            standin::StandIn,
+            table::{Family, Table},
+        },
+        config::Config,
+        policy,
+    };
+
+    fn tables(toml: &str) -> Vec<TableSpec> {
+        let config = Config::parse(toml, &HashMap::new()).unwrap();
+        let state =
+            policy::compile(&config, policy::System { uplinks: vec!["eth0".into()], tunnel_mtu: Some(1280) });
+        render(&state, Wiring { divert: true, first: false }, &Available::all())
+    }
+
+    fn writer(standin: &Arc<StandIn>) -> Writer {
+        Writer::new(Iptables::with_runner(Variant::Nft, Available::all(), standin.clone()))
+    }
+
+    fn ours(standin: &StandIn) -> Vec<String> {
+        standin.dump().into_iter().filter(|l| l.contains("tailgate:") || l.contains(":tg-")).collect()
+    }
+
+    const USER_RULE: &str = "-s 10.0.0.0/8 -j ACCEPT";
+
+    #[test]
+    fn a_first_write_failing_half_way_leaves_nothing_and_keeps_the_users_rules() {
+        let standin = Arc::new(StandIn::default());
+        standin.append(Family::V4, Table::Filter, "INPUT", USER_RULE);
+        *standin.fail.lock().unwrap() = Some((Family::V6, Table::Filter));
+        let mut w = writer(&standin);
+        assert!(w.apply(tables("")).is_err());
+        *standin.fail.lock().unwrap() = None;
+        assert_eq!(ours(&standin), Vec::<String>::new(), "the IPv4 tables written first were taken back");
+        assert!(standin.dump().iter().any(|l| l.ends_with(USER_RULE)));
+        w.roll_back().unwrap();
+    }
+
+    #[test]
+    fn a_start_over_kept_rules_rolls_back_to_them_exactly() {
+        let standin = Arc::new(StandIn::default());
+        let mut earlier = writer(&standin);
+        earlier.apply(tables("[cgnat]\nallow = [\"100.100.0.0/16\"]")).unwrap();
+        let kept = standin.dump();
+
+        // A new start writes another policy, then fails later on: its roll-back puts the
+        // kept rules back as they were (hashes too, so the next start finds them as written).
+        let mut start = writer(&standin);
+        start.apply(tables("[mss]\nclamp = 1200\n[subnet_routes]\nmasquerade = false")).unwrap();
+        assert!(start.inherited());
+        assert_ne!(standin.dump(), kept);
+        start.roll_back().unwrap();
+        assert_eq!(standin.dump(), kept);
+
+        // Same, when the new start's own write fails half-way.
+        let mut start = writer(&standin);
+        *standin.fail.lock().unwrap() = Some((Family::V6, Table::Filter));
+        assert!(start.apply(tables("[cgnat]\nmode = \"off\"")).is_err());
+        *standin.fail.lock().unwrap() = None;
+        assert_eq!(standin.dump(), kept);
+    }
+
+    #[test]
+    fn a_failed_reload_keeps_the_policy_in_force() {
+        let standin = Arc::new(StandIn::default());
+        let mut w = writer(&standin);
+        w.apply(tables("")).unwrap();
+        let before = standin.dump();
+        *standin.fail.lock().unwrap() = Some((Family::V6, Table::Mangle));
+        assert!(w.apply(tables("[mss]\nclamp = 1300\n[cgnat]\ndrop = [\"100.100.0.0/16\"]")).is_err());
+        *standin.fail.lock().unwrap() = None;
+        assert_eq!(standin.dump(), before, "the tables written before the failure are put back");
+        // A repair finds nothing to do; a roll-back of a start without kept rules removes all.
+        assert_eq!(w.repair().unwrap(), Vec::<String>::new());
+        w.roll_back().unwrap();
+        assert_eq!(ours(&standin), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_repair_restores_what_another_program_flushed_and_a_roll_back_without_a_write_touches_nothing() {
+        let standin = Arc::new(StandIn::default());
+        let mut w = writer(&standin);
+        w.apply(tables("")).unwrap();
+        let applied = standin.dump();
+        // Another program flushes mangle and deletes our chain.
+        let other = Iptables::with_runner(Variant::Nft, Available::all(), standin.clone());
+        other
+            .restore(Family::V4, "*mangle\n:FORWARD ACCEPT [0:0]\n:tg-mss - [0:0]\n-X tg-mss\nCOMMIT\n")
+            .unwrap();
+        let saved = other.save(Family::V4, Table::Mangle, false).unwrap();
+        assert!(!saved.contains("tailgate"), "{saved}");
+        assert_eq!(w.repair().unwrap(), ["ipv4 mangle"]);
+        assert_eq!(standin.dump(), applied, "hook and chain back");
+        // Never applied: nothing to undo.
+        writer(&standin).roll_back().unwrap();
+        assert!(!ours(&standin).is_empty());
+    }
+}
