@@ -22,8 +22,9 @@ use super::{pins, Pins, OBJECT};
 pub struct Stash(Vec<(PathBuf, PathBuf)>);
 
 impl Stash {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// Whether map `name` was set aside.
+    pub fn holds(&self, name: &str) -> bool {
+        self.0.iter().any(|(pin, _)| pin.file_name().is_some_and(|f| f == name))
     }
 
     /// The start failed before a program was replaced: the old programs still use these.

@@ -186,7 +186,12 @@ impl Datapath {
         self.settings.desired = settings;
         if self.applied.is_none() && self.previous_settings.is_none() {
             let active = generation::active(&self.ebpf)?;
-            self.previous = self.previous.take().or_else(|| self.cgnat.held(active).cloned());
+            // Tries rebuilt for this layout hold nothing of the old policy: there is nothing
+            // to go back to (a roll-back leaves the new policy rather than none).
+            let rebuilt = cgnat::map_names().any(|name| self.stash.holds(name));
+            if !rebuilt {
+                self.previous = self.previous.take().or_else(|| self.cgnat.held(active).cloned());
+            }
             self.previous_settings = Some(SettingsMap::read(&self.ebpf, active)?);
         }
         let swap =
@@ -205,9 +210,11 @@ impl Datapath {
     /// Puts back the policy that was in force before this process's first change.
     fn restore_previous(&mut self) -> Result<()> {
         let Some(settings) = self.previous_settings.take() else { return Ok(()) };
-        if let Some(previous) = self.previous.take() {
-            self.cgnat.restore(previous);
-        }
+        let Some(previous) = self.previous.take() else {
+            tracing::warn!("the maps were rebuilt for this version's layout: the new policy stays in force");
+            return Ok(());
+        };
+        self.cgnat.restore(previous);
         self.settings.desired = settings;
         generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat, &mut self.settings])?;
         self.applied = None;
@@ -226,6 +233,8 @@ pub struct BpfBackend {
     started: Option<attachments::Fresh>,
     /// Whether the start got as far as attaching (links may run this object's programs).
     attaching: bool,
+    /// The state in force (to go back to when a reload fails half-way).
+    applied: Option<DesiredState>,
     /// The netfilter part (masquerade), once wanted.
     netfilter: Option<Netfilter>,
     iptables: iptables::Options,
@@ -261,6 +270,7 @@ impl BpfBackend {
             inherited,
             started: None,
             attaching: false,
+            applied: None,
             netfilter: None,
             iptables,
         })
@@ -308,6 +318,7 @@ impl BpfBackend {
         self.started = Some(fresh);
         // After the programs: what an earlier iptables run left goes once these enforce.
         self.apply_netfilter(state).map_err(at("netfilter"))?;
+        self.applied = Some(state.clone());
         Ok(())
     }
 
@@ -337,9 +348,18 @@ impl Backend for BpfBackend {
             self.attachments.undo(plan);
             return Err(e);
         }
-        // The masquerade rule last: it only ever follows the mark, which is in force now.
-        // A failure leaves the new maps in force and is reported; the repair retries it.
-        self.apply_netfilter(state)?;
+        // The masquerade rule last: it follows the mark, which is in force now. If it cannot
+        // be written, the maps go back to the state in force before (nothing half-applied).
+        if let Err(e) = self.apply_netfilter(state) {
+            if let Some(before) = self.applied.clone() {
+                if let Err(back) = self.datapath.sync(&before) {
+                    tracing::error!("putting the previous policy back: {back:#}");
+                }
+            }
+            self.attachments.undo(plan);
+            return Err(e);
+        }
+        self.applied = Some(state.clone());
         // The new state is in force; what is left is cleanup, retried at the next change.
         if let Err(e) = self.attachments.detach_unwanted(state) {
             tracing::warn!("detaching what the new configuration no longer wants: {e:#}");
