@@ -3,7 +3,7 @@
 //!
 //! Reuse is decided per map: a pinned map is kept (contents and all) only when the layout
 //! versions agree in meaning (see [`SAME_MEANING_SINCE`]) *and* the pinned map has the shape
-//! (type, key and value size, capacity, flags) this object declares. Anything else is
+//! (key and value size, capacity) this object declares. Anything else is
 //! rebuilt from the desired state.
 
 /// `Array<u32, 1>`, pinned: slot 0 holds the [`VERSION`] of the layout the pins have.

@@ -62,9 +62,22 @@ fn system(
     interfaces: &std::collections::BTreeMap<String, netdev::Interface>,
     check: Check,
 ) -> Result<policy::System, crate::config::ConfigError> {
+    let tunnel = interfaces.get(&config.tunnel);
+    if let (Some(tunnel), Check::Config | Check::Reload) = (tunnel, check) {
+        // The tunnel programs read raw IP packets (a TUN or WireGuard device), not frames.
+        if tunnel.ethernet() {
+            return Err(crate::config::ConfigError {
+                field: "tunnel".into(),
+                message: format!(
+                    "{:?} is an Ethernet device; the tunnel must carry raw IP packets (a TUN device)",
+                    config.tunnel
+                ),
+            });
+        }
+    }
     Ok(policy::System {
         uplinks: netdev::resolve_uplinks(config, interfaces, check)?,
-        tunnel_mtu: interfaces.get(&config.tunnel).map(|t| t.mtu),
+        tunnel_mtu: tunnel.and_then(|t| t.mtu),
     })
 }
 

@@ -23,7 +23,8 @@ pub struct Interface {
     pub loopback: bool,
     /// Link type (`ARPHRD_*`); TUN and WireGuard devices are `ARPHRD_NONE`.
     pub link_type: u16,
-    pub mtu: u32,
+    /// `None` when the kernel did not say.
+    pub mtu: Option<u32>,
 }
 
 impl Interface {
@@ -94,7 +95,7 @@ fn describe(link: &LinkMessage) -> Option<(String, Interface)> {
                 LinkAttribute::Mtu(mtu) => Some(*mtu),
                 _ => None,
             })
-            .unwrap_or(0),
+            .filter(|mtu| *mtu > 0),
     };
     Some((name, iface))
 }
@@ -212,7 +213,7 @@ mod tests {
     use super::*;
 
     fn iface(index: u32, up: bool, link_type: u16) -> Interface {
-        Interface { index, up, loopback: index == 1, link_type, mtu: 1500 }
+        Interface { index, up, loopback: index == 1, link_type, mtu: Some(1500) }
     }
 
     fn host() -> BTreeMap<String, Interface> {

@@ -6,6 +6,8 @@ use crate::config::{MssClamp, MssConfig};
 const V4_HEADERS: u32 = 40;
 /// IPv6 + TCP headers without options.
 const V6_HEADERS: u32 = 60;
+/// The least MSS Linux uses (TCP_MIN_MSS); a tunnel MTU leaving less is not clamped to.
+const MIN_MSS: u32 = 88;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mss {
@@ -24,6 +26,8 @@ impl Mss {
         let fit = |mtu: u32, headers: u32| u16::try_from(mtu.saturating_sub(headers)).unwrap_or(u16::MAX);
         match *self {
             Mss::Off | Mss::Pmtu { mtu: None } => None,
+            // An MTU that small is bogus (xt_TCPMSS refuses it too): no clamp to zero.
+            Mss::Pmtu { mtu: Some(mtu) } if mtu < V6_HEADERS + MIN_MSS => None,
             Mss::Fixed(mss) => Some((mss, mss)),
             Mss::Pmtu { mtu: Some(mtu) } => Some((fit(mtu, V4_HEADERS), fit(mtu, V6_HEADERS))),
         }
@@ -48,7 +52,8 @@ mod tests {
         assert_eq!(compile(&pmtu, Some(1280)).limits(), Some((1240, 1220)));
         assert_eq!(compile(&pmtu, Some(1500)).limits(), Some((1460, 1440)));
         assert_eq!(compile(&pmtu, None).limits(), None, "tunnel absent: nothing to clamp through");
-        assert_eq!(compile(&pmtu, Some(20)).limits(), Some((0, 0)));
+        assert_eq!(compile(&pmtu, Some(20)).limits(), None, "bogus MTU: no clamp to zero");
+        assert_eq!(compile(&pmtu, Some(148)).limits(), Some((108, 88)));
         assert_eq!(
             compile(&MssConfig { clamp: MssClamp::Fixed(1200) }, Some(1280)).limits(),
             Some((1200, 1200))

@@ -25,6 +25,8 @@ pub struct Attachments {
     owned: BTreeSet<(Hook, u32)>,
     /// What is wanted but cannot be attached now (device absent), for status.
     pending: Vec<String>,
+    /// Whether a link an earlier run left now runs this process's program.
+    took_over: bool,
 }
 
 /// Links one call attached anew (to undo if what follows fails).
@@ -32,7 +34,12 @@ pub struct Fresh(Vec<((Hook, u32), PathBuf)>);
 
 impl Attachments {
     pub fn new(pins: Pins) -> Self {
-        Self { pins, owned: BTreeSet::new(), pending: Vec::new() }
+        Self { pins, owned: BTreeSet::new(), pending: Vec::new(), took_over: false }
+    }
+
+    /// Whether any link an earlier run left was switched to this process's program.
+    pub fn took_over(&self) -> bool {
+        self.took_over
     }
 
     /// Wanted but not attachable now, e.g. "tc_egress on tun0 (absent)".
@@ -48,6 +55,12 @@ impl Attachments {
         let tunnel = [(Hook::TcEgress, &state.tunnel), (Hook::TcIngress, &state.tunnel)];
         for (hook, ifname) in state.uplinks.iter().map(|u| (Hook::Xdp, u)).chain(tunnel) {
             match interfaces.get(ifname) {
+                // Re-created as another kind of device while running: the tunnel programs
+                // would read frames as IP packets.
+                Some(iface) if hook != Hook::Xdp && iface.ethernet() => pending.push(format!(
+                    "{} on {ifname} (an Ethernet device, not a raw-IP tunnel)",
+                    hook.pin_prefix()
+                )),
                 Some(iface) => {
                     wanted.insert((hook, iface.index), ifname.clone());
                 }
@@ -104,7 +117,10 @@ impl Attachments {
             let name = PinName { hook, ifname: ifname.clone(), ifindex };
             let result = match live {
                 // A link a previous run left: replace its program (no gap).
-                Some(p) => links::take_over(ebpf, hook, &p.path).map(|()| "took over the pinned link"),
+                Some(p) => links::take_over(ebpf, hook, &p.path).map(|()| {
+                    self.took_over = true;
+                    "took over the pinned link"
+                }),
                 None => {
                     // A pin at that path holds a dead link (or nothing usable): replace it.
                     let path = self.pins.link(&name);

@@ -55,7 +55,12 @@ pub fn pinned_version(pins: &Pins, maps: &[&str]) -> Result<Option<u32>> {
             MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?,
         )?;
         let array: Array<&MapData, u32> = Array::try_from(&map)?;
-        return Ok(Some(array.get(&0, 0)?));
+        // 0: a load that failed before recording its version (aya pins maps as it creates
+        // them); the maps beside it are whatever was there before.
+        return Ok(Some(match array.get(&0, 0)? {
+            0 => UNVERSIONED,
+            version => version,
+        }));
     }
     Ok(maps.iter().any(|name| pins.map(name).exists()).then_some(UNVERSIONED))
 }
@@ -63,9 +68,24 @@ pub fn pinned_version(pins: &Pins, maps: &[&str]) -> Result<Option<u32>> {
 /// Sets aside every pinned map of `maps` this object cannot reuse.
 pub fn set_aside_incompatible(pins: &Pins, maps: &[&str]) -> Result<Stash> {
     let Some(version) = pinned_version(pins, maps)? else { return Ok(Stash::default()) };
-    let same_meaning = (SAME_MEANING_SINCE..=VERSION).contains(&version);
     let object = aya_obj::Object::parse(OBJECT).context("parsing the eBPF object")?;
     let mut stash = Stash::default();
+    if let Err(e) = set_aside(pins, maps, version, &object, &mut stash) {
+        // Half-way: what was set aside goes back under its name.
+        stash.put_back();
+        return Err(e);
+    }
+    Ok(stash)
+}
+
+fn set_aside(
+    pins: &Pins,
+    maps: &[&str],
+    version: u32,
+    object: &aya_obj::Object,
+    stash: &mut Stash,
+) -> Result<()> {
+    let same_meaning = (SAME_MEANING_SINCE..=VERSION).contains(&version);
     for &name in maps {
         let pin = pins.map(name);
         if !pin.exists() {
@@ -92,7 +112,7 @@ pub fn set_aside_incompatible(pins: &Pins, maps: &[&str]) -> Result<Stash> {
             stash.0.push((pin, stale));
         }
     }
-    Ok(stash)
+    Ok(())
 }
 
 /// Records this object's layout in the pinned `LAYOUT` map.

@@ -231,8 +231,6 @@ pub struct BpfBackend {
     inherited: bool,
     /// What the start attached anew (undone by a roll-back).
     started: Option<attachments::Fresh>,
-    /// Whether the start got as far as attaching (links may run this object's programs).
-    attaching: bool,
     /// The state in force (to go back to when a reload fails half-way).
     applied: Option<DesiredState>,
     /// The netfilter part (masquerade), once wanted.
@@ -269,7 +267,6 @@ impl BpfBackend {
             logger,
             inherited,
             started: None,
-            attaching: false,
             applied: None,
             netfilter: None,
             iptables,
@@ -312,7 +309,6 @@ impl BpfBackend {
         }
         self.sync_and_log(state).map_err(at("load"))?;
         cancel.check().map_err(at("attach"))?;
-        self.attaching = true;
         let fresh =
             self.attachments.attach_all(&mut self.datapath.ebpf, state, cancel).map_err(at("attach"))?;
         self.started = Some(fresh);
@@ -395,6 +391,8 @@ impl Backend for BpfBackend {
     fn commit(&mut self, state: &DesiredState) -> Result<()> {
         self.started = None;
         std::mem::take(&mut self.datapath.stash).discard();
+        // Maps set aside by a start that was killed before its commit.
+        self.pins.remove_stale(&pinned_maps())?;
         let netfilter = match &mut self.netfilter {
             Some(netfilter) => netfilter.writer.commit(),
             // No iptables writer of ours: rules an earlier iptables run left go (they would
@@ -417,7 +415,7 @@ impl Backend for BpfBackend {
         }
         // Maps of another layout set aside: back in place if the old programs still run.
         let stash = std::mem::take(&mut self.datapath.stash);
-        if self.attaching {
+        if self.attachments.took_over() {
             stash.discard();
         } else {
             stash.put_back();
@@ -434,12 +432,17 @@ impl Backend for BpfBackend {
     }
 
     fn stop(self: Box<Self>, keep: bool) -> Result<()> {
-        if !keep {
-            if let Some(netfilter) = &self.netfilter {
-                netfilter.writer.remove()?;
-            }
+        // The BPF part goes whatever happens to the netfilter part; the first error is
+        // reported.
+        let netfilter = match (&self.netfilter, keep) {
+            (Some(netfilter), false) => netfilter.writer.remove(),
+            _ => Ok(()),
+        };
+        if let Err(e) = &netfilter {
+            tracing::error!("removing the masquerade rule: {e:#}");
         }
-        self.stop_bpf(keep)
+        let bpf = self.stop_bpf(keep);
+        netfilter.and(bpf)
     }
 }
 

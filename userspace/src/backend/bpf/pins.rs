@@ -165,6 +165,16 @@ impl Pins {
         Ok(())
     }
 
+    /// Removes every set-aside copy (`<NAME>@stale`) of the maps named.
+    pub fn remove_stale(&self, maps: &[&str]) -> Result<()> {
+        for (file_name, path) in self.entries(&self.maps_dir())? {
+            if file_name.strip_suffix(STALE_SUFFIX).is_some_and(|name| maps.contains(&name)) {
+                remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
     /// (file name, path) of the entries of `dir`; none if it does not exist.
     fn entries(&self, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         let entries = match std::fs::read_dir(dir) {
