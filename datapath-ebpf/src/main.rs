@@ -109,7 +109,9 @@ mod programs {
                 return TC_ACT_SHOT as i32;
             }
         };
-        clamp(&ctx, mss::clamp(&ctx, &packet, &settings(generation)), Counter::TunnelOutMssClamped);
+        if mss::applies(&packet) {
+            clamp(&ctx, mss::clamp(&ctx, &packet, &settings(generation)), Counter::TunnelOutMssClamped);
+        }
         pass(reason)
     }
 
@@ -136,9 +138,10 @@ mod programs {
                 ctx.set_mark(mark);
                 true
             }
-            Rewrite::Mss { at, check, old, new, odd } => {
+            Rewrite::Mss { at, check, old, new } => {
                 // A 16-bit value at an odd distance from the header start straddles two of
                 // the checksum's words: its bytes count swapped.
+                let odd = (at - check) % 2 == 1;
                 let (from, to) = if odd { (old.swap_bytes(), new.swap_bytes()) } else { (old, new) };
                 // The helper keeps the checksum right with offload (CHECKSUM_PARTIAL) too.
                 ctx.store(at, &new, 0).is_ok()

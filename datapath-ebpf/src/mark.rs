@@ -6,7 +6,8 @@ use tailgate_abi::settings::{stage, Settings};
 
 use crate::stage::Rewrite;
 
-/// The mark to set on a packet from the tunnel whose mark is `current`, if any change.
+/// The mark to set on a packet from the tunnel whose mark is `current`; `None` when the
+/// stage is off.
 #[inline(always)]
 pub fn from_tunnel(current: u32, settings: &Settings) -> Option<Rewrite> {
     if settings.stages & stage::MARK == 0 {

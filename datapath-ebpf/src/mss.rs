@@ -34,16 +34,22 @@ pub enum Clamp {
     Lower(Rewrite),
 }
 
-/// The clamp for `packet`, a TCP segment crossing the tunnel.
+/// Whether `packet` is one the clamp looks at: a TCP SYN (or SYN-ACK) without RST, not a
+/// fragment. Every other packet skips the stage without reading its settings.
+#[inline(always)]
+pub fn applies(packet: &Packet) -> bool {
+    packet.proto == IPPROTO_TCP
+        && !packet.fragment
+        && packet.l4.is_some_and(|l4| l4.tcp_flags & (tcp_flag::SYN | tcp_flag::RST) == tcp_flag::SYN)
+}
+
+/// The clamp for `packet`, a segment `applies` accepted.
 #[inline(always)]
 pub fn clamp(ctx: &TcContext, packet: &Packet, settings: &Settings) -> Clamp {
-    if settings.stages & stage::MSS == 0 || packet.proto != IPPROTO_TCP || packet.fragment {
+    if settings.stages & stage::MSS == 0 || !applies(packet) {
         return Clamp::Untouched;
     }
     let Some(l4) = packet.l4 else { return Clamp::Untouched };
-    if l4.tcp_flags & (tcp_flag::SYN | tcp_flag::RST) != tcp_flag::SYN {
-        return Clamp::Untouched;
-    }
     let limit = match packet.ip {
         Ip::V4 { .. } => settings.mss_v4,
         Ip::V6 { .. } => settings.mss_v6,
@@ -86,7 +92,6 @@ pub fn clamp(ctx: &TcContext, packet: &Packet, settings: &Settings) -> Clamp {
                 check: offset + TCP_CHECK,
                 old,
                 new: limit.to_be(),
-                odd: (at + 2 - offset) % 2 == 1,
             });
         }
         at += len;

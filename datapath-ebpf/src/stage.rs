@@ -15,7 +15,7 @@ pub enum Rewrite {
     /// Set the skb mark to this value.
     Mark(u32),
     /// Replace the 16-bit MSS value at `at` (offset from the packet start; `old` as read,
-    /// network order) with `new`; `check` is the TCP checksum's offset, `odd` whether `at`
-    /// is at an odd distance from the TCP header start (the checksum sums 16-bit words).
-    Mss { at: usize, check: usize, old: u16, new: u16, odd: bool },
+    /// network order) with `new`; `check` is the TCP checksum's offset (an even distance
+    /// from the header start, so `at - check` tells the value's alignment).
+    Mss { at: usize, check: usize, old: u16, new: u16 },
 }

@@ -23,41 +23,56 @@ pub const FORWARD: &str = "tg-forward";
 
 pub fn render(b: &mut Builder, state: &DesiredState) {
     let tun = &state.tunnel;
+    let inbound = Direction {
+        interface: format!("! -i {tun}"),
+        pass: ("RETURN", Counter::UplinkPassRule),
+        drop: Counter::UplinkDrop,
+        last: (format!("-i {tun} -j ACCEPT"), "from the tunnel"),
+    };
+    let forward = Direction {
+        interface: format!("-o {tun}"),
+        pass: ("ACCEPT", Counter::TunnelPassForward),
+        drop: Counter::TunnelDrop,
+        last: (format!("-o {tun} -j ACCEPT"), "into the tunnel"),
+    };
     for family in FAMILIES {
-        let mut input: Vec<Rule> = prefix_rules(&state.cgnat.inbound, family)
-            .map(|r| {
-                let (target, counter) = match r.verdict {
-                    Verdict::Drop => ("DROP", Counter::UplinkDrop),
-                    Verdict::Pass => ("RETURN", Counter::UplinkPassRule),
-                };
-                prefix_rule(format!("! -i {tun} -s {} -j {target}", r.prefix), counter, r)
-            })
-            .collect();
-        input.push(Rule::new(format!("-i {tun} -j ACCEPT"), "-", "from the tunnel"));
-        b.add(family, Table::Filter, INPUT, "INPUT", input);
-
-        let mut forward: Vec<Rule> = prefix_rules(&state.cgnat.forward, family)
-            .map(|r| {
-                let (target, counter) = match r.verdict {
-                    Verdict::Drop => ("DROP", Counter::TunnelDrop),
-                    Verdict::Pass => ("ACCEPT", Counter::TunnelPassForward),
-                };
-                prefix_rule(format!("-o {tun} -s {} -j {target}", r.prefix), counter, r)
-            })
-            .collect();
-        forward.push(Rule::new(format!("-o {tun} -j ACCEPT"), "-", "into the tunnel"));
-        b.add(family, Table::Filter, FORWARD, "FORWARD", forward);
+        b.add(family, Table::Filter, INPUT, "INPUT", inbound.rules(&state.cgnat.inbound, family));
+        b.add(family, Table::Filter, FORWARD, "FORWARD", forward.rules(&state.cgnat.forward, family));
     }
 }
 
-/// A prefix rule's label starts with the prefix, which `status` lists with its counter.
-fn prefix_rule(spec: String, counter: Counter, rule: &policy::Rule) -> Rule {
-    Rule::new(spec, counter.name(), format!("{} {}", rule.prefix, rule.origin))
+/// How one direction's prefix rules are written.
+struct Direction {
+    /// The interface match every prefix rule starts with.
+    interface: String,
+    /// Target and counter of a pass rule; drop rules `-j DROP`.
+    pass: (&'static str, Counter),
+    drop: Counter,
+    /// The rule after the prefix rules, and its label.
+    last: (String, &'static str),
 }
 
-/// The rules of one family, already in longest-prefix-first order (see `policy::cgnat`).
-fn prefix_rules(rules: &[policy::Rule], family: Family) -> impl Iterator<Item = &policy::Rule> + '_ {
-    rules.iter().filter(move |r| {
-        matches!((r.prefix, family), (IpNet::V4(_), Family::V4) | (IpNet::V6(_), Family::V6))
-    })
+impl Direction {
+    /// The prefix rules of one family, already in longest-prefix-first order (see
+    /// `policy::cgnat`), then the closing rule. A prefix rule's label starts with the
+    /// prefix, which `status` lists with its counter.
+    fn rules(&self, rules: &[policy::Rule], family: Family) -> Vec<Rule> {
+        let same_family = |r: &&policy::Rule| {
+            matches!((r.prefix, family), (IpNet::V4(_), Family::V4) | (IpNet::V6(_), Family::V6))
+        };
+        let mut out: Vec<Rule> = rules
+            .iter()
+            .filter(same_family)
+            .map(|r| {
+                let (target, counter) = match r.verdict {
+                    Verdict::Drop => ("DROP", self.drop),
+                    Verdict::Pass => self.pass,
+                };
+                let spec = format!("{} -s {} -j {target}", self.interface, r.prefix);
+                Rule::new(spec, counter.name(), format!("{} {}", r.prefix, r.origin))
+            })
+            .collect();
+        out.push(Rule::new(self.last.0.clone(), "-", self.last.1));
+        out
+    }
 }
