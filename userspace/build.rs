@@ -13,6 +13,12 @@ const DEBIAN_CARGO: &str = "/usr/bin/cargo";
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const TARGET: &str = "bpfel-unknown-none";
 
+/// Functions of the eBPF object that must stay global (bpf-linker internalizes the rest):
+/// the verifier checks a global function once, on its own, instead of once per path of
+/// every caller (see `datapath-ebpf/src/cgnat.rs` and `datapath-ebpf/src/mss.rs`).
+const GLOBAL_FUNCTIONS: [&str; 5] =
+    ["tg_cgnat_in4", "tg_cgnat_in6", "tg_cgnat_fwd4", "tg_cgnat_fwd6", "tg_mss_option"];
+
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
@@ -60,7 +66,13 @@ fn build(root: &Path) -> PathBuf {
     cmd.env("RUSTC", DEBIAN_RUSTC)
         // aya-ebpf uses #![feature(asm_experimental_arch)]; allow it for that crate only.
         .env("RUSTC_BOOTSTRAP", "aya_ebpf")
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!(
+                "-Cdebuginfo=2\x1f-Clink-arg=--btf\x1f-Clink-arg=--export={}",
+                GLOBAL_FUNCTIONS.join(",")
+            ),
+        );
     // bpf-linker lives in cargo's bin directory.
     let cargo_home = env::var_os("CARGO_HOME")
         .map(PathBuf::from)

@@ -15,7 +15,9 @@ pub const MAP: &str = "LAYOUT";
 ///
 /// 1: policy generations (no `LAYOUT` map: a pin set without one is version 1).
 /// 2: staged pipeline: `SETTINGS`, tunnel ingress counters appended.
-pub const VERSION: u32 = 2;
+/// 3: CGNAT prefixes in hash maps per prefix length with `CGNAT_PLAN` (the maps keep their
+///    names and key sizes but change type: the shape check sets the tries aside).
+pub const VERSION: u32 = 3;
 
 /// The oldest layout whose maps mean the same as this one's where their shapes agree.
 pub const SAME_MEANING_SINCE: u32 = 1;

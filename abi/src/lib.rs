@@ -54,6 +54,8 @@ pub const MAX_RULES: u32 = 1 << 17;
 pub mod verdict {
     pub const PASS: u32 = 0;
     pub const DROP: u32 = 1;
+    /// No rule matched (only in [`crate::cgnat::PrefixRule::NONE`]).
+    pub const NONE: u32 = 2;
 }
 
 /// The reference's packet marks (defaults of `[subnet_routes] mark`).

@@ -1,16 +1,16 @@
-//! CGNAT (and tailnet ULA) source filtering. The kernel knows no ranges: every rule,
-//! built-in or user-given, is an entry in the LPM tries, longest prefix wins.
+//! CGNAT (and tailnet ULA) source filtering. The kernel knows no ranges of its own: the
+//! policy's plan says which range to check and which prefix lengths to look up, longest
+//! first (see `tailgate_abi::cgnat`).
 
-use aya_ebpf::btf_maps::{lpm_trie::Key, LpmTrie};
 use tailgate_abi::{
-    cgnat::{PrefixRule, V4Key, V6Key},
+    cgnat::{plan_index, Plan4, Plan6, PrefixRule, FORWARD, INBOUND},
     counters::Counter,
     verdict, MAX_RULES,
 };
 
 use crate::{
     counters::count_rule,
-    maps::{CGNAT_FWD4, CGNAT_FWD6, CGNAT_IN4, CGNAT_IN6},
+    maps::{V4Rules, V6Rules, CGNAT_FWD4, CGNAT_FWD6, CGNAT_IN4, CGNAT_IN6, CGNAT_PLAN},
     parse::{Ip, Packet},
     stage::Verdict,
 };
@@ -18,11 +18,7 @@ use crate::{
 /// A packet entering an uplink: dropped when its source matches a drop rule.
 #[inline(always)]
 pub fn inbound(packet: &Packet, generation: u8) -> Verdict {
-    let rule = match packet.ip {
-        Ip::V4 { src, .. } => lookup(&CGNAT_IN4, tagged4(generation, &src)),
-        Ip::V6 { src, .. } => lookup(&CGNAT_IN6, tagged6(generation, &src)),
-    };
-    match rule {
+    match found(lookup::<INBOUND>(&packet.ip, generation)) {
         None => Verdict::Pass(Counter::UplinkPassNoMatch),
         Some(rule) if rule.verdict == verdict::DROP => Verdict::Drop(Counter::UplinkDrop),
         Some(_) => Verdict::Pass(Counter::UplinkPassRule),
@@ -48,44 +44,177 @@ pub fn into_tunnel(packet: &Packet, origin: &Origin, generation: u8) -> Verdict 
     if origin.ingress_ifindex == origin.ifindex {
         return Verdict::Pass(Counter::TunnelPassFromTunnel);
     }
-    let rule = match packet.ip {
-        Ip::V4 { src, .. } => lookup(&CGNAT_FWD4, tagged4(generation, &src)),
-        Ip::V6 { src, .. } => lookup(&CGNAT_FWD6, tagged6(generation, &src)),
-    };
-    match rule {
+    match found(lookup::<FORWARD>(&packet.ip, generation)) {
         Some(rule) if rule.verdict == verdict::DROP => Verdict::Drop(Counter::TunnelDrop),
         _ => Verdict::Pass(Counter::TunnelPassForward),
     }
 }
 
-/// The key data for `addr` in `generation`: the tag `[generation, 0, 0, 0]`, then the
-/// address.
+/// The rule a lookup found, counted.
 #[inline(always)]
-fn tagged4(generation: u8, a: &[u8; 4]) -> V4Key {
-    [generation, 0, 0, 0, a[0], a[1], a[2], a[3]]
-}
-
-#[inline(always)]
-fn tagged6(generation: u8, a: &[u8; 16]) -> V6Key {
-    let mut key = [0u8; 20];
-    key[0] = generation;
-    let mut i = 0;
-    while i < 16 {
-        key[i + 4] = a[i];
-        i += 1;
+fn found(packed: u64) -> Option<PrefixRule> {
+    let rule = PrefixRule { verdict: (packed >> 32) as u32, rule_id: packed as u32 };
+    if rule.verdict == verdict::NONE {
+        return None;
     }
-    key
-}
-
-/// Longest-prefix lookup of a full key; counts a hit on the matching rule.
-#[inline(always)]
-fn lookup<const K: usize>(
-    trie: &LpmTrie<[u8; K], PrefixRule, { tailgate_abi::cgnat::MAX_PREFIXES as usize }>,
-    key: [u8; K],
-) -> Option<PrefixRule> {
-    let rule = *trie.get(&Key::new(K as u32 * 8, key))?;
     if rule.rule_id < MAX_RULES {
         count_rule(rule.rule_id);
     }
     Some(rule)
+}
+
+/// The longest prefix rule of `DIRECTION` matching the source, packed as
+/// `verdict << 32 | rule_id` (verdict `NONE`: no rule).
+#[inline(always)]
+fn lookup<const DIRECTION: u32>(ip: &Ip, generation: u8) -> u64 {
+    let generation = u32::from(generation);
+    match *ip {
+        Ip::V4 { src, .. } => {
+            let raw = u32::from_ne_bytes(src);
+            if DIRECTION == INBOUND {
+                tg_cgnat_in4(raw, generation)
+            } else {
+                tg_cgnat_fwd4(raw, generation)
+            }
+        }
+        Ip::V6 { src, .. } => {
+            let (hi, lo) = halves(&src);
+            if DIRECTION == INBOUND {
+                tg_cgnat_in6(hi, lo, generation)
+            } else {
+                tg_cgnat_fwd6(hi, lo, generation)
+            }
+        }
+    }
+}
+
+// The probe loops are global functions (kept global by bpf-linker's `--export`, see
+// `userspace/build.rs`), taking the address as plain numbers: the verifier checks a global
+// function once, on its own, instead of walking its loop again for every path of every
+// caller (with the parse's VLAN and extension-header paths and the MSS option walk around
+// it, that exceeded the verifier's 1M-instruction budget). The range check is inside too:
+// the caller then has one result to branch on.
+
+/// Inbound IPv4: `raw` is the source as read from the packet (network order).
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_cgnat_in4(raw: u32, generation: u32) -> u64 {
+    family4(INBOUND, &CGNAT_IN4, raw, generation)
+}
+
+/// Forwarded IPv4.
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_cgnat_fwd4(raw: u32, generation: u32) -> u64 {
+    family4(FORWARD, &CGNAT_FWD4, raw, generation)
+}
+
+/// Inbound IPv6: `hi`, `lo` are the source's halves as read from the packet.
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_cgnat_in6(hi: u64, lo: u64, generation: u32) -> u64 {
+    family6(INBOUND, &CGNAT_IN6, hi, lo, generation)
+}
+
+/// Forwarded IPv6.
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_cgnat_fwd6(hi: u64, lo: u64, generation: u32) -> u64 {
+    family6(FORWARD, &CGNAT_FWD6, hi, lo, generation)
+}
+
+/// Outside the range no rule can match: two compares, no lookup (most traffic).
+#[inline(always)]
+fn family4(direction: u32, map: &V4Rules, raw: u32, generation: u32) -> u64 {
+    let Some(plan) = CGNAT_PLAN.get(plan_index(direction, generation)) else { return pack(PrefixRule::NONE) };
+    let plan = &plan.v4;
+    if plan.active == 0 || raw & u32::from_ne_bytes(plan.mask) != u32::from_ne_bytes(plan.net) {
+        return pack(PrefixRule::NONE);
+    }
+    pack(probe4(plan, map, generation as u8, u32::from_be(raw)))
+}
+
+#[inline(always)]
+fn family6(direction: u32, map: &V6Rules, hi: u64, lo: u64, generation: u32) -> u64 {
+    let Some(plan) = CGNAT_PLAN.get(plan_index(direction, generation)) else { return pack(PrefixRule::NONE) };
+    let plan = &plan.v6;
+    let (net_hi, net_lo) = halves(&plan.net);
+    let (mask_hi, mask_lo) = halves(&plan.mask);
+    if plan.active == 0 || hi & mask_hi != net_hi || lo & mask_lo != net_lo {
+        return pack(PrefixRule::NONE);
+    }
+    pack(probe6(plan, map, generation as u8, u64::from_be(hi), u64::from_be(lo)))
+}
+
+#[inline(always)]
+fn pack(rule: PrefixRule) -> u64 {
+    (u64::from(rule.verdict) << 32) | u64::from(rule.rule_id)
+}
+
+/// Probes the lengths of `plan`, longest first, for `addr` (host order) inside its range.
+#[inline(always)]
+fn probe4(plan: &Plan4, map: &V4Rules, generation: u8, addr: u32) -> PrefixRule {
+    let count = plan.count as usize;
+    let mut i = 0;
+    while i < plan.lengths.len() && i < count {
+        let len = plan.lengths[i];
+        let masked = addr & mask32(len);
+        let mut key = [0u8; 8];
+        key[0] = generation;
+        key[1] = len;
+        key[4..].copy_from_slice(&masked.to_be_bytes());
+        if let Some(rule) = map.get_ptr(key) {
+            // SAFETY: the kernel replaces hash elements whole (RCU); this reads one.
+            return unsafe { *rule };
+        }
+        i += 1;
+    }
+    plan.fallback
+}
+
+/// Probes the lengths of `plan`, longest first, for the address `hi:lo` (host order).
+#[inline(always)]
+fn probe6(plan: &Plan6, map: &V6Rules, generation: u8, hi: u64, lo: u64) -> PrefixRule {
+    let count = plan.count as usize;
+    let mut i = 0;
+    while i < plan.lengths.len() && i < count {
+        let len = plan.lengths[i];
+        let (mhi, mlo) = if len <= 64 { (mask64(len), 0) } else { (u64::MAX, mask64(len - 64)) };
+        let mut key = [0u8; 20];
+        key[0] = generation;
+        key[1] = len;
+        key[4..12].copy_from_slice(&(hi & mhi).to_be_bytes());
+        key[12..].copy_from_slice(&(lo & mlo).to_be_bytes());
+        if let Some(rule) = map.get_ptr(key) {
+            // SAFETY: as in `probe4`.
+            return unsafe { *rule };
+        }
+        i += 1;
+    }
+    plan.fallback
+}
+
+/// The address bytes as two raw (network order) words.
+#[inline(always)]
+fn halves(a: &[u8; 16]) -> (u64, u64) {
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&a[..8]);
+    lo.copy_from_slice(&a[8..]);
+    (u64::from_ne_bytes(hi), u64::from_ne_bytes(lo))
+}
+
+/// The host-order mask of a prefix length (lengths past the width mean all ones).
+#[inline(always)]
+fn mask32(len: u8) -> u32 {
+    match len {
+        0 => 0,
+        1..=31 => !(u32::MAX >> len),
+        _ => u32::MAX,
+    }
+}
+
+#[inline(always)]
+fn mask64(len: u8) -> u64 {
+    match len {
+        0 => 0,
+        1..=63 => !(u64::MAX >> len),
+        _ => u64::MAX,
+    }
 }

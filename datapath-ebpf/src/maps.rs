@@ -1,12 +1,12 @@
 //! Every map of the datapath. Names, keys and values come from `tailgate_abi`.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, LpmTrie, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray},
     macros::btf_map,
     Global,
 };
 use tailgate_abi::{
-    cgnat::{PrefixRule, V4Key, V6Key, MAX_PREFIXES},
+    cgnat::{Plan, PrefixRule, V4Key, V6Key, HASH_FLAGS, MAX_PREFIXES},
     counters::Counter,
     settings::Settings,
     MAX_RULES,
@@ -32,21 +32,26 @@ pub static GENERATION: Array<u32, 1> = Array::new();
 #[btf_map]
 pub static GEN_BARRIER: ArrayOfMaps<Array<u32, 1>, 1> = ArrayOfMaps::new();
 
-/// The rule tries; keys start with the generation (see `tailgate_abi::cgnat`).
-pub type V4Rules = LpmTrie<V4Key, PrefixRule, { MAX_PREFIXES as usize }>;
-pub type V6Rules = LpmTrie<V6Key, PrefixRule, { MAX_PREFIXES as usize }>;
+/// The prefix rules; keys start with the generation and prefix length (see
+/// `tailgate_abi::cgnat`).
+pub type V4Rules = HashMap<V4Key, PrefixRule, { MAX_PREFIXES as usize }, { HASH_FLAGS as usize }>;
+pub type V6Rules = HashMap<V6Key, PrefixRule, { MAX_PREFIXES as usize }, { HASH_FLAGS as usize }>;
+
+/// How to look up the prefix rules, per direction and generation (`cgnat::plan_index`).
+#[btf_map]
+pub static CGNAT_PLAN: Array<Plan, 4> = Array::new();
 
 /// Source rules for packets entering an uplink.
 #[btf_map]
-pub static CGNAT_IN4: V4Rules = LpmTrie::new();
+pub static CGNAT_IN4: V4Rules = HashMap::new();
 #[btf_map]
-pub static CGNAT_IN6: V6Rules = LpmTrie::new();
+pub static CGNAT_IN6: V6Rules = HashMap::new();
 
 /// Source rules for packets forwarded into the tunnel.
 #[btf_map]
-pub static CGNAT_FWD4: V4Rules = LpmTrie::new();
+pub static CGNAT_FWD4: V4Rules = HashMap::new();
 #[btf_map]
-pub static CGNAT_FWD6: V6Rules = LpmTrie::new();
+pub static CGNAT_FWD6: V6Rules = HashMap::new();
 
 /// Packets per verdict reason (`Counter`).
 #[btf_map]

@@ -5,7 +5,7 @@
 //! option is left too: the peer then assumes 536 (IPv4) or 1220 (IPv6); growing the header
 //! to add one, as xt_TCPMSS does, is not worth it (see the README on the difference).
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use tailgate_abi::{
     counters::Counter,
     settings::{stage, Settings},
@@ -59,44 +59,72 @@ pub fn clamp(ctx: &TcContext, packet: &Packet, settings: &Settings) -> Clamp {
         return Clamp::BadOptions(Counter::MssBadOptions);
     }
     let end = offset + tcp_len;
-    let mut at = offset + TCP_HLEN;
+    // SAFETY: the context pointer is valid for the program's run.
+    let found = tg_mss_option(ctx.skb.skb, (offset + TCP_HLEN) as u32, end as u32);
+    match (found >> 32) as u8 {
+        FOUND => {
+            let (at, old) = ((found >> 16) as u16, found as u16);
+            if u16::from_be(old) <= limit {
+                return Clamp::Untouched;
+            }
+            Clamp::Lower(Rewrite::Mss {
+                at: usize::from(at),
+                check: offset + TCP_CHECK,
+                old,
+                new: limit.to_be(),
+            })
+        }
+        BAD => Clamp::BadOptions(Counter::MssBadOptions),
+        _ => Clamp::Untouched,
+    }
+}
+
+/// Outcomes of [`tg_mss_option`] (bits 32..40 of its result).
+const NONE: u8 = 0;
+const FOUND: u8 = 1;
+const BAD: u8 = 2;
+
+/// Walks the TCP options in `[start, end)` for the first MSS option: `FOUND << 32 | at << 16 |
+/// value` (`at`: the value's offset, `value` as read, network order), `NONE << 32` when
+/// there is none, `BAD << 32` when the options cannot be walked safely.
+///
+/// A global function (kept global by bpf-linker's `--export`, see `userspace/build.rs`):
+/// the verifier checks its loop once, on its own, instead of once for every path of the
+/// program that leads here.
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_mss_option(skb: *mut __sk_buff, start: u32, end: u32) -> u64 {
+    let ctx = TcContext::new(skb);
+    let bad = u64::from(BAD) << 32;
+    let (mut at, end) = (start as usize, end as usize);
     for _ in 0..MAX_OPTIONS {
         if at >= end {
             // Options end at the header end: no MSS option.
-            return Clamp::Untouched;
+            return u64::from(NONE) << 32;
         }
-        let Ok(kind) = ctx.load::<u8>(at) else { return Clamp::BadOptions(Counter::MssBadOptions) };
+        let Ok(kind) = ctx.load::<u8>(at) else { return bad };
         if kind == TCPOPT_EOL {
-            return Clamp::Untouched;
+            return u64::from(NONE) << 32;
         }
         let len = if kind == TCPOPT_NOP {
             1
         } else {
             if at + 2 > end {
-                return Clamp::BadOptions(Counter::MssBadOptions);
+                return bad;
             }
-            let Ok(len) = ctx.load::<u8>(at + 1) else { return Clamp::BadOptions(Counter::MssBadOptions) };
+            let Ok(len) = ctx.load::<u8>(at + 1) else { return bad };
             let len = usize::from(len);
             if len < 2 || at + len > end {
-                return Clamp::BadOptions(Counter::MssBadOptions);
+                return bad;
             }
             len
         };
         if kind == TCPOPT_MSS && len == TCPOLEN_MSS {
-            let Ok(old) = ctx.load::<u16>(at + 2) else { return Clamp::BadOptions(Counter::MssBadOptions) };
-            if u16::from_be(old) <= limit {
-                return Clamp::Untouched;
-            }
-            return Clamp::Lower(Rewrite::Mss {
-                at: at + 2,
-                check: offset + TCP_CHECK,
-                old,
-                new: limit.to_be(),
-            });
+            let Ok(value) = ctx.load::<u16>(at + 2) else { return bad };
+            return (u64::from(FOUND) << 32) | (((at + 2) as u64 & 0xffff) << 16) | u64::from(value);
         }
         at += len;
     }
     // More options than walked: leave it (an MSS option, if any, came later than any stack
     // puts it).
-    Clamp::BadOptions(Counter::MssBadOptions)
+    bad
 }

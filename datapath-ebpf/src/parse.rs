@@ -250,16 +250,21 @@ fn be16(addr: usize) -> u16 {
 /// pulled in once and parsed again.
 #[inline(always)]
 pub fn skb(ctx: &aya_ebpf::programs::TcContext, l3: usize) -> Result<Packet, NoPacket> {
-    match ip(ctx.data(), ctx.data_end(), l3) {
-        Err(NoPacket::Malformed) if ctx.len() as usize > ctx.data_end() - ctx.data() => {
-            // Enough for the IPv6 header, extension headers and a TCP header with options.
-            let want = core::cmp::min(ctx.len(), (l3 + PULL_LEN) as u32);
-            if ctx.pull_data(want).is_err() {
-                return Err(NoPacket::Malformed);
-            }
-            ip(ctx.data(), ctx.data_end(), l3)
+    // One call site of the parse, in a loop of at most two rounds: two call sites made LLVM
+    // merge their results with registers the verifier sees as uninitialized.
+    let mut pulled = false;
+    loop {
+        let parsed = ip(ctx.data(), ctx.data_end(), l3);
+        let short = ctx.len() as usize > ctx.data_end() - ctx.data();
+        if pulled || !short || !matches!(parsed, Err(NoPacket::Malformed)) {
+            return parsed;
         }
-        parsed => parsed,
+        // Enough for the IPv6 header, extension headers and a TCP header with options.
+        let want = core::cmp::min(ctx.len(), (l3 + PULL_LEN) as u32);
+        if ctx.pull_data(want).is_err() {
+            return Err(NoPacket::Malformed);
+        }
+        pulled = true;
     }
 }
 

@@ -275,3 +275,102 @@ fn a_hundred_thousand_prefixes_all_have_counters() {
     let dp = testrun::datapath(&many_exemptions(0, 100_000)).unwrap();
     assert_every_rule_counted(&dp, 100_000);
 }
+
+mod longest_prefix {
+    //! The kernel's lookup (range check, one probe per prefix length, fallback) against
+    //! `policy::resolve` on random policies, in both directions, through the real map sync.
+    //! Policies follow each other in one datapath, so every case is also a reload.
+
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+    use proptest::prelude::*;
+    use tailgate::{
+        backend::bpf::{Datapath, KernelLog, Params},
+        config::Config,
+        policy::{self, resolve, Rule, Verdict},
+    };
+
+    use super::*;
+
+    /// A prefix inside the filtered range of its family (what the config accepts), from a
+    /// small address space so that prefixes nest and overlap.
+    fn prefix() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            (any::<u32>(), 10u8..=32).prop_map(|(a, len)| {
+                let a = (a & 0x003f_0f0f) | 0x6440_0000;
+                IpNet::V4(Ipv4Net::new(Ipv4Addr::from(a), len).unwrap().trunc())
+            }),
+            (any::<u128>(), 48u8..=128).prop_map(|(a, len)| {
+                let a = (a & 0x0000_00ff_0000_0000_0000_00ff) | (0xfd7a_115c_a1e0u128 << 80);
+                IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), len).unwrap().trunc())
+            }),
+        ]
+    }
+
+    fn addresses(rules: &[Rule], random: &[u32]) -> Vec<IpAddr> {
+        let mut addrs: Vec<IpAddr> = Vec::new();
+        for r in rules {
+            addrs.extend([r.prefix.network(), r.prefix.broadcast()]);
+        }
+        for &a in random {
+            addrs.push(Ipv4Addr::from((a & 0x007f_0f0f) | 0x6400_0000).into());
+            let v6 = (u128::from(a & 0xff) << 64) | u128::from(a >> 24) | (0xfd7a_115c_a1e0u128 << 80);
+            addrs.push(Ipv6Addr::from(v6).into());
+        }
+        addrs.push("198.51.100.1".parse().unwrap());
+        addrs
+    }
+
+    fn frame(src: IpAddr) -> Vec<u8> {
+        match src {
+            IpAddr::V4(a) => eth_udp4(&a.to_string(), "192.0.2.1"),
+            IpAddr::V6(a) => eth_udp6(&a.to_string(), "2001:db8::1"),
+        }
+    }
+
+    fn expected(rules: &[Rule], src: IpAddr) -> bool {
+        resolve(rules, src).is_some_and(|r| r.verdict == Verdict::Drop)
+    }
+
+    #[test]
+    fn kernel_lookup_is_longest_prefix_match() {
+        // One datapath for every case (loading takes seconds); each case is a reload.
+        let dp = Datapath::load_with(None, KernelLog::Off, Params { tunnel_l3_offset: 14 }).unwrap();
+        let dp = std::cell::RefCell::new(dp);
+        let policy = (
+            prop::collection::vec((prefix(), any::<bool>()), 0..16),
+            prop::collection::vec(any::<u32>(), 12),
+        );
+        let mut runner =
+            proptest::test_runner::TestRunner::new(ProptestConfig { cases: 64, ..Default::default() });
+        let result = runner.run(&policy, |(prefixes, random)| {
+            let mut config = Config::parse("tunnel = \"tun0\"", &Default::default()).unwrap();
+            for (prefix, allow) in prefixes {
+                if config.cgnat.allow.contains(&prefix) || config.cgnat.drop.contains(&prefix) {
+                    continue;
+                }
+                if allow {
+                    config.cgnat.allow.push(prefix)
+                } else {
+                    config.cgnat.drop.push(prefix)
+                }
+            }
+            let state = policy::compile(&config, policy::System { uplinks: Vec::new(), tunnel_mtu: None });
+            let mut dp = dp.borrow_mut();
+            dp.sync(&state).unwrap();
+            for src in addresses(&state.cgnat.inbound, &random) {
+                let uplink = testrun::run_xdp(&mut dp, &frame(src)).unwrap();
+                let want = if expected(&state.cgnat.inbound, src) { XDP_DROP } else { XDP_PASS };
+                prop_assert_eq!(uplink, want, "uplink, source {}", src);
+                let forward = testrun::run_tunnel_egress(&mut dp, &frame(src), 7).unwrap();
+                let want = if expected(&state.cgnat.forward, src) { TC_ACT_SHOT } else { TC_ACT_OK };
+                prop_assert_eq!(forward, want, "forward, source {}", src);
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+    }
+}

@@ -1,5 +1,6 @@
-//! Map sync for CGNAT filtering: makes the LPM tries of a policy generation hold exactly
-//! the desired rules (see `generation` for how a change reaches the datapath at once).
+//! Map sync for CGNAT filtering: makes the prefix maps and lookup plans of a policy
+//! generation hold exactly the desired rules (see `generation` for how a change reaches the
+//! datapath at once, `cgnat_plan` for the plans).
 //!
 //! A rule (prefix + verdict) has one id, and so one hit counter, wherever it appears
 //! (inbound and forward, both generations), kept for as long as the rule stays in the
@@ -12,21 +13,22 @@ use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
     Ebpf,
 };
 use ipnet::IpNet;
 use tailgate_abi::{
     cgnat::{
-        PrefixRule, GENERATION_BITS, LEGACY_MAPS, MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6, TAG_LEN,
+        plan_index, Plan, PrefixRule, FORWARD, INBOUND, LEGACY_MAPS, MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4,
+        MAP_IN_V6, MAP_PLAN, TAG_LEN,
     },
     verdict, MAP_RULE_HITS, MAX_RULES,
 };
 
-use super::generation::GenerationWriter;
+use super::{cgnat_plan, generation::GenerationWriter};
 use crate::policy::{CgnatRules, Rule, Verdict};
 
-/// What a sync changed in the generation that became active, in trie entries.
+/// What a sync changed in the generation that became active, in map entries.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncReport {
     pub added: usize,
@@ -34,10 +36,10 @@ pub struct SyncReport {
     pub unchanged: usize,
 }
 
-/// A trie key in one shape for both families: (IPv6?, prefix length, address bytes).
+/// A prefix in one shape for both families: (IPv6?, prefix length, address bytes).
 pub type Prefix = (bool, u32, [u8; 16]);
 
-/// The four tries: (name, IPv6?, inbound?). Each holds both generations.
+/// The four prefix maps: (name, IPv6?, inbound?). Each holds both generations.
 const TRIES: [(&str, bool, bool); 4] = [
     (MAP_IN_V4, false, true),
     (MAP_IN_V6, true, true),
@@ -45,15 +47,15 @@ const TRIES: [(&str, bool, bool); 4] = [
     (MAP_FWD_V6, true, false),
 ];
 
-/// The map names.
+/// The map names: the prefix maps, then the plans.
 pub fn map_names() -> impl Iterator<Item = &'static str> {
-    TRIES.into_iter().map(|(name, _, _)| name)
+    TRIES.into_iter().map(|(name, _, _)| name).chain([MAP_PLAN])
 }
 
-/// Per trie (in `TRIES` order): prefix → rule.
+/// Per prefix map (in `TRIES` order): prefix → rule.
 pub type Tries = Vec<HashMap<Prefix, PrefixRule>>;
 
-/// The CGNAT tries of both generations. What each generation holds is read from the maps
+/// The CGNAT maps of both generations. What each generation holds is read from the maps
 /// once (they may come pinned from an earlier run) and then kept in step with every write,
 /// so a change costs what it changes, not a read of every entry.
 #[derive(Default)]
@@ -132,10 +134,35 @@ impl GenerationWriter for CgnatMaps {
                 apply::<8>(ebpf, name, generation, &writes, &stale)?;
             }
         }
+        // The plans last: they only say where to look.
+        let plans = plans(&self.desired);
+        let written = write_plans(ebpf, generation, &plans)?;
         self.held[generation as usize] = Some(self.desired.clone());
         self.report.get_or_insert(report);
-        Ok(report.added + report.removed)
+        Ok(report.added + report.removed + written)
     }
+}
+
+/// The plans of the inbound and forward directions of `tries`.
+pub fn plans(tries: &Tries) -> [Plan; 2] {
+    // TRIES order: in v4, in v6, fwd v4, fwd v6.
+    let plan = |v4, v6| Plan { v4: cgnat_plan::family(&tries[v4]), v6: cgnat_plan::family(&tries[v6]) };
+    [plan(0, 1), plan(2, 3)]
+}
+
+/// Writes the plans of one generation where they differ; returns how many it wrote.
+fn write_plans(ebpf: &mut Ebpf, generation: u32, plans: &[Plan; 2]) -> Result<usize> {
+    let map = ebpf.map_mut(MAP_PLAN).with_context(|| format!("map {MAP_PLAN} missing"))?;
+    let mut array: Array<&mut MapData, Plan> = Array::try_from(map)?;
+    let mut written = 0;
+    for (direction, plan) in [INBOUND, FORWARD].into_iter().zip(plans) {
+        let index = plan_index(direction, generation);
+        if array.get(&index, 0)? != *plan {
+            array.set(index, *plan, 0).with_context(|| format!("writing {MAP_PLAN}"))?;
+            written += 1;
+        }
+    }
+    Ok(written)
 }
 
 /// What the tries hold, per generation.
@@ -150,7 +177,8 @@ fn read_both(ebpf: &Ebpf) -> Result<[Tries; 2]> {
     Ok(both)
 }
 
-fn entries(rules: &[Rule], v6: bool) -> HashMap<Prefix, u32> {
+/// The rules of one family as prefix → verdict.
+pub fn entries(rules: &[Rule], v6: bool) -> HashMap<Prefix, u32> {
     rules
         .iter()
         .filter(|r| matches!(r.prefix, IpNet::V6(_)) == v6)
@@ -204,7 +232,7 @@ fn assign_ids(desired: &[HashMap<Prefix, u32>], current: &[&HashMap<Prefix, Pref
     Ids { of, fresh }
 }
 
-/// Writes generation `generation` of a trie (nobody reads it): deletes first.
+/// Writes generation `generation` of a prefix map (nobody reads it): deletes first.
 fn apply<const K: usize>(
     ebpf: &mut Ebpf,
     name: &str,
@@ -213,23 +241,28 @@ fn apply<const K: usize>(
     stale: &[Prefix],
 ) -> Result<()> {
     let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
-    let mut trie: LpmTrie<&mut MapData, [u8; K], PrefixRule> = LpmTrie::try_from(map)?;
-    let key = |(_, len, addr): &Prefix| {
-        let mut data = [0u8; K];
-        data[0] = generation as u8;
-        data[TAG_LEN..].copy_from_slice(&addr[..K - TAG_LEN]);
-        Key::new(GENERATION_BITS + len, data)
-    };
+    let mut hash: BpfHashMap<&mut MapData, [u8; K], PrefixRule> = BpfHashMap::try_from(map)?;
     for prefix in stale {
-        trie.remove(&key(prefix)).with_context(|| format!("removing from {name}"))?;
+        hash.remove(&key::<K>(generation, prefix)).with_context(|| format!("removing from {name}"))?;
     }
     for (prefix, rule) in writes {
-        trie.insert(&key(prefix), *rule, 0).with_context(|| format!("inserting into {name}"))?;
+        hash.insert(key::<K>(generation, prefix), *rule, 0)
+            .with_context(|| format!("inserting into {name}"))?;
     }
     Ok(())
 }
 
-/// The entries of a trie, per generation.
+/// The map key of `prefix` in `generation`: `[generation, length, 0, 0]`, then the
+/// address (already masked: policy prefixes are network addresses).
+fn key<const K: usize>(generation: u32, (_, len, addr): &Prefix) -> [u8; K] {
+    let mut data = [0u8; K];
+    data[0] = generation as u8;
+    data[1] = *len as u8;
+    data[TAG_LEN..].copy_from_slice(&addr[..K - TAG_LEN]);
+    data
+}
+
+/// The entries of a prefix map, per generation.
 fn read_trie(map: &Map, v6: bool) -> Result<[HashMap<Prefix, PrefixRule>; 2]> {
     if v6 {
         read_tagged::<20>(map, v6)
@@ -239,15 +272,13 @@ fn read_trie(map: &Map, v6: bool) -> Result<[HashMap<Prefix, PrefixRule>; 2]> {
 }
 
 fn read_tagged<const K: usize>(map: &Map, v6: bool) -> Result<[HashMap<Prefix, PrefixRule>; 2]> {
-    let trie: LpmTrie<&MapData, [u8; K], PrefixRule> = LpmTrie::try_from(map)?;
+    let hash: BpfHashMap<&MapData, [u8; K], PrefixRule> = BpfHashMap::try_from(map)?;
     let mut both = [HashMap::new(), HashMap::new()];
-    for item in trie.iter() {
-        let (key, rule) = item?;
-        let data = key.data();
+    for item in hash.iter() {
+        let (data, rule) = item?;
         let mut addr = [0u8; 16];
         addr[..K - TAG_LEN].copy_from_slice(&data[TAG_LEN..]);
-        let len = key.prefix_len().saturating_sub(GENERATION_BITS);
-        both[usize::from(data[0] & 1)].insert((v6, len, addr), rule);
+        both[usize::from(data[0] & 1)].insert((v6, u32::from(data[1]), addr), rule);
     }
     Ok(both)
 }

@@ -97,10 +97,19 @@ fn set_aside(
             let want =
                 object.maps.get(name).with_context(|| format!("map {name} missing from the object"))?;
             let have = MapInfo::from_pin(&pin).with_context(|| format!("reading {}", pin.display()))?;
-            let shape = |k: u32, v: u32, n: u32| format!("key {k} B, value {v} B, {n} entries");
+            let shape = |t: u32, f: u32, k: u32, v: u32, n: u32| {
+                format!("type {t}, flags {f:#x}, key {k} B, value {v} B, {n} entries")
+            };
+            let have_type = have.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
             let (want, have) = (
-                shape(want.key_size(), want.value_size(), want.max_entries()),
-                shape(have.key_size(), have.value_size(), have.max_entries()),
+                shape(
+                    want.map_type(),
+                    want.map_flags(),
+                    want.key_size(),
+                    want.value_size(),
+                    want.max_entries(),
+                ),
+                shape(have_type, have.map_flags(), have.key_size(), have.value_size(), have.max_entries()),
             );
             (want != have).then(|| format!("pinned with {have}, this version needs {want}"))
         };

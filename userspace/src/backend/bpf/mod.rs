@@ -4,6 +4,7 @@
 
 pub mod attachments;
 pub mod cgnat;
+pub mod cgnat_plan;
 pub mod generation;
 pub mod layout;
 pub mod links;
