@@ -206,6 +206,32 @@ impl Daemon {
         self.wait_ready_after(before)
     }
 
+    /// `reload`, timed from the signal to the daemon's `READY=1` (polled every 0.2 ms),
+    /// for the benchmark.
+    pub fn timed_reload(&self) -> Result<Duration> {
+        let before = self.readies();
+        let start = std::time::Instant::now();
+        self.signal(Signal::SIGHUP)?;
+        while self.readies() <= before {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the daemon did not report ready again; its log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(start.elapsed())
+    }
+
+    /// The daemon's resident memory now and at its peak (`VmRSS`, `VmHWM`), in KiB.
+    pub fn memory_kib(&self) -> Result<(u64, u64)> {
+        let pid = self.pid().context("not running")?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> Result<u64> {
+            let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name}"))?;
+            Ok(line.split_whitespace().nth(1).context("no value")?.parse()?)
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
     /// Waits up to 10 s for a `READY=1` beyond the first `count`.
     pub fn wait_ready_after(&self, count: usize) -> Result<()> {
         if !wait::until(Duration::from_secs(10), || self.readies() > count) {

@@ -247,13 +247,27 @@ impl Config {
 
     /// Every prefix the user listed: the field it came from, the prefix, and whether it is
     /// allowed (`true`) or dropped.
-    pub fn user_prefixes(&self) -> impl Iterator<Item = (String, IpNet, bool)> + '_ {
+    pub fn user_prefixes(&self) -> impl Iterator<Item = (Field, IpNet, bool)> + '_ {
         let allow = self.cgnat.allow.iter().enumerate();
         let drop = self.cgnat.drop.iter().enumerate();
         let (allow_name, drop_name) = (self.sources.allow, self.sources.drop);
         allow
-            .map(move |(i, p)| (format!("{allow_name}[{i}]"), *p, true))
-            .chain(drop.map(move |(i, p)| (format!("{drop_name}[{i}]"), *p, false)))
+            .map(move |(index, p)| (Field { list: allow_name, index }, *p, true))
+            .chain(drop.map(move |(index, p)| (Field { list: drop_name, index }, *p, false)))
+    }
+}
+
+/// An item of a config list, named as it was given: `cgnat.allow[2]` or
+/// `TAILGATE_CGNAT_ALLOW[2]`. (No string per item: policies have 100,000s of them.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Field {
+    pub list: &'static str,
+    pub index: usize,
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.list, self.index)
     }
 }
 
@@ -533,44 +547,36 @@ fn validate_interfaces(interfaces: &[String], tunnel: &str, source: &str) -> Res
 }
 
 fn parse_prefixes(field: &str, items: Vec<String>) -> Result<Vec<IpNet>, ConfigError> {
-    items.iter().enumerate().map(|(i, s)| parse_prefix(&format!("{field}[{i}]"), s)).collect()
+    // The field's name is only formatted for an error: lists have 100,000s of items.
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, s)| parse_prefix(s).map_err(|e| ConfigError::new(format!("{field}[{i}]"), e)))
+        .collect()
 }
 
 /// One filtered-range prefix: a CIDR (or a bare address, taken as /32 or /128) inside
 /// 100.64.0.0/10 or fd7a:115c:a1e0::/48, without host bits.
-fn parse_prefix(field: &str, s: &str) -> Result<IpNet, ConfigError> {
+fn parse_prefix(s: &str) -> Result<IpNet, String> {
     if has_leading_zero_octet(s) {
-        return Err(ConfigError::new(
-            field,
-            format!(
-                "{s:?} has an octet with a leading zero, which other tools read as octal; write it without"
-            ),
+        return Err(format!(
+            "{s:?} has an octet with a leading zero, which other tools read as octal; write it without"
         ));
     }
-    let net = match (IpNet::from_str(s), IpAddr::from_str(s)) {
-        (Ok(net), _) => net,
-        (_, Ok(addr)) => IpNet::from(addr),
-        _ => {
-            return Err(ConfigError::new(
-                field,
-                format!("{s:?} is not a valid prefix (expected e.g. 100.100.0.0/16)"),
-            ))
-        }
+    let net = match IpNet::from_str(s).or_else(|_| IpAddr::from_str(s).map(IpNet::from)) {
+        Ok(net) => net,
+        Err(_) => return Err(format!("{s:?} is not a valid prefix (expected e.g. 100.100.0.0/16)")),
     };
     if net.trunc() != net {
-        return Err(ConfigError::new(
-            field,
-            format!("{s} has host bits set (did you mean {}?)", net.trunc()),
-        ));
+        return Err(format!("{s} has host bits set (did you mean {}?)", net.trunc()));
     }
     let range = match net {
         IpNet::V4(_) => IpNet::V4(CGNAT_V4),
         IpNet::V6(_) => IpNet::V6(TAILNET_ULA_V6),
     };
     if !range.contains(&net) {
-        return Err(ConfigError::new(
-            field,
-            format!("{net} is outside the filtered range {range} of its family; only prefixes inside it can be allowed or dropped"),
+        return Err(format!(
+            "{net} is outside the filtered range {range} of its family; only prefixes inside it can be allowed or dropped"
         ));
     }
     Ok(net)
@@ -755,7 +761,7 @@ mod tests {
         // Rule origins name the variable too.
         let env = vars(&[("TAILGATE_CGNAT_ALLOW", "100.100.0.0/16")]);
         let c = Config::parse("", &env).unwrap();
-        assert_eq!(c.user_prefixes().next().unwrap().0, "TAILGATE_CGNAT_ALLOW[0]");
+        assert_eq!(c.user_prefixes().next().unwrap().0.to_string(), "TAILGATE_CGNAT_ALLOW[0]");
     }
 
     #[test]

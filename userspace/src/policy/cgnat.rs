@@ -5,7 +5,7 @@ use std::{fmt, net::IpAddr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::config::{CgnatConfig, CgnatMode};
+use crate::config::{CgnatConfig, CgnatMode, Field};
 
 /// Carrier-grade NAT space, where tailnet addresses live.
 pub const CGNAT_V4: Ipv4Net = ipv4net(100, 64, 0, 0, 10);
@@ -54,7 +54,7 @@ pub enum Origin {
     ChromeOs,
     TailnetUla,
     /// A config field, e.g. `cgnat.allow[0]`.
-    Config(String),
+    Config(Field),
 }
 
 impl fmt::Display for Origin {
@@ -63,7 +63,7 @@ impl fmt::Display for Origin {
             Origin::CgnatRange => f.write_str("builtin: CGNAT range"),
             Origin::ChromeOs => f.write_str("builtin: ChromeOS VMs"),
             Origin::TailnetUla => f.write_str("builtin: tailnet ULA"),
-            Origin::Config(field) => f.write_str(field),
+            Origin::Config(field) => field.fmt(f),
         }
     }
 }
@@ -84,7 +84,7 @@ impl fmt::Display for Verdict {
 /// the ULA, with the user's prefixes on top (a prefix the user declares as a real network is
 /// not a tailnet address either way); the ChromeOS carve-out is inbound only, as in the
 /// reference. A user prefix equal to a built-in one replaces it.
-pub fn compile(config: &CgnatConfig, user: impl Iterator<Item = (String, IpNet, bool)>) -> CgnatRules {
+pub fn compile(config: &CgnatConfig, user: impl Iterator<Item = (Field, IpNet, bool)>) -> CgnatRules {
     match config.mode {
         CgnatMode::Off => CgnatRules::default(),
         CgnatMode::Drop => {
@@ -99,9 +99,15 @@ pub fn compile(config: &CgnatConfig, user: impl Iterator<Item = (String, IpNet, 
                     rule(prefix, verdict, Origin::Config(field))
                 })
                 .collect();
-            let mut inbound: Vec<Rule> = ranges.to_vec();
-            inbound.push(chromeos);
-            CgnatRules { inbound: merge(inbound, &user), forward: merge(ranges.to_vec(), &user) }
+            let forward = merge(ranges.to_vec(), &user);
+            // Inbound is forward plus the ChromeOS carve-out, at its place in the order
+            // (one sort for both lists).
+            let mut inbound = forward.clone();
+            if !user.iter().any(|u| u.prefix == chromeos.prefix) {
+                let at = inbound.partition_point(|r| order(r) < order(&chromeos));
+                inbound.insert(at, chromeos);
+            }
+            CgnatRules { inbound, forward }
         }
     }
 }
@@ -119,15 +125,14 @@ fn merge(builtin: Vec<Rule>, user: &[Rule]) -> Vec<Rule> {
         .filter(|b| !user.iter().any(|u| u.prefix == b.prefix))
         .chain(user.iter().cloned())
         .collect();
-    rules.sort_by(|a, b| {
-        let family = |n: &IpNet| matches!(n, IpNet::V6(_));
-        (family(&a.prefix), b.prefix.prefix_len(), a.prefix.network()).cmp(&(
-            family(&b.prefix),
-            a.prefix.prefix_len(),
-            b.prefix.network(),
-        ))
-    });
+    rules.sort_by_key(order);
     rules
+}
+
+/// The sort key of a rule list: family, longest prefix first, then address. (Prefixes are
+/// network addresses: validated so.)
+fn order(rule: &Rule) -> (bool, std::cmp::Reverse<u8>, IpAddr) {
+    (rule.prefix.addr().is_ipv6(), std::cmp::Reverse(rule.prefix.prefix_len()), rule.prefix.addr())
 }
 
 /// The rule that decides for `addr`: the longest matching prefix. This is the reference

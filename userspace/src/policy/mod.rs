@@ -12,6 +12,8 @@ pub use self::{
     mss::Mss,
     subnet_routes::SubnetRoutes,
 };
+use std::sync::Arc;
+
 use crate::config::Config;
 
 /// Everything the datapath must enforce, independent of how.
@@ -19,7 +21,9 @@ use crate::config::Config;
 pub struct DesiredState {
     pub tunnel: String,
     pub uplinks: Vec<String>,
-    pub cgnat: CgnatRules,
+    /// Shared: the daemon, the backend and the map sync hold the same rules (100,000 of
+    /// them are megabytes), and an unchanged policy compares equal by pointer.
+    pub cgnat: Arc<CgnatRules>,
     pub subnet_routes: SubnetRoutes,
     pub mss: Mss,
 }
@@ -38,7 +42,7 @@ pub fn compile(config: &Config, system: System) -> DesiredState {
     DesiredState {
         tunnel: config.tunnel.clone(),
         uplinks: system.uplinks,
-        cgnat: cgnat::compile(&config.cgnat, config.user_prefixes()),
+        cgnat: Arc::new(cgnat::compile(&config.cgnat, config.user_prefixes())),
         subnet_routes: subnet_routes::compile(&config.subnet_routes),
         mss: mss::compile(&config.mss, system.tunnel_mtu),
     }

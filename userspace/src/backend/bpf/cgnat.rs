@@ -9,7 +9,7 @@
 //! removes (both count into it until the switch). Ids live only in the maps, so they survive
 //! restarts with the pinned maps.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{collections::HashMap, sync::Arc};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -39,6 +39,9 @@ pub struct SyncReport {
 /// A prefix in one shape for both families: (IPv6?, prefix length, address bytes).
 pub type Prefix = (bool, u32, [u8; 16]);
 
+/// A table keyed by prefix.
+pub type PrefixMap<V> = HashMap<Prefix, V, rustc_hash::FxBuildHasher>;
+
 /// The four prefix maps: (name, IPv6?, inbound?). Each holds both generations.
 const TRIES: [(&str, bool, bool); 4] = [
     (MAP_IN_V4, false, true),
@@ -52,58 +55,127 @@ pub fn map_names() -> impl Iterator<Item = &'static str> {
     TRIES.into_iter().map(|(name, _, _)| name).chain([MAP_PLAN])
 }
 
-/// Per prefix map (in `TRIES` order): prefix → rule.
-pub type Tries = Vec<HashMap<Prefix, PrefixRule>>;
+/// Per prefix map (in `TRIES` order): prefix → rule. Shared (`Arc`) between the
+/// generations that hold the same content, so the daemon keeps one copy of the policy.
+pub type Tries = Arc<TrieSet>;
+pub type TrieSet = Vec<PrefixMap<PrefixRule>>;
 
 /// The CGNAT maps of both generations. What each generation holds is read from the maps
 /// once (they may come pinned from an earlier run) and then kept in step with every write,
-/// so a change costs what it changes, not a read of every entry.
-#[derive(Default)]
+/// so a change writes what it changes and reads no map.
 pub struct CgnatMaps {
     /// Per generation; `None` until read, and again after a write failed half-way.
     held: [Option<Tries>; 2],
     /// What the change being written wants, ids assigned.
     desired: Tries,
+    /// The plans of `desired`.
+    plans: [Plan; 2],
+    /// The change from a content both generations held when it was planned: what a write
+    /// over that content does (the usual case), without comparing every entry.
+    delta: Option<Delta>,
     /// The report of the first write of a change (the generation that becomes active).
     pub report: Option<SyncReport>,
 }
 
-impl CgnatMaps {
-    /// Prepares a change to `rules`: assigns ids (against what both generations hold) and
-    /// zeroes the counters of new ids. Write it with `generation::swap`.
-    pub fn plan(&mut self, ebpf: &mut Ebpf, rules: &CgnatRules) -> Result<()> {
-        let wanted: Vec<HashMap<Prefix, u32>> = TRIES
-            .iter()
-            .map(|&(_, v6, inbound)| entries(if inbound { &rules.inbound } else { &rules.forward }, v6))
-            .collect();
-        if self.held.iter().any(Option::is_none) {
-            self.held = read_both(ebpf)?.map(Some);
+/// Entries to write and prefixes to remove, per prefix map.
+type Changes = Vec<(Vec<(Prefix, PrefixRule)>, Vec<Prefix>)>;
+
+/// Writes and removals, per prefix map, that turn `from` into the desired content.
+struct Delta {
+    from: Tries,
+    changes: Changes,
+    unchanged: usize,
+}
+
+impl Default for CgnatMaps {
+    fn default() -> Self {
+        Self {
+            held: [None, None],
+            desired: Tries::default(),
+            plans: [Plan::EMPTY; 2],
+            delta: None,
+            report: None,
         }
-        let current: Vec<&HashMap<Prefix, PrefixRule>> = self.held.iter().flatten().flatten().collect();
-        let ids = assign_ids(&wanted, &current);
-        zero_counters(ebpf, ids.fresh.iter().copied())?;
-        self.desired = wanted
-            .into_iter()
-            .map(|trie| {
-                trie.into_iter()
-                    .map(|(prefix, verdict)| {
-                        (prefix, PrefixRule { verdict, rule_id: ids.of[&(prefix, verdict)] })
-                    })
-                    .collect()
-            })
-            .collect();
+    }
+}
+
+impl CgnatMaps {
+    /// Prepares a change to `rules`: assigns ids (a rule both generations hold keeps its
+    /// id; new rules take free ones) and zeroes the counters of new ids. Write it with
+    /// `generation::swap`.
+    pub fn plan(&mut self, ebpf: &mut Ebpf, rules: &CgnatRules) -> Result<()> {
+        if self.held.iter().any(Option::is_none) {
+            self.held = read_both(ebpf)?.map(|tries| Some(Arc::new(tries)));
+        }
+        // Both generations normally hold one shared content: look there once.
+        let base = match &self.held {
+            [Some(a), Some(b)] if Arc::ptr_eq(a, b) => Some(a.clone()),
+            _ => None,
+        };
+        let held: Vec<&TrieSet> = match &base {
+            Some(base) => vec![&**base],
+            None => self.held.iter().flatten().map(|t| &**t).collect(),
+        };
+        let mut ids = Ids::new(&held);
+        let mut desired = Vec::with_capacity(TRIES.len());
+        let mut changes = Vec::with_capacity(TRIES.len());
+        let mut unchanged = 0;
+        for (t, &(_, v6, inbound)) in TRIES.iter().enumerate() {
+            let list = if inbound { &rules.inbound } else { &rules.forward };
+            // The same family's trie of the other direction: a rule shares its id there.
+            let other = t ^ 2;
+            let mut trie = PrefixMap::with_capacity_and_hasher(list.len(), Default::default());
+            let mut writes = Vec::new();
+            let mut same = 0;
+            for (prefix, verdict) in entries(list, v6) {
+                let here =
+                    held.iter().find_map(|tries| tries[t].get(&prefix)).filter(|r| r.verdict == verdict);
+                let known = here.or_else(|| {
+                    held.iter().find_map(|tries| tries[other].get(&prefix)).filter(|r| r.verdict == verdict)
+                });
+                let rule = match known {
+                    Some(rule) if rule.rule_id < MAX_RULES => {
+                        PrefixRule { verdict, rule_id: ids.keep(rule.rule_id) }
+                    }
+                    _ => PrefixRule { verdict, rule_id: ids.fresh_for(prefix, verdict) },
+                };
+                if here == Some(&rule) {
+                    same += 1;
+                } else {
+                    writes.push((prefix, rule));
+                }
+                trie.insert(prefix, rule);
+            }
+            // Entries that go: only looked for when some of the old content was not kept.
+            let stale: Vec<Prefix> = match &base {
+                Some(base) if base[t].len() != same => {
+                    base[t].keys().filter(|p| !trie.contains_key(*p)).copied().collect()
+                }
+                _ => Vec::new(),
+            };
+            unchanged += same;
+            changes.push((writes, stale));
+            desired.push(trie);
+        }
+        let fresh = ids.into_fresh();
+        zero_counters(ebpf, fresh.into_iter())?;
+        self.desired = Arc::new(desired);
+        self.plans = plans(&self.desired);
+        self.delta = base.map(|from| Delta { from, changes, unchanged });
         self.report = None;
         Ok(())
     }
 
     /// What generation `generation` holds, if known.
-    pub fn held(&self, generation: u32) -> Option<&Tries> {
-        self.held[generation as usize & 1].as_ref()
+    pub fn held(&self, generation: u32) -> Option<Tries> {
+        self.held[generation as usize & 1].clone()
     }
 
     /// Prepares writing back a content read earlier with `held` (ids and all).
     pub fn restore(&mut self, content: Tries) {
+        self.plans = plans(&content);
         self.desired = content;
+        self.delta = None;
         self.report = None;
     }
 }
@@ -112,10 +184,56 @@ impl GenerationWriter for CgnatMaps {
     fn write(&mut self, ebpf: &mut Ebpf, generation: u32) -> Result<usize> {
         let held = match self.held[generation as usize].take() {
             Some(held) => held,
-            None => std::mem::take(&mut read_both(ebpf)?[generation as usize]),
+            None => Arc::new(std::mem::take(&mut read_both(ebpf)?[generation as usize])),
         };
         let mut report = SyncReport::default();
-        for ((&(name, v6, _), want), have) in TRIES.iter().zip(&self.desired).zip(&held) {
+        if Arc::ptr_eq(&held, &self.desired) {
+            // This generation already holds exactly this (the common second write).
+            report.unchanged = held.iter().map(|trie| trie.len()).sum();
+            self.held[generation as usize] = Some(held);
+            self.report.get_or_insert(report);
+            return Ok(0);
+        }
+        let computed;
+        let changes = match &self.delta {
+            Some(delta) if Arc::ptr_eq(&delta.from, &held) => {
+                report.unchanged = delta.unchanged;
+                &delta.changes
+            }
+            // Another content (a write failed before, or a restore): compare every entry.
+            _ => {
+                computed = diff(&self.desired, &held, &mut report);
+                &computed
+            }
+        };
+        for (&(name, v6, _), (writes, stale)) in TRIES.iter().zip(changes) {
+            report.added += writes.len();
+            report.removed += stale.len();
+            // On failure `held` stays unknown: the next change reads the maps again.
+            if v6 {
+                apply::<20>(ebpf, name, generation, writes, stale)?;
+            } else {
+                apply::<8>(ebpf, name, generation, writes, stale)?;
+            }
+        }
+        // The plans last: they only say where to look.
+        let written = write_plans(ebpf, generation, &self.plans)?;
+        self.held[generation as usize] = Some(self.desired.clone());
+        self.report.get_or_insert(report);
+        Ok(report.added + report.removed + written)
+    }
+}
+
+/// What turns `have` into `want`, per prefix map.
+#[allow(clippy::type_complexity)]
+fn diff(
+    want: &TrieSet,
+    have: &TrieSet,
+    report: &mut SyncReport,
+) -> Vec<(Vec<(Prefix, PrefixRule)>, Vec<Prefix>)> {
+    want.iter()
+        .zip(have)
+        .map(|(want, have)| {
             let stale: Vec<Prefix> = have.keys().filter(|p| !want.contains_key(*p)).copied().collect();
             let mut writes = Vec::new();
             for (prefix, rule) in want {
@@ -125,22 +243,9 @@ impl GenerationWriter for CgnatMaps {
                     writes.push((*prefix, *rule));
                 }
             }
-            report.added += writes.len();
-            report.removed += stale.len();
-            // On failure `held` stays unknown: the next change reads the maps again.
-            if v6 {
-                apply::<20>(ebpf, name, generation, &writes, &stale)?;
-            } else {
-                apply::<8>(ebpf, name, generation, &writes, &stale)?;
-            }
-        }
-        // The plans last: they only say where to look.
-        let plans = plans(&self.desired);
-        let written = write_plans(ebpf, generation, &plans)?;
-        self.held[generation as usize] = Some(self.desired.clone());
-        self.report.get_or_insert(report);
-        Ok(report.added + report.removed + written)
-    }
+            (writes, stale)
+        })
+        .collect()
 }
 
 /// The plans of the inbound and forward directions of `tries`.
@@ -166,8 +271,8 @@ fn write_plans(ebpf: &mut Ebpf, generation: u32, plans: &[Plan; 2]) -> Result<us
 }
 
 /// What the tries hold, per generation.
-fn read_both(ebpf: &Ebpf) -> Result<[Tries; 2]> {
-    let mut both = [Tries::new(), Tries::new()];
+fn read_both(ebpf: &Ebpf) -> Result<[TrieSet; 2]> {
+    let mut both = [TrieSet::new(), TrieSet::new()];
     for &(name, v6, _) in &TRIES {
         let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
         let [g0, g1] = read_trie(map, v6).with_context(|| format!("reading {name}"))?;
@@ -177,59 +282,87 @@ fn read_both(ebpf: &Ebpf) -> Result<[Tries; 2]> {
     Ok(both)
 }
 
-/// The rules of one family as prefix → verdict.
-pub fn entries(rules: &[Rule], v6: bool) -> HashMap<Prefix, u32> {
-    rules
-        .iter()
-        .filter(|r| matches!(r.prefix, IpNet::V6(_)) == v6)
-        .map(|r| {
-            let mut addr = [0u8; 16];
-            match r.prefix {
-                IpNet::V4(net) => addr[..4].copy_from_slice(&net.network().octets()),
-                IpNet::V6(net) => addr = net.network().octets(),
-            }
-            let verdict = if r.verdict == Verdict::Drop { verdict::DROP } else { verdict::PASS };
-            ((v6, u32::from(r.prefix.prefix_len()), addr), verdict)
-        })
-        .collect()
+/// The rules of one family as (prefix, verdict).
+pub fn entries(rules: &[Rule], v6: bool) -> impl Iterator<Item = (Prefix, u32)> + '_ {
+    rules.iter().filter(move |r| matches!(r.prefix, IpNet::V6(_)) == v6).map(move |r| {
+        let mut addr = [0u8; 16];
+        match r.prefix {
+            IpNet::V4(net) => addr[..4].copy_from_slice(&net.network().octets()),
+            IpNet::V6(net) => addr = net.network().octets(),
+        }
+        let verdict = if r.verdict == Verdict::Drop { verdict::DROP } else { verdict::PASS };
+        ((v6, u32::from(r.prefix.prefix_len()), addr), verdict)
+    })
 }
 
-/// The id of every desired rule, and which of them are new (counters to zero).
+/// Rule ids of a change: which are in use (by either generation), which the new policy
+/// keeps, and which it takes anew.
 struct Ids {
-    of: HashMap<(Prefix, u32), u32>,
-    fresh: Vec<u32>,
+    in_use: Vec<bool>,
+    kept: Vec<bool>,
+    /// New (prefix, verdict) rules and their ids: a rule new to both directions gets one.
+    fresh: HashMap<(Prefix, u32), u32>,
+    /// Where the search for a free id goes on.
+    next_free: u32,
+    /// Where the search for an id of a leaving rule goes on (none free).
+    next_leaving: u32,
 }
 
-fn assign_ids(desired: &[HashMap<Prefix, u32>], current: &[&HashMap<Prefix, PrefixRule>]) -> Ids {
-    let wanted: BTreeSet<(Prefix, u32)> =
-        desired.iter().flat_map(|t| t.iter().map(|(p, v)| (*p, *v))).collect();
-    let mut of: HashMap<(Prefix, u32), u32> = HashMap::new();
-    let mut in_use = BTreeSet::new();
-    for trie in current {
-        for (prefix, rule) in trie.iter() {
-            in_use.insert(rule.rule_id);
-            let rule_key = (*prefix, rule.verdict);
-            if wanted.contains(&rule_key) && rule.rule_id < MAX_RULES {
-                of.entry(rule_key).or_insert(rule.rule_id);
+impl Ids {
+    fn new(held: &[&TrieSet]) -> Self {
+        let mut in_use = vec![false; MAX_RULES as usize];
+        for rule in held.iter().flat_map(|tries| tries.iter().flat_map(|trie| trie.values())) {
+            if rule.rule_id < MAX_RULES {
+                in_use[rule.rule_id as usize] = true;
             }
         }
-    }
-    let kept: BTreeSet<u32> = of.values().copied().collect();
-    // Ids nobody uses first, then ids of rules this sync removes.
-    let mut unused = (0..MAX_RULES).filter(|id| !in_use.contains(id));
-    let mut leaving = in_use.iter().copied().filter(|id| *id < MAX_RULES && !kept.contains(id));
-    let mut fresh = Vec::new();
-    for rule_key in wanted {
-        if let std::collections::hash_map::Entry::Vacant(slot) = of.entry(rule_key) {
-            // Past MAX_RULES a rule still works; it is just not counted.
-            let id = unused.next().or_else(|| leaving.next()).unwrap_or(MAX_RULES);
-            slot.insert(id);
-            if id < MAX_RULES {
-                fresh.push(id);
-            }
+        Self {
+            in_use,
+            kept: vec![false; MAX_RULES as usize],
+            fresh: HashMap::new(),
+            next_free: 0,
+            next_leaving: 0,
         }
     }
-    Ids { of, fresh }
+
+    fn keep(&mut self, id: u32) -> u32 {
+        self.kept[id as usize] = true;
+        id
+    }
+
+    /// The id of a rule no generation holds: the lowest nobody uses, else one of a rule
+    /// this change removes (both count into it until the switch); past `MAX_RULES` the rule
+    /// still works, uncounted.
+    fn fresh_for(&mut self, prefix: Prefix, verdict: u32) -> u32 {
+        if let Some(&id) = self.fresh.get(&(prefix, verdict)) {
+            return id;
+        }
+        let id = self
+            .take(|ids, id| !ids.in_use[id] && !ids.kept[id], true)
+            .or_else(|| self.take(|ids, id| !ids.kept[id], false))
+            .unwrap_or(MAX_RULES);
+        if id < MAX_RULES {
+            self.kept[id as usize] = true;
+        }
+        self.fresh.insert((prefix, verdict), id);
+        id
+    }
+
+    fn take(&mut self, free: impl Fn(&Self, usize) -> bool, unused: bool) -> Option<u32> {
+        let start = if unused { self.next_free } else { self.next_leaving };
+        let id = (start..MAX_RULES).find(|&id| free(self, id as usize))?;
+        if unused {
+            self.next_free = id + 1;
+        } else {
+            self.next_leaving = id + 1;
+        }
+        Some(id)
+    }
+
+    /// The ids taken anew (counters to zero).
+    fn into_fresh(self) -> Vec<u32> {
+        self.fresh.into_values().filter(|&id| id < MAX_RULES).collect()
+    }
 }
 
 /// Writes generation `generation` of a prefix map (nobody reads it): deletes first.
@@ -263,7 +396,7 @@ fn key<const K: usize>(generation: u32, (_, len, addr): &Prefix) -> [u8; K] {
 }
 
 /// The entries of a prefix map, per generation.
-fn read_trie(map: &Map, v6: bool) -> Result<[HashMap<Prefix, PrefixRule>; 2]> {
+fn read_trie(map: &Map, v6: bool) -> Result<[PrefixMap<PrefixRule>; 2]> {
     if v6 {
         read_tagged::<20>(map, v6)
     } else {
@@ -271,9 +404,9 @@ fn read_trie(map: &Map, v6: bool) -> Result<[HashMap<Prefix, PrefixRule>; 2]> {
     }
 }
 
-fn read_tagged<const K: usize>(map: &Map, v6: bool) -> Result<[HashMap<Prefix, PrefixRule>; 2]> {
+fn read_tagged<const K: usize>(map: &Map, v6: bool) -> Result<[PrefixMap<PrefixRule>; 2]> {
     let hash: BpfHashMap<&MapData, [u8; K], PrefixRule> = BpfHashMap::try_from(map)?;
-    let mut both = [HashMap::new(), HashMap::new()];
+    let mut both = [PrefixMap::default(), PrefixMap::default()];
     for item in hash.iter() {
         let (data, rule) = item?;
         let mut addr = [0u8; 16];
@@ -294,7 +427,7 @@ pub fn legacy_rules(map: &Map, v6: bool) -> Result<Vec<(IpNet, PrefixRule)>> {
     as_nets(read_untagged(map, v6)?)
 }
 
-fn as_nets(entries: HashMap<Prefix, PrefixRule>) -> Result<Vec<(IpNet, PrefixRule)>> {
+fn as_nets(entries: PrefixMap<PrefixRule>) -> Result<Vec<(IpNet, PrefixRule)>> {
     entries
         .into_iter()
         .map(|((v6, len, addr), rule)| {
@@ -308,7 +441,7 @@ fn as_nets(entries: HashMap<Prefix, PrefixRule>) -> Result<Vec<(IpNet, PrefixRul
         .collect()
 }
 
-fn read_untagged(map: &Map, v6: bool) -> Result<HashMap<Prefix, PrefixRule>> {
+fn read_untagged(map: &Map, v6: bool) -> Result<PrefixMap<PrefixRule>> {
     if v6 {
         untagged::<16>(map, v6)
     } else {
@@ -316,9 +449,9 @@ fn read_untagged(map: &Map, v6: bool) -> Result<HashMap<Prefix, PrefixRule>> {
     }
 }
 
-fn untagged<const N: usize>(map: &Map, v6: bool) -> Result<HashMap<Prefix, PrefixRule>> {
+fn untagged<const N: usize>(map: &Map, v6: bool) -> Result<PrefixMap<PrefixRule>> {
     let trie: LpmTrie<&MapData, [u8; N], PrefixRule> = LpmTrie::try_from(map)?;
-    let mut entries = HashMap::new();
+    let mut entries = PrefixMap::default();
     for item in trie.iter() {
         let (key, rule) = item?;
         let mut addr = [0u8; 16];
@@ -335,7 +468,7 @@ pub fn legacy_policy(pins: &super::Pins) -> Result<Option<Tries>> {
         return Ok(None);
     }
     // LEGACY_MAPS is in TRIES order.
-    let mut tries = Tries::new();
+    let mut tries = TrieSet::new();
     for (&(_, v6, _), name) in TRIES.iter().zip(LEGACY_MAPS) {
         let path = pins.map(name);
         let map = Map::from_map_data(
@@ -343,7 +476,7 @@ pub fn legacy_policy(pins: &super::Pins) -> Result<Option<Tries>> {
         )?;
         tries.push(read_untagged(&map, v6)?);
     }
-    Ok(Some(tries))
+    Ok(Some(Arc::new(tries)))
 }
 
 /// The entries of the active generation of trie `name`, for tests: (prefix length, address).

@@ -3,14 +3,14 @@
 //! range itself, and the longer prefix lengths to probe, longest first. Pure code; `model`
 //! is the kernel's lookup over it, for tests against `policy::resolve`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use tailgate_abi::cgnat::{FamilyPlan, PrefixRule};
 
-use super::cgnat::Prefix;
+use super::cgnat::PrefixMap;
 
 /// The plan of one family's entries (all of the same family: `A` address bytes).
-pub fn family<const A: usize, const L: usize>(entries: &HashMap<Prefix, PrefixRule>) -> FamilyPlan<A, L> {
+pub fn family<const A: usize, const L: usize>(entries: &PrefixMap<PrefixRule>) -> FamilyPlan<A, L> {
     let width = A as u32 * 8;
     let mut prefixes = entries.keys().map(|&(_, len, addr)| (len, bits::<A>(&addr)));
     let Some((first_len, first)) = prefixes.next() else { return FamilyPlan::EMPTY };
@@ -38,7 +38,7 @@ pub fn family<const A: usize, const L: usize>(entries: &HashMap<Prefix, PrefixRu
 /// as `lookup4`/`lookup6` in the eBPF crate.
 pub fn model<const A: usize, const L: usize>(
     plan: &FamilyPlan<A, L>,
-    entries: &HashMap<Prefix, PrefixRule>,
+    entries: &PrefixMap<PrefixRule>,
     addr: &[u8; A],
 ) -> Option<PrefixRule> {
     let a = bits::<A>(&padded(addr));
@@ -82,7 +82,10 @@ fn mask(len: u32) -> u128 {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::{
+        collections::HashMap,
+        net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    };
 
     use ipnet::{IpNet, Ipv4Net, Ipv6Net};
     use proptest::prelude::*;
@@ -94,14 +97,14 @@ mod tests {
     use super::*;
     use crate::{
         backend::bpf::cgnat::entries,
+        config::Field,
         policy::{resolve, Origin, Rule, Verdict},
     };
 
     /// The map contents of `rules` (rule ids: the rule's index).
-    fn map(rules: &[Rule], v6: bool) -> HashMap<Prefix, PrefixRule> {
+    fn map(rules: &[Rule], v6: bool) -> PrefixMap<PrefixRule> {
         let ids: HashMap<IpNet, u32> = rules.iter().enumerate().map(|(i, r)| (r.prefix, i as u32)).collect();
         entries(rules, v6)
-            .into_iter()
             .map(|(prefix @ (_, len, addr), verdict)| {
                 let net = if v6 {
                     IpNet::V6(Ipv6Net::new(Ipv6Addr::from(addr), len as u8).unwrap())
@@ -133,7 +136,11 @@ mod tests {
     }
 
     fn rule(prefix: &str, verdict: Verdict) -> Rule {
-        Rule { prefix: prefix.parse().unwrap(), verdict, origin: Origin::Config("test".into()) }
+        Rule {
+            prefix: prefix.parse().unwrap(),
+            verdict,
+            origin: Origin::Config(Field { list: "test", index: 0 }),
+        }
     }
 
     #[test]
@@ -152,7 +159,7 @@ mod tests {
         let plan6: Plan6 = family(&m6);
         assert_eq!(plan6.count, 0, "only the /48: the range check and its rule decide");
         assert_eq!(plan6.fallback.verdict, verdict::DROP);
-        let empty: Plan4 = family(&HashMap::new());
+        let empty: Plan4 = family(&PrefixMap::default());
         assert_eq!(empty.active, 0);
     }
 
@@ -179,7 +186,7 @@ mod tests {
                 Rule {
                     prefix: IpNet::V4(net),
                     verdict: if pass { Verdict::Pass } else { Verdict::Drop },
-                    origin: Origin::Config("p".into()),
+                    origin: Origin::Config(Field { list: "p", index: 0 }),
                 }
             },
         )
@@ -192,7 +199,7 @@ mod tests {
             Rule {
                 prefix: IpNet::V6(net),
                 verdict: if pass { Verdict::Pass } else { Verdict::Drop },
-                origin: Origin::Config("p".into()),
+                origin: Origin::Config(Field { list: "p", index: 0 }),
             }
         })
     }

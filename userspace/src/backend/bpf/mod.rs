@@ -14,7 +14,7 @@ pub mod settings;
 pub mod subnet_routes;
 mod sys;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::{Ebpf, EbpfLoader};
@@ -106,7 +106,7 @@ pub struct Datapath {
     cgnat: CgnatMaps,
     settings: SettingsMap,
     /// The policy the maps hold, once this process wrote it.
-    applied: Option<(CgnatRules, Settings)>,
+    applied: Option<(Arc<CgnatRules>, Settings)>,
     /// What the last policy change did (for logs and the benchmark).
     pub last_swap: Option<generation::Swap>,
     /// The policy in force before this process's first change (to roll back to).
@@ -191,7 +191,7 @@ impl Datapath {
             // to go back to (a roll-back leaves the new policy rather than none).
             let rebuilt = cgnat::map_names().any(|name| self.stash.holds(name));
             if !rebuilt {
-                self.previous = self.previous.take().or_else(|| self.cgnat.held(active).cloned());
+                self.previous = self.previous.take().or_else(|| self.cgnat.held(active));
             }
             self.previous_settings = Some(SettingsMap::read(&self.ebpf, active)?);
         }
@@ -391,6 +391,9 @@ impl Backend for BpfBackend {
 
     fn commit(&mut self, state: &DesiredState) -> Result<()> {
         self.started = None;
+        // No roll-back after this: the policy of before need not be kept (a copy of the
+        // whole policy once a reload changed it).
+        self.datapath.previous = None;
         std::mem::take(&mut self.datapath.stash).discard();
         // Maps set aside by a start that was killed before its commit.
         self.pins.remove_stale(&pinned_maps())?;
