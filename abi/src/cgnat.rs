@@ -13,7 +13,10 @@
 //! 3. no hit: the rule of the range itself, if the policy has one (the built-in drop).
 //!
 //! So a lookup costs one hash probe per distinct prefix length (a policy has few), whatever
-//! the number of prefixes. Semantics are exactly longest-prefix-wins.
+//! the number of prefixes. A policy with at most [`MAX_INLINE`] prefixes inside the range
+//! (the default policy has one: the ChromeOS carve-out) carries them in the plan itself,
+//! compared with masks in order: no hash probe at all. Semantics are exactly
+//! longest-prefix-wins.
 //!
 //! Both policy generations (see [`crate::generation`]) live in the same maps: hash keys
 //! start with `[generation, prefix length, 0, 0]`, and the plans are indexed by
@@ -80,6 +83,18 @@ impl PrefixRule {
     pub const NONE: PrefixRule = PrefixRule { verdict: crate::verdict::NONE, rule_id: u32::MAX };
 }
 
+/// Prefixes a plan carries itself instead of probing the hash map.
+pub const MAX_INLINE: usize = 4;
+
+/// A prefix carried in the plan: `s & mask == net` matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inline<const A: usize> {
+    pub net: [u8; A],
+    pub mask: [u8; A],
+    pub rule: PrefixRule,
+}
+
 /// How to look up one family's rules of one direction and generation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +109,10 @@ pub struct FamilyPlan<const A: usize, const L: usize> {
     pub count: u32,
     /// The rule of the range itself, or [`PrefixRule::NONE`].
     pub fallback: PrefixRule,
+    /// How many entries of `inline` are used; when not 0 they are all the prefixes longer
+    /// than the range (longest first) and `lengths` is not probed.
+    pub inline_count: u32,
+    pub inline: [Inline<A>; MAX_INLINE],
     /// Prefix lengths present in the policy that are longer than the range, longest first.
     pub lengths: [u8; L],
 }
@@ -114,8 +133,16 @@ pub struct Plan {
 
 impl<const A: usize, const L: usize> FamilyPlan<A, L> {
     /// A family without rules.
-    pub const EMPTY: Self =
-        Self { net: [0; A], mask: [0; A], active: 0, count: 0, fallback: PrefixRule::NONE, lengths: [0; L] };
+    pub const EMPTY: Self = Self {
+        net: [0; A],
+        mask: [0; A],
+        active: 0,
+        count: 0,
+        fallback: PrefixRule::NONE,
+        inline_count: 0,
+        inline: [Inline { net: [0; A], mask: [0; A], rule: PrefixRule::NONE }; MAX_INLINE],
+        lengths: [0; L],
+    };
 }
 
 impl Plan {

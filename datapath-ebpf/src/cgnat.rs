@@ -127,6 +127,9 @@ fn family4(direction: u32, map: &V4Rules, raw: u32, generation: u32) -> u64 {
     if plan.active == 0 || raw & u32::from_ne_bytes(plan.mask) != u32::from_ne_bytes(plan.net) {
         return pack(PrefixRule::NONE);
     }
+    if plan.inline_count > 0 {
+        return pack(inline4(plan, raw));
+    }
     pack(probe4(plan, map, generation as u8, u32::from_be(raw)))
 }
 
@@ -139,7 +142,41 @@ fn family6(direction: u32, map: &V6Rules, hi: u64, lo: u64, generation: u32) -> 
     if plan.active == 0 || hi & mask_hi != net_hi || lo & mask_lo != net_lo {
         return pack(PrefixRule::NONE);
     }
+    if plan.inline_count > 0 {
+        return pack(inline6(plan, hi, lo));
+    }
     pack(probe6(plan, map, generation as u8, u64::from_be(hi), u64::from_be(lo)))
+}
+
+/// The prefixes the plan carries, longest first: compares, no lookup.
+#[inline(always)]
+fn inline4(plan: &Plan4, raw: u32) -> PrefixRule {
+    let count = plan.inline_count as usize;
+    let mut i = 0;
+    while i < plan.inline.len() && i < count {
+        let entry = &plan.inline[i];
+        if raw & u32::from_ne_bytes(entry.mask) == u32::from_ne_bytes(entry.net) {
+            return entry.rule;
+        }
+        i += 1;
+    }
+    plan.fallback
+}
+
+#[inline(always)]
+fn inline6(plan: &Plan6, hi: u64, lo: u64) -> PrefixRule {
+    let count = plan.inline_count as usize;
+    let mut i = 0;
+    while i < plan.inline.len() && i < count {
+        let entry = &plan.inline[i];
+        let (net_hi, net_lo) = halves(&entry.net);
+        let (mask_hi, mask_lo) = halves(&entry.mask);
+        if hi & mask_hi == net_hi && lo & mask_lo == net_lo {
+            return entry.rule;
+        }
+        i += 1;
+    }
+    plan.fallback
 }
 
 #[inline(always)]

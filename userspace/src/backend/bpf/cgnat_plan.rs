@@ -5,9 +5,9 @@
 
 use std::collections::BTreeSet;
 
-use tailgate_abi::cgnat::{FamilyPlan, PrefixRule};
+use tailgate_abi::cgnat::{FamilyPlan, Inline, PrefixRule, MAX_INLINE};
 
-use super::cgnat::PrefixMap;
+use super::cgnat::{Prefix, PrefixMap};
 
 /// The plan of one family's entries (all of the same family: `A` address bytes).
 pub fn family<const A: usize, const L: usize>(entries: &PrefixMap<PrefixRule>) -> FamilyPlan<A, L> {
@@ -31,6 +31,17 @@ pub fn family<const A: usize, const L: usize>(entries: &PrefixMap<PrefixRule>) -
         *slot = *len as u8;
     }
     plan.count = longer.len().min(L) as u32;
+    // Few prefixes: carried in the plan, longest first (a later one can only be shorter or
+    // disjoint, so the first match is the longest).
+    let mut inner: Vec<(&Prefix, &PrefixRule)> =
+        entries.iter().filter(|((_, len, _), _)| *len > range).collect();
+    if inner.len() <= MAX_INLINE {
+        inner.sort_by_key(|((_, len, addr), _)| (std::cmp::Reverse(*len), *addr));
+        for (slot, ((_, len, addr), rule)) in plan.inline.iter_mut().zip(&inner) {
+            *slot = Inline { net: bytes::<A>(bits::<A>(addr)), mask: bytes::<A>(mask(*len)), rule: **rule };
+        }
+        plan.inline_count = inner.len() as u32;
+    }
     plan
 }
 
@@ -44,6 +55,12 @@ pub fn model<const A: usize, const L: usize>(
     let a = bits::<A>(&padded(addr));
     if plan.active == 0 || a & bits::<A>(&padded(&plan.mask)) != bits::<A>(&padded(&plan.net)) {
         return None;
+    }
+    if plan.inline_count > 0 {
+        let hit = plan.inline[..plan.inline_count as usize]
+            .iter()
+            .find(|i| a & bits::<A>(&padded(&i.mask)) == bits::<A>(&padded(&i.net)));
+        return hit.map(|i| i.rule).or((plan.fallback != PrefixRule::NONE).then_some(plan.fallback));
     }
     for &len in &plan.lengths[..plan.count as usize] {
         let key = (A == 16, u32::from(len), padded(&bytes::<A>(a & mask(u32::from(len)))));
