@@ -1,5 +1,6 @@
 //! Test support for tailgate: network namespaces with guards, veth and TUN devices, a
-//! daemon runner, packet builders and BPF_PROG_TEST_RUN helpers.
+//! daemon runner, packet builders, BPF_PROG_TEST_RUN helpers and a real-traffic cost rig
+//! for XDP programs (`traffic`).
 //!
 //! Safety rules: nothing here touches the root network namespace. Every namespace, pin
 //! directory and process is owned by a guard that removes it on drop, also when a test
@@ -13,6 +14,7 @@ pub mod relay;
 pub mod tailnet;
 pub mod testrun;
 pub mod topology;
+pub mod traffic;
 pub mod tun;
 pub mod wait;
 

@@ -1,0 +1,1016 @@
+//! Receive-side CPU cost of an XDP program under real traffic, next to a trivial XDP
+//! program (the floor) measured the same way.
+//!
+//! BPF_PROG_TEST_RUN repeats one cache-hot packet; here a flood from thousands of source
+//! addresses crosses a veth pair between two namespaces and the receiving veth runs the
+//! program in native (driver) mode. The veth polls its ring with NAPI once XDP is attached;
+//! with threaded NAPI that poll runs in a kthread of its own, so the CPU time the receive
+//! path costs is that kthread's runtime (`/proc/<pid>/task/<pid>/schedstat`), pinned to
+//! one CPU while the sender runs on the other.
+//!
+//! What one packet costs on the receiving side, floor and subject alike: the NAPI poll, the
+//! copy veth makes of every skb it hands to XDP (an AF_PACKET skb has far less than the
+//! 256 bytes of headroom XDP wants, so `veth_convert_skb_to_xdp_buff` copies it into a
+//! page-pool page), the program, and then either the free (XDP_DROP) or the IP layer's
+//! early discard of a frame addressed to another MAC (XDP_PASS: `PACKET_OTHERHOST`, counted
+//! in `rx_otherhost_dropped`). The difference subject − floor is what the program itself
+//! adds, with realistic cache and TLB pressure from the varied sources.
+//!
+//! Everything is owned by guards: the namespaces (and with them the veth pair), the pin
+//! directory under /sys/fs/bpf and the XDP attachments are removed on drop, also when a
+//! measurement fails. Sending is bounded by a duration and a packet cap.
+
+use std::{
+    cell::Cell,
+    fs,
+    io::{Error as IoError, ErrorKind},
+    mem::size_of,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, ensure, Context, Result};
+use etherparse::PacketBuilder;
+use nix::{
+    sched::{sched_getaffinity, sched_setaffinity, CpuSet},
+    unistd::Pid,
+};
+use tailgate::backend::bpf::{links, Datapath, Hook};
+use tailgate_abi::counters::Counter;
+
+use crate::{
+    netns::{self, Netns},
+    testrun, wait,
+};
+
+/// The CPU the sender thread runs on.
+pub const SENDER_CPU: usize = 0;
+/// The CPU the receiving veth's NAPI kthread runs on.
+pub const NAPI_CPU: usize = 1;
+
+/// The receiving veth's NAPI poll is paced by a timer of this period instead of being woken
+/// by the sender for every few frames (`gro_flush_timeout` with `napi_defer_hard_irqs`:
+/// after a poll that found work, the sender's wake-ups stay masked and an hrtimer on the
+/// NAPI CPU schedules the next poll). One sender core (~0.7 Mpps here) cannot keep up with
+/// the receiver, so without pacing the kthread empties the ring and sleeps every 10–40
+/// frames, and each wake-up (a cross-CPU IPI, costly in a VM) adds ~25 % to ns/packet —
+/// unevenly: a slower program finds more frames per wake-up, which hides part of its cost.
+/// Paced, every poll finds the 256-frame ring full (the sender waits on veth's
+/// backpressure meanwhile), as a loaded NIC's poll finds a full budget, and the wake-up
+/// cost spread over the frames is small and the same for both programs.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// Empty polls before the sender's wake-ups are unmasked again (they never happen while
+/// the flood lasts; afterwards the kthread goes back to sleep within this many intervals).
+const NAPI_DEFER_POLLS: u32 = 20;
+
+/// MAC of the receiving veth, set explicitly so the frames below never carry it.
+const RX_MAC: &str = "02:00:00:00:00:02";
+const TX_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// Destination MAC of every frame: not the receiver's, so a passed frame is classified
+/// `PACKET_OTHERHOST` and dropped at the top of `ip_rcv` (and counted there): the same
+/// short stack path for floor and subject, no routing, no socket lookup.
+const FRAME_DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+const FRAME_DST_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// UDP payload: 14 + 20 + 8 + 18 = a 60-byte frame, the Ethernet minimum without FCS.
+const PAYLOAD: &[u8] = b"tailgate traffic!!";
+/// Messages per `sendmmsg` call: one syscall entry for many frames, so the sender keeps
+/// ahead of the receiver.
+const SEND_BATCH: usize = 64;
+
+/// What an XDP program is expected to do with every packet of a flood.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+}
+
+impl Verdict {
+    /// The XDP action (`enum xdp_action`).
+    pub const fn action(self) -> u32 {
+        match self {
+            Verdict::Pass => testrun::XDP_PASS,
+            Verdict::Drop => testrun::XDP_DROP,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Pass => "XDP_PASS",
+            Verdict::Drop => "XDP_DROP",
+        }
+    }
+}
+
+/// One measurement: a flood of a fixed duration and what the receiving side spent on it.
+#[derive(Clone, Copy, Debug)]
+pub struct Measurement {
+    /// Frames the sender handed to its veth.
+    pub sent: u64,
+    /// Send calls refused because the veth's ring was full (the sender retries them).
+    pub refused: u64,
+    /// Frames the receiving veth took off its ring and ran through XDP (`rx_packets`):
+    /// ring drops never reach the receiver and are not counted.
+    pub processed: u64,
+    /// Of those, frames that reached the IP layer (XDP_PASS): `rx_otherhost_dropped`.
+    pub reached_ip: u64,
+    /// CPU time of the NAPI kthread(s), in ns.
+    pub napi_ns: u64,
+    /// `napi_ns / processed`.
+    pub ns_per_packet: f64,
+    /// Share of the sending window the NAPI kthread was on the CPU.
+    pub busy: f64,
+    /// Times the NAPI kthread went to sleep with its ring empty (voluntary context
+    /// switches): each costs a wake-up, spread over the packets of the next poll. Few
+    /// sleeps per packet means the receiver was kept saturated.
+    pub sleeps: u64,
+    /// Share of the window `NAPI_CPU` spent on other tasks or stolen by the hypervisor
+    /// (another workload competes for the receiver's CPU and its caches; the kthread's own
+    /// runtime stays exact — steal time is not charged to it — its cache warmth does not).
+    pub other_load: f64,
+}
+
+/// Two namespaces joined by a veth pair: frames sent from `tx` arrive on `rx`'s veth, which
+/// gets the XDP program under test. Dropping the rig removes both namespaces (and the veth
+/// pair with them) and the pin directory.
+pub struct Rig {
+    // Field order is drop order: pins first (a pinned link holds the device), then the
+    // namespaces.
+    pins: PinDir,
+    tx: Netns,
+    rx: Netns,
+    tx_dev: String,
+    rx_dev: String,
+    rx_ifindex: u32,
+    /// An rtnetlink socket inside `rx`, for the receiving veth's counters and XDP mode.
+    rx_nl: OwnedFd,
+    /// What is left of the time `compare` may spend waiting for other load to go away.
+    quiet_budget: Cell<Duration>,
+}
+
+impl Rig {
+    /// Creates the namespaces and the veth pair (no IPv6, no addresses: nothing but the
+    /// flood crosses it) and the pin directory. Needs CPUs `SENDER_CPU` and `NAPI_CPU`.
+    pub fn new() -> Result<Self> {
+        let allowed = sched_getaffinity(Pid::from_raw(0))?;
+        for cpu in [SENDER_CPU, NAPI_CPU] {
+            ensure!(allowed.is_set(cpu)?, "the traffic rig needs CPU {cpu}, which this process may not use");
+        }
+        let pins = PinDir::new()?;
+        let tx = Netns::new("tgtx")?;
+        let rx = Netns::new("tgrx")?;
+        for ns in [&tx, &rx] {
+            // No router solicitations, DAD or MLD reports crossing the pair while measuring.
+            ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+            ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+        }
+        // The NAPI kthread is named after the device (`napi/<dev>-<napi id>`) and found by
+        // that name among all the host's threads: the name must be unique on the host, not
+        // only in the namespace.
+        let rx_dev = unique_ifname("tgr");
+        let tx_dev = unique_ifname("tgs");
+        netns::veth(&tx, &tx_dev, &rx, &rx_dev)?;
+        rx.ip(&["link", "set", "dev", &rx_dev, "address", RX_MAC])?;
+        let name = rx_dev.clone();
+        let (rx_ifindex, rx_nl) = rx.enter(move || Ok((ifindex(&name)?, netlink_socket()?)))?;
+        Ok(Self { pins, tx, rx, tx_dev, rx_dev, rx_ifindex, rx_nl, quiet_budget: Cell::new(QUIET_BUDGET) })
+    }
+
+    pub fn rx_dev(&self) -> &str {
+        &self.rx_dev
+    }
+
+    /// Attaches a floor program to the receiving veth (native mode, a BPF link this process
+    /// holds: it goes when the attachment is dropped).
+    pub fn attach_floor(&self, floor: &FloorProgram) -> Result<Attached<'_>> {
+        let (prog, ifindex) = (floor.fd.as_raw_fd(), self.rx_ifindex);
+        // The ifindex is resolved in the calling thread's network namespace.
+        let link = self.rx.enter(move || xdp_link_create(prog, ifindex))?;
+        self.attached(Hold::Link(link))
+    }
+
+    /// Attaches tailgate's uplink XDP program the way the daemon does (a pinned link), from
+    /// a thread inside the receiver's namespace.
+    pub fn attach_subject(&self, dp: &mut Datapath) -> Result<Attached<'_>> {
+        let pin = self.pins.path.join(format!("xdp@{}:{}", self.rx_dev, self.rx_ifindex));
+        let (dev, ifindex, ebpf) = (self.rx_dev.as_str(), self.rx_ifindex, &mut dp.ebpf);
+        let at = pin.clone();
+        self.rx.enter(move || links::attach(ebpf, Hook::Xdp, dev, ifindex, &at))?;
+        self.attached(Hold::Pin(pin))
+    }
+
+    /// Checks native mode, switches the veth's NAPI to threaded and pins its kthread(s).
+    fn attached(&self, hold: Hold) -> Result<Attached<'_>> {
+        let mut att = Attached { rig: self, hold: Some(hold), napi: Vec::new() };
+        let mode = self.rx_state()?.xdp_attached;
+        ensure!(
+            mode == XDP_ATTACHED_DRV,
+            "XDP on {} is not in native mode (IFLA_XDP_ATTACHED = {mode})",
+            self.rx_dev
+        );
+        // veth creates its NAPI instances when XDP is attached (and deletes them when it
+        // is detached): threaded mode can only be set now, and the kthreads are new ones
+        // after every attach. The poll pacing (see `POLL_INTERVAL`) is set again with it.
+        let sys = format!("/sys/class/net/{}", self.rx_dev);
+        let cmd = format!(
+            "echo {NAPI_DEFER_POLLS} > {sys}/napi_defer_hard_irqs && \
+             echo {} > {sys}/gro_flush_timeout && echo 1 > {sys}/threaded && cat {sys}/threaded",
+            POLL_INTERVAL.as_nanos()
+        );
+        let out = self.rx.exec("sh", &["-c", &cmd])?;
+        ensure!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1",
+            "enabling threaded NAPI on {}: {}",
+            self.rx_dev,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let prefix = format!("napi/{}-", self.rx_dev);
+        wait::until(Duration::from_secs(5), || {
+            att.napi = napi_threads(&prefix).unwrap_or_default();
+            !att.napi.is_empty()
+        });
+        ensure!(!att.napi.is_empty(), "no NAPI kthread {prefix}* appeared");
+        let mut cpus = CpuSet::new();
+        cpus.set(NAPI_CPU)?;
+        for pid in &att.napi {
+            sched_setaffinity(Pid::from_raw(*pid), &cpus)
+                .with_context(|| format!("pinning NAPI thread {pid}"))?;
+        }
+        Ok(att)
+    }
+
+    /// Floods the receiving veth from `generator` for `window` (at most `cap` frames) while
+    /// `attached` is in place; waits until the veth's ring is drained before reading the
+    /// counters.
+    pub fn measure(
+        &self,
+        attached: &Attached,
+        generator: &Generator,
+        window: Duration,
+        cap: u64,
+    ) -> Result<Measurement> {
+        let (state0, ns0, sleeps0) = (self.rx_state()?, attached.napi_runtime()?, attached.napi_sleeps()?);
+        let cpu0 = cpu_busy_ns(NAPI_CPU)?;
+        let start = Instant::now();
+        let (sent, refused) = generator.send(window, cap)?;
+        let elapsed = start.elapsed();
+        let cpu1 = cpu_busy_ns(NAPI_CPU)?;
+        // The ring holds at most a few hundred frames: drained once the counter stands still.
+        let mut last = u64::MAX;
+        let drained = wait::until(Duration::from_secs(5), || {
+            let now = self.rx_state().map(|s| s.rx_packets).unwrap_or(u64::MAX - 1);
+            std::mem::replace(&mut last, now) == now
+        });
+        ensure!(drained, "{} kept receiving after the sender stopped", self.rx_dev);
+        let (state1, ns1, sleeps1) = (self.rx_state()?, attached.napi_runtime()?, attached.napi_sleeps()?);
+        let processed = state1.rx_packets - state0.rx_packets;
+        ensure!(processed > 0, "nothing arrived on {} ({sent} sent)", self.rx_dev);
+        let napi_ns = ns1 - ns0;
+        let window_ns = elapsed.as_nanos() as f64;
+        Ok(Measurement {
+            sent,
+            refused,
+            processed,
+            reached_ip: state1.rx_otherhost_dropped - state0.rx_otherhost_dropped,
+            napi_ns,
+            ns_per_packet: napi_ns as f64 / processed as f64,
+            busy: napi_ns as f64 / window_ns,
+            sleeps: sleeps1 - sleeps0,
+            // The CPU counters tick at 100 Hz: a coarse estimate, clamped at 0.
+            other_load: ((cpu1.saturating_sub(cpu0)) as f64 - napi_ns as f64).max(0.0) / window_ns,
+        })
+    }
+
+    /// How long, in all, `compare` may wait for other tasks to leave `NAPI_CPU` before it
+    /// measures regardless and keeps disturbed rounds (default `QUIET_BUDGET`).
+    pub fn set_quiet_budget(&self, budget: Duration) {
+        self.quiet_budget.set(budget);
+    }
+
+    /// Waits until other tasks use less than `MAX_OTHER_LOAD` of `NAPI_CPU` (sampled over
+    /// `QUIET_SAMPLE`); returns false once the budget is spent. The first sample is free.
+    fn wait_quiet(&self) -> Result<bool> {
+        let mut first = true;
+        loop {
+            let before = cpu_busy_ns(NAPI_CPU)?;
+            std::thread::sleep(QUIET_SAMPLE);
+            let busy = cpu_busy_ns(NAPI_CPU)?.saturating_sub(before);
+            if (busy as f64) < MAX_OTHER_LOAD * QUIET_SAMPLE.as_nanos() as f64 {
+                return Ok(true);
+            }
+            let left = self.quiet_budget.get();
+            if left.is_zero() {
+                return Ok(false);
+            }
+            if first {
+                eprintln!(
+                    "  other tasks load CPU {NAPI_CPU}: waiting for quiet (up to {} s)",
+                    left.as_secs()
+                );
+                first = false;
+            } else {
+                self.quiet_budget.set(left.saturating_sub(QUIET_SAMPLE));
+            }
+        }
+    }
+
+    fn rx_state(&self) -> Result<LinkState> {
+        link_state(&self.rx_nl, self.rx_ifindex)
+    }
+
+    /// Whether any XDP program is attached to the receiving veth.
+    fn rx_has_xdp(&self) -> bool {
+        self.rx_state().map(|s| s.xdp_attached != 0).unwrap_or(true)
+    }
+}
+
+/// An XDP program attached to the rig's receiving veth, with its NAPI kthread(s). Dropping
+/// it detaches the program; [`Attached::detach`] also waits until the kernel is done.
+pub struct Attached<'a> {
+    rig: &'a Rig,
+    hold: Option<Hold>,
+    napi: Vec<i32>,
+}
+
+enum Hold {
+    /// A BPF link this process holds: closing the fd detaches.
+    Link(OwnedFd),
+    /// A pinned BPF link (tailgate's way): removing the pin detaches.
+    Pin(PathBuf),
+}
+
+impl Attached<'_> {
+    /// PIDs of the receiving veth's NAPI kthreads (one per RX queue in use).
+    pub fn napi_threads(&self) -> &[i32] {
+        &self.napi
+    }
+
+    /// Summed CPU time of the NAPI kthreads, ns (first field of schedstat: time on the CPU).
+    fn napi_runtime(&self) -> Result<u64> {
+        self.napi.iter().map(|pid| schedstat_runtime(*pid)).sum()
+    }
+
+    /// Summed voluntary context switches of the NAPI kthreads.
+    fn napi_sleeps(&self) -> Result<u64> {
+        self.napi.iter().map(|pid| voluntary_switches(*pid)).sum()
+    }
+
+    /// Detaches and waits until the device has no XDP program (removing a pinned link
+    /// releases it from a workqueue, so the next attach could otherwise find it busy).
+    pub fn detach(mut self) -> Result<()> {
+        self.release()?;
+        ensure!(
+            wait::until(Duration::from_secs(5), || !self.rig.rx_has_xdp()),
+            "XDP still attached to {} after detaching",
+            self.rig.rx_dev
+        );
+        Ok(())
+    }
+
+    fn release(&mut self) -> Result<()> {
+        match self.hold.take() {
+            Some(Hold::Pin(pin)) => links::detach(&pin),
+            Some(Hold::Link(fd)) => {
+                drop(fd);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+/// A trivial XDP program, `r0 = <action>; exit`: the floor the subject is compared with.
+/// Loaded with the raw syscall so that nothing is added to the production object.
+pub struct FloorProgram {
+    fd: OwnedFd,
+    pub verdict: Verdict,
+}
+
+impl FloorProgram {
+    pub fn load(verdict: Verdict) -> Result<Self> {
+        let mov_r0 = insn(0xb7, verdict.action() as i32); // BPF_ALU64 | BPF_MOV | BPF_K, dst r0
+        let exit = insn(0x95, 0); // BPF_JMP | BPF_EXIT
+        let insns = [mov_r0, exit];
+        let license = c"GPL";
+        let mut name = [0u8; 16];
+        let tag = match verdict {
+            Verdict::Pass => "tg_floor_pass",
+            Verdict::Drop => "tg_floor_drop",
+        };
+        name[..tag.len()].copy_from_slice(tag.as_bytes());
+        let attr = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_XDP,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            prog_name: name,
+            expected_attach_type: BPF_XDP,
+            ..Default::default()
+        };
+        let fd = bpf(BPF_PROG_LOAD, &attr).context("BPF_PROG_LOAD of the floor program")?;
+        Ok(Self { fd, verdict })
+    }
+}
+
+/// The flood: pre-built Ethernet/IPv4/UDP frames, one per source address, sent round-robin
+/// from an AF_PACKET socket in the sender namespace.
+pub struct Generator {
+    sock: OwnedFd,
+    frames: Vec<Vec<u8>>,
+}
+
+impl Generator {
+    /// One frame per address of `sources`, to 192.0.2.1 and a MAC that is not the
+    /// receiver's.
+    pub fn new(rig: &Rig, sources: &[Ipv4Addr]) -> Result<Self> {
+        ensure!(!sources.is_empty(), "no source addresses");
+        let frames = sources
+            .iter()
+            .map(|src| {
+                let mut frame = Vec::with_capacity(60);
+                PacketBuilder::ethernet2(TX_MAC, FRAME_DST_MAC)
+                    .ipv4(src.octets(), FRAME_DST_IP.octets(), 64)
+                    .udp(4000, 53)
+                    .write(&mut frame, PAYLOAD)
+                    .expect("writing to a Vec");
+                frame
+            })
+            .collect();
+        let dev = rig.tx_dev.clone();
+        let sock = rig.tx.enter(move || packet_socket(&dev))?;
+        Ok(Self { sock, frames })
+    }
+
+    pub fn sources(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Sends round-robin for `window` or until `cap` frames went out, from a thread pinned
+    /// to `SENDER_CPU`; returns (frames sent, calls refused because the ring was full).
+    fn send(&self, window: Duration, cap: u64) -> Result<(u64, u64)> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut cpus = CpuSet::new();
+                cpus.set(SENDER_CPU)?;
+                sched_setaffinity(Pid::from_raw(0), &cpus).context("pinning the sender")?;
+                self.send_loop(window, cap)
+            })
+            .join()
+            .expect("sender thread panicked")
+        })
+    }
+
+    fn send_loop(&self, window: Duration, cap: u64) -> Result<(u64, u64)> {
+        let n = self.frames.len();
+        let mut iov: Vec<libc::iovec> = self
+            .frames
+            .iter()
+            .map(|f| libc::iovec { iov_base: f.as_ptr() as *mut _, iov_len: f.len() })
+            .collect();
+        // The iovecs once more, so that a batch starting anywhere is contiguous.
+        iov.extend_from_within(..);
+        // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
+        let mut msgs: Vec<libc::mmsghdr> = (0..2 * n).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let (mut sent, mut refused, mut next) = (0u64, 0u64, 0usize);
+        let end = Instant::now() + window;
+        while sent < cap && Instant::now() < end {
+            let batch = SEND_BATCH.min(n).min((cap - sent) as usize);
+            // SAFETY: `msgs[next..next + batch]` is in bounds (next < n, batch <= n) and its
+            // iovecs point into `self.frames`, alive for the call.
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.sock.as_raw_fd(),
+                    msgs.as_mut_ptr().add(next),
+                    batch as u32,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r < 0 {
+                let err = IoError::last_os_error();
+                match err.raw_os_error() {
+                    // Ring full (veth stops its queue, or the socket's send buffer is
+                    // full): the receiver is behind, which is what we want. Try again.
+                    Some(libc::ENOBUFS | libc::EAGAIN | libc::ENETDOWN) => refused += 1,
+                    _ => return Err(anyhow!(err).context("sendmmsg on the AF_PACKET socket")),
+                }
+                continue;
+            }
+            sent += r as u64;
+            next = (next + r as usize) % n;
+        }
+        Ok((sent, refused))
+    }
+}
+
+/// Medians over interleaved rounds of floor and subject.
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    pub floor: Vec<Measurement>,
+    pub subject: Vec<Measurement>,
+    /// Rounds run again because other tasks loaded the NAPI CPU.
+    pub discarded: usize,
+}
+
+impl Comparison {
+    pub fn floor_ns(&self) -> f64 {
+        median(self.floor.iter().map(|m| m.ns_per_packet))
+    }
+
+    pub fn subject_ns(&self) -> f64 {
+        median(self.subject.iter().map(|m| m.ns_per_packet))
+    }
+
+    /// Median over rounds of (subject − floor) of the same round: drift between rounds
+    /// (CPU frequency, a neighbour) cancels within a round.
+    pub fn above_floor_ns(&self) -> f64 {
+        median(self.floor.iter().zip(&self.subject).map(|(f, s)| s.ns_per_packet - f.ns_per_packet))
+    }
+
+    /// Lowest and highest per-round difference subject − floor: the noise of a row.
+    pub fn above_floor_range(&self) -> (f64, f64) {
+        let diffs = self.floor.iter().zip(&self.subject).map(|(f, s)| s.ns_per_packet - f.ns_per_packet);
+        diffs.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), d| (lo.min(d), hi.max(d)))
+    }
+
+    pub fn ratio(&self) -> f64 {
+        median(self.floor.iter().zip(&self.subject).map(|(f, s)| s.ns_per_packet / f.ns_per_packet))
+    }
+
+    /// Median frames processed per round (both programs).
+    pub fn processed(&self) -> u64 {
+        median(self.floor.iter().chain(&self.subject).map(|m| m.processed as f64)) as u64
+    }
+}
+
+/// A round in which other tasks took more than this share of `NAPI_CPU` is run again.
+pub const MAX_OTHER_LOAD: f64 = 0.10;
+/// Default for how long a rig waits, in all, for other load to go away (see
+/// [`Rig::set_quiet_budget`]).
+pub const QUIET_BUDGET: Duration = Duration::from_secs(120);
+/// The period over which the load of `NAPI_CPU` is sampled before a round (/proc/stat ticks
+/// at 100 Hz: 25 ticks, enough to tell 10 % apart).
+const QUIET_SAMPLE: Duration = Duration::from_millis(250);
+
+/// `rounds` × (floor, subject), each a `window` of the flood from `generator`. Each round
+/// starts once other tasks leave the NAPI CPU alone (below `MAX_OTHER_LOAD`), as long as the
+/// rig's quiet budget lasts; a round they disturbed anyway is discarded and run again (up to
+/// `2 × rounds` times, within the budget); after that disturbed rounds are kept (their
+/// `other_load` tells). Every measurement is checked: the floor's frames must reach the IP
+/// layer exactly when it passes; the subject's must all be counted by tailgate under
+/// `expected` (and reach the IP layer exactly when that is a pass counter).
+#[allow(clippy::too_many_arguments)]
+pub fn compare(
+    rig: &Rig,
+    dp: &mut Datapath,
+    expected: Counter,
+    floor: &FloorProgram,
+    generator: &Generator,
+    rounds: usize,
+    window: Duration,
+    cap: u64,
+) -> Result<Comparison> {
+    let verdict = if expected == Counter::UplinkDrop { Verdict::Drop } else { Verdict::Pass };
+    ensure!(
+        floor.verdict == verdict,
+        "floor {} for a subject expected to {}",
+        floor.verdict.name(),
+        verdict.name()
+    );
+    let mut out = Comparison { floor: Vec::new(), subject: Vec::new(), discarded: 0 };
+    while out.floor.len() < rounds {
+        let quiet = rig.wait_quiet()?;
+        let att = rig.attach_floor(floor)?;
+        let f = rig.measure(&att, generator, window, cap)?;
+        att.detach()?;
+        check_reached_ip("floor", verdict, &f)?;
+
+        let before = testrun::counters(dp)?;
+        let att = rig.attach_subject(dp)?;
+        let s = rig.measure(&att, generator, window, cap)?;
+        att.detach()?;
+        let after = testrun::counters(dp)?;
+        check_reached_ip("tailgate", verdict, &s)?;
+        // Exact: nothing but the flood crosses the pair (no IPv6, no addresses), and every
+        // frame veth took off its ring went through the program.
+        let grew = after[&expected] - before[&expected];
+        ensure!(
+            grew == s.processed,
+            "tailgate counted {grew} packets as {} but {} were processed ({before:?} -> {after:?})",
+            expected.name(),
+            s.processed,
+        );
+
+        let disturbed = f.other_load.max(s.other_load) > MAX_OTHER_LOAD;
+        if disturbed && quiet && out.discarded < 2 * rounds && !rig.quiet_budget.get().is_zero() {
+            out.discarded += 1;
+            continue;
+        }
+        out.floor.push(f);
+        out.subject.push(s);
+    }
+    Ok(out)
+}
+
+/// A passed frame ends in the IP layer's `PACKET_OTHERHOST` drop (counted per device), a
+/// dropped one never gets there.
+fn check_reached_ip(who: &str, verdict: Verdict, m: &Measurement) -> Result<()> {
+    let want = if verdict == Verdict::Pass { m.processed } else { 0 };
+    ensure!(
+        m.reached_ip == want,
+        "{who}: {} of {} processed frames reached the IP layer, expected {want} ({})",
+        m.reached_ip,
+        m.processed,
+        verdict.name()
+    );
+    Ok(())
+}
+
+pub fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    assert!(!v.is_empty(), "median of nothing");
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+/// A directory for pinned links, `/sys/fs/bpf/tailgate-traffic-<pid>-<n>`, removed with
+/// what it holds on drop.
+struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    fn new() -> Result<Self> {
+        let path = Path::new("/sys/fs/bpf").join(crate::unique("tailgate-traffic"));
+        fs::create_dir(&path).with_context(|| format!("creating {} (is bpffs mounted?)", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        // Only pins this rig made live here (bpffs has no nested content of ours).
+        if let Ok(entries) = fs::read_dir(&self.path) {
+            for entry in entries.flatten() {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// `<tag>-<pid>-<n>`: a valid interface name (at most 15 bytes) for a short tag.
+fn unique_ifname(tag: &str) -> String {
+    let name = crate::unique(tag);
+    assert!(name.len() <= 15, "interface name {name} too long");
+    name
+}
+
+/// Threads whose name starts with `prefix`. Kernel thread names are shown in full in
+/// /proc/<pid>/comm since 6.x; an older kernel cuts them at 15 bytes, then the cut prefix
+/// is what can be compared.
+fn napi_threads(prefix: &str) -> Result<Vec<i32>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(comm) = fs::read_to_string(entry.path().join("comm")) else { continue };
+        let comm = comm.trim_end();
+        let cut = &prefix[..prefix.len().min(15)];
+        if comm.starts_with(prefix) || (comm.len() == 15 && comm.starts_with(cut)) {
+            found.push(pid);
+        }
+    }
+    Ok(found)
+}
+
+fn schedstat_runtime(pid: i32) -> Result<u64> {
+    let path = format!("/proc/{pid}/task/{pid}/schedstat");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path} (NAPI thread gone?)"))?;
+    let first = text.split_whitespace().next().ok_or_else(|| anyhow!("empty {path}"))?;
+    Ok(first.parse()?)
+}
+
+fn voluntary_switches(pid: i32) -> Result<u64> {
+    let path = format!("/proc/{pid}/task/{pid}/status");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path} (NAPI thread gone?)"))?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .ok_or_else(|| anyhow!("no voluntary_ctxt_switches in {path}"))?;
+    Ok(line.trim().parse()?)
+}
+
+/// Time `cpu` was not idle since boot, ns (/proc/stat, in USER_HZ ticks).
+fn cpu_busy_ns(cpu: usize) -> Result<u64> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let tag = format!("cpu{cpu} ");
+    let line = stat.lines().find(|l| l.starts_with(&tag)).ok_or_else(|| anyhow!("no {tag}in /proc/stat"))?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).map(|v| v.parse()).collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal guest guest_nice; guest time is
+    // already in user. Steal counts as busy: the hypervisor ran something else there.
+    let busy: u64 =
+        ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(busy * 1_000_000_000 / hz)
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(name).with_context(|| format!("no device {name}"))
+}
+
+// --- bpf(2) -------------------------------------------------------------------------------
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+/// `enum bpf_attach_type`: BPF_XDP.
+const BPF_XDP: u32 = 37;
+/// XDP_FLAGS_DRV_MODE: native mode or failure, never a silent fallback to generic.
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+
+/// The BPF_PROG_LOAD part of `union bpf_attr` (the kernel zero-fills the rest).
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// The BPF_LINK_CREATE part of `union bpf_attr`.
+#[repr(C)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// One eBPF instruction (opcode, registers 0, imm).
+fn insn(code: u8, imm: i32) -> u64 {
+    let mut b = [0u8; 8];
+    b[0] = code;
+    b[4..].copy_from_slice(&imm.to_le_bytes());
+    u64::from_le_bytes(b)
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> Result<OwnedFd> {
+    // SAFETY: `attr` is a repr(C) prefix of `union bpf_attr` of the given size; pointers in
+    // it outlive the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>() as u32) };
+    if r < 0 {
+        return Err(IoError::last_os_error().into());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Attaches `prog` to `ifindex` (of the calling thread's namespace) in native mode as a BPF
+/// link.
+fn xdp_link_create(prog: i32, ifindex: u32) -> Result<OwnedFd> {
+    let attr = LinkCreateAttr {
+        prog_fd: prog as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_XDP,
+        flags: XDP_FLAGS_DRV_MODE,
+    };
+    bpf(BPF_LINK_CREATE, &attr).context("BPF_LINK_CREATE (XDP, native mode)")
+}
+
+// --- AF_PACKET ----------------------------------------------------------------------------
+
+const PACKET_QDISC_BYPASS: libc::c_int = 20;
+
+/// A raw packet socket bound to `dev` for sending only (protocol 0: it receives nothing).
+fn packet_socket(dev: &str) -> Result<OwnedFd> {
+    let ifindex = ifindex(dev)?;
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(IoError::last_os_error()).context("AF_PACKET socket");
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Straight to the driver: no qdisc layer (veth has none anyway, but the noqueue path
+    // logs "Virtual device asks to queue packet" when the ring stops the queue).
+    setsockopt_int(&sock, libc::SOL_PACKET, PACKET_QDISC_BYPASS, 1).context("PACKET_QDISC_BYPASS")?;
+    // Frames sit in veth's ring charged to this socket until the receiver takes them.
+    setsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 16 << 20).context("SO_SNDBUFFORCE")?;
+    // SAFETY: all-zero is a valid sockaddr_ll.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: `addr` is a sockaddr_ll of the size given.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+            size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(IoError::last_os_error()).with_context(|| format!("binding to {dev}"));
+    }
+    Ok(sock)
+}
+
+fn setsockopt_int(sock: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> Result<()> {
+    // SAFETY: an int option of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(IoError::last_os_error().into());
+    }
+    Ok(())
+}
+
+// --- rtnetlink ----------------------------------------------------------------------------
+
+const NLM_F_REQUEST: u16 = 1;
+const NLMSG_ERROR: u16 = 2;
+const IFLA_STATS64: u16 = 23;
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_ATTACHED: u16 = 2;
+const XDP_ATTACHED_DRV: u8 = 1;
+/// Indexes into `struct rtnl_link_stats64` (u64 fields).
+const STATS_RX_PACKETS: usize = 0;
+const STATS_RX_OTHERHOST_DROPPED: usize = 24;
+
+/// What the receiving veth reports over rtnetlink.
+#[derive(Clone, Copy, Debug, Default)]
+struct LinkState {
+    /// veth with XDP attached (6.18): the frames its NAPI poll took off the ring, whatever
+    /// the program returned. `veth_xdp_rcv` adds every consumed frame to the queue's
+    /// `xdp_packets` (what `ethtool -S` shows as `rx_queue_<n>_xdp_packets`; ethtool is not
+    /// needed here) and `veth_get_stats64` reports their sum as `rx_packets`, plus the
+    /// peer's software tx counters, which only move while NAPI is off. So XDP_DROP frames
+    /// are included (`xdp_drops` counts them again separately, only in ethtool), and frames
+    /// the sender could not put into the full ring are not: veth stops the peer's queue
+    /// (backpressure) and the sender is refused, or, without backpressure, counts them in
+    /// the peer's `tx_dropped`. Checked by `compare`: tailgate's counters grow by exactly
+    /// this number, for drops and passes.
+    rx_packets: u64,
+    /// Frames the IP layer discarded as addressed to another host (`ip_rcv_core`).
+    rx_otherhost_dropped: u64,
+    /// IFLA_XDP_ATTACHED: 0 none, 1 native, 2 generic.
+    xdp_attached: u8,
+}
+
+fn netlink_socket() -> Result<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let fd =
+        unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if fd < 0 {
+        return Err(IoError::last_os_error()).context("rtnetlink socket");
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Replies never hang the bench.
+    let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
+    // SAFETY: a timeval of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            size_of::<libc::timeval>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(IoError::last_os_error()).context("SO_RCVTIMEO");
+    }
+    Ok(sock)
+}
+
+/// RTM_GETLINK for one device: its 64-bit counters and XDP attachment mode.
+fn link_state(sock: &OwnedFd, ifindex: u32) -> Result<LinkState> {
+    let mut req = [0u8; 32];
+    req[0..4].copy_from_slice(&32u32.to_ne_bytes()); // nlmsg_len
+    req[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
+    req[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes()); // seq
+    req[20..24].copy_from_slice(&(ifindex as i32).to_ne_bytes()); // ifinfomsg.ifi_index
+                                                                  // SAFETY: sending a buffer of the given length.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr() as *const libc::c_void, req.len(), 0) } < 0 {
+        return Err(IoError::last_os_error()).context("RTM_GETLINK");
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: receiving into a buffer of the given length.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+    if n < 0 {
+        return Err(IoError::last_os_error()).context("RTM_GETLINK reply");
+    }
+    let msg = &buf[..n as usize];
+    ensure!(msg.len() >= 32, "short RTM_GETLINK reply");
+    let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+    if kind == NLMSG_ERROR {
+        let errno = -i32::from_ne_bytes(msg[16..20].try_into().unwrap());
+        return Err(IoError::from_raw_os_error(errno)).context("RTM_GETLINK");
+    }
+    ensure!(kind == libc::RTM_NEWLINK, "unexpected rtnetlink reply type {kind}");
+    let len = (u32::from_ne_bytes(msg[0..4].try_into().unwrap()) as usize).min(msg.len());
+    let mut state = LinkState::default();
+    let mut stats = false;
+    for (kind, payload) in attrs(&msg[32..len]) {
+        match kind {
+            IFLA_STATS64 => {
+                let field = |i: usize| -> Result<u64> {
+                    let b = payload.get(i * 8..i * 8 + 8).ok_or_else(|| anyhow!("IFLA_STATS64 too short"))?;
+                    Ok(u64::from_ne_bytes(b.try_into().unwrap()))
+                };
+                state.rx_packets = field(STATS_RX_PACKETS)?;
+                state.rx_otherhost_dropped = field(STATS_RX_OTHERHOST_DROPPED)?;
+                stats = true;
+            }
+            IFLA_XDP => {
+                for (kind, p) in attrs(payload) {
+                    if kind == IFLA_XDP_ATTACHED && !p.is_empty() {
+                        state.xdp_attached = p[0];
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if !stats {
+        return Err(IoError::new(ErrorKind::InvalidData, "no IFLA_STATS64 in the reply").into());
+    }
+    Ok(state)
+}
+
+/// The netlink attributes in `buf`: (type without flag bits, payload).
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+        Some((kind, payload))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instructions_encode() {
+        // r0 = 2; exit — as `llvm-objdump` shows them: b7 00 00 00 02 00 00 00, 95 00 ...
+        assert_eq!(insn(0xb7, 2).to_le_bytes(), [0xb7, 0, 0, 0, 2, 0, 0, 0]);
+        assert_eq!(insn(0x95, 0).to_le_bytes(), [0x95, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn attributes_parse() {
+        // Two attributes, the first with a payload that needs padding.
+        let buf = [5, 0, 1, 0, 7, 0, 0, 0, 8, 0, 0x2b, 0x80, 1, 2, 3, 4];
+        let all: Vec<_> = attrs(&buf).collect();
+        assert_eq!(all, vec![(1, &[7u8][..]), (43, &[1, 2, 3, 4][..])]);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
+    }
+}
