@@ -38,7 +38,8 @@ enum Cmd {
         #[arg(long, default_value = "bpf")]
         backend: String,
     },
-    /// ns/packet of the programs via BPF_PROG_TEST_RUN. Needs root.
+    /// Single-packet cost (BPF_PROG_TEST_RUN), real-traffic cost over veth, reload cost and
+    /// daemon memory. Needs root.
     Bench,
 }
 
@@ -58,6 +59,9 @@ fn main() -> Result<()> {
         Cmd::Bench => {
             setup::run()?;
             require_root("bench")?;
+            // The daemon rows run the release binary.
+            build(true)?;
+            std::env::set_var("TAILGATE_BIN", root().join("target/release/tailgate"));
             cargo(&["run", "--release", "--locked", "-p", "tailgate-tests", "--bin", "tailgate-bench"])
         }
     }

@@ -1,16 +1,20 @@
-//! `cargo xtask bench`: the cost of tailgate's programs, in two sections.
+//! `cargo xtask bench`: the cost of tailgate's programs and reloads, in three sections.
 //!
 //! 1. Single-packet cost (BPF_PROG_TEST_RUN, one cache-hot packet): ns/packet of the uplink
 //!    XDP program and the tunnel TC programs for the pass and drop paths, with 1, 1,000 and
-//!    100,000 exemption prefixes in the LPM trie (median of 5 runs of 1,000,000 repeats
+//!    100,000 exemption prefixes in the policy (median of 5 runs of 1,000,000 repeats
 //!    each); the tunnel ingress program (mark + MSS clamp) on a SYN and a data segment; and
 //!    how long the first fill and a one-prefix reload take, with the wait for running
 //!    programs.
 //! 2. Real traffic: the receive-side CPU per packet of the uplink XDP program on a veth
 //!    flooded from 4,096 source addresses, next to a trivial XDP program with the same
 //!    verdict (see `tailgate_tests::traffic`).
+//! 3. The daemon (`$TAILGATE_BIN`, the release build under `cargo xtask bench`) with 1,000
+//!    and 100,000 exemptions in its config file: start time, resident memory, and reloads
+//!    timed from SIGHUP to `READY=1` (file read, TOML parse, validation, compile, map sync,
+//!    generation swap).
 //!
-//! `tailgate-bench testrun` or `tailgate-bench traffic` runs one section only. On a shared
+//! `tailgate-bench testrun`, `traffic` or `daemon` runs one section only. On a shared
 //! machine, the real-traffic rounds wait for other tasks to leave the NAPI CPU alone, up to
 //! 120 s in all (`TAILGATE_BENCH_QUIET_WAIT=<seconds>` changes that).
 
@@ -30,8 +34,10 @@ use tailgate::{
 };
 use tailgate_abi::counters::Counter;
 use tailgate_tests::{
+    daemon::Daemon,
     packets::{eth_tcp, eth_udp4, linux_syn_options, Tcp},
     testrun,
+    topology::Topology,
     traffic::{self, Comparison, FloorProgram, Generator, Measurement, Rig, Verdict},
 };
 
@@ -51,11 +57,14 @@ fn main() -> Result<()> {
         None => {
             single_packet()?;
             println!();
-            real_traffic()
+            real_traffic()?;
+            println!();
+            daemon()
         }
         Some("testrun") => single_packet(),
         Some("traffic") => real_traffic(),
-        Some(other) => bail!("unknown section {other:?}: testrun | traffic"),
+        Some("daemon") => daemon(),
+        Some(other) => bail!("unknown section {other:?}: testrun | traffic | daemon"),
     }
 }
 
@@ -421,4 +430,70 @@ fn time_tc(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> Result<(u32, f64)> {
     opts.repeat = REPEAT;
     let r = prog.test_run(opts)?;
     Ok((r.return_value, r.duration.as_nanos() as f64))
+}
+
+/// Section 3: the daemon's reloads and memory.
+fn daemon() -> Result<()> {
+    println!("Daemon: reload = SIGHUP to READY=1; memory = VmRSS / VmHWM (peak)\n");
+    println!("| prefixes | start | reload: one prefix added | reload: back | reload: every prefix replaced | memory after start | memory after the reloads |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for count in [1_000, 100_000] {
+        daemon_reload(count)?;
+    }
+    Ok(())
+}
+
+/// The daemon (release build) with `count` exemptions in its config file, in a throwaway
+/// topology: start time, resident memory, and reloads timed from SIGHUP to `READY=1`
+/// (file read, TOML parse, validation, policy compile, map sync, generation swap).
+fn daemon_reload(count: usize) -> Result<()> {
+    let t = Topology::new()?;
+    let (config, _, _) = policy_of(count)?;
+    let text = |allow: &[IpNet], drop: &[&str]| {
+        let mut toml = String::from(
+            "tunnel = \"tun0\"\ninterfaces = [\"eth0\"]\nbackend = \"bpf\"\n[subnet_routes]\nmasquerade = false\n[cgnat]\nallow = [\n",
+        );
+        for net in allow {
+            toml.push_str(&format!("  \"{net}\",\n"));
+        }
+        toml.push_str("]\ndrop = [");
+        toml.push_str(&drop.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", "));
+        toml.push_str("]\n");
+        toml
+    };
+    let first = text(&config.cgnat.allow, &[]);
+    let started = Instant::now();
+    let daemon = Daemon::start(&t.gw, &t.pins, &first)?;
+    let start = started.elapsed();
+    let (rss, hwm) = daemon.memory_kib()?;
+    daemon.write_config(&text(&config.cgnat.allow, &["100.127.255.255/32"]))?;
+    let one = daemon.timed_reload()?;
+    daemon.write_config(&first)?;
+    let back = daemon.timed_reload()?;
+    // Every prefix replaced: the /28s shifted by one /32 slot are all different prefixes.
+    let shifted: Vec<IpNet> = config
+        .cgnat
+        .allow
+        .iter()
+        .map(|net| match net {
+            IpNet::V4(n) => IpNet::V4(Ipv4Net::new(n.network(), 29).unwrap()),
+            IpNet::V6(_) => unreachable!("v4 only"),
+        })
+        .collect();
+    daemon.write_config(&text(&shifted, &[]))?;
+    let full = daemon.timed_reload()?;
+    let (rss_after, hwm_after) = daemon.memory_kib()?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "| {count} | {:.0} ms | {:.1} ms | {:.1} ms | {:.0} ms | {:.1} / {:.1} MiB | {:.1} / {:.1} MiB |",
+        ms(start),
+        ms(one),
+        ms(back),
+        ms(full),
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
+        hwm_after as f64 / 1024.0,
+    );
+    Ok(())
 }

@@ -166,6 +166,12 @@ impl CgnatMaps {
         Ok(())
     }
 
+    /// A change is written to both generations: what it kept of the content before goes
+    /// (a whole policy's worth of memory after a full replace).
+    pub fn settle(&mut self) {
+        self.delta = None;
+    }
+
     /// What generation `generation` holds, if known.
     pub fn held(&self, generation: u32) -> Option<Tries> {
         self.held[generation as usize & 1].clone()

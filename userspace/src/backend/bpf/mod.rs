@@ -196,7 +196,9 @@ impl Datapath {
             self.previous_settings = Some(SettingsMap::read(&self.ebpf, active)?);
         }
         let swap =
-            generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat, &mut self.settings])?;
+            generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat, &mut self.settings]);
+        self.cgnat.settle();
+        let swap = swap?;
         tracing::debug!(
             "policy generation {} active ({} entries changed; waited {:?} for running programs)",
             swap.active,
