@@ -82,3 +82,34 @@ fn pins_of_an_unknown_layout_are_rebuilt_whole() {
     kept_pins_of_older_layout(&t, Some(99), 1_000_000);
     comes_up_right(&t, 1_000_000);
 }
+
+/// Layout 2 kept the prefixes in LPM tries under the names layout 3 uses for hash maps
+/// (same key and value sizes): the map type alone tells them apart, and the start rebuilds
+/// them instead of reading a trie as a hash map.
+#[test]
+fn lpm_tries_of_layout_two_are_rebuilt_as_hash_maps() {
+    use aya::maps::{lpm_trie::Key, LpmTrie, MapType};
+    use tailgate_abi::cgnat::{PrefixRule, MAP_IN_V4, MAX_PREFIXES};
+
+    let t = Topology::new().unwrap();
+    let mut daemon = Daemon::start(&t.gw, &t.pins, CONFIG).unwrap();
+    assert_eq!(daemon.stop(), Some(0));
+    let path = map(&t, MAP_IN_V4);
+    std::fs::remove_file(&path).unwrap();
+    // A layout-2 trie: generation tag, then the address; an exemption for all of CGNAT
+    // that this version must not read as its own.
+    let mut trie = LpmTrie::<MapData, [u8; 8], PrefixRule>::create(MAX_PREFIXES, 1).unwrap();
+    let everything = PrefixRule { verdict: tailgate_abi::verdict::PASS, rule_id: 0 };
+    trie.insert(&Key::new(32 + 10, [0, 0, 0, 0, 100, 64, 0, 0]), everything, 0).unwrap();
+    trie.pin(&path).unwrap();
+    let mut meta = Array::<MapData, u32>::create(1, 0).unwrap();
+    meta.set(0, 2, 0).unwrap();
+    std::fs::remove_file(map(&t, layout::MAP)).unwrap();
+    meta.pin(map(&t, layout::MAP)).unwrap();
+
+    let mut daemon = Daemon::start(&t.gw, &t.pins, CONFIG).unwrap();
+    daemon.wait_for_log("rebuilt from the configuration");
+    assert_eq!(MapInfo::from_pin(&path).unwrap().map_type().unwrap(), MapType::Hash);
+    assert!(!t.cgnat_neighbours_ping(), "CGNAT neighbour not dropped after the upgrade");
+    assert_eq!(daemon.stop(), Some(0));
+}
