@@ -23,7 +23,7 @@
 use std::{
     cell::Cell,
     fs,
-    io::{Error as IoError, ErrorKind},
+    io::Error as IoError,
     mem::size_of,
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -31,8 +31,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use etherparse::PacketBuilder;
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
+    RouteNetlinkMessage,
+};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use nix::{
     sched::{sched_getaffinity, sched_setaffinity, CpuSet},
     unistd::Pid,
@@ -144,7 +150,7 @@ pub struct Rig {
     rx_dev: String,
     rx_ifindex: u32,
     /// An rtnetlink socket inside `rx`, for the receiving veth's counters and XDP mode.
-    rx_nl: OwnedFd,
+    rx_nl: Socket,
     /// What is left of the time `compare` may spend waiting for other load to go away.
     quiet_budget: Cell<Duration>,
 }
@@ -205,8 +211,8 @@ impl Rig {
         let mut att = Attached { rig: self, hold: Some(hold), napi: Vec::new() };
         let mode = self.rx_state()?.xdp_attached;
         ensure!(
-            mode == XDP_ATTACHED_DRV,
-            "XDP on {} is not in native mode (IFLA_XDP_ATTACHED = {mode})",
+            mode == XdpAttached::Driver,
+            "XDP on {} is not in native mode (IFLA_XDP_ATTACHED = {mode:?})",
             self.rx_dev
         );
         // veth creates its NAPI instances when XDP is attached (and deletes them when it
@@ -321,7 +327,7 @@ impl Rig {
 
     /// Whether any XDP program is attached to the receiving veth.
     fn rx_has_xdp(&self) -> bool {
-        self.rx_state().map(|s| s.xdp_attached != 0).unwrap_or(true)
+        self.rx_state().map(|s| s.xdp_attached != XdpAttached::None).unwrap_or(true)
     }
 }
 
@@ -859,18 +865,8 @@ fn setsockopt_int(sock: &OwnedFd, level: libc::c_int, name: libc::c_int, value: 
 
 // --- rtnetlink ----------------------------------------------------------------------------
 
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const IFLA_STATS64: u16 = 23;
-const IFLA_XDP: u16 = 43;
-const IFLA_XDP_ATTACHED: u16 = 2;
-const XDP_ATTACHED_DRV: u8 = 1;
-/// Indexes into `struct rtnl_link_stats64` (u64 fields).
-const STATS_RX_PACKETS: usize = 0;
-const STATS_RX_OTHERHOST_DROPPED: usize = 24;
-
 /// What the receiving veth reports over rtnetlink.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct LinkState {
     /// veth with XDP attached (6.18): the frames its NAPI poll took off the ring, whatever
     /// the program returned. `veth_xdp_rcv` adds every consumed frame to the queue's
@@ -885,107 +881,64 @@ struct LinkState {
     rx_packets: u64,
     /// Frames the IP layer discarded as addressed to another host (`ip_rcv_core`).
     rx_otherhost_dropped: u64,
-    /// IFLA_XDP_ATTACHED: 0 none, 1 native, 2 generic.
-    xdp_attached: u8,
+    /// How XDP is attached (IFLA_XDP_ATTACHED).
+    xdp_attached: XdpAttached,
 }
 
-fn netlink_socket() -> Result<OwnedFd> {
-    // SAFETY: plain socket(2).
-    let fd =
-        unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(IoError::last_os_error()).context("rtnetlink socket");
-    }
-    // SAFETY: a new fd that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // Replies never hang the bench.
-    let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
-    // SAFETY: a timeval of the size given.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            size_of::<libc::timeval>() as u32,
-        )
-    };
-    if r < 0 {
-        return Err(IoError::last_os_error()).context("SO_RCVTIMEO");
-    }
-    Ok(sock)
+/// An rtnetlink socket of the namespace it is created in (the same crates as the daemon's
+/// `netdev`).
+fn netlink_socket() -> Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE).context("rtnetlink socket")?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
 }
 
 /// RTM_GETLINK for one device: its 64-bit counters and XDP attachment mode.
-fn link_state(sock: &OwnedFd, ifindex: u32) -> Result<LinkState> {
-    let mut req = [0u8; 32];
-    req[0..4].copy_from_slice(&32u32.to_ne_bytes()); // nlmsg_len
-    req[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
-    req[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes()); // seq
-    req[20..24].copy_from_slice(&(ifindex as i32).to_ne_bytes()); // ifinfomsg.ifi_index
-                                                                  // SAFETY: sending a buffer of the given length.
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr() as *const libc::c_void, req.len(), 0) } < 0 {
-        return Err(IoError::last_os_error()).context("RTM_GETLINK");
-    }
-    let mut buf = vec![0u8; 64 << 10];
-    // SAFETY: receiving into a buffer of the given length.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-    if n < 0 {
-        return Err(IoError::last_os_error()).context("RTM_GETLINK reply");
-    }
-    let msg = &buf[..n as usize];
-    ensure!(msg.len() >= 32, "short RTM_GETLINK reply");
-    let kind = u16::from_ne_bytes([msg[4], msg[5]]);
-    if kind == NLMSG_ERROR {
-        let errno = -i32::from_ne_bytes(msg[16..20].try_into().unwrap());
-        return Err(IoError::from_raw_os_error(errno)).context("RTM_GETLINK");
-    }
-    ensure!(kind == libc::RTM_NEWLINK, "unexpected rtnetlink reply type {kind}");
-    let len = (u32::from_ne_bytes(msg[0..4].try_into().unwrap()) as usize).min(msg.len());
-    let mut state = LinkState::default();
-    let mut stats = false;
-    for (kind, payload) in attrs(&msg[32..len]) {
-        match kind {
-            IFLA_STATS64 => {
-                let field = |i: usize| -> Result<u64> {
-                    let b = payload.get(i * 8..i * 8 + 8).ok_or_else(|| anyhow!("IFLA_STATS64 too short"))?;
-                    Ok(u64::from_ne_bytes(b.try_into().unwrap()))
-                };
-                state.rx_packets = field(STATS_RX_PACKETS)?;
-                state.rx_otherhost_dropped = field(STATS_RX_OTHERHOST_DROPPED)?;
-                stats = true;
-            }
-            IFLA_XDP => {
-                for (kind, p) in attrs(payload) {
-                    if kind == IFLA_XDP_ATTACHED && !p.is_empty() {
-                        state.xdp_attached = p[0];
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    if !stats {
-        return Err(IoError::new(ErrorKind::InvalidData, "no IFLA_STATS64 in the reply").into());
-    }
-    Ok(state)
-}
-
-/// The netlink attributes in `buf`: (type without flag bits, payload).
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let payload = &buf[4..len];
-        buf = &buf[((len + 3) & !3).min(buf.len())..];
-        Some((kind, payload))
+fn link_state(socket: &Socket, ifindex: u32) -> Result<LinkState> {
+    let mut link = LinkMessage::default();
+    link.header.index = ifindex;
+    let mut request = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(link)),
+    );
+    request.header.flags = NLM_F_REQUEST;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0).context("RTM_GETLINK")?;
+    let (data, _) = socket.recv_from_full().context("RTM_GETLINK reply")?;
+    let reply: NetlinkMessage<RouteNetlinkMessage> =
+        NetlinkMessage::deserialize(&data).map_err(|e| anyhow!("bad rtnetlink reply: {e}"))?;
+    let link = match reply.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => link,
+        NetlinkPayload::Error(e) => bail!("RTM_GETLINK: {e:?}"),
+        other => bail!("unexpected rtnetlink reply {other:?}"),
+    };
+    let stats = link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Stats64(stats) => Some(stats),
+            _ => None,
+        })
+        .context("no IFLA_STATS64 in the reply")?;
+    let xdp_attached = link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                LinkXdp::Attached(mode) => Some(*mode),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .unwrap_or(XdpAttached::None);
+    Ok(LinkState {
+        rx_packets: stats.rx_packets,
+        rx_otherhost_dropped: stats.rx_otherhost_dropped,
+        xdp_attached,
     })
 }
 
@@ -998,14 +951,6 @@ mod tests {
         // r0 = 2; exit — as `llvm-objdump` shows them: b7 00 00 00 02 00 00 00, 95 00 ...
         assert_eq!(insn(0xb7, 2).to_le_bytes(), [0xb7, 0, 0, 0, 2, 0, 0, 0]);
         assert_eq!(insn(0x95, 0).to_le_bytes(), [0x95, 0, 0, 0, 0, 0, 0, 0]);
-    }
-
-    #[test]
-    fn attributes_parse() {
-        // Two attributes, the first with a payload that needs padding.
-        let buf = [5, 0, 1, 0, 7, 0, 0, 0, 8, 0, 0x2b, 0x80, 1, 2, 3, 4];
-        let all: Vec<_> = attrs(&buf).collect();
-        assert_eq!(all, vec![(1, &[7u8][..]), (43, &[1, 2, 3, 4][..])]);
     }
 
     #[test]

@@ -118,44 +118,50 @@ impl CgnatMaps {
         };
         let mut ids = Ids::new(&held);
         let mut desired = Vec::with_capacity(TRIES.len());
-        let mut changes = Vec::with_capacity(TRIES.len());
+        let mut changes: Changes = Vec::with_capacity(TRIES.len());
+        // Rules no generation holds: (map, prefix, verdict). They get ids once every kept
+        // id is known, so an id taken from a leaving rule is never one that stays.
+        let mut new_rules = Vec::new();
         let mut unchanged = 0;
         for (t, &(_, v6, inbound)) in TRIES.iter().enumerate() {
             let list = if inbound { &rules.inbound } else { &rules.forward };
-            // The same family's trie of the other direction: a rule shares its id there.
+            // The same family's map of the other direction: a rule shares its id there.
             let other = t ^ 2;
             let mut trie = PrefixMap::with_capacity_and_hasher(list.len(), Default::default());
             let mut writes = Vec::new();
-            let mut same = 0;
             for (prefix, verdict) in entries(list, v6) {
-                let here =
-                    held.iter().find_map(|tries| tries[t].get(&prefix)).filter(|r| r.verdict == verdict);
-                let known = here.or_else(|| {
-                    held.iter().find_map(|tries| tries[other].get(&prefix)).filter(|r| r.verdict == verdict)
-                });
-                let rule = match known {
-                    Some(rule) if rule.rule_id < MAX_RULES => {
-                        PrefixRule { verdict, rule_id: ids.keep(rule.rule_id) }
-                    }
-                    _ => PrefixRule { verdict, rule_id: ids.fresh_for(prefix, verdict) },
+                let held_rule = |map: usize| {
+                    held.iter().find_map(|tries| tries[map].get(&prefix)).filter(|r| r.verdict == verdict)
                 };
-                if here == Some(&rule) {
-                    same += 1;
-                } else {
-                    writes.push((prefix, rule));
+                let here = held_rule(t);
+                match here.or_else(|| held_rule(other)) {
+                    Some(rule) if rule.rule_id < MAX_RULES => {
+                        ids.keep(rule.rule_id);
+                        if here.is_some() {
+                            unchanged += 1;
+                        } else {
+                            writes.push((prefix, *rule));
+                        }
+                        trie.insert(prefix, *rule);
+                    }
+                    _ => new_rules.push((t, prefix, verdict)),
                 }
-                trie.insert(prefix, rule);
             }
-            // Entries that go: only looked for when some of the old content was not kept.
-            let stale: Vec<Prefix> = match &base {
-                Some(base) if base[t].len() != same => {
-                    base[t].keys().filter(|p| !trie.contains_key(*p)).copied().collect()
-                }
-                _ => Vec::new(),
-            };
-            unchanged += same;
-            changes.push((writes, stale));
+            changes.push((writes, Vec::new()));
             desired.push(trie);
+        }
+        for (t, prefix, verdict) in new_rules {
+            let rule = PrefixRule { verdict, rule_id: ids.fresh_for(prefix, verdict) };
+            changes[t].0.push((prefix, rule));
+            desired[t].insert(prefix, rule);
+        }
+        // Entries that go: only looked for where some of the old content was not kept.
+        if let Some(base) = &base {
+            for ((want, (writes, stale)), have) in desired.iter().zip(&mut changes).zip(base.iter()) {
+                if have.len() + writes.len() != want.len() {
+                    *stale = have.keys().filter(|p| !want.contains_key(*p)).copied().collect();
+                }
+            }
         }
         let fresh = ids.into_fresh();
         zero_counters(ebpf, fresh.into_iter())?;
@@ -308,10 +314,9 @@ struct Ids {
     kept: Vec<bool>,
     /// New (prefix, verdict) rules and their ids: a rule new to both directions gets one.
     fresh: HashMap<(Prefix, u32), u32>,
-    /// Where the search for a free id goes on.
-    next_free: u32,
-    /// Where the search for an id of a leaving rule goes on (none free).
-    next_leaving: u32,
+    /// Where the searches for an unused id and for an id of a leaving rule go on.
+    next_unused: usize,
+    next_leaving: usize,
 }
 
 impl Ids {
@@ -326,14 +331,13 @@ impl Ids {
             in_use,
             kept: vec![false; MAX_RULES as usize],
             fresh: HashMap::new(),
-            next_free: 0,
+            next_unused: 0,
             next_leaving: 0,
         }
     }
 
-    fn keep(&mut self, id: u32) -> u32 {
+    fn keep(&mut self, id: u32) {
         self.kept[id as usize] = true;
-        id
     }
 
     /// The id of a rule no generation holds: the lowest nobody uses, else one of a rule
@@ -343,26 +347,26 @@ impl Ids {
         if let Some(&id) = self.fresh.get(&(prefix, verdict)) {
             return id;
         }
-        let id = self
-            .take(|ids, id| !ids.in_use[id] && !ids.kept[id], true)
-            .or_else(|| self.take(|ids, id| !ids.kept[id], false))
-            .unwrap_or(MAX_RULES);
-        if id < MAX_RULES {
-            self.kept[id as usize] = true;
+        let unused = (self.next_unused..self.kept.len()).find(|&id| !self.in_use[id] && !self.kept[id]);
+        if let Some(id) = unused {
+            self.next_unused = id + 1;
         }
+        let id = unused.or_else(|| {
+            let leaving = (self.next_leaving..self.kept.len()).find(|&id| !self.kept[id]);
+            if let Some(id) = leaving {
+                self.next_leaving = id + 1;
+            }
+            leaving
+        });
+        let id = match id {
+            Some(id) => {
+                self.kept[id] = true;
+                id as u32
+            }
+            None => MAX_RULES,
+        };
         self.fresh.insert((prefix, verdict), id);
         id
-    }
-
-    fn take(&mut self, free: impl Fn(&Self, usize) -> bool, unused: bool) -> Option<u32> {
-        let start = if unused { self.next_free } else { self.next_leaving };
-        let id = (start..MAX_RULES).find(|&id| free(self, id as usize))?;
-        if unused {
-            self.next_free = id + 1;
-        } else {
-            self.next_leaving = id + 1;
-        }
-        Some(id)
     }
 
     /// The ids taken anew (counters to zero).
