@@ -16,8 +16,17 @@ const TARGET: &str = "bpfel-unknown-none";
 /// Functions of the eBPF object that must stay global (bpf-linker internalizes the rest):
 /// the verifier checks a global function once, on its own, instead of once per path of
 /// every caller (see `datapath-ebpf/src/cgnat.rs` and `datapath-ebpf/src/mss.rs`).
-const GLOBAL_FUNCTIONS: [&str; 5] =
-    ["tg_cgnat_in4", "tg_cgnat_in6", "tg_cgnat_fwd4", "tg_cgnat_fwd6", "tg_mss_option"];
+const GLOBAL_FUNCTIONS: [&str; 9] = [
+    "tg_cgnat_in4",
+    "tg_cgnat_in6",
+    "tg_cgnat_fwd4",
+    "tg_cgnat_fwd6",
+    "tg_slot_in4",
+    "tg_slot_in6",
+    "tg_slot_fwd4",
+    "tg_slot_fwd6",
+    "tg_mss_option",
+];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());

@@ -2,34 +2,42 @@
 //!
 //! An LPM trie walks one node per bit of depth, and with traffic from many sources every
 //! node is a cache miss, so its cost grows with the policy. Instead each direction and
-//! family has a [`Plan`] and a hash map:
+//! family has a [`Plan`] and a slot table:
 //!
 //! 1. the plan's *range* (the smallest prefix covering every rule of the family: the CGNAT
 //!    /10, the tailnet ULA /48) is compared first, with a mask: a source outside it matches
 //!    no rule and costs no lookup at all (most real traffic);
-//! 2. inside it, one hash lookup per prefix length the policy has longer than the range,
+//! 2. inside it, one table probe per prefix length the policy has longer than the range,
 //!    longest first, with the source masked to that length; the first hit is the longest
 //!    matching prefix;
 //! 3. no hit: the rule of the range itself, if the policy has one (the built-in drop).
 //!
-//! So a lookup costs one hash probe per distinct prefix length (a policy has few), whatever
-//! the number of prefixes. A policy with at most [`MAX_INLINE`] prefixes inside the range
+//! So a lookup costs one probe per distinct prefix length (a policy has few), whatever the
+//! number of prefixes. A policy with at most [`MAX_INLINE`] prefixes inside the range
 //! (the default policy has one: the ChromeOS carve-out) carries them in the plan itself,
-//! compared with masks in order: no hash probe at all. Semantics are exactly
+//! compared with masks in order: no probe at all. Semantics are exactly
 //! longest-prefix-wins.
 //!
-//! Both policy generations (see [`crate::generation`]) live in the same maps: hash keys
-//! start with `[generation, prefix length, 0, 0]`, and the plans are indexed by
-//! generation ([`plan_index`]). One hash map per direction and family keeps one lookup call
-//! site per map in the programs.
+//! The table is an open-addressing hash table in an array ([`Slot4`], [`Slot6`]): a slot
+//! holds the prefix itself and its rule, so a probe reads one slot (one cache line) where a
+//! kernel hash map reads a bucket and then the element it points to, two dependent misses
+//! under many sources. A prefix sits at [`slot_index`] of its key or, when taken, in one of
+//! the next slots (linear probing, at most `max_probe` of the plan); a probe stops at an
+//! empty slot. The daemon builds the tables, sized to the policy (at most half full), so it
+//! knows the longest run.
+//!
+//! Each generation (see [`crate::generation`]) has its own tables, the inner maps of an
+//! array-of-maps indexed by generation, and its own plans ([`plan_index`]); a table is
+//! replaced whole when the policy outgrows it.
 
-/// Source rules for packets entering an uplink (XDP), IPv4.
+/// The tables of each generation (`ArrayOfMaps<Array<Slot4>, 2>`, index = generation) of
+/// packets entering an uplink (XDP), IPv4.
 pub const MAP_IN_V4: &str = "CGNAT_IN4";
-/// Source rules for packets entering an uplink (XDP), IPv6.
+/// ... IPv6 ([`Slot6`]).
 pub const MAP_IN_V6: &str = "CGNAT_IN6";
-/// Source rules for packets forwarded into the tunnel (TC egress on TUN), IPv4.
+/// Packets forwarded into the tunnel (TC egress on TUN), IPv4.
 pub const MAP_FWD_V4: &str = "CGNAT_FWD4";
-/// Source rules for packets forwarded into the tunnel (TC egress on TUN), IPv6.
+/// Packets forwarded into the tunnel, IPv6.
 pub const MAP_FWD_V6: &str = "CGNAT_FWD6";
 /// `Array<Plan, 4>`: the plan of each direction and generation, see [`plan_index`].
 pub const MAP_PLAN: &str = "CGNAT_PLAN";
@@ -38,23 +46,83 @@ pub const MAP_PLAN: &str = "CGNAT_PLAN";
 /// byte); a start removes their pins.
 pub const LEGACY_MAPS: [&str; 4] = ["CGNAT_IN_V4", "CGNAT_IN_V6", "CGNAT_FWD_V4", "CGNAT_FWD_V6"];
 
-/// Bytes of the tag `[generation, prefix length, 0, 0]` at the start of every key.
-pub const TAG_LEN: usize = 4;
-
 /// Most prefixes a policy may hold (user prefixes plus the built-in ones): one rule id and
 /// counter each.
 pub const MAX_POLICY_PREFIXES: u32 = crate::MAX_RULES;
-/// Capacity of each hash map: both generations of the largest policy. The maps are not
-/// preallocated (`BPF_F_NO_PREALLOC`): unused capacity costs only the bucket array.
-pub const MAX_PREFIXES: u32 = 2 * MAX_POLICY_PREFIXES;
-/// `BPF_F_NO_PREALLOC`.
-pub const HASH_FLAGS: u32 = 1;
+/// Flags of the tables (inner maps): their sizes differ (`BPF_F_INNER_MAP`), and the daemon
+/// writes a whole table through a memory mapping (`BPF_F_MMAPABLE`) instead of one syscall
+/// per slot.
+pub const TABLE_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 
-/// Key: the tag `[generation, prefix length, 0, 0]`, then the IPv4 address masked to the
-/// prefix length, in network byte order.
-pub type V4Key = [u8; 8];
-/// Key: the tag, then the IPv6 address masked to the prefix length.
-pub type V6Key = [u8; 20];
+/// Longest run a probe walks: the daemon grows a table whose longest run would be longer.
+pub const MAX_PROBE: u32 = 16;
+/// Slots of the smallest table (a table is a power of two, at most half full).
+pub const MIN_SLOTS: u32 = 64;
+/// Slots of the largest table.
+pub const MAX_SLOTS: u32 = 1 << 22;
+
+/// An IPv4 prefix and its rule. `addr` is the masked address in host order; `entry` packs
+/// the prefix length, verdict and rule id ([`Entry`]); 0 is an empty slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot4 {
+    pub addr: u32,
+    pub entry: u32,
+}
+
+/// An IPv6 prefix and its rule: the masked address as two host-order halves. 24 bytes, the
+/// array's element stride, so the daemon's view of a mapped table matches the kernel's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot6 {
+    pub hi: u64,
+    pub lo: u64,
+    pub entry: u32,
+    pub pad: u32,
+}
+
+/// A slot's prefix length (bits 24..32, never 0: table prefixes are longer than the range),
+/// verdict (bits 22..24) and rule id (bits 0..22, [`crate::MAX_RULES`] at most).
+pub struct Entry;
+
+impl Entry {
+    #[inline(always)]
+    pub const fn pack(len: u8, rule: PrefixRule) -> u32 {
+        ((len as u32) << 24) | ((rule.verdict & 3) << 22) | (rule.rule_id & ID_MASK)
+    }
+    #[inline(always)]
+    pub const fn len(entry: u32) -> u8 {
+        (entry >> 24) as u8
+    }
+    #[inline(always)]
+    pub const fn rule(entry: u32) -> PrefixRule {
+        PrefixRule { verdict: (entry >> 22) & 3, rule_id: entry & ID_MASK }
+    }
+}
+
+const ID_MASK: u32 = (1 << 22) - 1;
+const _: () = assert!(crate::MAX_RULES <= ID_MASK);
+
+/// The home slot of a key in a table of `1 << (64 - shift)` slots: Fibonacci hashing (the
+/// top bits of the product), which spreads runs of consecutive prefixes evenly.
+#[inline(always)]
+pub const fn slot_index(key: u64, shift: u32) -> u32 {
+    key.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_shr(shift) as u32
+}
+
+/// The hash key of an IPv4 prefix: masked address (host order) and length.
+#[inline(always)]
+pub const fn key4(addr: u32, len: u8) -> u64 {
+    (addr as u64) | ((len as u64) << 32)
+}
+
+/// The hash key of an IPv6 prefix: both halves (host order) mixed, and the length.
+#[inline(always)]
+pub const fn key6(hi: u64, lo: u64, len: u8) -> u64 {
+    hi.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) ^ lo ^ (len as u64)
+}
 
 /// Directions, for [`plan_index`].
 pub const INBOUND: u32 = 0;
@@ -113,6 +181,11 @@ pub struct FamilyPlan<const A: usize, const L: usize> {
     /// than the range (longest first) and `lengths` is not probed.
     pub inline_count: u32,
     pub inline: [Inline<A>; MAX_INLINE],
+    /// The table: `slot_index(key, table_shift) & table_mask` is a prefix's home slot, and
+    /// a prefix sits at most `max_probe - 1` slots after it.
+    pub table_shift: u32,
+    pub table_mask: u32,
+    pub max_probe: u32,
     /// Prefix lengths present in the policy that are longer than the range, longest first.
     pub lengths: [u8; L],
 }
@@ -141,6 +214,9 @@ impl<const A: usize, const L: usize> FamilyPlan<A, L> {
         fallback: PrefixRule::NONE,
         inline_count: 0,
         inline: [Inline { net: [0; A], mask: [0; A], rule: PrefixRule::NONE }; MAX_INLINE],
+        table_shift: 63,
+        table_mask: 0,
+        max_probe: 0,
         lengths: [0; L],
     };
 }
@@ -154,3 +230,7 @@ impl Plan {
 unsafe impl aya::Pod for PrefixRule {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Plan {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Slot4 {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Slot6 {}

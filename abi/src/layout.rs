@@ -17,7 +17,9 @@ pub const MAP: &str = "LAYOUT";
 /// 2: staged pipeline: `SETTINGS`, tunnel ingress counters appended.
 /// 3: CGNAT prefixes in hash maps per prefix length with `CGNAT_PLAN` (the maps keep their
 ///    names and key sizes but change type: the shape check sets the tries aside).
-pub const VERSION: u32 = 3;
+/// 4: the prefix maps become arrays-of-maps of slot tables, one per generation; the plans
+///    carry the table's size and longest probe.
+pub const VERSION: u32 = 4;
 
 /// The oldest layout whose maps mean the same as this one's where their shapes agree.
 pub const SAME_MEANING_SINCE: u32 = 1;

@@ -3,14 +3,16 @@
 //! first (see `tailgate_abi::cgnat`).
 
 use tailgate_abi::{
-    cgnat::{plan_index, Plan4, Plan6, PrefixRule, FORWARD, INBOUND},
+    cgnat::{
+        key4, key6, plan_index, slot_index, Entry, Plan4, Plan6, PrefixRule, FORWARD, INBOUND, MAX_PROBE,
+    },
     counters::Counter,
     verdict, MAX_RULES,
 };
 
 use crate::{
     counters::count_rule,
-    maps::{V4Rules, V6Rules, CGNAT_FWD4, CGNAT_FWD6, CGNAT_IN4, CGNAT_IN6, CGNAT_PLAN},
+    maps::{V4Tables, V6Tables, CGNAT_FWD4, CGNAT_FWD6, CGNAT_IN4, CGNAT_IN6, CGNAT_PLAN},
     parse::{Ip, Packet},
     stage::Verdict,
 };
@@ -53,7 +55,7 @@ pub fn into_tunnel(packet: &Packet, origin: &Origin, generation: u8) -> Verdict 
 /// The rule a lookup found, counted.
 #[inline(always)]
 fn found(packed: u64) -> Option<PrefixRule> {
-    let rule = PrefixRule { verdict: (packed >> 32) as u32, rule_id: packed as u32 };
+    let rule = unpack(packed);
     if rule.verdict == verdict::NONE {
         return None;
     }
@@ -98,30 +100,30 @@ fn lookup<const DIRECTION: u32>(ip: &Ip, generation: u8) -> u64 {
 /// Inbound IPv4: `raw` is the source as read from the packet (network order).
 #[unsafe(no_mangle)]
 pub extern "C" fn tg_cgnat_in4(raw: u32, generation: u32) -> u64 {
-    family4(INBOUND, &CGNAT_IN4, raw, generation)
+    family4(INBOUND, raw, generation)
 }
 
 /// Forwarded IPv4.
 #[unsafe(no_mangle)]
 pub extern "C" fn tg_cgnat_fwd4(raw: u32, generation: u32) -> u64 {
-    family4(FORWARD, &CGNAT_FWD4, raw, generation)
+    family4(FORWARD, raw, generation)
 }
 
 /// Inbound IPv6: `hi`, `lo` are the source's halves as read from the packet.
 #[unsafe(no_mangle)]
 pub extern "C" fn tg_cgnat_in6(hi: u64, lo: u64, generation: u32) -> u64 {
-    family6(INBOUND, &CGNAT_IN6, hi, lo, generation)
+    family6(INBOUND, hi, lo, generation)
 }
 
 /// Forwarded IPv6.
 #[unsafe(no_mangle)]
 pub extern "C" fn tg_cgnat_fwd6(hi: u64, lo: u64, generation: u32) -> u64 {
-    family6(FORWARD, &CGNAT_FWD6, hi, lo, generation)
+    family6(FORWARD, hi, lo, generation)
 }
 
 /// Outside the range no rule can match: two compares, no lookup (most traffic).
 #[inline(always)]
-fn family4(direction: u32, map: &V4Rules, raw: u32, generation: u32) -> u64 {
+fn family4(direction: u32, raw: u32, generation: u32) -> u64 {
     let Some(plan) = CGNAT_PLAN.get(plan_index(direction, generation)) else { return pack(PrefixRule::NONE) };
     let plan = &plan.v4;
     if plan.active == 0 || raw & u32::from_ne_bytes(plan.mask) != u32::from_ne_bytes(plan.net) {
@@ -130,11 +132,11 @@ fn family4(direction: u32, map: &V4Rules, raw: u32, generation: u32) -> u64 {
     if plan.inline_count > 0 {
         return pack(inline4(plan, raw));
     }
-    pack(probe4(plan, map, generation as u8, u32::from_be(raw)))
+    pack(lengths4(direction, plan, generation, u32::from_be(raw)))
 }
 
 #[inline(always)]
-fn family6(direction: u32, map: &V6Rules, hi: u64, lo: u64, generation: u32) -> u64 {
+fn family6(direction: u32, hi: u64, lo: u64, generation: u32) -> u64 {
     let Some(plan) = CGNAT_PLAN.get(plan_index(direction, generation)) else { return pack(PrefixRule::NONE) };
     let plan = &plan.v6;
     let (net_hi, net_lo) = halves(&plan.net);
@@ -145,7 +147,7 @@ fn family6(direction: u32, map: &V6Rules, hi: u64, lo: u64, generation: u32) -> 
     if plan.inline_count > 0 {
         return pack(inline6(plan, hi, lo));
     }
-    pack(probe6(plan, map, generation as u8, u64::from_be(hi), u64::from_be(lo)))
+    pack(lengths6(direction, plan, generation, u64::from_be(hi), u64::from_be(lo)))
 }
 
 /// The prefixes the plan carries, longest first: compares, no lookup.
@@ -186,19 +188,19 @@ fn pack(rule: PrefixRule) -> u64 {
 
 /// Probes the lengths of `plan`, longest first, for `addr` (host order) inside its range.
 #[inline(always)]
-fn probe4(plan: &Plan4, map: &V4Rules, generation: u8, addr: u32) -> PrefixRule {
+fn lengths4(direction: u32, plan: &Plan4, generation: u32, addr: u32) -> PrefixRule {
     let count = plan.count as usize;
     let mut i = 0;
     while i < plan.lengths.len() && i < count {
         let len = plan.lengths[i];
         let masked = addr & mask32(len);
-        let mut key = [0u8; 8];
-        key[0] = generation;
-        key[1] = len;
-        key[4..].copy_from_slice(&masked.to_be_bytes());
-        if let Some(rule) = map.get_ptr(key) {
-            // SAFETY: the kernel replaces hash elements whole (RCU); this reads one.
-            return unsafe { *rule };
+        let found = if direction == INBOUND {
+            tg_slot_in4(masked, u32::from(len), generation)
+        } else {
+            tg_slot_fwd4(masked, u32::from(len), generation)
+        };
+        if found != pack(PrefixRule::NONE) {
+            return unpack(found);
         }
         i += 1;
     }
@@ -207,24 +209,97 @@ fn probe4(plan: &Plan4, map: &V4Rules, generation: u8, addr: u32) -> PrefixRule 
 
 /// Probes the lengths of `plan`, longest first, for the address `hi:lo` (host order).
 #[inline(always)]
-fn probe6(plan: &Plan6, map: &V6Rules, generation: u8, hi: u64, lo: u64) -> PrefixRule {
+fn lengths6(direction: u32, plan: &Plan6, generation: u32, hi: u64, lo: u64) -> PrefixRule {
     let count = plan.count as usize;
     let mut i = 0;
     while i < plan.lengths.len() && i < count {
         let len = plan.lengths[i];
         let (mhi, mlo) = if len <= 64 { (mask64(len), 0) } else { (u64::MAX, mask64(len - 64)) };
-        let mut key = [0u8; 20];
-        key[0] = generation;
-        key[1] = len;
-        key[4..12].copy_from_slice(&(hi & mhi).to_be_bytes());
-        key[12..].copy_from_slice(&(lo & mlo).to_be_bytes());
-        if let Some(rule) = map.get_ptr(key) {
-            // SAFETY: as in `probe4`.
-            return unsafe { *rule };
+        let found = if direction == INBOUND {
+            tg_slot_in6(hi & mhi, lo & mlo, u32::from(len), generation)
+        } else {
+            tg_slot_fwd6(hi & mhi, lo & mlo, u32::from(len), generation)
+        };
+        if found != pack(PrefixRule::NONE) {
+            return unpack(found);
         }
         i += 1;
     }
     plan.fallback
+}
+
+#[inline(always)]
+fn unpack(packed: u64) -> PrefixRule {
+    PrefixRule { verdict: (packed >> 32) as u32, rule_id: packed as u32 }
+}
+
+// The slot walks are global functions too: walked inside the lengths loop (up to 128
+// lengths for IPv6) the verifier's path would exceed its limit of jumps per path.
+
+/// The rule of the IPv4 prefix `masked`/`len` in the inbound table, packed (verdict `NONE`:
+/// absent).
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_slot_in4(masked: u32, len: u32, generation: u32) -> u64 {
+    slot4(INBOUND, &CGNAT_IN4, masked, len as u8, generation)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_slot_fwd4(masked: u32, len: u32, generation: u32) -> u64 {
+    slot4(FORWARD, &CGNAT_FWD4, masked, len as u8, generation)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_slot_in6(hi: u64, lo: u64, len: u32, generation: u32) -> u64 {
+    slot6(INBOUND, &CGNAT_IN6, hi, lo, len as u8, generation)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn tg_slot_fwd6(hi: u64, lo: u64, len: u32, generation: u32) -> u64 {
+    slot6(FORWARD, &CGNAT_FWD6, hi, lo, len as u8, generation)
+}
+
+/// Walks the run from the prefix's home slot: a prefix sits at most `max_probe - 1` slots
+/// after its home, and never after an empty slot.
+#[inline(always)]
+fn slot4(direction: u32, tables: &V4Tables, masked: u32, len: u8, generation: u32) -> u64 {
+    let Some(plan) = CGNAT_PLAN.get(plan_index(direction, generation)) else { return pack(PrefixRule::NONE) };
+    let plan = &plan.v4;
+    let Some(table) = tables.get(generation & 1) else { return pack(PrefixRule::NONE) };
+    let mut index = slot_index(key4(masked, len), plan.table_shift) & plan.table_mask;
+    let mut step = 0;
+    while step < MAX_PROBE && step < plan.max_probe {
+        let Some(slot) = table.get(index) else { break };
+        if slot.entry == 0 {
+            break;
+        }
+        if slot.addr == masked && Entry::len(slot.entry) == len {
+            return pack(Entry::rule(slot.entry));
+        }
+        index = (index + 1) & plan.table_mask;
+        step += 1;
+    }
+    pack(PrefixRule::NONE)
+}
+
+#[inline(always)]
+fn slot6(direction: u32, tables: &V6Tables, hi: u64, lo: u64, len: u8, generation: u32) -> u64 {
+    let Some(plan) = CGNAT_PLAN.get(plan_index(direction, generation)) else { return pack(PrefixRule::NONE) };
+    let plan = &plan.v6;
+    let Some(table) = tables.get(generation & 1) else { return pack(PrefixRule::NONE) };
+    let mut index = slot_index(key6(hi, lo, len), plan.table_shift) & plan.table_mask;
+    let mut step = 0;
+    while step < MAX_PROBE && step < plan.max_probe {
+        let Some(slot) = table.get(index) else { break };
+        if slot.entry == 0 {
+            break;
+        }
+        if slot.hi == hi && slot.lo == lo && Entry::len(slot.entry) == len {
+            return pack(Entry::rule(slot.entry));
+        }
+        index = (index + 1) & plan.table_mask;
+        step += 1;
+    }
+    pack(PrefixRule::NONE)
 }
 
 /// The address bytes as two raw (network order) words.

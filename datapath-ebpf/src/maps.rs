@@ -1,12 +1,12 @@
 //! Every map of the datapath. Names, keys and values come from `tailgate_abi`.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, PerCpuArray},
     macros::btf_map,
     Global,
 };
 use tailgate_abi::{
-    cgnat::{Plan, PrefixRule, V4Key, V6Key, HASH_FLAGS, MAX_PREFIXES},
+    cgnat::{Plan, Slot4, Slot6, TABLE_FLAGS},
     counters::Counter,
     settings::Settings,
     MAX_RULES,
@@ -32,10 +32,10 @@ pub static GENERATION: Array<u32, 1> = Array::new();
 #[btf_map]
 pub static GEN_BARRIER: ArrayOfMaps<Array<u32, 1>, 1> = ArrayOfMaps::new();
 
-/// The prefix rules; keys start with the generation and prefix length (see
-/// `tailgate_abi::cgnat`).
-pub type V4Rules = HashMap<V4Key, PrefixRule, { MAX_PREFIXES as usize }, { HASH_FLAGS as usize }>;
-pub type V6Rules = HashMap<V6Key, PrefixRule, { MAX_PREFIXES as usize }, { HASH_FLAGS as usize }>;
+/// The prefix tables of both generations (index = generation); each inner map is sized to
+/// its policy by the daemon (see `tailgate_abi::cgnat`).
+pub type V4Tables = ArrayOfMaps<Array<Slot4, 1, { TABLE_FLAGS as usize }>, 2>;
+pub type V6Tables = ArrayOfMaps<Array<Slot6, 1, { TABLE_FLAGS as usize }>, 2>;
 
 /// How to look up the prefix rules, per direction and generation (`cgnat::plan_index`).
 #[btf_map]
@@ -43,15 +43,15 @@ pub static CGNAT_PLAN: Array<Plan, 4> = Array::new();
 
 /// Source rules for packets entering an uplink.
 #[btf_map]
-pub static CGNAT_IN4: V4Rules = HashMap::new();
+pub static CGNAT_IN4: V4Tables = ArrayOfMaps::new();
 #[btf_map]
-pub static CGNAT_IN6: V6Rules = HashMap::new();
+pub static CGNAT_IN6: V6Tables = ArrayOfMaps::new();
 
 /// Source rules for packets forwarded into the tunnel.
 #[btf_map]
-pub static CGNAT_FWD4: V4Rules = HashMap::new();
+pub static CGNAT_FWD4: V4Tables = ArrayOfMaps::new();
 #[btf_map]
-pub static CGNAT_FWD6: V6Rules = HashMap::new();
+pub static CGNAT_FWD6: V6Tables = ArrayOfMaps::new();
 
 /// Packets per verdict reason (`Counter`).
 #[btf_map]

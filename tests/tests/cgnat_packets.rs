@@ -276,6 +276,53 @@ fn a_hundred_thousand_prefixes_all_have_counters() {
     assert_every_rule_counted(&dp, 100_000);
 }
 
+/// Exemptions scattered over the /10 (every 7th /28 from `first`), so tables have runs.
+fn scattered_exemptions(first: u32, count: u32) -> Vec<std::net::Ipv4Addr> {
+    let base = u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0));
+    (first..first + count).map(|i| std::net::Ipv4Addr::from(base + (i * 7 % 262_144) * 16)).collect()
+}
+
+fn sync_exemptions(dp: &mut Datapath, prefixes: &[std::net::Ipv4Addr]) {
+    let list: Vec<String> = prefixes.iter().map(|a| format!("\"{a}/28\"")).collect();
+    let config =
+        tailgate::config::Config::parse(&format!("[cgnat]\nallow = [{}]", list.join(",")), &HashMap::new())
+            .unwrap();
+    dp.sync(&tailgate::policy::compile(&config, Default::default())).unwrap();
+}
+
+/// Every exempt prefix passes and its neighbours drop, in both programs.
+fn assert_exactly_exempt(dp: &mut Datapath, exempt: &[std::net::Ipv4Addr], gone: &[std::net::Ipv4Addr]) {
+    for (addrs, uplink, forward) in [(exempt, XDP_PASS, TC_ACT_OK), (gone, XDP_DROP, TC_ACT_SHOT)] {
+        for a in addrs {
+            let src = std::net::Ipv4Addr::from(u32::from(*a) + 9).to_string();
+            let frame = eth_udp4(&src, "192.0.2.1");
+            assert_eq!(testrun::run_xdp(dp, &frame).unwrap(), uplink, "uplink, source {src}");
+            assert_eq!(testrun::run_tunnel_egress(dp, &frame, 7).unwrap(), forward, "forward, source {src}");
+        }
+    }
+}
+
+#[test]
+fn slot_tables_hold_every_prefix_through_removals_growth_and_shrinking() {
+    // 3,000 prefixes: a table of 8,192 slots with runs. Then half removed in place (the
+    // runs behind them move back), then grown past the table (a new, larger one), then
+    // shrunk far below it (a smaller one): every prefix found, no removed one left.
+    let first = scattered_exemptions(0, 3_000);
+    let mut dp = testrun::datapath("").unwrap();
+    sync_exemptions(&mut dp, &first);
+    assert_exactly_exempt(&mut dp, &first, &scattered_exemptions(3_000, 500));
+    let kept: Vec<_> = first.iter().step_by(2).copied().collect();
+    let removed: Vec<_> = first.iter().skip(1).step_by(2).copied().collect();
+    sync_exemptions(&mut dp, &kept);
+    assert_exactly_exempt(&mut dp, &kept, &removed);
+    let grown = scattered_exemptions(0, 9_000);
+    sync_exemptions(&mut dp, &grown);
+    assert_exactly_exempt(&mut dp, &grown, &scattered_exemptions(9_000, 500));
+    let shrunk = scattered_exemptions(8_000, 100);
+    sync_exemptions(&mut dp, &shrunk);
+    assert_exactly_exempt(&mut dp, &shrunk, &scattered_exemptions(0, 1_000));
+}
+
 mod longest_prefix {
     //! The kernel's lookup (range check, one probe per prefix length, fallback) against
     //! `policy::resolve` on random policies, in both directions, through the real map sync.

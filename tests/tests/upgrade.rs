@@ -83,33 +83,48 @@ fn pins_of_an_unknown_layout_are_rebuilt_whole() {
     comes_up_right(&t, 1_000_000);
 }
 
-/// Layout 2 kept the prefixes in LPM tries under the names layout 3 uses for hash maps
-/// (same key and value sizes): the map type alone tells them apart, and the start rebuilds
-/// them instead of reading a trie as a hash map.
+/// Layout 2 kept the prefixes in LPM tries and layout 3 in hash maps, under the names layout
+/// 4 uses for arrays of slot tables: the map type tells them apart, and the start rebuilds
+/// them instead of reading one as the other.
 #[test]
-fn lpm_tries_of_layout_two_are_rebuilt_as_hash_maps() {
-    use aya::maps::{lpm_trie::Key, LpmTrie, MapType};
-    use tailgate_abi::cgnat::{PrefixRule, MAP_IN_V4, MAX_PREFIXES};
+fn prefix_maps_of_layouts_two_and_three_are_rebuilt_as_slot_tables() {
+    use aya::maps::{lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, MapType};
+    use tailgate_abi::cgnat::{PrefixRule, MAP_IN_V4};
 
-    let t = Topology::new().unwrap();
-    let mut daemon = Daemon::start(&t.gw, &t.pins, CONFIG).unwrap();
-    assert_eq!(daemon.stop(), Some(0));
-    let path = map(&t, MAP_IN_V4);
-    std::fs::remove_file(&path).unwrap();
-    // A layout-2 trie: generation tag, then the address; an exemption for all of CGNAT
-    // that this version must not read as its own.
-    let mut trie = LpmTrie::<MapData, [u8; 8], PrefixRule>::create(MAX_PREFIXES, 1).unwrap();
+    // Both generations of the largest policy, as those layouts sized them.
+    let capacity = 2 * tailgate_abi::MAX_RULES;
+    // An exemption for all of CGNAT that this version must not read as its own: generation
+    // tag (and, for the hash map, the length), then the address.
     let everything = PrefixRule { verdict: tailgate_abi::verdict::PASS, rule_id: 0 };
-    trie.insert(&Key::new(32 + 10, [0, 0, 0, 0, 100, 64, 0, 0]), everything, 0).unwrap();
-    trie.pin(&path).unwrap();
-    let mut meta = Array::<MapData, u32>::create(1, 0).unwrap();
-    meta.set(0, 2, 0).unwrap();
-    std::fs::remove_file(map(&t, layout::MAP)).unwrap();
-    meta.pin(map(&t, layout::MAP)).unwrap();
+    for old_layout in [2, 3] {
+        let t = Topology::new().unwrap();
+        let mut daemon = Daemon::start(&t.gw, &t.pins, CONFIG).unwrap();
+        assert_eq!(daemon.stop(), Some(0));
+        let path = map(&t, MAP_IN_V4);
+        std::fs::remove_file(&path).unwrap();
+        if old_layout == 2 {
+            let mut trie = LpmTrie::<MapData, [u8; 8], PrefixRule>::create(capacity, 1).unwrap();
+            trie.insert(&Key::new(32 + 10, [0, 0, 0, 0, 100, 64, 0, 0]), everything, 0).unwrap();
+            trie.pin(&path).unwrap();
+        } else {
+            let mut hash = BpfHashMap::<MapData, [u8; 8], PrefixRule>::create(capacity, 1).unwrap();
+            for generation in 0..2 {
+                hash.insert([generation, 10, 0, 0, 100, 64, 0, 0], everything, 0).unwrap();
+            }
+            hash.pin(&path).unwrap();
+        }
+        let mut meta = Array::<MapData, u32>::create(1, 0).unwrap();
+        meta.set(0, old_layout, 0).unwrap();
+        std::fs::remove_file(map(&t, layout::MAP)).unwrap();
+        meta.pin(map(&t, layout::MAP)).unwrap();
 
-    let mut daemon = Daemon::start(&t.gw, &t.pins, CONFIG).unwrap();
-    daemon.wait_for_log("rebuilt from the configuration");
-    assert_eq!(MapInfo::from_pin(&path).unwrap().map_type().unwrap(), MapType::Hash);
-    assert!(!t.cgnat_neighbours_ping(), "CGNAT neighbour not dropped after the upgrade");
-    assert_eq!(daemon.stop(), Some(0));
+        let mut daemon = Daemon::start(&t.gw, &t.pins, CONFIG).unwrap();
+        daemon.wait_for_log("rebuilt from the configuration");
+        assert_eq!(MapInfo::from_pin(&path).unwrap().map_type().unwrap(), MapType::ArrayOfMaps);
+        assert!(
+            !t.cgnat_neighbours_ping(),
+            "layout {old_layout}: CGNAT neighbour not dropped after the upgrade"
+        );
+        assert_eq!(daemon.stop(), Some(0));
+    }
 }

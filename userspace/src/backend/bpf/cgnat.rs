@@ -13,19 +13,23 @@ use std::{collections::HashMap, sync::Arc};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, ArrayOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     Ebpf,
 };
 use ipnet::IpNet;
 use tailgate_abi::{
     cgnat::{
-        plan_index, Plan, PrefixRule, FORWARD, INBOUND, LEGACY_MAPS, MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4,
-        MAP_IN_V6, MAP_PLAN, TAG_LEN,
+        plan_index, FamilyPlan, Plan, PrefixRule, Slot4, Slot6, FORWARD, INBOUND, LEGACY_MAPS, MAP_FWD_V4,
+        MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6, MAP_PLAN, MAX_PROBE, MAX_SLOTS, TABLE_FLAGS,
     },
     verdict, MAP_RULE_HITS, MAX_RULES,
 };
 
-use super::{cgnat_plan, generation::GenerationWriter};
+use super::{
+    cgnat_plan,
+    cgnat_table::{self as table, Slot},
+    generation::GenerationWriter,
+};
 use crate::policy::{CgnatRules, Rule, Verdict};
 
 /// What a sync changed in the generation that became active, in map entries.
@@ -42,7 +46,7 @@ pub type Prefix = (bool, u32, [u8; 16]);
 /// A table keyed by prefix.
 pub type PrefixMap<V> = HashMap<Prefix, V, rustc_hash::FxBuildHasher>;
 
-/// The four prefix maps: (name, IPv6?, inbound?). Each holds both generations.
+/// The four prefix maps: (name, IPv6?, inbound?). Each holds a table per generation.
 const TRIES: [(&str, bool, bool); 4] = [
     (MAP_IN_V4, false, true),
     (MAP_IN_V6, true, true),
@@ -66,9 +70,11 @@ pub type TrieSet = Vec<PrefixMap<PrefixRule>>;
 pub struct CgnatMaps {
     /// Per generation; `None` until read, and again after a write failed half-way.
     held: [Option<Tries>; 2],
+    /// Per generation, per prefix map (`TRIES` order): the table the outer map points to.
+    tables: [[Option<Table>; 4]; 2],
     /// What the change being written wants, ids assigned.
     desired: Tries,
-    /// The plans of `desired`.
+    /// The plans of `desired`, without the table fields (each generation's tables fill them).
     plans: [Plan; 2],
     /// The change from a content both generations held when it was planned: what a write
     /// over that content does (the usual case), without comparing every entry.
@@ -91,6 +97,7 @@ impl Default for CgnatMaps {
     fn default() -> Self {
         Self {
             held: [None, None],
+            tables: Default::default(),
             desired: Tries::default(),
             plans: [Plan::EMPTY; 2],
             delta: None,
@@ -104,8 +111,12 @@ impl CgnatMaps {
     /// id; new rules take free ones) and zeroes the counters of new ids. Write it with
     /// `generation::swap`.
     pub fn plan(&mut self, ebpf: &mut Ebpf, rules: &CgnatRules) -> Result<()> {
-        if self.held.iter().any(Option::is_none) {
-            self.held = read_both(ebpf)?.map(|tries| Some(Arc::new(tries)));
+        for generation in 0..2 {
+            if self.held[generation].is_none() {
+                let (tries, tables) = read_generation_tables(ebpf, generation as u32)?;
+                self.held[generation] = Some(Arc::new(tries));
+                self.tables[generation] = tables;
+            }
         }
         // Both generations normally hold one shared content: look there once.
         let base = match &self.held {
@@ -194,15 +205,20 @@ impl CgnatMaps {
 
 impl GenerationWriter for CgnatMaps {
     fn write(&mut self, ebpf: &mut Ebpf, generation: u32) -> Result<usize> {
-        let held = match self.held[generation as usize].take() {
+        let g = generation as usize & 1;
+        let held = match self.held[g].take() {
             Some(held) => held,
-            None => Arc::new(std::mem::take(&mut read_both(ebpf)?[generation as usize])),
+            None => {
+                let (tries, tables) = read_generation_tables(ebpf, generation)?;
+                self.tables[g] = tables;
+                Arc::new(tries)
+            }
         };
         let mut report = SyncReport::default();
         if Arc::ptr_eq(&held, &self.desired) {
             // This generation already holds exactly this (the common second write).
             report.unchanged = held.iter().map(|trie| trie.len()).sum();
-            self.held[generation as usize] = Some(held);
+            self.held[g] = Some(held);
             self.report.get_or_insert(report);
             return Ok(0);
         }
@@ -218,22 +234,210 @@ impl GenerationWriter for CgnatMaps {
                 &computed
             }
         };
-        for (&(name, v6, _), (writes, stale)) in TRIES.iter().zip(changes) {
+        for (t, (&(name, v6, _), (writes, stale))) in TRIES.iter().zip(changes).enumerate() {
             report.added += writes.len();
             report.removed += stale.len();
             // On failure `held` stays unknown: the next change reads the maps again.
-            if v6 {
-                apply::<20>(ebpf, name, generation, writes, stale)?;
+            let held_table = self.tables[g][t].take();
+            let want = &self.desired[t];
+            let written = if v6 {
+                write_table::<Slot6>(ebpf, name, generation, held_table, want, writes, stale)?
             } else {
-                apply::<8>(ebpf, name, generation, writes, stale)?;
-            }
+                write_table::<Slot4>(ebpf, name, generation, held_table, want, writes, stale)?
+            };
+            self.tables[g][t] = Some(written);
         }
         // The plans last: they only say where to look.
-        let written = write_plans(ebpf, generation, &self.plans)?;
-        self.held[generation as usize] = Some(self.desired.clone());
+        let plans = self.plans_of(g);
+        let written = write_plans(ebpf, generation, &plans)?;
+        self.held[g] = Some(self.desired.clone());
         self.report.get_or_insert(report);
         Ok(report.added + report.removed + written)
     }
+}
+
+impl CgnatMaps {
+    /// The plans of `desired` over the tables generation `g` has.
+    fn plans_of(&self, g: usize) -> [Plan; 2] {
+        let mut plans = self.plans;
+        // TRIES order: in v4, in v6, fwd v4, fwd v6.
+        for (d, plan) in plans.iter_mut().enumerate() {
+            with_table(&mut plan.v4, self.tables[g][2 * d].as_ref());
+            with_table(&mut plan.v6, self.tables[g][2 * d + 1].as_ref());
+        }
+        plans
+    }
+}
+
+fn with_table<const A: usize, const L: usize>(plan: &mut FamilyPlan<A, L>, table: Option<&Table>) {
+    if let Some(table) = table {
+        plan.table_shift = table::shift(table.capacity);
+        plan.table_mask = table.capacity - 1;
+        plan.max_probe = table.longest;
+    }
+}
+
+/// One generation's table of one prefix map: an inner map of the map's array-of-maps.
+pub struct Table {
+    map: MapData,
+    capacity: u32,
+    /// The longest probe it needs (`table::longest_run`).
+    longest: u32,
+}
+
+/// Makes generation `generation`'s table of prefix map `name` hold `want`: in place when the
+/// table it has suits the new size (applying `stale` and `writes`, nobody reads it), else a
+/// new table sized to `want`, put into the outer map.
+fn write_table<S: Slot>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    generation: u32,
+    held: Option<Table>,
+    want: &PrefixMap<PrefixRule>,
+    writes: &[(Prefix, PrefixRule)],
+    stale: &[Prefix],
+) -> Result<Table> {
+    if let Some(mut held) = held.filter(|t| table::suits(t.capacity, want.len())) {
+        let mut mapped = Mapped::<S>::new(&held.map, held.capacity, true)
+            .with_context(|| format!("mapping a table of {name}"))?;
+        let slots = mapped.slots_mut();
+        for prefix in stale {
+            table::remove(slots, prefix);
+        }
+        // Removals only shorten runs: the longest known stays an upper bound.
+        let longest = table::fill(slots, writes.iter().map(|(p, r)| (p, r)));
+        if let Some(longest) = longest.map(|l| l.max(held.longest)).filter(|&l| l <= MAX_PROBE) {
+            held.longest = longest;
+            return Ok(held);
+        }
+        // Runs grew too long: a larger table, built whole.
+    }
+    let mut capacity = table::capacity_for(want.len());
+    loop {
+        let map = create_table::<S>(name, generation, capacity)?;
+        let mut mapped = Mapped::<S>::new(&map, capacity, true)
+            .with_context(|| format!("mapping a new table of {name}"))?;
+        let slots = mapped.slots_mut();
+        let longest = table::fill(slots, want);
+        drop(mapped);
+        if let Some(longest) = longest.filter(|&l| l <= MAX_PROBE) {
+            let outer = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+            let mut outer: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(outer)?;
+            outer.set(generation, &map, 0).with_context(|| format!("installing a table of {name}"))?;
+            return Ok(Table { map, capacity, longest });
+        }
+        if capacity >= MAX_SLOTS {
+            anyhow::bail!(
+                "{name}: {} prefixes do not fit a table of {MAX_SLOTS} slots with probes of at most \
+                 {MAX_PROBE} slots",
+                want.len()
+            );
+        }
+        capacity *= 2;
+    }
+}
+
+/// A new, empty table (`BPF_F_MMAPABLE` array) of `capacity` slots.
+fn create_table<S: Slot>(name: &str, generation: u32, capacity: u32) -> Result<MapData> {
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let def =
+        aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, size_of::<S>() as u32, capacity, TABLE_FLAGS);
+    let label = format!("{}_g{generation}", name.to_lowercase());
+    MapData::create(def, &label, None)
+        .with_context(|| format!("creating a table of {capacity} slots for {name}"))
+}
+
+/// A table's slots mapped into this process: written and read as memory, no syscall per
+/// slot. Unmapped on drop (the slots stay in the kernel).
+struct Mapped<S> {
+    ptr: *mut S,
+    slots: usize,
+    bytes: usize,
+}
+
+impl<S: Slot> Mapped<S> {
+    fn new(map: &MapData, capacity: u32, writable: bool) -> Result<Self> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let info = map.info()?;
+        anyhow::ensure!(
+            info.value_size() as usize == size_of::<S>() && info.max_entries() == capacity,
+            "table has {} slots of {} B, expected {capacity} of {} B",
+            info.max_entries(),
+            info.value_size(),
+            size_of::<S>()
+        );
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let bytes = (capacity as usize * size_of::<S>()).div_ceil(page) * page;
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: a shared mapping of the map's own pages, `bytes` long (the kernel refuses
+        // more than the array holds); unmapped once in drop.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), bytes, prot, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of a table");
+        }
+        Ok(Self { ptr: ptr.cast(), slots: capacity as usize, bytes })
+    }
+
+    fn slots(&self) -> &[S] {
+        // SAFETY: `slots` elements of `S` (the element stride, checked in `new`) are mapped.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.slots) }
+    }
+
+    fn slots_mut(&mut self) -> &mut [S] {
+        // SAFETY: as in `slots`; mapped writable when written (a read-only mapping is only
+        // read through `slots`).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.slots) }
+    }
+}
+
+impl<S> Drop for Mapped<S> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+    }
+}
+
+/// The table generation `generation` of an outer map points to, if any.
+fn inner_table(outer: &Map, generation: u32) -> Result<Option<(MapData, u32)>> {
+    let outer: ArrayOfMaps<&MapData, MapData> = ArrayOfMaps::try_from(outer)?;
+    match outer.get(&(generation & 1), 0) {
+        Ok(map) => {
+            let capacity = map.info()?.max_entries();
+            Ok(Some((map, capacity)))
+        }
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What one table holds, and the table.
+fn read_table<S: Slot>(outer: &Map, generation: u32) -> Result<(PrefixMap<PrefixRule>, Option<Table>)> {
+    let Some((map, capacity)) = inner_table(outer, generation)? else {
+        return Ok((PrefixMap::default(), None));
+    };
+    let mapped = Mapped::<S>::new(&map, capacity, false)?;
+    let entries = table::read(mapped.slots());
+    let longest = table::longest_run(mapped.slots());
+    drop(mapped);
+    Ok((entries, Some(Table { map, capacity, longest })))
+}
+
+/// What generation `generation`'s tables hold, and the tables.
+fn read_generation_tables(ebpf: &Ebpf, generation: u32) -> Result<(TrieSet, [Option<Table>; 4])> {
+    let mut tries = TrieSet::new();
+    let mut tables: [Option<Table>; 4] = Default::default();
+    for (t, &(name, v6, _)) in TRIES.iter().enumerate() {
+        let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
+        let (entries, table) =
+            if v6 { read_table::<Slot6>(map, generation) } else { read_table::<Slot4>(map, generation) }
+                .with_context(|| format!("reading {name}"))?;
+        tries.push(entries);
+        tables[t] = table;
+    }
+    Ok((tries, tables))
 }
 
 /// What turns `have` into `want`, per prefix map.
@@ -280,18 +484,6 @@ fn write_plans(ebpf: &mut Ebpf, generation: u32, plans: &[Plan; 2]) -> Result<us
         }
     }
     Ok(written)
-}
-
-/// What the tries hold, per generation.
-fn read_both(ebpf: &Ebpf) -> Result<[TrieSet; 2]> {
-    let mut both = [TrieSet::new(), TrieSet::new()];
-    for &(name, v6, _) in &TRIES {
-        let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
-        let [g0, g1] = read_trie(map, v6).with_context(|| format!("reading {name}"))?;
-        both[0].push(g0);
-        both[1].push(g1);
-    }
-    Ok(both)
 }
 
 /// The rules of one family as (prefix, verdict).
@@ -375,61 +567,13 @@ impl Ids {
     }
 }
 
-/// Writes generation `generation` of a prefix map (nobody reads it): deletes first.
-fn apply<const K: usize>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    generation: u32,
-    writes: &[(Prefix, PrefixRule)],
-    stale: &[Prefix],
-) -> Result<()> {
-    let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
-    let mut hash: BpfHashMap<&mut MapData, [u8; K], PrefixRule> = BpfHashMap::try_from(map)?;
-    for prefix in stale {
-        hash.remove(&key::<K>(generation, prefix)).with_context(|| format!("removing from {name}"))?;
-    }
-    for (prefix, rule) in writes {
-        hash.insert(key::<K>(generation, prefix), *rule, 0)
-            .with_context(|| format!("inserting into {name}"))?;
-    }
-    Ok(())
-}
-
-/// The map key of `prefix` in `generation`: `[generation, length, 0, 0]`, then the
-/// address (already masked: policy prefixes are network addresses).
-fn key<const K: usize>(generation: u32, (_, len, addr): &Prefix) -> [u8; K] {
-    let mut data = [0u8; K];
-    data[0] = generation as u8;
-    data[1] = *len as u8;
-    data[TAG_LEN..].copy_from_slice(&addr[..K - TAG_LEN]);
-    data
-}
-
-/// The entries of a prefix map, per generation.
-fn read_trie(map: &Map, v6: bool) -> Result<[PrefixMap<PrefixRule>; 2]> {
-    if v6 {
-        read_tagged::<20>(map, v6)
-    } else {
-        read_tagged::<8>(map, v6)
-    }
-}
-
-fn read_tagged<const K: usize>(map: &Map, v6: bool) -> Result<[PrefixMap<PrefixRule>; 2]> {
-    let hash: BpfHashMap<&MapData, [u8; K], PrefixRule> = BpfHashMap::try_from(map)?;
-    let mut both = [PrefixMap::default(), PrefixMap::default()];
-    for item in hash.iter() {
-        let (data, rule) = item?;
-        let mut addr = [0u8; 16];
-        addr[..K - TAG_LEN].copy_from_slice(&data[TAG_LEN..]);
-        both[usize::from(data[0] & 1)].insert((v6, u32::from(data[1]), addr), rule);
-    }
-    Ok(both)
-}
-
-/// The rules of generation `generation` in a trie map (pinned or loaded), as prefixes.
+/// The rules of generation `generation` in a prefix map (pinned or loaded), as prefixes.
 pub fn rules(map: &Map, v6: bool, generation: u32) -> Result<Vec<(IpNet, PrefixRule)>> {
-    let [g0, g1] = read_trie(map, v6)?;
-    as_nets(if generation == 0 { g0 } else { g1 })
+    as_nets(read_one(map, v6, generation)?)
+}
+
+fn read_one(map: &Map, v6: bool, generation: u32) -> Result<PrefixMap<PrefixRule>> {
+    Ok(if v6 { read_table::<Slot6>(map, generation)?.0 } else { read_table::<Slot4>(map, generation)?.0 })
 }
 
 /// The rules of a trie pinned by a version before policy generations (keys without a tag).
@@ -501,8 +645,7 @@ pub fn read_generation<const N: usize>(
     generation: u32,
 ) -> Result<HashMap<(u32, [u8; N]), PrefixRule>> {
     let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
-    let both = read_trie(map, N == 16)?;
-    Ok(both[generation as usize & 1]
+    Ok(read_one(map, N == 16, generation)?
         .iter()
         .map(|((_, len, addr), rule)| ((*len, addr[..N].try_into().expect("address width")), *rule))
         .collect())

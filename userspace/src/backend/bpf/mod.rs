@@ -5,6 +5,7 @@
 pub mod attachments;
 pub mod cgnat;
 pub mod cgnat_plan;
+pub mod cgnat_table;
 pub mod generation;
 pub mod layout;
 pub mod links;
