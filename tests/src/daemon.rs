@@ -232,6 +232,20 @@ impl Daemon {
         Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
 
+    /// `memory_kib` once the daemon is done with its last start or reload: the status it
+    /// sends after giving freed heap back follows the last `READY=1`.
+    pub fn settled_memory_kib(&self) -> Result<(u64, u64)> {
+        let settled = || {
+            let all = self.notifications();
+            let last_ready = all.iter().rposition(|n| n == "READY=1");
+            last_ready.is_some_and(|r| all[r..].iter().any(|n| n.starts_with("STATUS=enforcing")))
+        };
+        if !wait::until(Duration::from_secs(10), settled) {
+            bail!("the daemon did not settle after its last reload; its log:\n{}", self.log());
+        }
+        self.memory_kib()
+    }
+
     /// Waits up to 10 s for a `READY=1` beyond the first `count`.
     pub fn wait_ready_after(&self, count: usize) -> Result<()> {
         if !wait::until(Duration::from_secs(10), || self.readies() > count) {

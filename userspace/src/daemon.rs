@@ -199,8 +199,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         record(&opts.pins, &mut run_state, &state, backend.as_ref());
         notify(&[NotifyState::Ready]);
-        // After READY: the policy is in force; the trim does not delay it.
+        // After READY: the policy is in force; the trim does not delay it. The status
+        // after it says the reload is wholly done (what a memory reading waits for).
         release_memory();
+        notify(&[NotifyState::Status(&format!("enforcing with the {} backend", backend.name()))]);
     }
     tracing::info!("stopping");
     notify(&[NotifyState::Stopping]);

@@ -465,7 +465,7 @@ fn daemon_reload(count: usize) -> Result<()> {
     let started = Instant::now();
     let daemon = Daemon::start(&t.gw, &t.pins, &first)?;
     let start = started.elapsed();
-    let (rss, hwm) = daemon.memory_kib()?;
+    let (rss, hwm) = daemon.settled_memory_kib()?;
     daemon.write_config(&text(&config.cgnat.allow, &["100.127.255.255/32"]))?;
     let one = daemon.timed_reload()?;
     daemon.write_config(&first)?;
@@ -482,7 +482,7 @@ fn daemon_reload(count: usize) -> Result<()> {
         .collect();
     daemon.write_config(&text(&shifted, &[]))?;
     let full = daemon.timed_reload()?;
-    let (rss_after, hwm_after) = daemon.memory_kib()?;
+    let (rss_after, hwm_after) = daemon.settled_memory_kib()?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     println!(
         "| {count} | {:.0} ms | {:.1} ms | {:.1} ms | {:.0} ms | {:.1} / {:.1} MiB | {:.1} / {:.1} MiB |",
