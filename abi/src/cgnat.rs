@@ -22,7 +22,7 @@
 //! holds the prefix itself and its rule, so a probe reads one slot (one cache line) where a
 //! kernel hash map reads a bucket and then the element it points to, two dependent misses
 //! under many sources. A prefix sits at [`slot_index`] of its key or, when taken, in one of
-//! the next slots (linear probing, at most `max_probe` of the plan); a probe stops at an
+//! the next slots (linear probing, at most the plan's [`Shape::max_probe`]); a probe stops at an
 //! empty slot. The daemon builds the tables, sized to the policy (at most half full), so it
 //! knows the longest run.
 //!
@@ -105,11 +105,60 @@ impl Entry {
 const ID_MASK: u32 = (1 << 22) - 1;
 const _: () = assert!(crate::MAX_RULES <= ID_MASK);
 
-/// The home slot of a key in a table of `1 << (64 - shift)` slots: Fibonacci hashing (the
-/// top bits of the product), which spreads runs of consecutive prefixes evenly.
+/// What kernel and daemon read of any slot: its [`Entry`] (0: empty).
+pub trait TableSlot {
+    fn entry(&self) -> u32;
+}
+
+impl TableSlot for Slot4 {
+    #[inline(always)]
+    fn entry(&self) -> u32 {
+        self.entry
+    }
+}
+
+impl TableSlot for Slot6 {
+    #[inline(always)]
+    fn entry(&self) -> u32 {
+        self.entry
+    }
+}
+
+/// A table's shape as a plan carries it (and the probe functions take it, one argument):
+/// log2 of its slot count (bits 0..8) and the longest probe it needs (bits 8..16).
+pub struct Shape;
+
+impl Shape {
+    #[inline(always)]
+    pub const fn pack(bits: u32, max_probe: u32) -> u32 {
+        (bits & 0xff) | ((max_probe & 0xff) << 8)
+    }
+    #[inline(always)]
+    pub const fn bits(shape: u32) -> u32 {
+        shape & 0xff
+    }
+    #[inline(always)]
+    pub const fn max_probe(shape: u32) -> u32 {
+        (shape >> 8) & 0xff
+    }
+}
+
+/// The home slot of a key in a table of `1 << bits` slots: Fibonacci hashing (the top
+/// `bits` bits of the product), which spreads runs of consecutive prefixes evenly.
 #[inline(always)]
-pub const fn slot_index(key: u64, shift: u32) -> u32 {
-    key.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_shr(shift) as u32
+pub const fn slot_index(key: u64, bits: u32) -> u32 {
+    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_shr(64 - bits) as u32) & slot_mask(bits)
+}
+
+/// The slot after `index` (the last one wraps to the first).
+#[inline(always)]
+pub const fn next_slot(index: u32, bits: u32) -> u32 {
+    index.wrapping_add(1) & slot_mask(bits)
+}
+
+#[inline(always)]
+const fn slot_mask(bits: u32) -> u32 {
+    ((1u64 << (bits & 31)) - 1) as u32
 }
 
 /// The hash key of an IPv4 prefix: masked address (host order) and length.
@@ -181,11 +230,9 @@ pub struct FamilyPlan<const A: usize, const L: usize> {
     /// than the range (longest first) and `lengths` is not probed.
     pub inline_count: u32,
     pub inline: [Inline<A>; MAX_INLINE],
-    /// The table: `slot_index(key, table_shift) & table_mask` is a prefix's home slot, and
-    /// a prefix sits at most `max_probe - 1` slots after it.
-    pub table_shift: u32,
-    pub table_mask: u32,
-    pub max_probe: u32,
+    /// The table's [`Shape`]: `slot_index(key, bits)` is a prefix's home slot, and a prefix
+    /// sits at most `max_probe - 1` slots after it.
+    pub table: u32,
     /// Prefix lengths present in the policy that are longer than the range, longest first.
     pub lengths: [u8; L],
 }
@@ -214,9 +261,7 @@ impl<const A: usize, const L: usize> FamilyPlan<A, L> {
         fallback: PrefixRule::NONE,
         inline_count: 0,
         inline: [Inline { net: [0; A], mask: [0; A], rule: PrefixRule::NONE }; MAX_INLINE],
-        table_shift: 63,
-        table_mask: 0,
-        max_probe: 0,
+        table: 0,
         lengths: [0; L],
     };
 }

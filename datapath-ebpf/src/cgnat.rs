@@ -2,9 +2,11 @@
 //! policy's plan says which range to check and which prefix lengths to look up, longest
 //! first (see `tailgate_abi::cgnat`).
 
+use aya_ebpf::btf_maps::{Array, ArrayOfMaps};
 use tailgate_abi::{
     cgnat::{
-        key4, key6, plan_index, slot_index, Entry, Plan4, Plan6, PrefixRule, FORWARD, INBOUND, MAX_PROBE,
+        key4, key6, next_slot, plan_index, slot_index, Entry, Plan4, Plan6, PrefixRule, Shape, Slot4, Slot6,
+        TableSlot, FORWARD, INBOUND, MAX_PROBE,
     },
     counters::Counter,
     verdict, MAX_RULES,
@@ -12,7 +14,7 @@ use tailgate_abi::{
 
 use crate::{
     counters::count_rule,
-    maps::{V4Tables, V6Tables, CGNAT_FWD4, CGNAT_FWD6, CGNAT_IN4, CGNAT_IN6, CGNAT_PLAN},
+    maps::{CGNAT_FWD4, CGNAT_FWD6, CGNAT_IN4, CGNAT_IN6, CGNAT_PLAN},
     parse::{Ip, Packet},
     stage::Verdict,
 };
@@ -189,43 +191,49 @@ fn pack(rule: PrefixRule) -> u64 {
 /// Probes the lengths of `plan`, longest first, for `addr` (host order) inside its range.
 #[inline(always)]
 fn lengths4(direction: u32, plan: &Plan4, generation: u32, addr: u32) -> PrefixRule {
-    let count = plan.count as usize;
-    let mut i = 0;
-    while i < plan.lengths.len() && i < count {
-        let len = plan.lengths[i];
+    longest_first(&plan.lengths, plan.count, plan.fallback, |len| {
         let masked = addr & mask32(len);
-        let found = if direction == INBOUND {
-            tg_slot_in4(masked, u32::from(len), generation)
+        let len = u32::from(len);
+        if direction == INBOUND {
+            tg_slot_in4(masked, len, generation, plan.table)
         } else {
-            tg_slot_fwd4(masked, u32::from(len), generation)
-        };
-        if found != pack(PrefixRule::NONE) {
-            return unpack(found);
+            tg_slot_fwd4(masked, len, generation, plan.table)
         }
-        i += 1;
-    }
-    plan.fallback
+    })
 }
 
 /// Probes the lengths of `plan`, longest first, for the address `hi:lo` (host order).
 #[inline(always)]
 fn lengths6(direction: u32, plan: &Plan6, generation: u32, hi: u64, lo: u64) -> PrefixRule {
-    let count = plan.count as usize;
-    let mut i = 0;
-    while i < plan.lengths.len() && i < count {
-        let len = plan.lengths[i];
+    longest_first(&plan.lengths, plan.count, plan.fallback, |len| {
         let (mhi, mlo) = if len <= 64 { (mask64(len), 0) } else { (u64::MAX, mask64(len - 64)) };
-        let found = if direction == INBOUND {
-            tg_slot_in6(hi & mhi, lo & mlo, u32::from(len), generation)
+        let len = u32::from(len);
+        if direction == INBOUND {
+            tg_slot_in6(hi & mhi, lo & mlo, len, generation, plan.table)
         } else {
-            tg_slot_fwd6(hi & mhi, lo & mlo, u32::from(len), generation)
-        };
+            tg_slot_fwd6(hi & mhi, lo & mlo, len, generation, plan.table)
+        }
+    })
+}
+
+/// The first rule `probe` finds among the first `count` of `lengths`, else `fallback`.
+#[inline(always)]
+fn longest_first<const L: usize>(
+    lengths: &[u8; L],
+    count: u32,
+    fallback: PrefixRule,
+    probe: impl Fn(u8) -> u64,
+) -> PrefixRule {
+    let count = count as usize;
+    let mut i = 0;
+    while i < lengths.len() && i < count {
+        let found = probe(lengths[i]);
         if found != pack(PrefixRule::NONE) {
             return unpack(found);
         }
         i += 1;
     }
-    plan.fallback
+    fallback
 }
 
 #[inline(always)]
@@ -234,69 +242,69 @@ fn unpack(packed: u64) -> PrefixRule {
 }
 
 // The slot walks are global functions too: walked inside the lengths loop (up to 128
-// lengths for IPv6) the verifier's path would exceed its limit of jumps per path.
+// lengths for IPv6) the verifier's path would exceed its limit of jumps per path. Each takes
+// the masked prefix, its length, the generation and the table's shape (from the plan the
+// caller already read), and returns the rule packed (verdict `NONE`: absent). Never inlined:
+// LLVM would otherwise copy them into the lengths loop, undoing the split.
 
-/// The rule of the IPv4 prefix `masked`/`len` in the inbound table, packed (verdict `NONE`:
-/// absent).
 #[unsafe(no_mangle)]
-pub extern "C" fn tg_slot_in4(masked: u32, len: u32, generation: u32) -> u64 {
-    slot4(INBOUND, &CGNAT_IN4, masked, len as u8, generation)
+#[inline(never)]
+pub extern "C" fn tg_slot_in4(masked: u32, len: u32, generation: u32, shape: u32) -> u64 {
+    walk(&CGNAT_IN4, generation, key4(masked, len as u8), shape, |s| slot4_is(s, masked, len))
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn tg_slot_fwd4(masked: u32, len: u32, generation: u32) -> u64 {
-    slot4(FORWARD, &CGNAT_FWD4, masked, len as u8, generation)
+#[inline(never)]
+pub extern "C" fn tg_slot_fwd4(masked: u32, len: u32, generation: u32, shape: u32) -> u64 {
+    walk(&CGNAT_FWD4, generation, key4(masked, len as u8), shape, |s| slot4_is(s, masked, len))
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn tg_slot_in6(hi: u64, lo: u64, len: u32, generation: u32) -> u64 {
-    slot6(INBOUND, &CGNAT_IN6, hi, lo, len as u8, generation)
+#[inline(never)]
+pub extern "C" fn tg_slot_in6(hi: u64, lo: u64, len: u32, generation: u32, shape: u32) -> u64 {
+    walk(&CGNAT_IN6, generation, key6(hi, lo, len as u8), shape, |s| slot6_is(s, hi, lo, len))
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn tg_slot_fwd6(hi: u64, lo: u64, len: u32, generation: u32) -> u64 {
-    slot6(FORWARD, &CGNAT_FWD6, hi, lo, len as u8, generation)
-}
-
-/// Walks the run from the prefix's home slot: a prefix sits at most `max_probe - 1` slots
-/// after its home, and never after an empty slot.
-#[inline(always)]
-fn slot4(direction: u32, tables: &V4Tables, masked: u32, len: u8, generation: u32) -> u64 {
-    let Some(plan) = CGNAT_PLAN.get(plan_index(direction, generation)) else { return pack(PrefixRule::NONE) };
-    let plan = &plan.v4;
-    let Some(table) = tables.get(generation & 1) else { return pack(PrefixRule::NONE) };
-    let mut index = slot_index(key4(masked, len), plan.table_shift) & plan.table_mask;
-    let mut step = 0;
-    while step < MAX_PROBE && step < plan.max_probe {
-        let Some(slot) = table.get(index) else { break };
-        if slot.entry == 0 {
-            break;
-        }
-        if slot.addr == masked && Entry::len(slot.entry) == len {
-            return pack(Entry::rule(slot.entry));
-        }
-        index = (index + 1) & plan.table_mask;
-        step += 1;
-    }
-    pack(PrefixRule::NONE)
+#[inline(never)]
+pub extern "C" fn tg_slot_fwd6(hi: u64, lo: u64, len: u32, generation: u32, shape: u32) -> u64 {
+    walk(&CGNAT_FWD6, generation, key6(hi, lo, len as u8), shape, |s| slot6_is(s, hi, lo, len))
 }
 
 #[inline(always)]
-fn slot6(direction: u32, tables: &V6Tables, hi: u64, lo: u64, len: u8, generation: u32) -> u64 {
-    let Some(plan) = CGNAT_PLAN.get(plan_index(direction, generation)) else { return pack(PrefixRule::NONE) };
-    let plan = &plan.v6;
+fn slot4_is(slot: &Slot4, masked: u32, len: u32) -> bool {
+    slot.addr == masked && u32::from(Entry::len(slot.entry)) == len
+}
+
+#[inline(always)]
+fn slot6_is(slot: &Slot6, hi: u64, lo: u64, len: u32) -> bool {
+    slot.hi == hi && slot.lo == lo && u32::from(Entry::len(slot.entry)) == len
+}
+
+/// Walks the run from `key`'s home slot in `generation`'s table for the slot `is` accepts:
+/// a prefix sits at most `max_probe - 1` slots after its home, and never after an empty
+/// slot.
+#[inline(always)]
+fn walk<S: TableSlot, const F: usize>(
+    tables: &ArrayOfMaps<Array<S, 1, F>, 2>,
+    generation: u32,
+    key: u64,
+    shape: u32,
+    is: impl Fn(&S) -> bool,
+) -> u64 {
     let Some(table) = tables.get(generation & 1) else { return pack(PrefixRule::NONE) };
-    let mut index = slot_index(key6(hi, lo, len), plan.table_shift) & plan.table_mask;
+    let bits = Shape::bits(shape);
+    let mut index = slot_index(key, bits);
     let mut step = 0;
-    while step < MAX_PROBE && step < plan.max_probe {
+    while step < MAX_PROBE && step < Shape::max_probe(shape) {
         let Some(slot) = table.get(index) else { break };
-        if slot.entry == 0 {
+        if slot.entry() == 0 {
             break;
         }
-        if slot.hi == hi && slot.lo == lo && Entry::len(slot.entry) == len {
-            return pack(Entry::rule(slot.entry));
+        if is(slot) {
+            return pack(Entry::rule(slot.entry()));
         }
-        index = (index + 1) & plan.table_mask;
+        index = next_slot(index, bits);
         step += 1;
     }
     pack(PrefixRule::NONE)

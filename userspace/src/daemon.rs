@@ -149,10 +149,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         state.tunnel,
         backend.name()
     );
-    notify(&[
-        NotifyState::Ready,
-        NotifyState::Status(&format!("enforcing with the {} backend", backend.name())),
-    ]);
+    notify(&[NotifyState::Ready, NotifyState::Status(&enforcing(backend.as_ref()))]);
 
     // The config in force: reloads replace it; device events resolve uplinks against it.
     let mut current = config.clone();
@@ -202,7 +199,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         // After READY: the policy is in force; the trim does not delay it. The status
         // after it says the reload is wholly done (what a memory reading waits for).
         release_memory();
-        notify(&[NotifyState::Status(&format!("enforcing with the {} backend", backend.name()))]);
+        notify(&[NotifyState::Status(&enforcing(backend.as_ref()))]);
     }
     tracing::info!("stopping");
     notify(&[NotifyState::Stopping]);
@@ -508,6 +505,11 @@ fn release_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// The status while the policy is in force (and the daemon idle).
+fn enforcing(backend: &dyn Backend) -> String {
+    format!("enforcing with the {} backend", backend.name())
 }
 
 fn notify(states: &[NotifyState]) {

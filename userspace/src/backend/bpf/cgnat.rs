@@ -19,8 +19,8 @@ use aya::{
 use ipnet::IpNet;
 use tailgate_abi::{
     cgnat::{
-        plan_index, FamilyPlan, Plan, PrefixRule, Slot4, Slot6, FORWARD, INBOUND, LEGACY_MAPS, MAP_FWD_V4,
-        MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6, MAP_PLAN, MAX_PROBE, MAX_SLOTS, TABLE_FLAGS,
+        plan_index, FamilyPlan, Plan, PrefixRule, Shape, Slot4, Slot6, FORWARD, INBOUND, LEGACY_MAPS,
+        MAP_FWD_V4, MAP_FWD_V6, MAP_IN_V4, MAP_IN_V6, MAP_PLAN, MAX_PROBE, MAX_SLOTS, TABLE_FLAGS,
     },
     verdict, MAP_RULE_HITS, MAX_RULES,
 };
@@ -47,7 +47,7 @@ pub type Prefix = (bool, u32, [u8; 16]);
 pub type PrefixMap<V> = HashMap<Prefix, V, rustc_hash::FxBuildHasher>;
 
 /// The four prefix maps: (name, IPv6?, inbound?). Each holds a table per generation.
-const TRIES: [(&str, bool, bool); 4] = [
+const PREFIX_MAPS: [(&str, bool, bool); 4] = [
     (MAP_IN_V4, false, true),
     (MAP_IN_V6, true, true),
     (MAP_FWD_V4, false, false),
@@ -56,24 +56,24 @@ const TRIES: [(&str, bool, bool); 4] = [
 
 /// The map names: the prefix maps, then the plans.
 pub fn map_names() -> impl Iterator<Item = &'static str> {
-    TRIES.into_iter().map(|(name, _, _)| name).chain([MAP_PLAN])
+    PREFIX_MAPS.into_iter().map(|(name, _, _)| name).chain([MAP_PLAN])
 }
 
-/// Per prefix map (in `TRIES` order): prefix → rule. Shared (`Arc`) between the
+/// Per prefix map (in `PREFIX_MAPS` order): prefix → rule. Shared (`Arc`) between the
 /// generations that hold the same content, so the daemon keeps one copy of the policy.
-pub type Tries = Arc<TrieSet>;
-pub type TrieSet = Vec<PrefixMap<PrefixRule>>;
+pub type Prefixes = Arc<PrefixSet>;
+pub type PrefixSet = Vec<PrefixMap<PrefixRule>>;
 
 /// The CGNAT maps of both generations. What each generation holds is read from the maps
 /// once (they may come pinned from an earlier run) and then kept in step with every write,
 /// so a change writes what it changes and reads no map.
 pub struct CgnatMaps {
     /// Per generation; `None` until read, and again after a write failed half-way.
-    held: [Option<Tries>; 2],
-    /// Per generation, per prefix map (`TRIES` order): the table the outer map points to.
+    held: [Option<Prefixes>; 2],
+    /// Per generation, per prefix map (`PREFIX_MAPS` order): the table the outer map points to.
     tables: [[Option<Table>; 4]; 2],
     /// What the change being written wants, ids assigned.
-    desired: Tries,
+    desired: Prefixes,
     /// The plans of `desired`, without the table fields (each generation's tables fill them).
     plans: [Plan; 2],
     /// The change from a content both generations held when it was planned: what a write
@@ -88,7 +88,7 @@ type Changes = Vec<(Vec<(Prefix, PrefixRule)>, Vec<Prefix>)>;
 
 /// Writes and removals, per prefix map, that turn `from` into the desired content.
 struct Delta {
-    from: Tries,
+    from: Prefixes,
     changes: Changes,
     unchanged: usize,
 }
@@ -98,7 +98,7 @@ impl Default for CgnatMaps {
         Self {
             held: [None, None],
             tables: Default::default(),
-            desired: Tries::default(),
+            desired: Prefixes::default(),
             plans: [Plan::EMPTY; 2],
             delta: None,
             report: None,
@@ -113,8 +113,8 @@ impl CgnatMaps {
     pub fn plan(&mut self, ebpf: &mut Ebpf, rules: &CgnatRules) -> Result<()> {
         for generation in 0..2 {
             if self.held[generation].is_none() {
-                let (tries, tables) = read_generation_tables(ebpf, generation as u32)?;
-                self.held[generation] = Some(Arc::new(tries));
+                let (sets, tables) = read_generation_tables(ebpf, generation as u32)?;
+                self.held[generation] = Some(Arc::new(sets));
                 self.tables[generation] = tables;
             }
         }
@@ -123,26 +123,26 @@ impl CgnatMaps {
             [Some(a), Some(b)] if Arc::ptr_eq(a, b) => Some(a.clone()),
             _ => None,
         };
-        let held: Vec<&TrieSet> = match &base {
+        let held: Vec<&PrefixSet> = match &base {
             Some(base) => vec![&**base],
             None => self.held.iter().flatten().map(|t| &**t).collect(),
         };
         let mut ids = Ids::new(&held);
-        let mut desired = Vec::with_capacity(TRIES.len());
-        let mut changes: Changes = Vec::with_capacity(TRIES.len());
+        let mut desired = Vec::with_capacity(PREFIX_MAPS.len());
+        let mut changes: Changes = Vec::with_capacity(PREFIX_MAPS.len());
         // Rules no generation holds: (map, prefix, verdict). They get ids once every kept
         // id is known, so an id taken from a leaving rule is never one that stays.
         let mut new_rules = Vec::new();
         let mut unchanged = 0;
-        for (t, &(_, v6, inbound)) in TRIES.iter().enumerate() {
+        for (t, &(_, v6, inbound)) in PREFIX_MAPS.iter().enumerate() {
             let list = if inbound { &rules.inbound } else { &rules.forward };
             // The same family's map of the other direction: a rule shares its id there.
             let other = t ^ 2;
-            let mut trie = PrefixMap::with_capacity_and_hasher(list.len(), Default::default());
+            let mut content = PrefixMap::with_capacity_and_hasher(list.len(), Default::default());
             let mut writes = Vec::new();
             for (prefix, verdict) in entries(list, v6) {
                 let held_rule = |map: usize| {
-                    held.iter().find_map(|tries| tries[map].get(&prefix)).filter(|r| r.verdict == verdict)
+                    held.iter().find_map(|sets| sets[map].get(&prefix)).filter(|r| r.verdict == verdict)
                 };
                 let here = held_rule(t);
                 match here.or_else(|| held_rule(other)) {
@@ -153,13 +153,13 @@ impl CgnatMaps {
                         } else {
                             writes.push((prefix, *rule));
                         }
-                        trie.insert(prefix, *rule);
+                        content.insert(prefix, *rule);
                     }
                     _ => new_rules.push((t, prefix, verdict)),
                 }
             }
             changes.push((writes, Vec::new()));
-            desired.push(trie);
+            desired.push(content);
         }
         for (t, prefix, verdict) in new_rules {
             let rule = PrefixRule { verdict, rule_id: ids.fresh_for(prefix, verdict) };
@@ -190,12 +190,12 @@ impl CgnatMaps {
     }
 
     /// What generation `generation` holds, if known.
-    pub fn held(&self, generation: u32) -> Option<Tries> {
+    pub fn held(&self, generation: u32) -> Option<Prefixes> {
         self.held[generation as usize & 1].clone()
     }
 
     /// Prepares writing back a content read earlier with `held` (ids and all).
-    pub fn restore(&mut self, content: Tries) {
+    pub fn restore(&mut self, content: Prefixes) {
         self.plans = plans(&content);
         self.desired = content;
         self.delta = None;
@@ -209,15 +209,15 @@ impl GenerationWriter for CgnatMaps {
         let held = match self.held[g].take() {
             Some(held) => held,
             None => {
-                let (tries, tables) = read_generation_tables(ebpf, generation)?;
+                let (sets, tables) = read_generation_tables(ebpf, generation)?;
                 self.tables[g] = tables;
-                Arc::new(tries)
+                Arc::new(sets)
             }
         };
         let mut report = SyncReport::default();
         if Arc::ptr_eq(&held, &self.desired) {
             // This generation already holds exactly this (the common second write).
-            report.unchanged = held.iter().map(|trie| trie.len()).sum();
+            report.unchanged = held.iter().map(|content| content.len()).sum();
             self.held[g] = Some(held);
             self.report.get_or_insert(report);
             return Ok(0);
@@ -234,7 +234,7 @@ impl GenerationWriter for CgnatMaps {
                 &computed
             }
         };
-        for (t, (&(name, v6, _), (writes, stale))) in TRIES.iter().zip(changes).enumerate() {
+        for (t, (&(name, v6, _), (writes, stale))) in PREFIX_MAPS.iter().zip(changes).enumerate() {
             report.added += writes.len();
             report.removed += stale.len();
             // On failure `held` stays unknown: the next change reads the maps again.
@@ -260,7 +260,7 @@ impl CgnatMaps {
     /// The plans of `desired` over the tables generation `g` has.
     fn plans_of(&self, g: usize) -> [Plan; 2] {
         let mut plans = self.plans;
-        // TRIES order: in v4, in v6, fwd v4, fwd v6.
+        // PREFIX_MAPS order: in v4, in v6, fwd v4, fwd v6.
         for (d, plan) in plans.iter_mut().enumerate() {
             with_table(&mut plan.v4, self.tables[g][2 * d].as_ref());
             with_table(&mut plan.v6, self.tables[g][2 * d + 1].as_ref());
@@ -271,9 +271,7 @@ impl CgnatMaps {
 
 fn with_table<const A: usize, const L: usize>(plan: &mut FamilyPlan<A, L>, table: Option<&Table>) {
     if let Some(table) = table {
-        plan.table_shift = table::shift(table.capacity);
-        plan.table_mask = table.capacity - 1;
-        plan.max_probe = table.longest;
+        plan.table = Shape::pack(table.capacity.trailing_zeros(), table.longest);
     }
 }
 
@@ -298,8 +296,8 @@ fn write_table<S: Slot>(
     stale: &[Prefix],
 ) -> Result<Table> {
     if let Some(mut held) = held.filter(|t| table::suits(t.capacity, want.len())) {
-        let mut mapped = Mapped::<S>::new(&held.map, held.capacity, true)
-            .with_context(|| format!("mapping a table of {name}"))?;
+        let mut mapped =
+            Mapped::<S>::new(&held.map, true).with_context(|| format!("mapping a table of {name}"))?;
         let slots = mapped.slots_mut();
         for prefix in stale {
             table::remove(slots, prefix);
@@ -315,8 +313,8 @@ fn write_table<S: Slot>(
     let mut capacity = table::capacity_for(want.len());
     loop {
         let map = create_table::<S>(name, generation, capacity)?;
-        let mut mapped = Mapped::<S>::new(&map, capacity, true)
-            .with_context(|| format!("mapping a new table of {name}"))?;
+        let mut mapped =
+            Mapped::<S>::new(&map, true).with_context(|| format!("mapping a new table of {name}"))?;
         let slots = mapped.slots_mut();
         let longest = table::fill(slots, want);
         drop(mapped);
@@ -356,13 +354,14 @@ struct Mapped<S> {
 }
 
 impl<S: Slot> Mapped<S> {
-    fn new(map: &MapData, capacity: u32, writable: bool) -> Result<Self> {
+    /// Maps all of `map`'s slots; refuses a table whose slots are not `S`.
+    fn new(map: &MapData, writable: bool) -> Result<Self> {
         use std::os::fd::{AsFd, AsRawFd};
         let info = map.info()?;
+        let capacity = info.max_entries();
         anyhow::ensure!(
-            info.value_size() as usize == size_of::<S>() && info.max_entries() == capacity,
-            "table has {} slots of {} B, expected {capacity} of {} B",
-            info.max_entries(),
+            info.value_size() as usize == size_of::<S>() && capacity.is_power_of_two(),
+            "table has {capacity} slots of {} B, expected a power of two of {} B",
             info.value_size(),
             size_of::<S>()
         );
@@ -401,13 +400,10 @@ impl<S> Drop for Mapped<S> {
 }
 
 /// The table generation `generation` of an outer map points to, if any.
-fn inner_table(outer: &Map, generation: u32) -> Result<Option<(MapData, u32)>> {
+fn inner_table(outer: &Map, generation: u32) -> Result<Option<MapData>> {
     let outer: ArrayOfMaps<&MapData, MapData> = ArrayOfMaps::try_from(outer)?;
     match outer.get(&(generation & 1), 0) {
-        Ok(map) => {
-            let capacity = map.info()?.max_entries();
-            Ok(Some((map, capacity)))
-        }
+        Ok(map) => Ok(Some(map)),
         Err(MapError::KeyNotFound) => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -415,36 +411,34 @@ fn inner_table(outer: &Map, generation: u32) -> Result<Option<(MapData, u32)>> {
 
 /// What one table holds, and the table.
 fn read_table<S: Slot>(outer: &Map, generation: u32) -> Result<(PrefixMap<PrefixRule>, Option<Table>)> {
-    let Some((map, capacity)) = inner_table(outer, generation)? else {
-        return Ok((PrefixMap::default(), None));
-    };
-    let mapped = Mapped::<S>::new(&map, capacity, false)?;
-    let entries = table::read(mapped.slots());
-    let longest = table::longest_run(mapped.slots());
+    let Some(map) = inner_table(outer, generation)? else { return Ok((PrefixMap::default(), None)) };
+    let mapped = Mapped::<S>::new(&map, false)?;
+    let slots = mapped.slots();
+    let (entries, capacity, longest) = (table::read(slots), slots.len() as u32, table::longest_run(slots));
     drop(mapped);
     Ok((entries, Some(Table { map, capacity, longest })))
 }
 
 /// What generation `generation`'s tables hold, and the tables.
-fn read_generation_tables(ebpf: &Ebpf, generation: u32) -> Result<(TrieSet, [Option<Table>; 4])> {
-    let mut tries = TrieSet::new();
+fn read_generation_tables(ebpf: &Ebpf, generation: u32) -> Result<(PrefixSet, [Option<Table>; 4])> {
+    let mut sets = PrefixSet::new();
     let mut tables: [Option<Table>; 4] = Default::default();
-    for (t, &(name, v6, _)) in TRIES.iter().enumerate() {
+    for (t, &(name, v6, _)) in PREFIX_MAPS.iter().enumerate() {
         let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
         let (entries, table) =
             if v6 { read_table::<Slot6>(map, generation) } else { read_table::<Slot4>(map, generation) }
                 .with_context(|| format!("reading {name}"))?;
-        tries.push(entries);
+        sets.push(entries);
         tables[t] = table;
     }
-    Ok((tries, tables))
+    Ok((sets, tables))
 }
 
 /// What turns `have` into `want`, per prefix map.
 #[allow(clippy::type_complexity)]
 fn diff(
-    want: &TrieSet,
-    have: &TrieSet,
+    want: &PrefixSet,
+    have: &PrefixSet,
     report: &mut SyncReport,
 ) -> Vec<(Vec<(Prefix, PrefixRule)>, Vec<Prefix>)> {
     want.iter()
@@ -464,10 +458,10 @@ fn diff(
         .collect()
 }
 
-/// The plans of the inbound and forward directions of `tries`.
-pub fn plans(tries: &Tries) -> [Plan; 2] {
-    // TRIES order: in v4, in v6, fwd v4, fwd v6.
-    let plan = |v4, v6| Plan { v4: cgnat_plan::family(&tries[v4]), v6: cgnat_plan::family(&tries[v6]) };
+/// The plans of the inbound and forward directions of `sets`.
+pub fn plans(sets: &Prefixes) -> [Plan; 2] {
+    // PREFIX_MAPS order: in v4, in v6, fwd v4, fwd v6.
+    let plan = |v4, v6| Plan { v4: cgnat_plan::family(&sets[v4]), v6: cgnat_plan::family(&sets[v6]) };
     [plan(0, 1), plan(2, 3)]
 }
 
@@ -512,9 +506,9 @@ struct Ids {
 }
 
 impl Ids {
-    fn new(held: &[&TrieSet]) -> Self {
+    fn new(held: &[&PrefixSet]) -> Self {
         let mut in_use = vec![false; MAX_RULES as usize];
-        for rule in held.iter().flat_map(|tries| tries.iter().flat_map(|trie| trie.values())) {
+        for rule in held.iter().flat_map(|sets| sets.iter().flat_map(|content| content.values())) {
             if rule.rule_id < MAX_RULES {
                 in_use[rule.rule_id as usize] = true;
             }
@@ -617,13 +611,13 @@ fn untagged<const N: usize>(map: &Map, v6: bool) -> Result<PrefixMap<PrefixRule>
 
 /// The policy a version before policy generations left pinned under `pins` (a kept
 /// datapath being upgraded), in the shape of one generation; `None` if there is none.
-pub fn legacy_policy(pins: &super::Pins) -> Result<Option<Tries>> {
+pub fn legacy_policy(pins: &super::Pins) -> Result<Option<Prefixes>> {
     if !pins.map(LEGACY_MAPS[0]).exists() {
         return Ok(None);
     }
-    // LEGACY_MAPS is in TRIES order.
-    let mut tries = TrieSet::new();
-    for (&(_, v6, _), name) in TRIES.iter().zip(LEGACY_MAPS) {
+    // LEGACY_MAPS is in PREFIX_MAPS order.
+    let mut tries = PrefixSet::new();
+    for (&(_, v6, _), name) in PREFIX_MAPS.iter().zip(LEGACY_MAPS) {
         let path = pins.map(name);
         let map = Map::from_map_data(
             MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?,

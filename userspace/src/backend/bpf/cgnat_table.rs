@@ -3,15 +3,15 @@
 //! slots, so the same functions fill a fresh table, change a mapped one in place, and read
 //! one back; `cgnat` maps the tables.
 
-use tailgate_abi::cgnat::{key4, key6, slot_index, Entry, PrefixRule, Slot4, Slot6, MIN_SLOTS};
+use tailgate_abi::cgnat::{
+    key4, key6, next_slot, slot_index, Entry, PrefixRule, Slot4, Slot6, TableSlot, MIN_SLOTS,
+};
 
 use super::cgnat::{Prefix, PrefixMap};
 
 /// A slot of one family.
-pub trait Slot: Copy + Default + aya::Pod {
+pub trait Slot: TableSlot + Copy + Default + aya::Pod {
     fn new(prefix: &Prefix, rule: PrefixRule) -> Self;
-    /// 0: empty.
-    fn entry(&self) -> u32;
     /// The prefix of an occupied slot.
     fn prefix(&self) -> Prefix;
     /// The hash key of a prefix, as the kernel computes it.
@@ -25,9 +25,6 @@ impl Slot for Slot4 {
             addr: u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]),
             entry: Entry::pack(*len as u8, rule),
         }
-    }
-    fn entry(&self) -> u32 {
-        self.entry
     }
     fn prefix(&self) -> Prefix {
         let mut addr = [0u8; 16];
@@ -43,9 +40,6 @@ impl Slot for Slot6 {
     fn new(prefix: &Prefix, rule: PrefixRule) -> Self {
         let (hi, lo) = halves(&prefix.2);
         Slot6 { hi, lo, entry: Entry::pack(prefix.1 as u8, rule), pad: 0 }
-    }
-    fn entry(&self) -> u32 {
-        self.entry
     }
     fn prefix(&self) -> Prefix {
         let mut addr = [0u8; 16];
@@ -76,30 +70,34 @@ pub fn suits(capacity: u32, count: usize) -> bool {
     count * 2 <= capacity && (capacity <= MIN_SLOTS as usize || count * 8 >= capacity)
 }
 
-/// The plan's `table_shift` for a table of `capacity` slots (a power of two).
-pub fn shift(capacity: u32) -> u32 {
-    64 - capacity.trailing_zeros()
+/// log2 of a table's slot count (a power of two): the plan's `Shape::bits`.
+pub fn bits<S>(slots: &[S]) -> u32 {
+    slots.len().trailing_zeros()
 }
 
 fn home<S: Slot>(prefix: &Prefix, slots: &[S]) -> usize {
-    slot_index(S::key(prefix), shift(slots.len() as u32)) as usize & (slots.len() - 1)
+    slot_index(S::key(prefix), bits(slots)) as usize
 }
 
-/// Where `prefix` is, if present.
-fn position<S: Slot>(slots: &[S], prefix: &Prefix) -> Result<usize, usize> {
-    let mask = slots.len() - 1;
+fn next<S>(i: usize, slots: &[S]) -> usize {
+    next_slot(i as u32, bits(slots)) as usize
+}
+
+/// Where `prefix` is (`Ok`), else the empty slot where it would go (`Err(Some)`), or
+/// `Err(None)` in a full table.
+fn position<S: Slot>(slots: &[S], prefix: &Prefix) -> Result<usize, Option<usize>> {
     let mut i = home(prefix, slots);
     for _ in 0..slots.len() {
         let slot = &slots[i];
         if slot.entry() == 0 {
-            return Err(i);
+            return Err(Some(i));
         }
         if slot.prefix() == *prefix {
             return Ok(i);
         }
-        i = (i + 1) & mask;
+        i = next(i, slots);
     }
-    Err(usize::MAX)
+    Err(None)
 }
 
 /// The rule of `prefix` in the table.
@@ -110,23 +108,23 @@ pub fn find<S: Slot>(slots: &[S], prefix: &Prefix) -> Option<PrefixRule> {
 /// Puts `prefix` with `rule` into the table (replacing its rule if present). Returns the
 /// probe that finds it (slots from its home to it), `None` when the table is full.
 pub fn insert<S: Slot>(slots: &mut [S], prefix: &Prefix, rule: PrefixRule) -> Option<u32> {
-    match position(slots, prefix) {
-        Ok(i) | Err(i) if i != usize::MAX => {
-            slots[i] = S::new(prefix, rule);
-            Some((i.wrapping_sub(home(prefix, slots)) & (slots.len() - 1)) as u32 + 1)
-        }
-        _ => None,
-    }
+    let (Ok(i) | Err(Some(i))) = position(slots, prefix) else { return None };
+    slots[i] = S::new(prefix, rule);
+    Some(run(i, prefix, slots))
+}
+
+/// The probe that finds `prefix` at slot `i`: the slots from its home to `i`.
+fn run<S: Slot>(i: usize, prefix: &Prefix, slots: &[S]) -> u32 {
+    (i.wrapping_sub(home(prefix, slots)) & (slots.len() - 1)) as u32 + 1
 }
 
 /// Takes `prefix` out, moving later slots of its run back so no probe stops early
 /// (backward-shift deletion: no tombstones).
 pub fn remove<S: Slot>(slots: &mut [S], prefix: &Prefix) -> bool {
     let Ok(mut hole) = position(slots, prefix) else { return false };
-    let mask = slots.len() - 1;
     let mut j = hole;
     loop {
-        j = (j + 1) & mask;
+        j = next(j, slots);
         if slots[j].entry() == 0 || j == hole {
             break;
         }
@@ -145,12 +143,11 @@ pub fn remove<S: Slot>(slots: &mut [S], prefix: &Prefix) -> bool {
 
 /// The longest probe the table needs: over every prefix, the slots from its home to it.
 pub fn longest_run<S: Slot>(slots: &[S]) -> u32 {
-    let mask = slots.len() - 1;
     slots
         .iter()
         .enumerate()
         .filter(|(_, s)| s.entry() != 0)
-        .map(|(i, s)| ((i.wrapping_sub(home(&s.prefix(), slots))) & mask) as u32 + 1)
+        .map(|(i, s)| run(i, &s.prefix(), slots))
         .max()
         .unwrap_or(0)
 }
@@ -194,8 +191,7 @@ mod tests {
     fn kernel_probe(slots: &[Slot4], prefix: &Prefix, longest: u32) -> Option<PrefixRule> {
         let (_, len, addr) = prefix;
         let masked = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
-        let mask = slots.len() as u32 - 1;
-        let mut i = slot_index(key4(masked, *len as u8), shift(slots.len() as u32)) & mask;
+        let mut i = slot_index(key4(masked, *len as u8), bits(slots));
         for _ in 0..longest {
             let s = slots[i as usize];
             if s.entry == 0 {
@@ -204,7 +200,7 @@ mod tests {
             if s.addr == masked && u32::from(Entry::len(s.entry)) == *len {
                 return Some(Entry::rule(s.entry));
             }
-            i = (i + 1) & mask;
+            i = next_slot(i, bits(slots));
         }
         None
     }
@@ -255,6 +251,6 @@ mod tests {
         assert!(!suits(262_144, 200_000));
         assert!(!suits(262_144, 1_000));
         assert!(suits(MIN_SLOTS, 0));
-        assert_eq!(shift(64), 58);
+        assert_eq!(bits(&[Slot4::default(); 64]), 6);
     }
 }

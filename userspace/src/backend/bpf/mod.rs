@@ -111,7 +111,7 @@ pub struct Datapath {
     /// What the last policy change did (for logs and the benchmark).
     pub last_swap: Option<generation::Swap>,
     /// The policy in force before this process's first change (to roll back to).
-    previous: Option<cgnat::Tries>,
+    previous: Option<cgnat::Prefixes>,
     previous_settings: Option<Settings>,
     /// Pinned maps of another layout, set aside for this load (see `layout`).
     stash: Stash,
@@ -188,7 +188,7 @@ impl Datapath {
         self.settings.desired = settings;
         if self.applied.is_none() && self.previous_settings.is_none() {
             let active = generation::active(&self.ebpf)?;
-            // Tries rebuilt for this layout hold nothing of the old policy: there is nothing
+            // Prefixes rebuilt for this layout hold nothing of the old policy: there is nothing
             // to go back to (a roll-back leaves the new policy rather than none).
             let rebuilt = cgnat::map_names().any(|name| self.stash.holds(name));
             if !rebuilt {
