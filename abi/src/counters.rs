@@ -38,10 +38,27 @@ pub enum Counter {
     /// Either direction: a SYN whose TCP options could not be walked (zero or overlong
     /// length, cut by the packet end) was left as it was.
     MssBadOptions = 15,
+    /// Uplink: the source matched a drop rule, but the packet is a reply to (or an ICMP
+    /// error about) a flow the gateway opened out of this uplink.
+    UplinkPassReply = 16,
+    /// Tunnel egress: forwarded from another device, part of a flow opened from the tunnel
+    /// (`stateful`).
+    TunnelPassEstablished = 17,
+    /// Tunnel egress: forwarded from another device, not part of a flow opened from the
+    /// tunnel (`stateful`).
+    TunnelDropStateful = 18,
+    /// Flow table lookups (reply paths, and the owning paths' lookups before a create).
+    FlowLookups = 19,
+    /// Flows created.
+    FlowCreated = 20,
+    /// Entries found expired by a lookup (and deleted).
+    FlowExpired = 21,
+    /// Creations the kernel refused (out of memory); the packet's verdict is unchanged.
+    FlowCreateFailed = 22,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 23] = [
         Counter::UplinkPassNotIp,
         Counter::UplinkPassMalformed,
         Counter::UplinkPassNoMatch,
@@ -58,6 +75,13 @@ impl Counter {
         Counter::TunnelInMssClamped,
         Counter::TunnelOutMssClamped,
         Counter::MssBadOptions,
+        Counter::UplinkPassReply,
+        Counter::TunnelPassEstablished,
+        Counter::TunnelDropStateful,
+        Counter::FlowLookups,
+        Counter::FlowCreated,
+        Counter::FlowExpired,
+        Counter::FlowCreateFailed,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -80,6 +104,13 @@ impl Counter {
             Counter::TunnelInMssClamped => "tunnel_in_mss_clamped",
             Counter::TunnelOutMssClamped => "tunnel_out_mss_clamped",
             Counter::MssBadOptions => "mss_bad_options",
+            Counter::UplinkPassReply => "uplink_pass_reply",
+            Counter::TunnelPassEstablished => "tunnel_pass_established",
+            Counter::TunnelDropStateful => "tunnel_drop_stateful",
+            Counter::FlowLookups => "flow_lookups",
+            Counter::FlowCreated => "flow_created",
+            Counter::FlowExpired => "flow_expired",
+            Counter::FlowCreateFailed => "flow_create_failed",
         }
     }
 }

@@ -4,6 +4,7 @@
 #![no_std]
 
 pub mod cgnat;
+pub mod conntrack;
 pub mod counters;
 pub mod layout;
 pub mod settings;
@@ -29,8 +30,10 @@ pub mod programs {
     /// TC egress on the tunnel (TUN) interface: forwarded-into-tunnel source filtering, MSS
     /// clamp.
     pub const TUNNEL_EGRESS: &str = "tg_tunnel_egress";
-    /// TC ingress on the tunnel: subnet-route mark, MSS clamp.
+    /// TC ingress on the tunnel: subnet-route mark, MSS clamp, flows opened from the tunnel.
     pub const TUNNEL_INGRESS: &str = "tg_tunnel_ingress";
+    /// TC egress on every uplink: records the gateway's own flows (`[cgnat] allow_replies`).
+    pub const UPLINK_EGRESS: &str = "tg_uplink_egress";
 }
 
 /// Load-time constants of the object (`EbpfLoader::override_global`).

@@ -11,6 +11,12 @@ pub mod stage {
     pub const MARK: u32 = 1 << 0;
     /// Clamp the MSS of SYN and SYN-ACK crossing the tunnel.
     pub const MSS: u32 = 1 << 1;
+    /// Record the gateway's own flows towards filtered addresses at the uplinks' egress and
+    /// let their replies through the inbound filter (`[cgnat] allow_replies`).
+    pub const OWN_FLOWS: u32 = 1 << 2;
+    /// Record flows opened from the tunnel; a packet forwarded into the tunnel from another
+    /// device passes only as part of one (`[subnet_routes] stateful`).
+    pub const STATEFUL: u32 = 1 << 3;
 }
 
 /// The parameters of one generation. All zero: every stage off.

@@ -2,11 +2,12 @@
 //! description. Stages live in their own modules and only decide; the entry point applies
 //! rewrites, counts and returns the verdict.
 //!
-//! | hook (program)                       | stages, in order                  |
-//! |--------------------------------------|-----------------------------------|
-//! | uplink XDP (`tg_uplink`)             | cgnat (inbound)                   |
-//! | tunnel TC ingress (`tg_tunnel_ingress`) | mark, mss                      |
-//! | tunnel TC egress (`tg_tunnel_egress`)   | cgnat (forward), mss           |
+//! | hook (program)                          | stages, in order                            |
+//! |-----------------------------------------|---------------------------------------------|
+//! | uplink XDP (`tg_uplink`)                | cgnat (inbound); a drop: conntrack (reply?) |
+//! | uplink TC egress (`tg_uplink_egress`)   | conntrack (record the gateway's own flows)  |
+//! | tunnel TC ingress (`tg_tunnel_ingress`) | conntrack (record), mark, mss               |
+//! | tunnel TC egress (`tg_tunnel_egress`)   | conntrack (stateful), cgnat (forward), mss  |
 //!
 //! The crate builds only for `bpfel-unknown-none` (see `userspace/build.rs`); on the host it
 //! is an empty binary so `cargo clippy --workspace` and `cargo test --workspace` work.
@@ -14,6 +15,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod cgnat;
+#[cfg(target_arch = "bpf")]
+mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod counters;
 #[cfg(target_arch = "bpf")]
@@ -35,24 +38,43 @@ mod programs {
         programs::{TcContext, XdpContext},
     };
     use aya_log_ebpf::debug;
-    use tailgate_abi::counters::Counter;
+    use tailgate_abi::{counters::Counter, settings::stage};
 
     use crate::{
         cgnat,
+        conntrack::{self, At, Bytes},
         counters::count,
         maps::{generation, settings, TUNNEL_L3_OFFSET},
         mark,
         mss::{self, Clamp},
-        parse::{self, NoPacket},
+        parse::{self, Link, NoPacket},
         stage::{Rewrite, Verdict},
     };
 
     /// XDP on every uplink: drops packets whose source is in a filtered range (CGNAT,
-    /// tailnet ULA) unless the policy exempts it.
+    /// tailnet ULA) unless the policy exempts it, or (`allow_replies`) it answers a flow the
+    /// gateway opened out of this uplink.
     #[xdp]
     pub fn tg_uplink(ctx: XdpContext) -> u32 {
-        let verdict = match parse::ethernet(ctx.data(), ctx.data_end()) {
-            Ok(packet) => cgnat::inbound(&packet, generation()),
+        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+        let verdict = match parse::ethernet(bytes.data, bytes.data_end) {
+            Ok(packet) => {
+                let generation = generation();
+                match cgnat::inbound(&packet, generation) {
+                    // Settings and flows are read on the drop path only: passing traffic
+                    // pays nothing for them.
+                    Verdict::Drop(reason) => {
+                        let replies = settings(generation).stages & stage::OWN_FLOWS != 0;
+                        if replies && conntrack::reply(&packet, bytes, At::own(ctx.ingress_ifindex() as u32))
+                        {
+                            Verdict::Pass(Counter::UplinkPassReply)
+                        } else {
+                            Verdict::Drop(reason)
+                        }
+                    }
+                    pass => pass,
+                }
+            }
             Err(NoPacket::NotIp) => Verdict::Pass(Counter::UplinkPassNotIp),
             Err(NoPacket::Malformed) => Verdict::Pass(Counter::UplinkPassMalformed),
         };
@@ -69,17 +91,45 @@ mod programs {
         }
     }
 
-    /// TC ingress on the tunnel: marks packets for subnet routes and clamps the MSS of SYNs
-    /// coming out of the tunnel.
+    /// TC egress on every uplink: records the gateway's own flows towards addresses whose
+    /// replies the inbound filter would drop (`allow_replies`). Never drops.
+    #[classifier]
+    pub fn tg_uplink_egress(ctx: TcContext) -> i32 {
+        // SAFETY: the context pointer is valid for the program's run.
+        let (ingress, ifindex) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).ifindex) };
+        // Forwarded packets came in on a device: only the gateway's own are recorded.
+        if ingress != 0 {
+            return TC_ACT_OK as i32;
+        }
+        let generation = generation();
+        if settings(generation).stages & stage::OWN_FLOWS == 0 {
+            return TC_ACT_OK as i32;
+        }
+        if let Ok(packet) = parse::skb(&ctx, Link::Ethernet) {
+            if cgnat::replies_filtered(&packet, generation) {
+                let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+                conntrack::record(&packet, bytes, At::own(ifindex));
+            }
+        }
+        TC_ACT_OK as i32
+    }
+
+    /// TC ingress on the tunnel: records flows opened from the tunnel (`stateful`), marks
+    /// packets for subnet routes and clamps the MSS of SYNs coming out of the tunnel.
     #[classifier]
     pub fn tg_tunnel_ingress(ctx: TcContext) -> i32 {
-        let packet = match parse::skb(&ctx, TUNNEL_L3_OFFSET.load() as usize) {
+        let packet = match parse::skb(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize)) {
             Ok(packet) => packet,
             Err(_) => return pass(Counter::TunnelInPassOther),
         };
         let settings = settings(generation());
         // SAFETY: the context pointer is valid for the program's run.
-        let current = unsafe { (*ctx.skb.skb).mark };
+        let (current, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
+        // Before the clamp: a rewrite invalidates the packet pointers.
+        if settings.stages & stage::STATEFUL != 0 {
+            let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+            conntrack::record(&packet, bytes, At::tunnel(ifindex));
+        }
         if let Some(rewrite) = mark::from_tunnel(current, &settings) {
             apply(&ctx, rewrite, Counter::TunnelInMarked);
         }
@@ -87,21 +137,37 @@ mod programs {
         pass(Counter::TunnelInPass)
     }
 
-    /// TC egress on the tunnel: drops forwarded packets with a filtered source that did not
-    /// come in through the tunnel (reference rule ts-forward 3); clamps the MSS of SYNs
-    /// going into the tunnel.
+    /// TC egress on the tunnel: with `stateful`, drops forwarded packets that are not part
+    /// of a flow opened from the tunnel; drops forwarded packets with a filtered source that
+    /// did not come in through the tunnel (reference rule ts-forward 3); clamps the MSS of
+    /// SYNs going into the tunnel.
     #[classifier]
     pub fn tg_tunnel_egress(ctx: TcContext) -> i32 {
-        let packet = match parse::skb(&ctx, TUNNEL_L3_OFFSET.load() as usize) {
+        let packet = match parse::skb(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize)) {
             Ok(packet) => packet,
             Err(_) => return pass(Counter::TunnelPassOther),
         };
         let generation = generation();
+        let settings = settings(generation);
         // SAFETY: the context pointer is valid for the program's run.
         let origin = unsafe {
             cgnat::Origin { ingress_ifindex: (*ctx.skb.skb).ingress_ifindex, ifindex: (*ctx.skb.skb).ifindex }
         };
-        let reason = match cgnat::into_tunnel(&packet, &origin, generation) {
+        let stateful = settings.stages & stage::STATEFUL != 0 && origin.forwarded();
+        // As the reference's rule order: the stateful drop comes before the prefix rules (an
+        // exempt source does not get past it).
+        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+        let verdict = if stateful && !conntrack::reply(&packet, bytes, At::tunnel(origin.ifindex)) {
+            Verdict::Drop(Counter::TunnelDropStateful)
+        } else {
+            match cgnat::into_tunnel(&packet, &origin, generation) {
+                Verdict::Pass(Counter::TunnelPassForward) if stateful => {
+                    Verdict::Pass(Counter::TunnelPassEstablished)
+                }
+                verdict => verdict,
+            }
+        };
+        let reason = match verdict {
             Verdict::Pass(reason) => reason,
             Verdict::Drop(reason) => {
                 debug!(&ctx, "tunnel egress: drop forwarded");
@@ -110,7 +176,7 @@ mod programs {
             }
         };
         if mss::applies(&packet) {
-            clamp(&ctx, mss::clamp(&ctx, &packet, &settings(generation)), Counter::TunnelOutMssClamped);
+            clamp(&ctx, mss::clamp(&ctx, &packet, &settings), Counter::TunnelOutMssClamped);
         }
         pass(reason)
     }

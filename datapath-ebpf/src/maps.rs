@@ -1,12 +1,13 @@
 //! Every map of the datapath. Names, keys and values come from `tailgate_abi`.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, LruHashMap, PerCpuArray},
     macros::btf_map,
     Global,
 };
 use tailgate_abi::{
     cgnat::{Plan, Slot4, Slot6, TABLE_FLAGS},
+    conntrack::{Flow, FlowKey4, FlowKey6, DEFAULT_ENTRIES_V4, DEFAULT_ENTRIES_V6},
     counters::Counter,
     settings::Settings,
     MAX_RULES,
@@ -52,6 +53,12 @@ pub static CGNAT_IN6: V6Tables = ArrayOfMaps::new();
 pub static CGNAT_FWD4: V4Tables = ArrayOfMaps::new();
 #[btf_map]
 pub static CGNAT_FWD6: V6Tables = ArrayOfMaps::new();
+
+/// The flow tables (`tailgate_abi::conntrack`); the daemon sets their capacity at load.
+#[btf_map]
+pub static FLOWS4: LruHashMap<FlowKey4, Flow, { DEFAULT_ENTRIES_V4 as usize }> = LruHashMap::new();
+#[btf_map]
+pub static FLOWS6: LruHashMap<FlowKey6, Flow, { DEFAULT_ENTRIES_V6 as usize }> = LruHashMap::new();
 
 /// Packets per verdict reason (`Counter`).
 #[btf_map]

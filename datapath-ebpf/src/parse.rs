@@ -34,13 +34,7 @@ const IPV4_OFFSET: u16 = 0x1fff;
 /// IPv6 fragment header: offset bits of its second 16-bit word.
 const IPV6_FRAG_OFFSET: u16 = 0xfff8;
 
-/// TCP flag bits (byte 13 of the header).
-pub mod tcp_flag {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const ACK: u8 = 0x10;
-}
+pub use tailgate_abi::conntrack::tcp_flag;
 /// Offset of the flags byte in the TCP header (after the data offset byte).
 const TCP_FLAGS: usize = offset_of!(TcpHdr, _bitfield_1) + 1;
 /// Offset of the data offset byte (upper nibble: header length in 32-bit words).
@@ -79,6 +73,9 @@ pub struct Packet {
     pub proto: u8,
     /// Part of a fragmented datagram (any fragment, first included).
     pub fragment: bool,
+    /// Offset of the transport header (whatever the protocol) from the start of the packet
+    /// data; 0 when there is none to read (a later fragment, too many extension headers).
+    pub transport: u16,
     pub l4: Option<L4>,
 }
 
@@ -148,8 +145,10 @@ fn ipv4(data: usize, data_end: usize, l3: usize) -> Result<Packet, NoPacket> {
         Ip::V4 { src: read(h + offset_of!(Ipv4Hdr, src_addr)), dst: read(h + offset_of!(Ipv4Hdr, dst_addr)) };
     // Fragments carry the addresses in every fragment; only the first has the ports.
     let fragment = frags & IPV4_MF_OFFSET != 0;
-    let l4 = if frags & IPV4_OFFSET == 0 { transport(data, data_end, l3 + ihl, proto) } else { None };
-    Ok(Packet { l3, ip, proto, fragment, l4 })
+    let first = frags & IPV4_OFFSET == 0;
+    let l4 = if first { transport(data, data_end, l3 + ihl, proto) } else { None };
+    let transport = if first { offset16(l3 + ihl) } else { 0 };
+    Ok(Packet { l3, ip, proto, fragment, transport, l4 })
 }
 
 #[inline(always)]
@@ -175,7 +174,7 @@ fn ipv6(data: usize, data_end: usize, l3: usize) -> Result<Packet, NoPacket> {
         // Every extension header starts with (next header, length); the fragment header's
         // second byte is reserved and its length fixed at 8.
         if data + next + 8 > data_end {
-            return Ok(Packet { l3, ip, proto, fragment, l4: None });
+            return Ok(Packet { l3, ip, proto, fragment, transport: 0, l4: None });
         }
         let len = if proto == IPPROTO_FRAGMENT {
             fragment = true;
@@ -188,7 +187,8 @@ fn ipv6(data: usize, data_end: usize, l3: usize) -> Result<Packet, NoPacket> {
         next += len;
     }
     let l4 = if later_fragment { None } else { transport(data, data_end, next, proto) };
-    Ok(Packet { l3, ip, proto, fragment, l4 })
+    let transport = if later_fragment { 0 } else { offset16(next) };
+    Ok(Packet { l3, ip, proto, fragment, transport, l4 })
 }
 
 /// The TCP or UDP header at `l4`, when whole in the packet.
@@ -226,7 +226,7 @@ fn transport(data: usize, data_end: usize, l4: usize, proto: u8) -> Option<L4> {
 
 /// Callers have checked `addr + size_of::<T>() <= data_end`.
 #[inline(always)]
-fn read<T: Copy>(addr: usize) -> T {
+pub fn read<T: Copy>(addr: usize) -> T {
     // SAFETY: bounds checked by the caller; unaligned because packets are.
     unsafe { core::ptr::read_unaligned(addr as *const T) }
 }
@@ -241,20 +241,35 @@ fn offset16(offset: usize) -> u16 {
 }
 
 #[inline(always)]
-fn be16(addr: usize) -> u16 {
+pub fn be16(addr: usize) -> u16 {
     u16::from_be(read::<u16>(addr))
 }
 
-/// Parses the packet of a TC program whose IP header starts at `l3`. Headers not in the
-/// linear part of the buffer (rare: a large packet from a device with scatter-gather) are
-/// pulled in once and parsed again.
+/// What a TC program's packets start with.
+#[derive(Clone, Copy)]
+pub enum Link {
+    /// An Ethernet header (an uplink).
+    Ethernet,
+    /// The IP header, at this offset (a TUN device: 0).
+    Ip(usize),
+}
+
+/// Parses the packet of a TC program. Headers not in the linear part of the buffer (rare: a
+/// large packet from a device with scatter-gather) are pulled in once and parsed again.
 #[inline(always)]
-pub fn skb(ctx: &aya_ebpf::programs::TcContext, l3: usize) -> Result<Packet, NoPacket> {
+pub fn skb(ctx: &aya_ebpf::programs::TcContext, link: Link) -> Result<Packet, NoPacket> {
     // One call site of the parse, in a loop of at most two rounds: two call sites made LLVM
     // merge their results with registers the verifier sees as uninitialized.
+    let l3 = match link {
+        Link::Ethernet => size_of::<EthHdr>() + MAX_VLAN_TAGS * size_of::<VlanHdr>(),
+        Link::Ip(l3) => l3,
+    };
     let mut pulled = false;
     loop {
-        let parsed = ip(ctx.data(), ctx.data_end(), l3);
+        let parsed = match link {
+            Link::Ethernet => ethernet(ctx.data(), ctx.data_end()),
+            Link::Ip(l3) => ip(ctx.data(), ctx.data_end(), l3),
+        };
         let short = ctx.len() as usize > ctx.data_end() - ctx.data();
         if pulled || !short || !matches!(parsed, Err(NoPacket::Malformed)) {
             return parsed;

@@ -162,6 +162,12 @@ impl BuilderWrite for etherparse::PacketBuilderStep<etherparse::Icmpv4Header> {
     }
 }
 
+impl BuilderWrite for etherparse::PacketBuilderStep<etherparse::Icmpv6Header> {
+    fn write_to(self, out: &mut Vec<u8>, payload: &[u8]) {
+        self.write(out, payload).unwrap()
+    }
+}
+
 impl BuilderWrite for etherparse::PacketBuilderStep<etherparse::TcpHeader> {
     fn write_to(self, out: &mut Vec<u8>, payload: &[u8]) {
         self.write(out, payload).unwrap()
@@ -176,6 +182,68 @@ pub enum Tcp {
     /// A data segment (ACK, PSH).
     Data,
     SynRst,
+    /// FIN, ACK.
+    Fin,
+    /// RST, ACK.
+    Rst,
+}
+
+/// The IP layer of an Ethernet frame from `src` to `dst` (the family by the addresses).
+fn eth_ip(src: &str, dst: &str) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    let eth = PacketBuilder::ethernet2(SRC_MAC, DST_MAC);
+    match (src.parse::<IpAddr>().unwrap(), dst.parse::<IpAddr>().unwrap()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed families"),
+    }
+}
+
+/// Ethernet + IPv4/IPv6 + UDP with the given ports.
+pub fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    write(eth_ip(src, dst).udp(sport, dport), b"flow")
+}
+
+/// Ethernet + IPv4/IPv6 + a TCP segment with the given ports and flags.
+pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: Tcp) -> Vec<u8> {
+    write(with_flags(eth_ip(src, dst).tcp(sport, dport, 1000, 64240), flags), &[])
+}
+
+/// Ethernet + an ICMP (v4 or v6, by the addresses) echo request or reply.
+pub fn echo(src: &str, dst: &str, id: u16, reply: bool) -> Vec<u8> {
+    let ip = eth_ip(src, dst);
+    match (src.parse::<IpAddr>().unwrap(), reply) {
+        (IpAddr::V4(_), false) => write(ip.icmpv4_echo_request(id, 1), b"ping"),
+        (IpAddr::V4(_), true) => write(ip.icmpv4_echo_reply(id, 1), b"ping"),
+        (IpAddr::V6(_), false) => write(ip.icmpv6_echo_request(id, 1), b"ping"),
+        (IpAddr::V6(_), true) => write(ip.icmpv6_echo_reply(id, 1), b"ping"),
+    }
+}
+
+/// Ethernet + an ICMP "port unreachable" from `src` to `dst` quoting `about` (an Ethernet
+/// frame: its IP header and the first 8 bytes after it, as routers quote).
+pub fn port_unreachable(src: &str, dst: &str, about: &[u8]) -> Vec<u8> {
+    let sliced = SlicedPacket::from_ethernet(about).unwrap();
+    let ip_len = match sliced.net.unwrap() {
+        etherparse::NetSlice::Ipv4(ip) => ip.header().slice().len(),
+        etherparse::NetSlice::Ipv6(ip) => ip.header().slice().len(),
+        _ => panic!("not IP"),
+    };
+    let quoted = &about[14..14 + ip_len + 8];
+    let ip = eth_ip(src, dst);
+    match src.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(_) => write(
+            ip.icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            )),
+            quoted,
+        ),
+        IpAddr::V6(_) => write(
+            ip.icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
+                etherparse::icmpv6::DestUnreachableCode::Port,
+            )),
+            quoted,
+        ),
+    }
 }
 
 /// The options of a Linux SYN: MSS `mss`, SACK permitted, timestamps, NOP, window scale.
@@ -187,21 +255,23 @@ pub fn linux_syn_options(mss: u16) -> Vec<u8> {
 /// Ethernet + IPv4 or IPv6 (by the addresses) + TCP with raw `options` (padded by the
 /// caller to a multiple of 4) and `payload`.
 pub fn eth_tcp(src: &str, dst: &str, flags: Tcp, options: &[u8], payload: &[u8]) -> Vec<u8> {
-    let eth = PacketBuilder::ethernet2(SRC_MAC, DST_MAC);
-    let ip = match (src.parse::<IpAddr>().unwrap(), dst.parse::<IpAddr>().unwrap()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
-        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
-        _ => panic!("mixed families"),
-    };
-    let tcp = ip.tcp(40000, 443, 1000, 64240);
-    let tcp = match flags {
+    let tcp = with_flags(eth_ip(src, dst).tcp(40000, 443, 1000, 64240), flags);
+    let tcp = tcp.options_raw(options).unwrap();
+    write(tcp, payload)
+}
+
+fn with_flags(
+    tcp: etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    flags: Tcp,
+) -> etherparse::PacketBuilderStep<etherparse::TcpHeader> {
+    match flags {
         Tcp::Syn => tcp.syn(),
         Tcp::SynAck => tcp.syn().ack(1),
         Tcp::Data => tcp.ack(1).psh(),
         Tcp::SynRst => tcp.syn().rst(),
-    };
-    let tcp = tcp.options_raw(options).unwrap();
-    write(tcp, payload)
+        Tcp::Fin => tcp.fin().ack(1),
+        Tcp::Rst => tcp.rst().ack(1),
+    }
 }
 
 /// The MSS option of an Ethernet frame's TCP header (first one), and whether the TCP

@@ -38,7 +38,9 @@ fn assert_counted(
     after: &HashMap<Counter, u64>,
     counter: Counter,
 ) {
-    for c in Counter::ALL {
+    // Flow-table counters (a drop asks whether the packet is a reply) are the conntrack
+    // tests' business.
+    for c in Counter::ALL.into_iter().filter(|c| !c.name().starts_with("flow_")) {
         let want = before[&c] + u64::from(c == counter);
         assert_eq!(after[&c], want, "{what}: counter {}", c.name());
     }
@@ -383,7 +385,9 @@ mod longest_prefix {
     #[test]
     fn kernel_lookup_is_longest_prefix_match() {
         // One datapath for every case (loading takes seconds); each case is a reload.
-        let dp = Datapath::load_with(None, KernelLog::Off, Params { tunnel_l3_offset: 14 }).unwrap();
+        let dp =
+            Datapath::load_with(None, KernelLog::Off, Params { tunnel_l3_offset: 14, ..Params::default() })
+                .unwrap();
         let dp = std::cell::RefCell::new(dp);
         let policy = (
             prop::collection::vec((prefix(), any::<bool>()), 0..16),

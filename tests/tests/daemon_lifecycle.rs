@@ -149,16 +149,18 @@ fn sigterm_removes_everything(backend: &str) {
         .map(|a| format!("{}@{}", a["hook"].as_str().unwrap(), a["target"].as_str().unwrap()))
         .collect();
     let expected: &[&str] = match backend {
-        "bpf" => &["xdp@eth0", "tc_egress@tun0", "tc_ingress@tun0"],
+        "bpf" => &["xdp@eth0", "uplink_egress@eth0", "tc_egress@tun0", "tc_ingress@tun0"],
         _ => &[
             "ipv4 filter FORWARD@tg-forward",
             "ipv4 filter INPUT@tg-input",
             "ipv4 nat POSTROUTING@tg-postrouting",
             "ipv4 mangle FORWARD@tg-mss",
+            "ipv4 mangle OUTPUT@tg-output",
             "ipv6 filter FORWARD@tg-forward",
             "ipv6 filter INPUT@tg-input",
             "ipv6 nat POSTROUTING@tg-postrouting",
             "ipv6 mangle FORWARD@tg-mss",
+            "ipv6 mangle OUTPUT@tg-output",
         ],
     };
     assert_eq!(hooks, expected);
@@ -280,7 +282,17 @@ fn omitted_interfaces_mean_every_up_ethernet_interface_but_the_tunnel() {
         .iter()
         .map(|a| format!("{}@{}", a["hook"].as_str().unwrap(), a["target"].as_str().unwrap()))
         .collect();
-    assert_eq!(attached, ["xdp@eth0", "xdp@eth1", "tc_egress@tun0", "tc_ingress@tun0"]);
+    assert_eq!(
+        attached,
+        [
+            "xdp@eth0",
+            "xdp@eth1",
+            "uplink_egress@eth0",
+            "uplink_egress@eth1",
+            "tc_egress@tun0",
+            "tc_ingress@tun0"
+        ]
+    );
 }
 
 #[test]

@@ -65,7 +65,7 @@ fn tunnel_absent_at_start_then_deleted_and_recreated_is_filtered_again(backend: 
     assert!(!t.cgnat_neighbours_ping(), "uplink filtering without a tunnel");
     let s = status(&t.gw, &t.pins);
     if backend == "bpf" {
-        assert_eq!(attachments(&s), ["xdp@eth0"]);
+        assert_eq!(attachments(&s), ["xdp@eth0", "uplink_egress@eth0"]);
         assert_eq!(
             s["pending"],
             serde_json::json!(["tc_egress on tun0 (absent)", "tc_ingress on tun0 (absent)"]),
@@ -112,7 +112,11 @@ fn uplink_deleted_and_recreated_is_protected_again(backend: &str) {
             println!("uplink re-created ({round}): attached after {took:?}");
             assert!(took < FOLLOW, "attached after {took:?}");
             let listed = attachments(&status(&t.gw, &t.pins));
-            assert_eq!(listed, ["xdp@eth0", "tc_egress@tun0", "tc_ingress@tun0"], "one live attachment each");
+            assert_eq!(
+                listed,
+                ["xdp@eth0", "uplink_egress@eth0", "tc_egress@tun0", "tc_ingress@tun0"],
+                "one live attachment each"
+            );
         }
         assert!(t.lan.ping(GW_LAN, Some(LAN)), "the new link works");
         assert!(!t.cgnat_neighbours_ping(), "re-created uplink ({round}) unprotected\n{}", daemon.log());
@@ -181,7 +185,11 @@ fn a_reload_while_a_listed_uplink_is_absent_is_applied(backend: &str) {
     assert!(t.cgnat_neighbours_ping(), "the reload was not applied:\n{}", daemon.log());
     if backend == "bpf" {
         let s = status(&t.gw, &t.pins);
-        assert_eq!(s["pending"], serde_json::json!(["xdp on eth1 (absent)"]), "{s}");
+        assert_eq!(
+            s["pending"],
+            serde_json::json!(["xdp on eth1 (absent)", "uplink_egress on eth1 (absent)"]),
+            "{s}"
+        );
     }
 }
 

@@ -28,6 +28,7 @@ pub struct Config {
     pub cgnat: CgnatConfig,
     pub subnet_routes: SubnetRoutesConfig,
     pub mss: MssConfig,
+    pub flows: FlowsConfig,
     pub iptables: IptablesConfig,
     /// Where the list values came from, to name them in errors and rule origins.
     pub sources: ListSources,
@@ -104,6 +105,24 @@ pub struct CgnatConfig {
     pub mode: CgnatMode,
     pub allow: Vec<IpNet>,
     pub drop: Vec<IpNet>,
+    /// Let replies to the gateway's own connections through the inbound drop (flows are
+    /// keyed to the uplink they left by).
+    pub allow_replies: bool,
+}
+
+/// `[flows]`: the flow table's capacity per family (load-time: a change takes effect at the
+/// next start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowsConfig {
+    pub max_entries_v4: u32,
+    pub max_entries_v6: u32,
+}
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        use tailgate_abi::conntrack::{DEFAULT_ENTRIES_V4, DEFAULT_ENTRIES_V6};
+        Self { max_entries_v4: DEFAULT_ENTRIES_V4, max_entries_v6: DEFAULT_ENTRIES_V6 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -120,6 +139,9 @@ pub struct SubnetRoutesConfig {
     pub mark: Mark,
     /// SNAT it to the address of the interface it leaves by (not the tunnel).
     pub masquerade: bool,
+    /// Forward into the tunnel from other devices only what belongs to a flow opened from
+    /// the tunnel side (no new connections from the LAN into the tailnet).
+    pub stateful: bool,
 }
 
 /// A packet mark: `value` under `mask` (`value` has no bits outside `mask`, and is not 0).
@@ -182,6 +204,8 @@ struct RawConfig {
     #[serde(default)]
     mss: RawMss,
     #[serde(default)]
+    flows: RawFlows,
+    #[serde(default)]
     iptables: RawIptables,
     #[serde(skip)]
     sources: ListSources,
@@ -201,6 +225,14 @@ struct RawIptables {
 struct RawSubnetRoutes {
     mark: Option<String>,
     masquerade: Option<bool>,
+    stateful: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlows {
+    max_entries_v4: Option<i64>,
+    max_entries_v6: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,6 +255,7 @@ struct RawCgnat {
     mode: Option<CgnatMode>,
     allow: Option<Vec<String>>,
     drop: Option<Vec<String>>,
+    allow_replies: Option<bool>,
 }
 
 impl Config {
@@ -336,6 +369,21 @@ fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), C
     if let Some(v) = get("TAILGATE_SUBNET_ROUTES_MASQUERADE") {
         raw.subnet_routes.masquerade = Some(parse_bool("TAILGATE_SUBNET_ROUTES_MASQUERADE", &v)?);
     }
+    if let Some(v) = get("TAILGATE_SUBNET_ROUTES_STATEFUL") {
+        raw.subnet_routes.stateful = Some(parse_bool("TAILGATE_SUBNET_ROUTES_STATEFUL", &v)?);
+    }
+    if let Some(v) = get("TAILGATE_CGNAT_ALLOW_REPLIES") {
+        raw.cgnat.allow_replies = Some(parse_bool("TAILGATE_CGNAT_ALLOW_REPLIES", &v)?);
+    }
+    for (var, slot) in [
+        ("TAILGATE_FLOWS_MAX_ENTRIES_V4", &mut raw.flows.max_entries_v4),
+        ("TAILGATE_FLOWS_MAX_ENTRIES_V6", &mut raw.flows.max_entries_v6),
+    ] {
+        if let Some(v) = get(var) {
+            *slot =
+                Some(i64::from_str(&v).map_err(|_| ConfigError::new(var, "expected a number of entries"))?);
+        }
+    }
     if let Some(v) = get("TAILGATE_MSS_CLAMP") {
         raw.mss.clamp = Some(match v.parse::<i64>() {
             Ok(n) => RawClamp::Number(n),
@@ -418,12 +466,27 @@ impl RawConfig {
             None => MssClamp::Pmtu,
             Some(raw) => parse_clamp(sources.clamp, raw)?,
         };
+        let defaults = FlowsConfig::default();
+        let flows = FlowsConfig {
+            max_entries_v4: flow_entries(
+                "flows.max_entries_v4",
+                self.flows.max_entries_v4,
+                defaults.max_entries_v4,
+            )?,
+            max_entries_v6: flow_entries(
+                "flows.max_entries_v6",
+                self.flows.max_entries_v6,
+                defaults.max_entries_v6,
+            )?,
+        };
         Ok(Config {
             subnet_routes: SubnetRoutesConfig {
                 mark,
                 masquerade: self.subnet_routes.masquerade.unwrap_or(true),
+                stateful: self.subnet_routes.stateful.unwrap_or(false),
             },
             mss: MssConfig { clamp },
+            flows,
             iptables: IptablesConfig {
                 divert: self.iptables.divert.unwrap_or(true),
                 variant: self.iptables.variant.unwrap_or(IptablesVariant::Auto),
@@ -435,8 +498,29 @@ impl RawConfig {
             interfaces: self.interfaces,
             backend: self.backend.unwrap_or(BackendKind::Auto),
             keep_datapath: self.keep_datapath.unwrap_or(false),
-            cgnat: CgnatConfig { mode: self.cgnat.mode.unwrap_or(CgnatMode::Drop), allow, drop },
+            cgnat: CgnatConfig {
+                mode: self.cgnat.mode.unwrap_or(CgnatMode::Drop),
+                allow,
+                drop,
+                allow_replies: self.cgnat.allow_replies.unwrap_or(true),
+            },
         })
+    }
+}
+
+/// A flow table capacity within `MIN_ENTRIES..=MAX_ENTRIES`.
+fn flow_entries(field: &str, value: Option<i64>, default: u32) -> Result<u32, ConfigError> {
+    use tailgate_abi::conntrack::{MAX_ENTRIES, MIN_ENTRIES};
+    let Some(value) = value else { return Ok(default) };
+    match u32::try_from(value) {
+        Ok(n) if (MIN_ENTRIES..=MAX_ENTRIES).contains(&n) => Ok(n),
+        _ => Err(ConfigError::new(
+            field,
+            format!(
+                "{value} is out of range {MIN_ENTRIES}..={MAX_ENTRIES} (an LRU table smaller than \
+                 {MIN_ENTRIES} evicts before it is full)"
+            ),
+        )),
     }
 }
 
@@ -814,6 +898,35 @@ mod tests {
     }
 
     #[test]
+    fn flow_settings() {
+        let c = parse("").unwrap();
+        assert!(c.cgnat.allow_replies && !c.subnet_routes.stateful);
+        assert_eq!(c.flows, FlowsConfig::default());
+        let c = parse(
+            "[cgnat]\nallow_replies = false\n[subnet_routes]\nstateful = true\n[flows]\nmax_entries_v4 = 2048",
+        )
+        .unwrap();
+        assert!(!c.cgnat.allow_replies && c.subnet_routes.stateful);
+        assert_eq!(c.flows.max_entries_v4, 2048);
+        for bad in ["0", "-1", "1023", "16777217", "4294967296"] {
+            let e = parse(&format!("[flows]\nmax_entries_v6 = {bad}")).unwrap_err();
+            assert_eq!(e.field, "flows.max_entries_v6", "{bad}");
+            assert!(e.message.contains("out of range 1024..=16777216"), "{e}");
+        }
+        let env = vars(&[
+            ("TAILGATE_CGNAT_ALLOW_REPLIES", "false"),
+            ("TAILGATE_SUBNET_ROUTES_STATEFUL", "true"),
+            ("TAILGATE_FLOWS_MAX_ENTRIES_V4", "4096"),
+        ]);
+        let c = Config::parse("", &env).unwrap();
+        assert!(!c.cgnat.allow_replies && c.subnet_routes.stateful);
+        assert_eq!(c.flows.max_entries_v4, 4096);
+        let env = vars(&[("TAILGATE_FLOWS_MAX_ENTRIES_V6", "lots")]);
+        assert_eq!(Config::parse("", &env).unwrap_err().field, "TAILGATE_FLOWS_MAX_ENTRIES_V6");
+        assert_eq!(parse("[flows]\nsize = 1").unwrap_err().field, "config");
+    }
+
+    #[test]
     fn hook_position() {
         assert_eq!(parse("").unwrap().iptables.hook_position, HookPosition::Keep);
         let c = parse("[iptables]\nhook_position = \"first\"").unwrap();
@@ -826,12 +939,16 @@ mod tests {
         let c = parse("").unwrap();
         assert_eq!(
             c.subnet_routes,
-            SubnetRoutesConfig { mark: Mark { value: 0x40000, mask: 0xff0000 }, masquerade: true }
+            SubnetRoutesConfig {
+                mark: Mark { value: 0x40000, mask: 0xff0000 },
+                masquerade: true,
+                stateful: false
+            }
         );
         let c = parse("[subnet_routes]\nmark = \"0x1/0xf\"\nmasquerade = false").unwrap();
         assert_eq!(
             c.subnet_routes,
-            SubnetRoutesConfig { mark: Mark { value: 1, mask: 0xf }, masquerade: false }
+            SubnetRoutesConfig { mark: Mark { value: 1, mask: 0xf }, masquerade: false, stateful: false }
         );
         assert_eq!(
             parse("[subnet_routes]\nmark = \"4096/61440\"").unwrap().subnet_routes.mark.to_string(),

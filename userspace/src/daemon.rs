@@ -291,6 +291,14 @@ fn reload(
     if config.backend != started.backend || config.iptables != started.iptables {
         tracing::warn!("backend and [iptables] settings changed: they take effect at the next start");
     }
+    if config.flows != started.flows {
+        tracing::warn!(
+            "[flows] table sizes changed: they take effect at the next start (the tables in use keep \
+             {} IPv4 and {} IPv6 entries)",
+            started.flows.max_entries_v4,
+            started.flows.max_entries_v6
+        );
+    }
     if new_state == *state {
         tracing::info!("configuration unchanged");
     } else {
@@ -403,7 +411,8 @@ fn start_bpf(
     cancel: &Cancel,
 ) -> Result<Box<dyn Backend>, StartError> {
     notify(&[NotifyState::Status("loading the BPF datapath")]);
-    let mut bpf = BpfBackend::load(opts.pins.clone(), opts.kernel_log, iptables_options(config))?;
+    let mut bpf =
+        BpfBackend::load(opts.pins.clone(), opts.kernel_log, iptables_options(config), config.flows)?;
     notify(&[NotifyState::Status("writing the policy and attaching")]);
     let started = cancel
         .check()

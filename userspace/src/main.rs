@@ -40,6 +40,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the entries of the flow tables (BPF backend), most recent first.
+    Flows {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Detach and unpin everything under the pin dir and remove tailgate's iptables rules
     /// (this network namespace). For leftovers: refused while a daemon runs (stop it
     /// first). Safe to run twice.
@@ -98,6 +104,14 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             Some(s) if json => out(&format!("{}\n", serde_json::to_string_pretty(&s)?)),
             Some(s) => out(&status::render_text(&s)),
         },
+        Command::Flows { json } => {
+            let flows = status::flows(&pins)?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string_pretty(&flows)?));
+            } else {
+                out(&status::render_flows(&flows));
+            }
+        }
         Command::Cleanup { force } => cleanup(&pins, force)?,
         Command::Check { config } => {
             let (_, state) = daemon::desired_state(config.as_deref(), netdev::Check::Config)?;

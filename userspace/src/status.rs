@@ -16,7 +16,7 @@ use tailgate_abi::{
 
 use crate::{
     backend::{
-        bpf::{cgnat, Pins},
+        bpf::{cgnat, conntrack, Pins},
         iptables::{
             self,
             exec::{detect_variant, Iptables, Variant},
@@ -48,6 +48,19 @@ pub struct Status {
     /// Packets per verdict reason, summed over CPUs (iptables: over rules).
     pub counters: BTreeMap<String, u64>,
     pub rules: Vec<RuleStatus>,
+    /// The flow tables (BPF; the iptables backend uses the kernel's conntrack).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flows: Option<FlowsStatus>,
+}
+
+/// How full the flow tables are.
+#[derive(Debug, Serialize)]
+pub struct FlowsStatus {
+    #[serde(flatten)]
+    pub occupancy: conntrack::Occupancy,
+    /// Flows the LRU evicted to make room (created, less expired, less live): non-zero
+    /// means the table was full and replies of the evicted flows were judged as unsolicited.
+    pub evicted: u64,
 }
 
 /// Where the datapath is hooked: `xdp` on `eth0`, or `ipv4 filter INPUT` to `tg-input`.
@@ -168,7 +181,35 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
             });
         }
     }
-    Ok(Status { attachments, counters, rules, ..empty("bpf".into()) })
+    let flows = read_flows(pins, &counters)?;
+    Ok(Status { attachments, counters, rules, flows, ..empty("bpf".into()) })
+}
+
+/// The flow tables' occupancy; `None` for pins of a version without them.
+fn read_flows(pins: &Pins, counters: &BTreeMap<String, u64>) -> Result<Option<FlowsStatus>> {
+    use tailgate_abi::conntrack::{MAP_V4, MAP_V6};
+    if !pins.map(MAP_V4).exists() || !pins.map(MAP_V6).exists() {
+        return Ok(None);
+    }
+    let occupancy = conntrack::occupancy(&open(pins, MAP_V4)?, &open(pins, MAP_V6)?)?;
+    let counter = |c: Counter| counters.get(c.name()).copied().unwrap_or(0);
+    let live = occupancy.entries_v4 + occupancy.entries_v6;
+    // Every entry created is live, was deleted as expired, or was evicted.
+    let evicted = counter(Counter::FlowCreated).saturating_sub(counter(Counter::FlowExpired) + live);
+    Ok(Some(FlowsStatus { occupancy, evicted }))
+}
+
+/// Every entry of the pinned flow tables.
+pub fn flows(pins: &Pins) -> Result<Vec<conntrack::FlowEntry>> {
+    use tailgate_abi::conntrack::{MAP_V4, MAP_V6};
+    if !pins.map(MAP_V4).exists() {
+        anyhow::bail!(
+            "no flow tables pinned under {} (the iptables backend tracks flows in the kernel's \
+             conntrack: `conntrack -L`)",
+            pins.root().display()
+        );
+    }
+    conntrack::entries(&open(pins, MAP_V4)?, &open(pins, MAP_V6)?, conntrack::monotonic_now())
 }
 
 fn empty(backend: String) -> Status {
@@ -183,6 +224,7 @@ fn empty(backend: String) -> Status {
         attachments: Vec::new(),
         counters: BTreeMap::new(),
         rules: Vec::new(),
+        flows: None,
     }
 }
 
@@ -298,6 +340,22 @@ pub fn render_text(s: &Status) -> String {
     for (name, value) in &s.counters {
         let _ = writeln!(out, "  {name:<26} {value}");
     }
+    if let Some(f) = &s.flows {
+        let o = &f.occupancy;
+        let _ = writeln!(out, "flows:");
+        let _ = writeln!(
+            out,
+            "  ipv4 {:>10} of {:<10} ipv6 {:>10} of {}",
+            o.entries_v4, o.capacity_v4, o.entries_v6, o.capacity_v6
+        );
+        if f.evicted > 0 {
+            let _ = writeln!(
+                out,
+                "  evicted {} (the table was full: raise [flows] max_entries_v4/_v6)",
+                f.evicted
+            );
+        }
+    }
     let _ = writeln!(out, "rules (longest prefix wins):");
     if s.rules.is_empty() {
         let _ = writeln!(out, "  none (cgnat filtering off)");
@@ -306,6 +364,33 @@ pub fn render_text(s: &Status) -> String {
         let packets = r.packets.map_or("-".to_string(), |p| p.to_string());
         let id = r.rule_id.map_or(String::new(), |id| format!("id {id:<6} "));
         let _ = writeln!(out, "  {:<8} {:<5} {:<28} {id}packets {packets}", r.direction, r.verdict, r.prefix);
+    }
+    out
+}
+
+/// `tailgate flows` as text: one line per entry.
+pub fn render_flows(flows: &[conntrack::FlowEntry]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<7} {:<8} {:<7} {:<46} {:<46} {:<12} {:>9} {:>11}",
+        "zone", "ifindex", "proto", "original source", "original destination", "state", "idle s", "expires s"
+    );
+    for f in flows {
+        let src = std::net::SocketAddr::new(f.src, f.sport).to_string();
+        let dst = std::net::SocketAddr::new(f.dst, f.dport).to_string();
+        let _ = writeln!(
+            out,
+            "{:<7} {:<8} {:<7} {:<46} {:<46} {:<12} {:>9.1} {:>11.1}",
+            f.zone,
+            f.ifindex,
+            conntrack::proto_name(f.proto),
+            src,
+            dst,
+            f.state,
+            f.idle_s,
+            f.expires_in_s
+        );
     }
     out
 }

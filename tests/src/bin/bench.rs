@@ -291,7 +291,8 @@ fn row(
 
 /// The datapath (unpinned, unattached) with the policy of `config`, as in the first section.
 fn load(config: &Config) -> Result<Datapath> {
-    let mut dp = Datapath::load_with(None, KernelLog::Off, Params { tunnel_l3_offset: 14 })?;
+    let mut dp =
+        Datapath::load_with(None, KernelLog::Off, Params { tunnel_l3_offset: 14, ..Params::default() })?;
     dp.sync(&policy::compile(config, system()))?;
     Ok(dp)
 }
@@ -378,7 +379,8 @@ fn add_one(dp: &mut Datapath, count: usize) -> Result<(f64, std::time::Duration)
 fn datapath(count: usize) -> Result<(Datapath, String, String, f64)> {
     let (config, exempt, drop) = policy_of(count)?;
     // Test-run frames are Ethernet: the tunnel programs find the IP header at 14.
-    let mut dp = Datapath::load_with(None, KernelLog::Off, Params { tunnel_l3_offset: 14 })?;
+    let mut dp =
+        Datapath::load_with(None, KernelLog::Off, Params { tunnel_l3_offset: 14, ..Params::default() })?;
     let start = Instant::now();
     dp.sync(&policy::compile(&config, system()))?;
     Ok((dp, exempt, drop, start.elapsed().as_secs_f64() * 1000.0))

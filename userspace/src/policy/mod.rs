@@ -4,11 +4,13 @@
 //! derived anywhere else.
 
 pub mod cgnat;
+pub mod conntrack;
 pub mod mss;
 pub mod subnet_routes;
 
 pub use self::{
     cgnat::{resolve, CgnatRules, Origin, Rule, Verdict, CGNAT_V4, CHROMEOS_V4, TAILNET_ULA_V6},
+    conntrack::Conntrack,
     mss::Mss,
     subnet_routes::SubnetRoutes,
 };
@@ -26,6 +28,7 @@ pub struct DesiredState {
     pub cgnat: Arc<CgnatRules>,
     pub subnet_routes: SubnetRoutes,
     pub mss: Mss,
+    pub conntrack: Conntrack,
 }
 
 /// What the policy depends on besides the config: read from the system by the caller.
@@ -45,5 +48,6 @@ pub fn compile(config: &Config, system: System) -> DesiredState {
         cgnat: Arc::new(cgnat::compile(&config.cgnat, config.user_prefixes())),
         subnet_routes: subnet_routes::compile(&config.subnet_routes),
         mss: mss::compile(&config.mss, system.tunnel_mtu),
+        conntrack: conntrack::compile(config),
     }
 }

@@ -53,11 +53,16 @@ impl Attachments {
         let mut wanted = Wanted::new();
         let mut pending = Vec::new();
         let tunnel = [(Hook::TcEgress, &state.tunnel), (Hook::TcIngress, &state.tunnel)];
-        for (hook, ifname) in state.uplinks.iter().map(|u| (Hook::Xdp, u)).chain(tunnel) {
+        // The gateway's own flows are recorded only where their replies are checked.
+        let egress =
+            state.uplinks.iter().filter(|_| state.conntrack.own_replies).map(|u| (Hook::UplinkEgress, u));
+        let uplinks = state.uplinks.iter().map(|u| (Hook::Xdp, u)).chain(egress);
+        for (hook, ifname) in uplinks.chain(tunnel) {
+            let on_tunnel = matches!(hook, Hook::TcEgress | Hook::TcIngress);
             match interfaces.get(ifname) {
                 // Re-created as another kind of device while running: the tunnel programs
                 // would read frames as IP packets.
-                Some(iface) if hook != Hook::Xdp && iface.ethernet() => pending.push(format!(
+                Some(iface) if on_tunnel && iface.ethernet() => pending.push(format!(
                     "{} on {ifname} (an Ethernet device, not a raw-IP tunnel)",
                     hook.pin_prefix()
                 )),

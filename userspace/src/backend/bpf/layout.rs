@@ -65,12 +65,13 @@ pub fn pinned_version(pins: &Pins, maps: &[&str]) -> Result<Option<u32>> {
     Ok(maps.iter().any(|name| pins.map(name).exists()).then_some(UNVERSIONED))
 }
 
-/// Sets aside every pinned map of `maps` this object cannot reuse.
-pub fn set_aside_incompatible(pins: &Pins, maps: &[&str]) -> Result<Stash> {
+/// Sets aside every pinned map of `maps` this object cannot reuse; `sizes` are capacities
+/// the load sets instead of the object's.
+pub fn set_aside_incompatible(pins: &Pins, maps: &[&str], sizes: &[(&str, u32)]) -> Result<Stash> {
     let Some(version) = pinned_version(pins, maps)? else { return Ok(Stash::default()) };
     let object = aya_obj::Object::parse(OBJECT).context("parsing the eBPF object")?;
     let mut stash = Stash::default();
-    if let Err(e) = set_aside(pins, maps, version, &object, &mut stash) {
+    if let Err(e) = set_aside(pins, maps, sizes, version, &object, &mut stash) {
         // Half-way: what was set aside goes back under its name.
         stash.put_back();
         return Err(e);
@@ -81,6 +82,7 @@ pub fn set_aside_incompatible(pins: &Pins, maps: &[&str]) -> Result<Stash> {
 fn set_aside(
     pins: &Pins,
     maps: &[&str],
+    sizes: &[(&str, u32)],
     version: u32,
     object: &aya_obj::Object,
     stash: &mut Stash,
@@ -101,14 +103,9 @@ fn set_aside(
                 format!("type {t}, flags {f:#x}, key {k} B, value {v} B, {n} entries")
             };
             let have_type = have.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+            let entries = sizes.iter().find(|(n, _)| *n == name).map_or(want.max_entries(), |(_, n)| *n);
             let (want, have) = (
-                shape(
-                    want.map_type(),
-                    want.map_flags(),
-                    want.key_size(),
-                    want.value_size(),
-                    want.max_entries(),
-                ),
+                shape(want.map_type(), want.map_flags(), want.key_size(), want.value_size(), entries),
                 shape(have_type, have.map_flags(), have.key_size(), have.value_size(), have.max_entries()),
             );
             (want != have).then(|| format!("pinned with {have}, this version needs {want}"))

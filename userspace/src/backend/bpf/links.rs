@@ -24,6 +24,8 @@ use super::{pins, sys};
 pub enum Hook {
     /// XDP on an uplink (native if the driver supports it, generic otherwise).
     Xdp,
+    /// TC egress (TCX) on an uplink: the gateway's own flows (`[cgnat] allow_replies`).
+    UplinkEgress,
     /// TC egress (TCX) on the tunnel.
     TcEgress,
     /// TC ingress (TCX) on the tunnel.
@@ -31,13 +33,14 @@ pub enum Hook {
 }
 
 impl Hook {
-    pub const ALL: [Hook; 3] = [Hook::Xdp, Hook::TcEgress, Hook::TcIngress];
+    pub const ALL: [Hook; 4] = [Hook::Xdp, Hook::UplinkEgress, Hook::TcEgress, Hook::TcIngress];
 
     pub const fn pin_prefix(self) -> &'static str {
         match self {
             Hook::Xdp => "xdp",
             Hook::TcEgress => "tc_egress",
             Hook::TcIngress => "tc_ingress",
+            Hook::UplinkEgress => "uplink_egress",
         }
     }
 
@@ -46,6 +49,7 @@ impl Hook {
             Hook::Xdp => programs::UPLINK_XDP,
             Hook::TcEgress => programs::TUNNEL_EGRESS,
             Hook::TcIngress => programs::TUNNEL_INGRESS,
+            Hook::UplinkEgress => programs::UPLINK_EGRESS,
         }
     }
 }
@@ -54,7 +58,7 @@ impl Hook {
 pub fn load(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
     match hook {
         Hook::Xdp => xdp(ebpf)?.load()?,
-        Hook::TcEgress | Hook::TcIngress => tc(ebpf, hook)?.load()?,
+        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress => tc(ebpf, hook)?.load()?,
     }
     Ok(())
 }
@@ -110,9 +114,9 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, ifindex: u32, pin: &Pat
                 anyhow!("XDP on {ifname} was attached without a BPF link (kernel older than 5.9?)")
             })?
         }
-        Hook::TcEgress | Hook::TcIngress => {
+        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress => {
             let prog = tc(ebpf, hook)?;
-            let kind = if hook == Hook::TcEgress { TcAttachType::Egress } else { TcAttachType::Ingress };
+            let kind = if hook == Hook::TcIngress { TcAttachType::Ingress } else { TcAttachType::Egress };
             // TCX attaches by name; the pin records what the kernel reports below.
             let id = prog
                 .attach(ifname, kind)
@@ -144,7 +148,7 @@ pub fn take_over(ebpf: &mut Ebpf, hook: Hook, pin: &Path) -> Result<()> {
             // The pin keeps the link; this process's fd can go.
             drop(prog.take_link(id)?);
         }
-        Hook::TcEgress | Hook::TcIngress => {
+        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress => {
             let link = SchedClassifierLink::try_from(link).map_err(|e| anyhow!("not a TC link: {e}"))?;
             let prog = tc(ebpf, hook)?;
             let id = prog.attach_to_link(link)?;

@@ -6,6 +6,7 @@ pub mod attachments;
 pub mod cgnat;
 pub mod cgnat_plan;
 pub mod cgnat_table;
+pub mod conntrack;
 pub mod generation;
 pub mod layout;
 pub mod links;
@@ -36,6 +37,7 @@ use super::{
     Backend, Cancel, Interrupted,
 };
 use crate::{
+    config::FlowsConfig,
     lock::Lock,
     policy::{CgnatRules, DesiredState},
 };
@@ -46,8 +48,16 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// The maps pinned under `<pin-dir>/maps`, by kernel name. The barrier holds no state and is
 /// not pinned.
 pub fn pinned_maps() -> Vec<&'static str> {
-    let mut maps =
-        vec![tailgate_abi::layout::MAP, MAP_ACTIVE, tailgate_abi::settings::MAP, MAP_COUNTERS, MAP_RULE_HITS];
+    let mut maps = vec![
+        tailgate_abi::layout::MAP,
+        MAP_ACTIVE,
+        tailgate_abi::settings::MAP,
+        MAP_COUNTERS,
+        MAP_RULE_HITS,
+        // Pinned so flows outlive a restart or an upgrade that keeps the datapath.
+        tailgate_abi::conntrack::MAP_V4,
+        tailgate_abi::conntrack::MAP_V6,
+    ];
     maps.extend(cgnat::map_names());
     maps
 }
@@ -97,6 +107,8 @@ pub struct Params {
     /// Where the IP header starts in what the tunnel programs see: 0 on a TUN device; 14
     /// for BPF_PROG_TEST_RUN, which builds Ethernet frames.
     pub tunnel_l3_offset: u32,
+    /// The flow tables' capacity.
+    pub flows: FlowsConfig,
 }
 
 /// The object loaded into the kernel: maps created (or reused from pins), programs
@@ -126,8 +138,9 @@ impl Datapath {
     }
 
     pub fn load_with(pins: Option<&Pins>, log: KernelLog, params: Params) -> Result<Self, StartError> {
+        let sizes = conntrack::capacities(&params.flows);
         let stash = match pins {
-            Some(pins) => layout::set_aside_incompatible(pins, &pinned_maps()).map_err(at("load"))?,
+            Some(pins) => layout::set_aside_incompatible(pins, &pinned_maps(), &sizes).map_err(at("load"))?,
             None => Stash::default(),
         };
         match Self::load_object(pins, log, params) {
@@ -151,6 +164,9 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader.override_global(aya_log::LEVEL, &level, true);
         loader.override_global(globals::TUNNEL_L3_OFFSET, &params.tunnel_l3_offset, true);
+        for (name, size) in conntrack::capacities(&params.flows) {
+            loader.map_max_entries(name, size);
+        }
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -251,10 +267,15 @@ struct Netfilter {
 impl BpfBackend {
     /// Loads the datapath with maps pinned under `pins`. Nothing is attached until `start`.
     /// `iptables` says how the masquerade rule is written (variant, hooks, repair).
-    pub fn load(pins: Pins, log: KernelLog, iptables: iptables::Options) -> Result<Self, StartError> {
+    pub fn load(
+        pins: Pins,
+        log: KernelLog,
+        iptables: iptables::Options,
+        flows: FlowsConfig,
+    ) -> Result<Self, StartError> {
         let inherited = pins.exists();
         pins.prepare().map_err(at("load"))?;
-        let mut datapath = Datapath::load(Some(&pins), log)?;
+        let mut datapath = Datapath::load_with(Some(&pins), log, Params { flows, ..Params::default() })?;
         let logger = match log {
             KernelLog::Off => None,
             _ => Some(

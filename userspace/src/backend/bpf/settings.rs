@@ -9,7 +9,7 @@ use aya::{
 };
 use tailgate_abi::settings::{Settings, MAP};
 
-use super::{generation::GenerationWriter, mss, subnet_routes};
+use super::{conntrack, generation::GenerationWriter, mss, subnet_routes};
 use crate::policy::DesiredState;
 
 /// What the kernel stages need of `state`.
@@ -17,6 +17,7 @@ pub fn compile(state: &DesiredState) -> Settings {
     let mut settings = Settings::default();
     subnet_routes::fill(&state.subnet_routes, &mut settings);
     mss::fill(&state.mss, &mut settings);
+    conntrack::fill(&state.conntrack, &mut settings);
     settings
 }
 

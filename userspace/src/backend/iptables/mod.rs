@@ -3,6 +3,7 @@
 
 pub mod bypass;
 pub mod cgnat;
+pub mod conntrack;
 pub mod exec;
 pub mod mss;
 pub mod render;

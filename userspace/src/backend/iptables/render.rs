@@ -4,7 +4,7 @@
 //! within a shared chain (filter/tg-forward) the subnet-route rules come first.
 
 use super::{
-    cgnat,
+    cgnat, conntrack,
     exec::Available,
     mss, subnet_routes,
     table::{Chain, Family, Hook, Rule, Table, TableSpec},
@@ -75,6 +75,7 @@ impl Builder {
 pub fn render(state: &DesiredState, wiring: Wiring, available: &Available) -> Vec<TableSpec> {
     let mut b = Builder::new(available, wiring);
     subnet_routes::render(&mut b, state);
+    conntrack::render(&mut b, state);
     cgnat::render(&mut b, state);
     mss::render(&mut b, state);
     b.finish()
@@ -136,9 +137,18 @@ mod tests {
         assert_eq!(text, want, "{name}: rendering changed; if intended, run with UPDATE_GOLDEN=1 and review");
     }
 
+    /// The reference's behaviour: no exception for replies to the gateway's own connections.
+    const REFERENCE: &str = "tunnel = \"tailscale0\"\n[cgnat]\nallow_replies = false";
+
     #[test]
     fn golden_reference_config() {
-        golden("reference", &payloads(&tables("tunnel = \"tailscale0\"", true, all())));
+        golden("reference", &payloads(&tables(REFERENCE, true, all())));
+    }
+
+    #[test]
+    fn golden_flows() {
+        let toml = "tunnel = \"tailscale0\"\n[subnet_routes]\nstateful = true";
+        golden("flows", &payloads(&tables(toml, true, all())));
     }
 
     #[test]
@@ -192,7 +202,7 @@ mod tests {
 
     #[test]
     fn reference_config_matches_the_reference_filter_rules_rule_for_rule() {
-        let t = tables("tunnel = \"tailscale0\"", true, all());
+        let t = tables(REFERENCE, true, all());
         let filter = t.iter().find(|t| t.family == Family::V4 && t.table == Table::Filter).unwrap();
         let chain = |name: &str| -> Vec<&str> {
             filter
@@ -240,7 +250,8 @@ mod tests {
         let mss = |toml: &str| -> Vec<String> {
             let t = tables(&format!("tunnel = \"tun0\"\n[mss]\n{toml}"), true, all());
             let mangle = t.iter().find(|t| t.family == Family::V4 && t.table == Table::Mangle).unwrap();
-            mangle.chains.iter().flat_map(|c| c.rules.iter().map(|r| r.spec.clone())).collect()
+            let chain = mangle.chains.iter().filter(|c| c.name == mss::CHAIN);
+            chain.flat_map(|c| c.rules.iter().map(|r| r.spec.clone())).collect()
         };
         assert_eq!(
             mss(""),
@@ -251,6 +262,43 @@ mod tests {
         );
         assert!(mss("clamp = 1200").iter().all(|r| r.ends_with("-j TCPMSS --set-mss 1200")));
         assert!(mss("clamp = \"off\"").is_empty());
+    }
+
+    #[test]
+    fn replies_and_stateful_rules_come_before_the_prefix_rules() {
+        let t = tables("tunnel = \"tun0\"\n[subnet_routes]\nstateful = true", true, all());
+        for family in FAMILIES {
+            let filter = t.iter().find(|t| t.family == family && t.table == Table::Filter).unwrap();
+            let chain = |name: &str| -> Vec<&str> {
+                let chain = filter.chains.iter().find(|c| c.name == name).unwrap();
+                chain.rules.iter().map(|r| r.spec.as_str()).collect()
+            };
+            let input = chain(INPUT);
+            assert!(input[0].contains("-m connmark --mark 0x1000000/0x1000000"), "{input:?}");
+            assert!(input[0].ends_with("--ctstate ESTABLISHED,RELATED -j RETURN"), "{input:?}");
+            assert!(input[1].contains(" -s "), "then the prefix rules: {input:?}");
+            let forward = chain(FORWARD);
+            // After the subnet-route mark and accept (traffic from the tunnel), before the
+            // prefix rules (an exempt source does not get past it).
+            assert_eq!(forward[2], "-o tun0 -m conntrack ! --ctstate ESTABLISHED,RELATED -j DROP");
+            assert!(forward[3].contains(" -s "), "{forward:?}");
+            let mangle = t.iter().find(|t| t.family == family && t.table == Table::Mangle).unwrap();
+            let output = mangle.chains.iter().find(|c| c.name == conntrack::OUTPUT).unwrap();
+            let marks: Vec<&str> = output.rules.iter().map(|r| r.spec.as_str()).collect();
+            assert_eq!(
+                marks,
+                [
+                    "-o tun0 -j RETURN",
+                    "-o lo -j RETURN",
+                    "-m conntrack --ctstate NEW -j CONNMARK --set-xmark 0x1000000/0x1000000"
+                ]
+            );
+            assert!(mangle.hooks.iter().any(|h| h.builtin == "OUTPUT" && h.target == conntrack::OUTPUT));
+        }
+        // Off: none of them.
+        let t = tables("tunnel = \"tun0\"\n[cgnat]\nallow_replies = false", true, all());
+        let text = payloads(&t);
+        assert!(!text.contains("conntrack") && !text.contains("connmark") && !text.contains("tg-output"));
     }
 
     #[test]

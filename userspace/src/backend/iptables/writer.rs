@@ -243,11 +243,12 @@ mod tests {
         let mut w = writer(&standin);
         w.apply(tables("")).unwrap();
         let applied = standin.dump();
-        // Another program flushes mangle and deletes our chain.
+        // Another program flushes mangle and deletes our chains.
         let other = Iptables::with_runner(Variant::Nft, Available::all(), standin.clone());
-        other
-            .restore(Family::V4, "*mangle\n:FORWARD ACCEPT [0:0]\n:tg-mss - [0:0]\n-X tg-mss\nCOMMIT\n")
-            .unwrap();
+        let flush =
+            "*mangle\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:tg-mss - [0:0]\n:tg-output - [0:0]\n\
+                     -X tg-mss\n-X tg-output\nCOMMIT\n";
+        other.restore(Family::V4, flush).unwrap();
         let saved = other.save(Family::V4, Table::Mangle, false).unwrap();
         assert!(!saved.contains("tailgate"), "{saved}");
         assert_eq!(w.repair().unwrap(), ["ipv4 mangle"]);

@@ -1,0 +1,170 @@
+//! Flow tracking end to end, on both backends, with real sockets: replies to the gateway's
+//! own connections to a CGNAT-addressed LAN host, a forged tailnet address on the uplink,
+//! and the stateful filter into the tunnel.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use tailgate_tests::{
+    daemon::{status, tailgate, Daemon},
+    netns::Netns,
+    on_both_backends, tailnet,
+    topology::{self, Topology, GW_LAN_CGNAT, GW_TAILNET, LAN_CGNAT, PEER},
+};
+
+on_both_backends!(
+    the_gateways_own_query_ping_and_connection_to_a_cgnat_host_get_replies,
+    allow_replies_false_restores_the_reference_drop,
+    a_lan_host_forging_a_peer_address_into_a_tunnel_flow_gets_nothing_through,
+    stateful_stops_lan_connections_into_the_tailnet_while_tailnet_to_lan_works,
+);
+
+const WAIT: Duration = Duration::from_secs(2);
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// A UDP echo service at `at` in `ns`, answering until the test ends.
+fn udp_echo(ns: &Netns, at: SocketAddr) {
+    let socket = ns.enter(move || Ok(UdpSocket::bind(at)?)).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
+}
+
+/// A query from `ns` (bound to `from`, port chosen) to `to`: whether the answer came.
+fn query(ns: &Netns, from: &str, to: SocketAddr) -> bool {
+    let bind = addr(from, 0);
+    let socket = ns.enter(move || Ok(UdpSocket::bind(bind)?)).unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    socket.send_to(b"query", to).unwrap();
+    let mut buf = [0u8; 64];
+    matches!(socket.recv_from(&mut buf), Ok((5, _)))
+}
+
+/// A TCP listener at `at` in `ns` that echoes one message per connection.
+fn tcp_echo(ns: &Netns, at: SocketAddr) {
+    let listener = ns.enter(move || Ok(TcpListener::bind(at)?)).unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0u8; 64];
+            if let Ok(n) = stream.read(&mut buf) {
+                let _ = stream.write_all(&buf[..n]);
+            }
+        }
+    });
+}
+
+/// Connects from `ns` to `to` and has one message echoed.
+fn converse(ns: &Netns, to: SocketAddr) -> bool {
+    ns.enter(move || {
+        let mut stream = TcpStream::connect_timeout(&to, WAIT)?;
+        stream.set_read_timeout(Some(WAIT))?;
+        stream.write_all(b"hello")?;
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf)?;
+        Ok(&buf == b"hello")
+    })
+    .unwrap_or(false)
+}
+
+fn counter(t: &Topology, name: &str) -> u64 {
+    status(&t.gw, &t.pins)["counters"][name].as_u64().unwrap_or(0)
+}
+
+fn the_gateways_own_query_ping_and_connection_to_a_cgnat_host_get_replies(backend: &str) {
+    let t = Topology::new().unwrap();
+    udp_echo(&t.lan, addr(LAN_CGNAT, 5353));
+    tcp_echo(&t.lan, addr(LAN_CGNAT, 8080));
+    tcp_echo(&t.gw, addr(GW_LAN_CGNAT, 8081));
+    udp_echo(&t.gw, addr(GW_LAN_CGNAT, 5354));
+    let _daemon = Daemon::start(&t.gw, &t.pins, &topology::config(backend, "")).unwrap();
+
+    assert!(query(&t.gw, GW_LAN_CGNAT, addr(LAN_CGNAT, 5353)), "the gateway's UDP query got no answer");
+    assert!(t.gw.ping(LAN_CGNAT, Some(GW_LAN_CGNAT)), "the gateway's ping got no reply");
+    assert!(converse(&t.gw, addr(LAN_CGNAT, 8080)), "the gateway's TCP connection failed");
+    // The host still cannot open anything to the gateway.
+    assert!(!query(&t.lan, LAN_CGNAT, addr(GW_LAN_CGNAT, 5354)), "the CGNAT host's query got through");
+    assert!(!t.cgnat_neighbours_ping(), "the CGNAT host's ping got through");
+    assert!(!converse(&t.lan, addr(GW_LAN_CGNAT, 8081)), "the CGNAT host opened a TCP connection");
+    assert!(counter(&t, "uplink_pass_reply") >= 3, "replies counted");
+    if backend == "bpf" {
+        let s = status(&t.gw, &t.pins);
+        assert!(s["flows"]["entries_v4"].as_u64().unwrap() >= 3, "{s}");
+        let out = tailgate(&t.gw, &t.pins, &["flows", "--json"]).unwrap();
+        let flows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let own_tcp =
+            flows.as_array().unwrap().iter().any(|f| {
+                f["zone"] == "own" && f["dst"] == LAN_CGNAT && f["dport"] == 8080 && f["proto"] == 6
+            });
+        assert!(own_tcp, "the TCP flow is listed: {flows}");
+    }
+}
+
+fn allow_replies_false_restores_the_reference_drop(backend: &str) {
+    let t = Topology::new().unwrap();
+    udp_echo(&t.lan, addr(LAN_CGNAT, 5353));
+    let _daemon = Daemon::start(&t.gw, &t.pins, &topology::config(backend, "allow_replies = false")).unwrap();
+    assert!(!query(&t.gw, GW_LAN_CGNAT, addr(LAN_CGNAT, 5353)), "the answer got through");
+    assert!(!t.gw.ping(LAN_CGNAT, Some(GW_LAN_CGNAT)), "the ping reply got through");
+    assert_eq!(counter(&t, "uplink_pass_reply"), 0);
+}
+
+fn a_lan_host_forging_a_peer_address_into_a_tunnel_flow_gets_nothing_through(backend: &str) {
+    let t = Topology::new().unwrap();
+    // The LAN host can send from the peer's address (and the gateway's tailnet address is
+    // reachable through the gateway by its default route).
+    t.lan.ip(&["addr", "add", &format!("{PEER}/32"), "dev", "eth0"]).unwrap();
+    let gateway = addr(GW_TAILNET, 5300);
+    let socket = t.gw.enter(move || Ok(UdpSocket::bind(gateway)?)).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let forge = || {
+        let from = addr(PEER, 53);
+        let sender = t.lan.enter(move || Ok(UdpSocket::bind(from)?)).unwrap();
+        for _ in 0..3 {
+            sender.send_to(b"forged", gateway).unwrap();
+        }
+    };
+    let arrived = |socket: &UdpSocket| {
+        let mut buf = [0u8; 64];
+        socket.recv_from(&mut buf).is_ok()
+    };
+    forge();
+    assert!(arrived(&socket), "control: the forged datagram arrives without tailgate");
+    while arrived(&socket) {}
+
+    let _daemon = Daemon::start(&t.gw, &t.pins, &topology::config(backend, "")).unwrap();
+    // The gateway's flow with the peer runs through the tunnel.
+    socket.send_to(b"query", addr(PEER, 53)).unwrap();
+    forge();
+    assert!(!arrived(&socket), "a forged reply into the gateway's tunnel flow got through");
+}
+
+fn stateful_stops_lan_connections_into_the_tailnet_while_tailnet_to_lan_works(backend: &str) {
+    let t = tailnet::Tailnet::new().unwrap();
+    // The LAN routes the tailnet through the gateway, so it could open connections to it.
+    t.lan.ip(&["route", "add", "100.101.0.0/16", "via", tailnet::GW_LAN]).unwrap();
+    tcp_echo(&t.peer, addr(tailnet::PEER, 2222));
+    assert!(
+        converse(&t.lan, addr(tailnet::PEER, 2222)),
+        "control: the LAN reaches the peer without tailgate"
+    );
+
+    let config = tailnet::config(backend, "[subnet_routes]\nstateful = true");
+    let daemon = Daemon::start(&t.gw, &t.pins, &config).unwrap();
+    assert!(!converse(&t.lan, addr(tailnet::PEER, 2222)), "a LAN host opened a connection into the tailnet");
+    // The tailnet side opens connections to the LAN and gets the answers.
+    tcp_echo(&t.lan, addr(tailnet::LAN, 8030));
+    assert!(converse(&t.peer, addr(tailnet::LAN, 8030)), "tailnet to LAN failed\n{}", daemon.log());
+    udp_echo(&t.lan, addr(tailnet::LAN, 5355));
+    assert!(query(&t.peer, tailnet::PEER, addr(tailnet::LAN, 5355)), "the peer's UDP query got no answer");
+    let drops = status(&t.gw, &t.pins)["counters"]["tunnel_drop_stateful"].as_u64().unwrap();
+    assert!(drops >= 1, "stateful drops counted");
+}
