@@ -142,10 +142,11 @@ fn reply_key<K: Key>(seen: Seen<K>) -> bool {
     match seen {
         Seen::Flow { key, flags, answers: true, .. } => {
             let key = key.reversed();
-            let Some(flow) = live(&key, now()) else { return false };
+            let now = now();
+            let Some(flow) = live(&key, now) else { return false };
             // SAFETY: as in `record_key`.
             let flow = unsafe { &mut *flow };
-            flow.last_seen = now();
+            flow.last_seen = now;
             flow.flags_reply |= flags;
             flow.state = advance(key.proto(), flow.state, flags, true);
             true

@@ -14,7 +14,13 @@
 //!    timed from SIGHUP to `READY=1` (file read, TOML parse, validation, compile, map sync,
 //!    generation swap).
 //!
-//! `tailgate-bench testrun`, `traffic` or `daemon` runs one section only. On a shared
+//! 4. The flow table (BPF_PROG_TEST_RUN): ns/packet of the reply paths (an answer to the
+//!    gateway's own flow on the uplink, a LAN answer to a tunnel flow with `stateful`), the
+//!    owning paths (refresh, and creation measured over 20,000 distinct flows), with 1 and
+//!    1,000,000 live entries in the table; the non-CGNAT uplink pass path with flow
+//!    tracking on and off.
+//!
+//! `tailgate-bench testrun`, `traffic`, `daemon` or `flows` runs one section only. On a shared
 //! machine, the real-traffic rounds wait for other tasks to leave the NAPI CPU alone, up to
 //! 120 s in all (`TAILGATE_BENCH_QUIET_WAIT=<seconds>` changes that).
 
@@ -59,12 +65,15 @@ fn main() -> Result<()> {
             println!();
             real_traffic()?;
             println!();
-            daemon()
+            daemon()?;
+            println!();
+            flows()
         }
         Some("testrun") => single_packet(),
         Some("traffic") => real_traffic(),
         Some("daemon") => daemon(),
-        Some(other) => bail!("unknown section {other:?}: testrun | traffic | daemon"),
+        Some("flows") => flows(),
+        Some(other) => bail!("unknown section {other:?}: testrun | traffic | daemon | flows"),
     }
 }
 
@@ -422,16 +431,9 @@ fn system() -> policy::System {
     policy::System { uplinks: Vec::new(), tunnel_mtu: Some(testrun::TUNNEL_MTU) }
 }
 
+/// Forwarded from ifindex 7.
 fn time_tc(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> Result<(u32, f64)> {
-    let prog = links::tc(&mut dp.ebpf, hook)?;
-    let mut ctx = [0u8; 192];
-    ctx[36..40].copy_from_slice(&7u32.to_ne_bytes()); // forwarded from ifindex 7
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(frame);
-    opts.ctx_in = Some(&ctx);
-    opts.repeat = REPEAT;
-    let r = prog.test_run(opts)?;
-    Ok((r.return_value, r.duration.as_nanos() as f64))
+    time_tc_from(dp, hook, frame, 7, REPEAT)
 }
 
 /// Section 3: the daemon's reloads and memory.
@@ -498,4 +500,188 @@ fn daemon_reload(count: usize) -> Result<()> {
         hwm_after as f64 / 1024.0,
     );
     Ok(())
+}
+
+/// Live entries the big table is filled with, and its capacity (an LRU table evicts a little
+/// before it is full: room to spare).
+const BIG_TABLE: u32 = 1_000_000;
+const BIG_CAPACITY: u32 = 1_250_000;
+/// Distinct flows the creation cost is the median over.
+const CREATIONS: u16 = 20_000;
+
+fn flows() -> Result<()> {
+    use tailgate_tests::packets::{tcp, udp};
+    println!("## Flow table (BPF_PROG_TEST_RUN)\n");
+    println!(
+        "{REPEAT} repeats per run, median of {RUNS} runs (creation: median of {CREATIONS} single runs on \
+         distinct flows); gateway 192.0.2.1, CGNAT host 100.100.2.136, tailnet peer 100.101.2.3\n"
+    );
+    println!("| live entries | program | path | verdict | ns/packet |");
+    println!("|---:|---|---|---|---:|");
+    let (gw, host, peer, lan) = ("192.0.2.1", "100.100.2.136", "100.101.2.3", "192.0.2.2");
+    for live in [1, BIG_TABLE] {
+        let toml = format!(
+            "tunnel = \"tun0\"\nbackend = \"bpf\"\n[subnet_routes]\nstateful = true\n[flows]\nmax_entries_v4 = {BIG_CAPACITY}"
+        );
+        let config = Config::parse(&toml, &Default::default())?;
+        let mut dp = Datapath::load_with(None, KernelLog::Off, testrun::params(&config))?;
+        dp.sync(&policy::compile(&config, system()))?;
+        fill_flows(&mut dp, live - 1)?;
+        // The measured flows: the gateway's TCP connection to the CGNAT host, answered; a
+        // UDP flow from the tunnel to a LAN host.
+        let own_out = tcp(gw, host, 40000, 443, Tcp::Syn);
+        let own_in = tcp(host, gw, 443, 40000, Tcp::Data);
+        testrun::run_uplink_egress(&mut dp, &own_out, 0)?;
+        testrun::run_xdp(&mut dp, &tcp(host, gw, 443, 40000, Tcp::SynAck))?;
+        let tunnel_out = udp(peer, lan, 5000, 53);
+        testrun::run_tunnel(&mut dp, Hook::TcIngress, &tunnel_out, 0, 0)?;
+        let cases: Vec<(&str, &str, Hook, u32, Vec<u8>)> = vec![
+            (
+                "uplink XDP",
+                "pass: non-CGNAT source (no flow work)",
+                Hook::Xdp,
+                0,
+                udp("198.51.100.7", gw, 53, 9),
+            ),
+            ("uplink XDP", "pass: reply to the gateway's own flow", Hook::Xdp, 0, own_in),
+            (
+                "uplink XDP",
+                "drop: unsolicited CGNAT source (lookup misses)",
+                Hook::Xdp,
+                0,
+                udp(host, gw, 53, 9),
+            ),
+            (
+                "uplink TC egress",
+                "own flow: refresh",
+                Hook::UplinkEgress,
+                0,
+                tcp(gw, host, 40000, 443, Tcp::Data),
+            ),
+            (
+                "uplink TC egress",
+                "non-CGNAT destination (no flow work)",
+                Hook::UplinkEgress,
+                0,
+                udp(gw, "198.51.100.7", 9, 53),
+            ),
+            ("tunnel TC ingress", "flow from the tunnel: refresh", Hook::TcIngress, 0, tunnel_out),
+            (
+                "tunnel TC egress",
+                "stateful: LAN answer to a tunnel flow",
+                Hook::TcEgress,
+                7,
+                udp(lan, peer, 53, 5000),
+            ),
+            ("tunnel TC egress", "stateful: drop, no flow", Hook::TcEgress, 7, udp(lan, peer, 53, 5001)),
+        ];
+        for (program, path, hook, ingress, frame) in cases {
+            let mut samples = Vec::new();
+            let mut verdict = 0;
+            for _ in 0..RUNS {
+                let (v, ns) = match hook {
+                    Hook::Xdp => testrun::time_xdp(&mut dp, &frame, REPEAT)?,
+                    _ => time_tc_from(&mut dp, hook, &frame, ingress, REPEAT)?,
+                };
+                verdict = v;
+                samples.push(ns);
+            }
+            samples.sort_by(|a, b| a.total_cmp(b));
+            println!(
+                "| {} | {program} | {path} | {} | {:.0} |",
+                thousands(live as usize),
+                verdict_name(hook, verdict),
+                samples[RUNS / 2]
+            );
+        }
+        // Single runs carry a fixed cost of their own: the same single runs on packets that
+        // do no flow work are the baseline.
+        let single = |dp: &mut Datapath, dst: &str| -> Result<f64> {
+            let mut samples = Vec::new();
+            for port in 0..CREATIONS {
+                let frame = udp(gw, dst, 10_000 + port, 53);
+                samples.push(time_tc_from(dp, Hook::UplinkEgress, &frame, 0, 1)?.1);
+            }
+            samples.sort_by(|a, b| a.total_cmp(b));
+            Ok(samples[samples.len() / 2])
+        };
+        let baseline = single(&mut dp, "198.51.100.7")?;
+        let created_before = testrun::counters(&dp)?[&Counter::FlowCreated];
+        let creation = single(&mut dp, host)?;
+        let created = testrun::counters(&dp)?[&Counter::FlowCreated] - created_before;
+        anyhow::ensure!(created == u64::from(CREATIONS), "{created} flows created, not {CREATIONS}");
+        println!(
+            "| {} | uplink TC egress | own flow: creation (UDP, distinct flows; single runs: {creation:.0} less {baseline:.0} for a run without flow work) | TC_ACT_OK | {:.0} |",
+            thousands(live as usize),
+            creation - baseline
+        );
+    }
+    // The same non-CGNAT pass with flow tracking off altogether.
+    let config = Config::parse(
+        "tunnel = \"tun0\"\nbackend = \"bpf\"\n[cgnat]\nallow_replies = false",
+        &Default::default(),
+    )?;
+    let mut dp = load(&config)?;
+    let frame = udp("198.51.100.7", gw, 53, 9);
+    let mut samples: Vec<f64> =
+        (0..RUNS).map(|_| testrun::time_xdp(&mut dp, &frame, REPEAT).map(|r| r.1)).collect::<Result<_>>()?;
+    samples.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "| (allow_replies = false) | uplink XDP | pass: non-CGNAT source | XDP_PASS | {:.0} |",
+        samples[RUNS / 2]
+    );
+    Ok(())
+}
+
+fn verdict_name(hook: Hook, verdict: u32) -> &'static str {
+    match (hook, verdict) {
+        (Hook::Xdp, 1) => "XDP_DROP",
+        (Hook::Xdp, 2) => "XDP_PASS",
+        (_, 2) => "TC_ACT_SHOT",
+        (_, 0) => "TC_ACT_OK",
+        _ => "?",
+    }
+}
+
+/// Fills the IPv4 flow table with `count` live flows of the gateway's (distinct from the
+/// measured ones).
+fn fill_flows(dp: &mut Datapath, count: u32) -> Result<()> {
+    use aya::maps::{HashMap, MapData};
+    use tailgate::backend::bpf::conntrack::monotonic_now;
+    use tailgate_abi::conntrack::{state, zone, Flow, FlowKey4, MAP_V4};
+    let now = monotonic_now().as_nanos() as u64;
+    let mut map: HashMap<&mut MapData, FlowKey4, Flow> = HashMap::try_from(dp.ebpf.map_mut(MAP_V4).unwrap())?;
+    let flow = Flow { last_seen: now, created: now, state: state::ESTABLISHED, ..Flow::default() };
+    for i in 0..count {
+        // 100.64.0.0/10 hosts, ports from 1024 on.
+        let host = (100u32 << 24 | 64 << 16) + (i % 4_000_000);
+        let key = FlowKey4::new(
+            [192, 0, 2, 1],
+            host.to_be_bytes(),
+            (1024 + (i / 60_000) as u16, 443),
+            6,
+            zone::OWN,
+            1,
+        );
+        map.insert(key, flow, 0)?;
+    }
+    Ok(())
+}
+
+fn time_tc_from(
+    dp: &mut Datapath,
+    hook: Hook,
+    frame: &[u8],
+    ingress: u32,
+    repeat: u32,
+) -> Result<(u32, f64)> {
+    let prog = links::tc(&mut dp.ebpf, hook)?;
+    let mut ctx = [0u8; 192];
+    ctx[36..40].copy_from_slice(&ingress.to_ne_bytes());
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.ctx_in = Some(&ctx);
+    opts.repeat = repeat;
+    let r = prog.test_run(opts)?;
+    Ok((r.return_value, r.duration.as_nanos() as f64))
 }
