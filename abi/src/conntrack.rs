@@ -20,6 +20,19 @@ pub const MAP_V4: &str = "FLOWS4";
 /// `LruHashMap<FlowKey6, Flow>`.
 pub const MAP_V6: &str = "FLOWS6";
 
+/// `LruHashMap<FlowKey4, u64>`: fragmented datagrams whose first fragment passed as part of
+/// a flow, keyed like a flow with the datagram's identification in place of the ports
+/// (`sport`: high 16 bits, `dport`: low), valued by when that fragment passed. Later
+/// fragments carry no ports: they pass by this entry.
+pub const MAP_FRAGS_V4: &str = "FRAGS4";
+/// `LruHashMap<FlowKey6, u64>`.
+pub const MAP_FRAGS_V6: &str = "FRAGS6";
+/// Datagrams in reassembly remembered per family.
+pub const FRAG_ENTRIES: u32 = 8_192;
+/// How long the rest of a datagram is let through after its first fragment (the kernel's
+/// `ipfrag_time` default).
+pub const FRAG_TIMEOUT_NS: u64 = 30 * SECOND;
+
 /// Default capacities. Kernel memory, allocated when the map is created (key, value, the
 /// hash table's element header and buckets; memlock as bpftool reports it): 136 bytes per
 /// IPv4 entry, 160 per IPv6 entry: 17 MiB and 10 MiB by default.
@@ -203,12 +216,28 @@ pub const fn advance(proto: u8, current: u8, flags: u8, reply: bool) -> u8 {
     current
 }
 
-/// Whether a packet with TCP flags `flags` may open a flow: a TCP flow only by its opener's
-/// SYN (a flow is the owning side's only if it started it: a SYN-ACK answering a
-/// connection from elsewhere, or a segment of a connection older than the table, opens
-/// nothing); any packet of another protocol.
-pub const fn opens(proto: u8, flags: u8) -> bool {
-    proto != proto::TCP || flags & (tcp_flag::SYN | tcp_flag::ACK | tcp_flag::RST) == tcp_flag::SYN
+/// The state a flow starts in when a packet with TCP flags `flags` (0 for other protocols)
+/// opens it on an owning path; `None`: this packet opens nothing.
+///
+/// TCP: the opener's SYN opens a new flow. A segment of a connection already established
+/// (ACK, no SYN) is picked up mid-stream, as conntrack's default does: the owning side's
+/// stack only sends one inside a connection it has, which the filter let through when it
+/// was set up — this keeps connections alive across a daemon restart, a reload that turns
+/// tracking on, or a device re-created with a new ifindex. A SYN-ACK (the answer to a
+/// connection from elsewhere) and a RST never open anything. Any other protocol: any packet.
+pub const fn opening(proto: u8, flags: u8) -> Option<u8> {
+    if proto != proto::TCP {
+        return Some(state::NEW);
+    }
+    if flags & tcp_flag::RST != 0 {
+        return None;
+    }
+    match flags & (tcp_flag::SYN | tcp_flag::ACK) {
+        tcp_flag::SYN => Some(state::NEW),
+        tcp_flag::ACK if flags & tcp_flag::FIN != 0 => Some(state::CLOSING),
+        tcp_flag::ACK => Some(state::ESTABLISHED),
+        _ => None,
+    }
 }
 
 #[cfg(feature = "user")]
@@ -267,15 +296,18 @@ mod tests {
     }
 
     #[test]
-    fn only_the_openers_syn_opens_a_tcp_flow() {
-        assert!(!opens(proto::TCP, RST));
-        assert!(!opens(proto::TCP, RST | ACK));
-        assert!(!opens(proto::TCP, SYN | RST));
-        assert!(opens(proto::TCP, SYN));
-        // Only the opener's SYN: not an answer, not a segment picked up mid-stream.
-        assert!(!opens(proto::TCP, SYN | ACK));
-        assert!(!opens(proto::TCP, ACK));
-        assert!(opens(proto::UDP, 0));
+    fn what_opens_a_flow() {
+        assert_eq!(opening(proto::TCP, SYN), Some(NEW));
+        // Mid-stream: a segment of a connection the owning side has.
+        assert_eq!(opening(proto::TCP, ACK), Some(ESTABLISHED));
+        assert_eq!(opening(proto::TCP, ACK | 0x08), Some(ESTABLISHED));
+        assert_eq!(opening(proto::TCP, FIN | ACK), Some(CLOSING));
+        // The answer to someone else's connection, resets, odd flag sets: nothing.
+        for flags in [SYN | ACK, RST, RST | ACK, SYN | RST, 0, FIN] {
+            assert_eq!(opening(proto::TCP, flags), None, "{flags:#x}");
+        }
+        assert_eq!(opening(proto::UDP, 0), Some(NEW));
+        assert_eq!(opening(47, 0), Some(NEW));
     }
 
     #[test]

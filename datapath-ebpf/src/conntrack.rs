@@ -4,13 +4,13 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use tailgate_abi::{
-    conntrack::{advance, expired, opens, proto, state, zone, Flow, FlowKey4, FlowKey6},
+    conntrack::{advance, expired, opening, proto, zone, Flow, FlowKey4, FlowKey6, FRAG_TIMEOUT_NS},
     counters::Counter,
 };
 
 use crate::{
     counters::count,
-    maps::{FLOWS4, FLOWS6},
+    maps::{FLOWS4, FLOWS6, FRAGS4, FRAGS6},
     parse::{be16, read, Ip, Packet},
 };
 
@@ -56,9 +56,28 @@ pub fn record(packet: &Packet, bytes: Bytes, at: At) {
 #[inline(always)]
 pub fn reply(packet: &Packet, bytes: Bytes, at: At) -> bool {
     match packet.ip {
-        Ip::V4 { src, dst } => reply_key(seen::<FlowKey4>(packet, src, dst, bytes, at)),
-        Ip::V6 { src, dst } => reply_key(seen::<FlowKey6>(packet, src, dst, bytes, at)),
+        Ip::V4 { src, dst } => reply_family::<FlowKey4>(packet, src, dst, bytes, at),
+        Ip::V6 { src, dst } => reply_family::<FlowKey6>(packet, src, dst, bytes, at),
     }
+}
+
+/// Later fragments carry no ports: they pass when their datagram's first fragment did.
+#[inline(always)]
+fn reply_family<K: Key>(packet: &Packet, src: K::Addr, dst: K::Addr, bytes: Bytes, at: At) -> bool {
+    let id = packet.fragment_id;
+    let datagram = K::of(src, dst, (id >> 16) as u16, id as u16, packet.proto, at);
+    if packet.fragment && packet.transport == 0 {
+        count(Counter::FlowLookups);
+        // SAFETY: a map value.
+        return datagram
+            .fragment()
+            .is_some_and(|seen| now().saturating_sub(unsafe { *seen }) <= FRAG_TIMEOUT_NS);
+    }
+    let answers = reply_key(seen::<K>(packet, src, dst, bytes, at));
+    if answers && packet.fragment {
+        datagram.remember_fragment(now());
+    }
+    answers
 }
 
 /// What a packet is to the flow table.
@@ -88,8 +107,14 @@ fn seen<K: Key>(packet: &Packet, src: K::Addr, dst: K::Addr, bytes: Bytes, at: A
         let key = K::of(src, dst, 0, 0, packet.proto, at);
         return Seen::Flow { key, flags: 0, opens: true, answers: true };
     }
-    let header = bytes.data + usize::from(packet.transport & 0x3ff);
-    if packet.transport == 0 || header + 8 > bytes.data_end {
+    // The mask bounds the offset for the verifier; an ICMP header further in than it can
+    // express (behind huge extension headers) is not read at all (a wrapped offset would
+    // read the attacker's bytes).
+    if packet.transport == 0 || packet.transport > MAX_TRANSPORT {
+        return Seen::Untracked;
+    }
+    let header = bytes.data + usize::from(packet.transport & MAX_TRANSPORT);
+    if header + 8 > bytes.data_end {
         return Seen::Untracked;
     }
     let kind = read::<u8>(header);
@@ -100,7 +125,8 @@ fn seen<K: Key>(packet: &Packet, src: K::Addr, dst: K::Addr, bytes: Bytes, at: A
         return Seen::Flow { key, flags: 0, opens: request, answers: !request };
     }
     if K::is_error(kind) {
-        if let Some(key) = K::quoted(bytes, header + 8, at) {
+        // The quoted packet was sent by the one receiving the error (as conntrack checks).
+        if let Some(key) = K::quoted(bytes, header + 8, dst, at) {
             return Seen::Error(key);
         }
     }
@@ -124,16 +150,8 @@ fn record_key<K: Key>(seen: Seen<K>) {
         }
         count(Counter::FlowExpired);
     }
-    if !opens(proto, flags) {
-        return;
-    }
-    let flow = Flow {
-        last_seen: now,
-        created: now,
-        state: advance(proto, state::NEW, flags, false),
-        flags_original: flags,
-        ..Flow::default()
-    };
+    let Some(state) = opening(proto, flags) else { return };
+    let flow = Flow { last_seen: now, created: now, state, flags_original: flags, ..Flow::default() };
     count(if key.insert(&flow) { Counter::FlowCreated } else { Counter::FlowCreateFailed });
 }
 
@@ -187,21 +205,25 @@ trait Key: Table {
     fn of(src: Self::Addr, dst: Self::Addr, sport: u16, dport: u16, proto: u8, at: At) -> Self;
     /// ICMP types that quote the packet they are about.
     fn is_error(kind: u8) -> bool;
-    /// The key of the packet quoted from `inner` (its IP header) on.
-    fn quoted(bytes: Bytes, inner: usize, at: At) -> Option<Self>;
+    /// The key of the packet quoted from `inner` (its IP header) on, if that packet's source
+    /// is `receiver` (the error's destination).
+    fn quoted(bytes: Bytes, inner: usize, receiver: Self::Addr, at: At) -> Option<Self>;
 }
 
-/// The table a key type lives in, and what every key is.
+/// The tables a key type lives in, and what every key is.
 trait Table: Copy {
     fn reversed(self) -> Self;
     fn proto(&self) -> u8;
     fn get(&self) -> Option<*mut Flow>;
     fn insert(&self, flow: &Flow) -> bool;
     fn remove(&self);
+    /// When the first fragment of the datagram this key names passed.
+    fn fragment(&self) -> Option<*const u64>;
+    fn remember_fragment(&self, now: u64);
 }
 
 macro_rules! table {
-    ($key:ty, $map:ident) => {
+    ($key:ty, $map:ident, $frags:ident) => {
         impl Table for $key {
             #[inline(always)]
             fn reversed(self) -> Self {
@@ -227,12 +249,22 @@ macro_rules! table {
             fn remove(&self) {
                 let _ = $map.remove(self);
             }
+
+            #[inline(always)]
+            fn fragment(&self) -> Option<*const u64> {
+                $frags.get_ptr(self)
+            }
+
+            #[inline(always)]
+            fn remember_fragment(&self, now: u64) {
+                let _ = $frags.insert(self, now, 0);
+            }
         }
     };
 }
 
-table!(FlowKey4, FLOWS4);
-table!(FlowKey6, FLOWS6);
+table!(FlowKey4, FLOWS4, FRAGS4);
+table!(FlowKey6, FLOWS6, FRAGS6);
 
 /// The quoted transport header's ports (or echo identifier) at `l4`, for `proto`.
 #[inline(always)]
@@ -251,6 +283,9 @@ fn quoted_ports(bytes: Bytes, l4: usize, proto: u8, icmp: u8, echo_request: u8) 
     }
     None
 }
+
+/// The largest transport-header offset read (see `seen`).
+const MAX_TRANSPORT: u16 = 0x3ff;
 
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -280,8 +315,8 @@ impl Key for FlowKey4 {
     }
 
     #[inline(always)]
-    fn quoted(bytes: Bytes, inner: usize, at: At) -> Option<Self> {
-        if inner + 20 > bytes.data_end {
+    fn quoted(bytes: Bytes, inner: usize, receiver: [u8; 4], at: At) -> Option<Self> {
+        if inner + 20 > bytes.data_end || read::<[u8; 4]>(inner + 12) != receiver {
             return None;
         }
         let ver_ihl = read::<u8>(inner);
@@ -296,6 +331,8 @@ impl Key for FlowKey4 {
     }
 }
 
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPV6_FRAG_OFFSET: u16 = 0xfff8;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
 const ICMPV6_TIME_EXCEED: u8 = 3;
@@ -320,14 +357,26 @@ impl Key for FlowKey6 {
     }
 
     #[inline(always)]
-    fn quoted(bytes: Bytes, inner: usize, at: At) -> Option<Self> {
-        if inner + 40 > bytes.data_end || read::<u8>(inner) >> 4 != 6 {
+    fn quoted(bytes: Bytes, inner: usize, receiver: [u8; 16], at: At) -> Option<Self> {
+        if inner + 40 > bytes.data_end
+            || read::<u8>(inner) >> 4 != 6
+            || read::<[u8; 16]>(inner + 8) != receiver
+        {
             return None;
         }
-        // The transport header right after the fixed header only: a quoted packet with
-        // extension headers is not matched.
-        let proto = read::<u8>(inner + 6);
-        let (sport, dport) = quoted_ports(bytes, inner + 40, proto, proto::ICMPV6, ICMPV6_ECHO_REQUEST)?;
+        // The transport header right after the fixed header, or after a fragment header (a
+        // Packet Too Big about a fragmented datagram quotes its first fragment); other
+        // extension headers are not walked.
+        let mut proto = read::<u8>(inner + 6);
+        let mut l4 = inner + 40;
+        if proto == IPPROTO_FRAGMENT {
+            if l4 + 8 > bytes.data_end || be16(l4 + 2) & IPV6_FRAG_OFFSET != 0 {
+                return None;
+            }
+            proto = read::<u8>(l4);
+            l4 += 8;
+        }
+        let (sport, dport) = quoted_ports(bytes, l4, proto, proto::ICMPV6, ICMPV6_ECHO_REQUEST)?;
         Some(Self::of(read(inner + 8), read(inner + 24), sport, dport, proto, at))
     }
 }

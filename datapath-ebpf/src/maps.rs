@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use tailgate_abi::{
     cgnat::{Plan, Slot4, Slot6, TABLE_FLAGS},
-    conntrack::{Flow, FlowKey4, FlowKey6, DEFAULT_ENTRIES_V4, DEFAULT_ENTRIES_V6},
+    conntrack::{Flow, FlowKey4, FlowKey6, DEFAULT_ENTRIES_V4, DEFAULT_ENTRIES_V6, FRAG_ENTRIES},
     counters::Counter,
     settings::Settings,
     MAX_RULES,
@@ -59,6 +59,12 @@ pub static CGNAT_FWD6: V6Tables = ArrayOfMaps::new();
 pub static FLOWS4: LruHashMap<FlowKey4, Flow, { DEFAULT_ENTRIES_V4 as usize }> = LruHashMap::new();
 #[btf_map]
 pub static FLOWS6: LruHashMap<FlowKey6, Flow, { DEFAULT_ENTRIES_V6 as usize }> = LruHashMap::new();
+
+/// Fragmented datagrams of flows (`tailgate_abi::conntrack::MAP_FRAGS_V4`).
+#[btf_map]
+pub static FRAGS4: LruHashMap<FlowKey4, u64, { FRAG_ENTRIES as usize }> = LruHashMap::new();
+#[btf_map]
+pub static FRAGS6: LruHashMap<FlowKey6, u64, { FRAG_ENTRIES as usize }> = LruHashMap::new();
 
 /// Packets per verdict reason (`Counter`).
 #[btf_map]

@@ -73,6 +73,8 @@ pub struct Packet {
     pub proto: u8,
     /// Part of a fragmented datagram (any fragment, first included).
     pub fragment: bool,
+    /// The datagram's identification (IPv4 header; IPv6 fragment header), for fragments.
+    pub fragment_id: u32,
     /// Offset of the transport header (whatever the protocol) from the start of the packet
     /// data; 0 when there is none to read (a later fragment, too many extension headers).
     pub transport: u16,
@@ -145,10 +147,11 @@ fn ipv4(data: usize, data_end: usize, l3: usize) -> Result<Packet, NoPacket> {
         Ip::V4 { src: read(h + offset_of!(Ipv4Hdr, src_addr)), dst: read(h + offset_of!(Ipv4Hdr, dst_addr)) };
     // Fragments carry the addresses in every fragment; only the first has the ports.
     let fragment = frags & IPV4_MF_OFFSET != 0;
+    let fragment_id = u32::from(be16(h + offset_of!(Ipv4Hdr, id)));
     let first = frags & IPV4_OFFSET == 0;
     let l4 = if first { transport(data, data_end, l3 + ihl, proto) } else { None };
     let transport = if first { offset16(l3 + ihl) } else { 0 };
-    Ok(Packet { l3, ip, proto, fragment, transport, l4 })
+    Ok(Packet { l3, ip, proto, fragment, fragment_id, transport, l4 })
 }
 
 #[inline(always)]
@@ -165,6 +168,7 @@ fn ipv6(data: usize, data_end: usize, l3: usize) -> Result<Packet, NoPacket> {
     let mut proto = read::<u8>(h + offset_of!(Ipv6Hdr, next_hdr));
     let mut next = l3 + size_of::<Ipv6Hdr>();
     let mut fragment = false;
+    let mut fragment_id = 0;
     let mut later_fragment = false;
     for _ in 0..MAX_IPV6_EXT {
         match proto {
@@ -174,10 +178,11 @@ fn ipv6(data: usize, data_end: usize, l3: usize) -> Result<Packet, NoPacket> {
         // Every extension header starts with (next header, length); the fragment header's
         // second byte is reserved and its length fixed at 8.
         if data + next + 8 > data_end {
-            return Ok(Packet { l3, ip, proto, fragment, transport: 0, l4: None });
+            return Ok(Packet { l3, ip, proto, fragment, fragment_id, transport: 0, l4: None });
         }
         let len = if proto == IPPROTO_FRAGMENT {
             fragment = true;
+            fragment_id = u32::from_be(read::<u32>(data + next + 4));
             later_fragment = be16(data + next + 2) & IPV6_FRAG_OFFSET != 0;
             8
         } else {
@@ -188,7 +193,7 @@ fn ipv6(data: usize, data_end: usize, l3: usize) -> Result<Packet, NoPacket> {
     }
     let l4 = if later_fragment { None } else { transport(data, data_end, next, proto) };
     let transport = if later_fragment { 0 } else { offset16(next) };
-    Ok(Packet { l3, ip, proto, fragment, transport, l4 })
+    Ok(Packet { l3, ip, proto, fragment, fragment_id, transport, l4 })
 }
 
 /// The TCP or UDP header at `l4`, when whole in the packet.

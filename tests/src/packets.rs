@@ -305,3 +305,14 @@ pub fn first_fragment4(mut frame: Vec<u8>) -> Vec<u8> {
     frame[14..14 + bytes.len()].copy_from_slice(&bytes);
     frame
 }
+
+/// Sets the IPv4 identification of an Ethernet + IPv4 frame (and fixes the header checksum).
+pub fn with_ip_id(mut frame: Vec<u8>, id: u16) -> Vec<u8> {
+    let (mut ip, _) = Ipv4Header::from_slice(&frame[14..]).unwrap();
+    ip.identification = id;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut bytes = Vec::new();
+    ip.write(&mut bytes).unwrap();
+    frame[14..14 + bytes.len()].copy_from_slice(&bytes);
+    frame
+}

@@ -99,14 +99,18 @@ fn own_flows_are_recorded_at_the_uplink_egress_only_for_local_packets_towards_fi
         let c = counted(&mut dp, |dp| assert_eq!(xdp(dp, &udp(f.host, f.gw, 53, 5002)), XDP_DROP));
         assert_eq!(c, want(&[(Counter::UplinkDrop, 1), (Counter::FlowLookups, 1)]), "{name}");
         assert_eq!(flows(&dp).len(), 1, "{name}");
-        // A TCP flow is the gateway's only if it sent the SYN: a SYN-ACK, a RST or a
-        // segment of an older connection opens nothing.
-        for flags in [Tcp::SynAck, Tcp::Rst, Tcp::Data, Tcp::Fin] {
+        // The answer to a connection from elsewhere (SYN-ACK), a RST, an echo reply: nothing.
+        for flags in [Tcp::SynAck, Tcp::Rst] {
             out(&mut dp, &tcp(f.gw, f.host, 40000, 443, flags));
             assert_eq!(flows(&dp).len(), 1, "{name}: {flags:?} opened a flow");
         }
         out(&mut dp, &echo(f.gw, f.host, 7, true));
         assert_eq!(flows(&dp).len(), 1, "{name}: an echo reply opened a flow");
+        // A segment of a connection the gateway already has (older than the table: a
+        // restart, a re-created uplink) is picked up mid-stream, as established.
+        out(&mut dp, &tcp(f.gw, f.host, 40000, 443, Tcp::Data));
+        assert!(flows(&dp).contains(&(zone::OWN, DEVICE, 6, state::ESTABLISHED)), "{name}: picked up");
+        assert_eq!(xdp(&mut dp, &tcp(f.host, f.gw, 443, 40000, Tcp::Data)), XDP_PASS, "{name}");
     }
     // allow_replies = false: nothing recorded.
     let mut dp = testrun::datapath("[cgnat]\nallow_replies = false").unwrap();
@@ -152,6 +156,9 @@ fn replies_to_own_flows_pass_and_unsolicited_packets_drop() {
         assert_eq!(xdp(&mut dp, &unknown), XDP_DROP, "{name}: error about no flow");
         let about_ping = port_unreachable(f.router, f.gw, &echo(f.gw, f.host, 7, false));
         assert_eq!(xdp(&mut dp, &about_ping), XDP_PASS, "{name}: error about a ping");
+        // An error must go to the quoted packet's sender (as conntrack checks).
+        let elsewhere = port_unreachable(f.router, f.lan, &query);
+        assert_eq!(xdp(&mut dp, &elsewhere), XDP_DROP, "{name}: error to another address");
         // Sources outside the filtered range pass as before, without a lookup.
         let c = counted(&mut dp, |dp| assert_eq!(xdp(dp, &udp(f.outside, f.gw, 53, 9)), XDP_PASS));
         assert_eq!(c, want(&[(Counter::UplinkPassNoMatch, 1)]), "{name}");
@@ -334,4 +341,45 @@ fn a_full_table_evicts_but_every_verdict_stays_right() {
     assert_eq!(xdp(&mut dp, &udp(V4.outside, V4.gw, 53, 9)), XDP_PASS);
     // The oldest were evicted: their replies are unsolicited now.
     assert_eq!(xdp(&mut dp, &udp(V4.host, V4.gw, 53, 10000)), XDP_DROP);
+}
+
+#[test]
+fn fragments_of_a_reply_pass_with_their_first_fragment() {
+    let mut dp = testrun::datapath("").unwrap();
+    out(&mut dp, &udp(V4.gw, V4.host, 5000, 53));
+    let first = with_ip_id(first_fragment4(udp(V4.host, V4.gw, 53, 5000)), 77);
+    let later = |id: u16| with_ip_id(eth_fragment4(V4.host, V4.gw), id);
+    // A later fragment before (or without) its first: dropped.
+    assert_eq!(xdp(&mut dp, &later(77)), XDP_DROP);
+    assert_eq!(xdp(&mut dp, &first), XDP_PASS, "the first fragment answers the flow");
+    assert_eq!(xdp(&mut dp, &later(77)), XDP_PASS, "the rest of its datagram");
+    assert_eq!(xdp(&mut dp, &later(78)), XDP_DROP, "another datagram");
+    // Unsolicited: the first fragment of a datagram answering no flow opens nothing.
+    let stray = with_ip_id(first_fragment4(udp(V4.host, V4.gw, 53, 5001)), 79);
+    assert_eq!(xdp(&mut dp, &stray), XDP_DROP);
+    assert_eq!(xdp(&mut dp, &later(79)), XDP_DROP);
+}
+
+#[test]
+fn an_icmpv6_header_beyond_what_the_parse_reads_is_not_read_at_a_wrapped_offset() {
+    // An echo request behind a 1,032-byte routing header; at the offset a 10-bit wrap would
+    // read (inside the routing header) sits a forged "port unreachable" quoting a live flow.
+    let mut dp = testrun::datapath("").unwrap();
+    let query = udp(V6.gw, V6.host, 5000, 53);
+    out(&mut dp, &query);
+    let forged = port_unreachable(V6.host, V6.gw, &query);
+    let icmp_error = &forged[14 + 40..];
+    let routing_len = 1032;
+    let mut routing = vec![0u8; routing_len];
+    routing[0] = 58; // next header: ICMPv6
+    routing[1] = (routing_len / 8 - 1) as u8;
+    // 14 + 40 + 1032 = 1086; 1086 & 0x3ff = 62: 8 bytes into the routing header.
+    routing[8..8 + icmp_error.len()].copy_from_slice(icmp_error);
+    let echo_request = [128u8, 0, 0, 0, 0, 9, 0, 1];
+    let mut frame = forged[..14 + 40].to_vec();
+    frame[14 + 4..14 + 6].copy_from_slice(&((routing_len + echo_request.len()) as u16).to_be_bytes());
+    frame[14 + 6] = 43; // next header: routing
+    frame.extend_from_slice(&routing);
+    frame.extend_from_slice(&echo_request);
+    assert_eq!(xdp(&mut dp, &frame), XDP_DROP);
 }

@@ -27,6 +27,19 @@ pub fn capacities(flows: &FlowsConfig) -> [(&'static str, u32); 2] {
     [(MAP_V4, flows.max_entries_v4), (MAP_V6, flows.max_entries_v6)]
 }
 
+/// Zeroes the flow-table counters (the tables were created anew; see `status`).
+pub fn reset_counters(ebpf: &mut aya::Ebpf) -> Result<()> {
+    use aya::maps::{PerCpuArray, PerCpuValues};
+    use tailgate_abi::{counters::Counter, MAP_COUNTERS};
+    let map = ebpf.map_mut(MAP_COUNTERS).ok_or_else(|| anyhow::anyhow!("map {MAP_COUNTERS} missing"))?;
+    let mut counters: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(map)?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    for counter in [Counter::FlowCreated, Counter::FlowExpired, Counter::FlowCreateFailed] {
+        counters.set(counter as u32, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+    }
+    Ok(())
+}
+
 /// One entry of a flow table, for `tailgate flows`.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlowEntry {

@@ -57,6 +57,8 @@ pub fn pinned_maps() -> Vec<&'static str> {
         // Pinned so flows outlive a restart or an upgrade that keeps the datapath.
         tailgate_abi::conntrack::MAP_V4,
         tailgate_abi::conntrack::MAP_V6,
+        tailgate_abi::conntrack::MAP_FRAGS_V4,
+        tailgate_abi::conntrack::MAP_FRAGS_V6,
     ];
     maps.extend(cgnat::map_names());
     maps
@@ -143,9 +145,18 @@ impl Datapath {
             Some(pins) => layout::set_aside_incompatible(pins, &pinned_maps(), &sizes).map_err(at("load"))?,
             None => Stash::default(),
         };
+        // Flow tables created anew next to kept counters: `status` derives evictions from
+        // the flow counters, which must start with the tables.
+        let fresh_flows = pins.is_some_and(|pins| {
+            pins.map(MAP_COUNTERS).exists()
+                && conntrack::capacities(&params.flows).iter().any(|(name, _)| !pins.map(name).exists())
+        });
         match Self::load_object(pins, log, params) {
             Ok(mut datapath) => {
                 datapath.stash = stash;
+                if fresh_flows {
+                    conntrack::reset_counters(&mut datapath.ebpf).map_err(at("load"))?;
+                }
                 Ok(datapath)
             }
             Err(e) => {
