@@ -20,6 +20,8 @@ on_both_backends!(
     allow_replies_false_restores_the_reference_drop,
     a_lan_host_forging_a_peer_address_into_a_tunnel_flow_gets_nothing_through,
     stateful_stops_lan_connections_into_the_tailnet_while_tailnet_to_lan_works,
+    large_replies_arrive_in_fragments_and_pass,
+    live_connections_survive_a_restart_and_stateful_turned_on,
 );
 
 const WAIT: Duration = Duration::from_secs(2);
@@ -32,7 +34,7 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
 fn udp_echo(ns: &Netns, at: SocketAddr) {
     let socket = ns.enter(move || Ok(UdpSocket::bind(at)?)).unwrap();
     std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
+        let mut buf = [0u8; 9000];
         while let Ok((n, from)) = socket.recv_from(&mut buf) {
             let _ = socket.send_to(&buf[..n], from);
         }
@@ -41,12 +43,24 @@ fn udp_echo(ns: &Netns, at: SocketAddr) {
 
 /// A query from `ns` (bound to `from`, port chosen) to `to`: whether the answer came.
 fn query(ns: &Netns, from: &str, to: SocketAddr) -> bool {
+    query_of(ns, from, to, 5)
+}
+
+/// A query of `size` bytes: whether the whole answer came.
+fn query_of(ns: &Netns, from: &str, to: SocketAddr, size: usize) -> bool {
     let bind = addr(from, 0);
     let socket = ns.enter(move || Ok(UdpSocket::bind(bind)?)).unwrap();
     socket.set_read_timeout(Some(WAIT)).unwrap();
-    socket.send_to(b"query", to).unwrap();
-    let mut buf = [0u8; 64];
-    matches!(socket.recv_from(&mut buf), Ok((5, _)))
+    socket.send_to(&vec![7u8; size], to).unwrap();
+    let mut buf = vec![0u8; size + 1];
+    matches!(socket.recv_from(&mut buf), Ok((n, _)) if n == size)
+}
+
+/// One ping of `size` bytes of payload (larger than the MTU: sent and answered in fragments).
+fn ping_of(ns: &Netns, dst: &str, src: &str, size: usize) -> bool {
+    let size = size.to_string();
+    let args = ["-c", "1", "-W", "2", "-n", "-q", "-s", &size, "-I", src, dst];
+    ns.exec("ping", &args).map(|o| o.status.success()).unwrap_or(false)
 }
 
 /// A TCP listener at `at` in `ns` that echoes one message per connection.
@@ -60,6 +74,36 @@ fn tcp_echo(ns: &Netns, at: SocketAddr) {
             }
         }
     });
+}
+
+/// A TCP echo service at `at` in `ns` that keeps each connection open.
+fn tcp_echo_each(ns: &Netns, at: SocketAddr) {
+    let listener = ns.enter(move || Ok(TcpListener::bind(at)?)).unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n @ 1..) = stream.read(&mut buf) {
+                    if stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// An open connection from `ns` to `to`.
+fn open(ns: &Netns, to: SocketAddr) -> TcpStream {
+    let stream = ns.enter(move || Ok(TcpStream::connect_timeout(&to, WAIT)?)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    stream
+}
+
+/// One message echoed over `stream`.
+fn echoed(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 5];
+    stream.write_all(b"hello").is_ok() && stream.read_exact(&mut buf).is_ok() && &buf == b"hello"
 }
 
 /// Connects from `ns` to `to` and has one message echoed.
@@ -187,4 +231,43 @@ fn stateful_stops_lan_connections_into_the_tailnet_while_tailnet_to_lan_works(ba
     assert!(query(&t.peer, tailnet::PEER, addr(tailnet::LAN, 5355)), "the peer's UDP query got no answer");
     let drops = status(&t.gw, &t.pins)["counters"]["tunnel_drop_stateful"].as_u64().unwrap();
     assert!(drops >= 1, "stateful drops counted");
+}
+
+fn large_replies_arrive_in_fragments_and_pass(backend: &str) {
+    let t = Topology::new().unwrap();
+    udp_echo(&t.lan, addr(LAN_CGNAT, 5353));
+    let _daemon = Daemon::start(&t.gw, &t.pins, &topology::config(backend, "")).unwrap();
+    // 3,000 bytes on a 1,500-byte link: the answers come in fragments.
+    assert!(ping_of(&t.gw, LAN_CGNAT, GW_LAN_CGNAT, 3000), "a fragmented ping reply was dropped");
+    assert!(
+        query_of(&t.gw, GW_LAN_CGNAT, addr(LAN_CGNAT, 5353), 3000),
+        "a fragmented UDP answer was dropped"
+    );
+    ula_neighbours(&t);
+    assert!(ping_of(&t.gw, LAN_ULA, GW_ULA, 3000), "a fragmented IPv6 ping reply was dropped");
+    // Fragments of what the host sends unasked still drop.
+    assert!(!ping_of(&t.lan, GW_LAN_CGNAT, LAN_CGNAT, 3000), "the host's fragmented ping got through");
+}
+
+fn live_connections_survive_a_restart_and_stateful_turned_on(backend: &str) {
+    // The gateway's own connection to a CGNAT host, across a daemon restart (everything
+    // removed at stop, flows included).
+    let t = Topology::new().unwrap();
+    tcp_echo_each(&t.lan, addr(LAN_CGNAT, 8080));
+    let mut daemon = Daemon::start(&t.gw, &t.pins, &topology::config(backend, "")).unwrap();
+    let mut own = open(&t.gw, addr(LAN_CGNAT, 8080));
+    assert!(echoed(&mut own), "before the restart");
+    assert_eq!(daemon.stop(), Some(0));
+    let _daemon = Daemon::start(&t.gw, &t.pins, &topology::config(backend, "")).unwrap();
+    assert!(echoed(&mut own), "the gateway's connection did not survive the restart");
+
+    // A tailnet -> LAN connection while a reload turns the stateful filter on.
+    let n = tailnet::Tailnet::new().unwrap();
+    tcp_echo_each(&n.lan, addr(tailnet::LAN, 8031));
+    let daemon = Daemon::start(&n.gw, &n.pins, &tailnet::config(backend, "")).unwrap();
+    let mut live = open(&n.peer, addr(tailnet::LAN, 8031));
+    assert!(echoed(&mut live), "before the reload");
+    daemon.write_config(&tailnet::config(backend, "[subnet_routes]\nstateful = true")).unwrap();
+    daemon.reload().unwrap();
+    assert!(echoed(&mut live), "the tailnet connection did not survive turning stateful on");
 }
