@@ -17,7 +17,10 @@ on_both_backends!(
 
 fn a_second_daemon_on_the_same_pin_dir_is_refused_and_cleanup_waits_for_the_first(backend: &str) {
     let t = Topology::new().unwrap();
-    let mut first = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
+    // No repair while the test looks: it would restore, within its interval, the rules the
+    // forced cleanup below removes, before status reads them.
+    let quiet = format!("{}[iptables]\nrepair_interval_ms = 600000\n", config(backend, ""));
+    let mut first = Daemon::start(&t.gw, &t.pins, &quiet).unwrap();
     let pid = first.pid().unwrap();
 
     // The same directory spelled differently is the same pin dir.
