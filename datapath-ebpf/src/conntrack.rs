@@ -64,18 +64,21 @@ pub fn reply(packet: &Packet, bytes: Bytes, at: At) -> bool {
 /// Later fragments carry no ports: they pass when their datagram's first fragment did.
 #[inline(always)]
 fn reply_family<K: Key>(packet: &Packet, src: K::Addr, dst: K::Addr, bytes: Bytes, at: At) -> bool {
-    let id = packet.fragment_id;
-    let datagram = K::of(src, dst, (id >> 16) as u16, id as u16, packet.proto, at);
+    // Built only for fragments.
+    let datagram = || {
+        let id = packet.fragment_id;
+        K::of(src, dst, (id >> 16) as u16, id as u16, packet.proto, at)
+    };
     if packet.fragment && packet.transport == 0 {
         count(Counter::FlowLookups);
         // SAFETY: a map value.
-        return datagram
+        return datagram()
             .fragment()
             .is_some_and(|seen| now().saturating_sub(unsafe { *seen }) <= FRAG_TIMEOUT_NS);
     }
     let answers = reply_key(seen::<K>(packet, src, dst, bytes, at));
     if answers && packet.fragment {
-        datagram.remember_fragment(now());
+        datagram().remember_fragment(now());
     }
     answers
 }
@@ -160,8 +163,7 @@ fn reply_key<K: Key>(seen: Seen<K>) -> bool {
     match seen {
         Seen::Flow { key, flags, answers: true, .. } => {
             let key = key.reversed();
-            let now = now();
-            let Some(flow) = live(&key, now) else { return false };
+            let Some((flow, now)) = live(&key) else { return false };
             // SAFETY: as in `record_key`.
             let flow = unsafe { &mut *flow };
             flow.last_seen = now;
@@ -170,23 +172,25 @@ fn reply_key<K: Key>(seen: Seen<K>) -> bool {
             true
         }
         // Related, not part of the flow: no refresh (as conntrack).
-        Seen::Error(key) => live(&key, now()).is_some(),
+        Seen::Error(key) => live(&key).is_some(),
         _ => false,
     }
 }
 
-/// The entry of `key` unless it has expired (then it is deleted).
+/// The entry of `key` and the time, unless it has expired (then it is deleted). The clock
+/// is read only after a hit: a miss (every unsolicited packet) costs the lookup alone.
 #[inline(always)]
-fn live<K: Key>(key: &K, now: u64) -> Option<*mut Flow> {
+fn live<K: Key>(key: &K) -> Option<(*mut Flow, u64)> {
     count(Counter::FlowLookups);
     let flow = key.get()?;
+    let now = now();
     // SAFETY: a map value.
     if expired(unsafe { &*flow }, key.proto(), now) {
         key.remove();
         count(Counter::FlowExpired);
         return None;
     }
-    Some(flow)
+    Some((flow, now))
 }
 
 #[inline(always)]
