@@ -128,3 +128,28 @@ fn prefix_maps_of_layouts_two_and_three_are_rebuilt_as_slot_tables() {
         assert_eq!(daemon.stop(), Some(0));
     }
 }
+
+#[test]
+fn flow_tables_of_another_size_are_rebuilt_and_their_counters_start_over() {
+    use tailgate_abi::conntrack::MAP_V4;
+    use tailgate_tests::topology::{GW_LAN_CGNAT, LAN_CGNAT};
+    let t = Topology::new().unwrap();
+    let mut daemon = Daemon::start(&t.gw, &t.pins, CONFIG).unwrap();
+    // Own flows towards the CGNAT LAN host (pings with different identifiers).
+    for _ in 0..3 {
+        t.gw.ping(LAN_CGNAT, Some(GW_LAN_CGNAT));
+    }
+    let s = status(&t.gw, &t.pins);
+    assert!(s["counters"]["flow_created"].as_u64().unwrap() >= 3, "{s}");
+    assert_eq!(daemon.stop(), Some(0));
+    // Kept, then started with another table size: the table is rebuilt (its flows go), the
+    // counters are kept — but not the flow counters, which describe the table.
+    let resized = format!("{CONFIG}[flows]\nmax_entries_v4 = 2048\n");
+    let _daemon = Daemon::start(&t.gw, &t.pins, &resized).unwrap();
+    assert_eq!(entries(&map(&t, MAP_V4)), 2048);
+    let s = status(&t.gw, &t.pins);
+    assert_eq!(s["flows"]["capacity_v4"], 2048, "{s}");
+    assert_eq!(s["flows"]["entries_v4"], 0, "{s}");
+    assert_eq!(s["flows"]["evicted"], 0, "no evictions reported for flows the rebuild dropped: {s}");
+    assert_eq!(s["counters"]["flow_created"], 0, "{s}");
+}
