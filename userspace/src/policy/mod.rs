@@ -5,6 +5,7 @@
 
 pub mod cgnat;
 pub mod conntrack;
+pub mod maglev;
 pub mod mss;
 pub mod subnet_routes;
 
