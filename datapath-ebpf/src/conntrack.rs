@@ -140,20 +140,16 @@ fn seen<K: Key>(packet: &Packet, src: K::Addr, dst: K::Addr, bytes: Bytes, at: A
 fn record_key<K: Key>(seen: Seen<K>) {
     let Seen::Flow { key, flags, opens: true, .. } = seen else { return };
     let proto = key.proto();
-    let now = now();
-    count(Counter::FlowLookups);
-    if let Some(flow) = key.get() {
+    if let Some((flow, now)) = live(&key) {
         // SAFETY: a map value; concurrent writers only race on refresh fields.
         let flow = unsafe { &mut *flow };
-        if !expired(flow, proto, now) {
-            flow.last_seen = now;
-            flow.flags_original |= flags;
-            flow.state = advance(proto, flow.state, flags, false);
-            return;
-        }
-        count(Counter::FlowExpired);
+        flow.last_seen = now;
+        flow.flags_original |= flags;
+        flow.state = advance(proto, flow.state, flags, false);
+        return;
     }
     let Some(state) = opening(proto, flags) else { return };
+    let now = now();
     let flow = Flow { last_seen: now, created: now, state, flags_original: flags, ..Flow::default() };
     count(if key.insert(&flow) { Counter::FlowCreated } else { Counter::FlowCreateFailed });
 }
@@ -164,7 +160,7 @@ fn reply_key<K: Key>(seen: Seen<K>) -> bool {
         Seen::Flow { key, flags, answers: true, .. } => {
             let key = key.reversed();
             let Some((flow, now)) = live(&key) else { return false };
-            // SAFETY: as in `record_key`.
+            // SAFETY: a map value; concurrent writers only race on refresh fields.
             let flow = unsafe { &mut *flow };
             flow.last_seen = now;
             flow.flags_reply |= flags;

@@ -156,8 +156,8 @@ mod programs {
         let stateful = settings.stages & stage::STATEFUL != 0 && origin.forwarded();
         // As the reference's rule order: the stateful drop comes before the prefix rules (an
         // exempt source does not get past it).
-        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
-        let verdict = if stateful && !conntrack::reply(&packet, bytes, At::tunnel(origin.ifindex)) {
+        let bytes = || Bytes { data: ctx.data(), data_end: ctx.data_end() };
+        let verdict = if stateful && !conntrack::reply(&packet, bytes(), At::tunnel(origin.ifindex)) {
             Verdict::Drop(Counter::TunnelDropStateful)
         } else {
             match cgnat::into_tunnel(&packet, &origin, generation) {

@@ -187,11 +187,8 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
 
 /// The flow tables' occupancy; `None` for pins of a version without them.
 fn read_flows(pins: &Pins, counters: &BTreeMap<String, u64>) -> Result<Option<FlowsStatus>> {
-    use tailgate_abi::conntrack::{MAP_V4, MAP_V6};
-    if !pins.map(MAP_V4).exists() || !pins.map(MAP_V6).exists() {
-        return Ok(None);
-    }
-    let occupancy = conntrack::occupancy(&open(pins, MAP_V4)?, &open(pins, MAP_V6)?)?;
+    let Some((v4, v6)) = flow_maps(pins)? else { return Ok(None) };
+    let occupancy = conntrack::occupancy(&v4, &v6)?;
     let counter = |c: Counter| counters.get(c.name()).copied().unwrap_or(0);
     let live = occupancy.entries_v4 + occupancy.entries_v6;
     // Every entry created is live, was deleted as expired, or was evicted.
@@ -201,15 +198,23 @@ fn read_flows(pins: &Pins, counters: &BTreeMap<String, u64>) -> Result<Option<Fl
 
 /// Every entry of the pinned flow tables.
 pub fn flows(pins: &Pins) -> Result<Vec<conntrack::FlowEntry>> {
-    use tailgate_abi::conntrack::{MAP_V4, MAP_V6};
-    if !pins.map(MAP_V4).exists() {
+    let Some((v4, v6)) = flow_maps(pins)? else {
         anyhow::bail!(
             "no flow tables pinned under {} (the iptables backend tracks flows in the kernel's \
              conntrack: `conntrack -L`)",
             pins.root().display()
         );
+    };
+    conntrack::entries(&v4, &v6, conntrack::monotonic_now())
+}
+
+/// The pinned flow tables (IPv4, IPv6), when both are there.
+fn flow_maps(pins: &Pins) -> Result<Option<(Map, Map)>> {
+    use tailgate_abi::conntrack::{MAP_V4, MAP_V6};
+    if !pins.map(MAP_V4).exists() || !pins.map(MAP_V6).exists() {
+        return Ok(None);
     }
-    conntrack::entries(&open(pins, MAP_V4)?, &open(pins, MAP_V6)?, conntrack::monotonic_now())
+    Ok(Some((open(pins, MAP_V4)?, open(pins, MAP_V6)?)))
 }
 
 fn empty(backend: String) -> Status {

@@ -70,18 +70,22 @@ pub struct Occupancy {
 
 /// Entries and capacity of both tables (one walk of the keys each).
 pub fn occupancy(v4: &Map, v6: &Map) -> Result<Occupancy> {
-    let t4: HashMap<&MapData, FlowKey4, Flow> = HashMap::try_from(v4)?;
-    let t6: HashMap<&MapData, FlowKey6, Flow> = HashMap::try_from(v6)?;
-    let mut o = Occupancy { capacity_v4: capacity(v4)?, capacity_v6: capacity(v6)?, ..Occupancy::default() };
-    for key in t4.keys() {
+    Ok(Occupancy {
+        entries_v4: count::<FlowKey4>(v4)?,
+        capacity_v4: capacity(v4)?,
+        entries_v6: count::<FlowKey6>(v6)?,
+        capacity_v6: capacity(v6)?,
+    })
+}
+
+fn count<K: aya::Pod>(map: &Map) -> Result<u64> {
+    let table: HashMap<&MapData, K, Flow> = HashMap::try_from(map)?;
+    let mut n = 0;
+    for key in table.keys() {
         key?;
-        o.entries_v4 += 1;
+        n += 1;
     }
-    for key in t6.keys() {
-        key?;
-        o.entries_v6 += 1;
-    }
-    Ok(o)
+    Ok(n)
 }
 
 fn capacity(map: &Map) -> Result<u32> {
@@ -94,52 +98,55 @@ fn capacity(map: &Map) -> Result<u32> {
 /// Every entry of both tables (expired ones too, until a lookup or the LRU removes them),
 /// with ages measured at `now` (CLOCK_MONOTONIC), most recent first.
 pub fn entries(v4: &Map, v6: &Map, now: Duration) -> Result<Vec<FlowEntry>> {
-    let mut out = Vec::new();
-    let t4: HashMap<&MapData, FlowKey4, Flow> = HashMap::try_from(v4)?;
-    for item in t4.iter() {
-        let (k, f) = item?;
-        out.push(entry(k.zone, k.ifindex, k.proto, k.src.into(), k.sport, k.dst.into(), k.dport, &f, now));
-    }
-    let t6: HashMap<&MapData, FlowKey6, Flow> = HashMap::try_from(v6)?;
-    for item in t6.iter() {
-        let (k, f) = item?;
-        out.push(entry(k.zone, k.ifindex, k.proto, k.src.into(), k.sport, k.dst.into(), k.dport, &f, now));
-    }
+    let mut out = table_entries::<FlowKey4>(v4, now)?;
+    out.extend(table_entries::<FlowKey6>(v6, now)?);
     out.sort_by(|a, b| a.idle_s.total_cmp(&b.idle_s));
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn entry(
-    zone: u8,
-    ifindex: u32,
-    proto: u8,
-    src: IpAddr,
-    sport: u16,
-    dst: IpAddr,
-    dport: u16,
-    flow: &Flow,
-    now: Duration,
-) -> FlowEntry {
-    let idle = (now.as_nanos() as u64).saturating_sub(flow.last_seen);
-    let left = timeout_ns(proto, flow.state).saturating_sub(idle);
-    FlowEntry {
-        zone: match zone {
-            zone::OWN => "own",
-            zone::TUNNEL => "tunnel",
-            _ => "?",
-        },
-        ifindex,
-        proto,
-        src,
-        sport,
-        dst,
-        dport,
-        state: state::name(flow.state),
-        idle_s: idle as f64 / 1e9,
-        expires_in_s: left as f64 / 1e9,
+fn table_entries<K: aya::Pod + Into<FlowEntry>>(map: &Map, now: Duration) -> Result<Vec<FlowEntry>> {
+    let table: HashMap<&MapData, K, Flow> = HashMap::try_from(map)?;
+    let mut out = Vec::new();
+    for item in table.iter() {
+        let (key, flow) = item?;
+        let mut entry: FlowEntry = key.into();
+        let idle = (now.as_nanos() as u64).saturating_sub(flow.last_seen);
+        entry.state = state::name(flow.state);
+        entry.idle_s = idle as f64 / 1e9;
+        entry.expires_in_s = timeout_ns(entry.proto, flow.state).saturating_sub(idle) as f64 / 1e9;
+        out.push(entry);
     }
+    Ok(out)
 }
+
+/// What a key says, whatever its family; the flow's part is filled in by `table_entries`.
+macro_rules! entry_of_key {
+    ($key:ty) => {
+        impl From<$key> for FlowEntry {
+            fn from(k: $key) -> Self {
+                FlowEntry {
+                    zone: match k.zone {
+                        zone::OWN => "own",
+                        zone::TUNNEL => "tunnel",
+                        _ => "?",
+                    },
+                    ifindex: k.ifindex,
+                    proto: k.proto,
+                    src: IpAddr::from(k.src),
+                    sport: k.sport,
+                    dst: IpAddr::from(k.dst),
+                    dport: k.dport,
+                    state: "",
+                    idle_s: 0.0,
+                    expires_in_s: 0.0,
+                }
+            }
+        }
+    };
+}
+
+entry_of_key!(FlowKey4);
+entry_of_key!(FlowKey6);
 
 /// A protocol's name for display.
 pub fn proto_name(p: u8) -> String {

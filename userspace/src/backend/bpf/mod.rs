@@ -148,8 +148,7 @@ impl Datapath {
         // Flow tables created anew next to kept counters: `status` derives evictions from
         // the flow counters, which must start with the tables.
         let fresh_flows = pins.is_some_and(|pins| {
-            pins.map(MAP_COUNTERS).exists()
-                && conntrack::capacities(&params.flows).iter().any(|(name, _)| !pins.map(name).exists())
+            pins.map(MAP_COUNTERS).exists() && sizes.iter().any(|(name, _)| !pins.map(name).exists())
         });
         match Self::load_object(pins, log, params) {
             Ok(mut datapath) => {
