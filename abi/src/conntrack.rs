@@ -50,6 +50,22 @@ pub mod zone {
     pub const OWN: u8 = 1;
     /// A connection opened from the tunnel side (`ifindex`: the tunnel).
     pub const TUNNEL: u8 = 2;
+    /// A connection to a service, under its original tuple (client → VIP); `Flow::nat`:
+    /// the backend (`crate::services`).
+    pub const DNAT: u8 = 3;
+    /// The same connection under its translated tuple (client → backend); `Flow::nat`: the
+    /// VIP, to translate replies back.
+    pub const DNAT_REPLY: u8 = 4;
+
+    pub const fn name(zone: u8) -> &'static str {
+        match zone {
+            OWN => "own",
+            TUNNEL => "tunnel",
+            DNAT => "dnat",
+            DNAT_REPLY => "dnat-reply",
+            _ => "?",
+        }
+    }
 }
 
 /// Protocol numbers the table knows; any other protocol is tracked by addresses alone.
@@ -129,19 +145,21 @@ pub struct Flow {
     pub flags_reply: u8,
     pub pad: u8,
     pub pad2: u32,
-    /// Reserved for the NAT engine (the translated address and port, so replies are
-    /// translated back from the same entry); zero until then.
+    /// The address and port the flow is translated to (zones `DNAT`, `DNAT_REPLY`); zero
+    /// elsewhere.
     pub nat: Nat,
 }
 
-/// The NAT engine's part of a flow (unused yet, all zero).
+/// The NAT engine's part of a flow: the address (IPv4: first 4 bytes) and port a packet of
+/// the flow is rewritten to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Nat {
     pub addr: [u8; 16],
     pub port: u16,
     pub flags: u16,
-    pub pad: u32,
+    /// Zone `DNAT`: the backend's id (`crate::services::MAP_BACKENDS`).
+    pub backend: u32,
 }
 
 /// A flow's state, from what was seen each way.
@@ -211,6 +229,11 @@ pub const fn advance(proto: u8, current: u8, flags: u8, reply: bool) -> u8 {
         return state::CLOSING;
     }
     if reply && current == state::NEW {
+        return state::ESTABLISHED;
+    }
+    // The opener acknowledging without SYN: the handshake was answered (an entry that only
+    // sees the original direction, as a NAT entry, learns it this way).
+    if !reply && current == state::NEW && flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::ACK {
         return state::ESTABLISHED;
     }
     current

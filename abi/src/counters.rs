@@ -55,10 +55,21 @@ pub enum Counter {
     FlowExpired = 21,
     /// Creations the kernel refused (out of memory); the packet's verdict is unchanged.
     FlowCreateFailed = 22,
+    /// Tunnel ingress: a packet to a service, sent to its backend.
+    ServiceDnat = 23,
+    /// Tunnel ingress: a flow to a service balanced by its table (new, or its backend gone).
+    ServiceBalanced = 24,
+    /// Tunnel ingress: a flow whose backend left the service, balanced again.
+    ServiceRebalanced = 25,
+    /// Tunnel egress: a reply from a backend, translated back to the service's address.
+    ServiceReverseNat = 26,
+    /// Tunnel ingress: a packet to a service dropped: no backend in its table, or the flow
+    /// could not be recorded (its replies could not be translated back).
+    ServiceDrop = 27,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 23] = [
+    pub const ALL: [Counter; 28] = [
         Counter::UplinkPassNotIp,
         Counter::UplinkPassMalformed,
         Counter::UplinkPassNoMatch,
@@ -82,6 +93,11 @@ impl Counter {
         Counter::FlowCreated,
         Counter::FlowExpired,
         Counter::FlowCreateFailed,
+        Counter::ServiceDnat,
+        Counter::ServiceBalanced,
+        Counter::ServiceRebalanced,
+        Counter::ServiceReverseNat,
+        Counter::ServiceDrop,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -111,6 +127,11 @@ impl Counter {
             Counter::FlowCreated => "flow_created",
             Counter::FlowExpired => "flow_expired",
             Counter::FlowCreateFailed => "flow_create_failed",
+            Counter::ServiceDnat => "service_dnat",
+            Counter::ServiceBalanced => "service_balanced",
+            Counter::ServiceRebalanced => "service_rebalanced",
+            Counter::ServiceReverseNat => "service_reverse_nat",
+            Counter::ServiceDrop => "service_drop",
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod cgnat;
 pub mod conntrack;
 pub mod counters;
 pub mod layout;
+pub mod services;
 pub mod settings;
 
 /// Policy generations: every policy map holds the policy twice, generation 0 and 1 (keyed by
@@ -34,6 +35,10 @@ pub mod programs {
     pub const TUNNEL_INGRESS: &str = "tg_tunnel_ingress";
     /// TC egress on every uplink: records the gateway's own flows (`[cgnat] allow_replies`).
     pub const UPLINK_EGRESS: &str = "tg_uplink_egress";
+    /// TC ingress on the tunnel, first, while services are configured: DNAT.
+    pub const SERVICE_IN: &str = "tg_service_in";
+    /// TC egress on the tunnel, last, while services are configured: replies translated back.
+    pub const SERVICE_OUT: &str = "tg_service_out";
 }
 
 /// Load-time constants of the object (`EbpfLoader::override_global`).

@@ -176,7 +176,7 @@ fn reply_key<K: Key>(seen: Seen<K>) -> bool {
 /// The entry of `key` and the time, unless it has expired (then it is deleted). The clock
 /// is read only after a hit: a miss (every unsolicited packet) costs the lookup alone.
 #[inline(always)]
-fn live<K: Key>(key: &K) -> Option<(*mut Flow, u64)> {
+pub fn live<K: Key>(key: &K) -> Option<(*mut Flow, u64)> {
     count(Counter::FlowLookups);
     let flow = key.get()?;
     let now = now();
@@ -190,13 +190,13 @@ fn live<K: Key>(key: &K) -> Option<(*mut Flow, u64)> {
 }
 
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
 /// A family's key: its tuple, its ICMP, its table.
-trait Key: Table {
+pub trait Key: Table {
     type Addr: Copy;
     /// The family's ICMP protocol and echo types.
     const ICMP: u8;
@@ -211,7 +211,7 @@ trait Key: Table {
 }
 
 /// The tables a key type lives in, and what every key is.
-trait Table: Copy {
+pub trait Table: Copy {
     fn reversed(self) -> Self;
     fn proto(&self) -> u8;
     fn get(&self) -> Option<*mut Flow>;

@@ -6,8 +6,10 @@
 //! |-----------------------------------------|---------------------------------------------|
 //! | uplink XDP (`tg_uplink`)                | cgnat (inbound); a drop: conntrack (reply?) |
 //! | uplink TC egress (`tg_uplink_egress`)   | conntrack (record the gateway's own flows)  |
+//! | tunnel TC ingress (`tg_service_in`)     | services (DNAT), with services only         |
 //! | tunnel TC ingress (`tg_tunnel_ingress`) | conntrack (record), mark, mss               |
 //! | tunnel TC egress (`tg_tunnel_egress`)   | conntrack (stateful), cgnat (forward), mss  |
+//! | tunnel TC egress (`tg_service_out`)     | services (reverse NAT), with services only  |
 //!
 //! The crate builds only for `bpfel-unknown-none` (see `userspace/build.rs`); on the host it
 //! is an empty binary so `cargo clippy --workspace` and `cargo test --workspace` work.
@@ -28,12 +30,15 @@ mod mss;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
+mod services;
+#[cfg(target_arch = "bpf")]
 mod stage;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+        bindings::{xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+        helpers::bpf_csum_diff,
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
@@ -48,7 +53,8 @@ mod programs {
         mark,
         mss::{self, Clamp},
         parse::{self, Link, NoPacket},
-        stage::{Rewrite, Verdict},
+        services::{self, Dnat},
+        stage::{Addr, NatRewrite, Rewrite, Verdict},
     };
 
     /// XDP on every uplink: drops packets whose source is in a filtered range (CGNAT,
@@ -122,7 +128,8 @@ mod programs {
             Ok(packet) => packet,
             Err(_) => return pass(Counter::TunnelInPassOther),
         };
-        let settings = settings(generation());
+        let generation = generation();
+        let settings = settings(generation);
         // SAFETY: the context pointer is valid for the program's run.
         let (current, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
         // Before the clamp: a rewrite invalidates the packet pointers.
@@ -145,7 +152,7 @@ mod programs {
     pub fn tg_tunnel_egress(ctx: TcContext) -> i32 {
         let packet = match parse::skb(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize)) {
             Ok(packet) => packet,
-            Err(_) => return pass(Counter::TunnelPassOther),
+            Err(_) => return next(Counter::TunnelPassOther),
         };
         let generation = generation();
         let settings = settings(generation);
@@ -178,7 +185,68 @@ mod programs {
         if mss::applies(&packet) {
             clamp(&ctx, mss::clamp(&ctx, &packet, &settings), Counter::TunnelOutMssClamped);
         }
-        pass(reason)
+        next(reason)
+    }
+
+    /// TC ingress on the tunnel, before `tg_tunnel_ingress`, attached while services are
+    /// configured: sends packets to a service to a backend. A program of its own: the
+    /// stages of one call chain share 512 bytes of stack.
+    #[classifier]
+    pub fn tg_service_in(ctx: TcContext) -> i32 {
+        let Ok(packet) = tunnel_packet(&ctx) else { return TCX_NEXT };
+        // SAFETY: the context pointer is valid for the program's run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let mut nat = NatRewrite::EMPTY;
+        match services::dnat(&packet, generation(), ifindex, &mut nat) {
+            Dnat::None => TCX_NEXT,
+            Dnat::To if rewritten(&ctx, Rewrite::Nat(nat)) => {
+                count(Counter::ServiceDnat);
+                TCX_NEXT
+            }
+            // Refused, or half rewritten: never sent on to the service's address.
+            _ => {
+                count(Counter::ServiceDrop);
+                TC_ACT_SHOT as i32
+            }
+        }
+    }
+
+    /// TC egress on the tunnel, after `tg_tunnel_egress` (whose filters judge a reply as
+    /// netfilter's FORWARD does, before its source is translated back in POSTROUTING),
+    /// attached while services are configured: translates backends' replies back to the
+    /// service's address.
+    #[classifier]
+    pub fn tg_service_out(ctx: TcContext) -> i32 {
+        let Ok(packet) = tunnel_packet(&ctx) else { return TCX_NEXT };
+        // SAFETY: the context pointer is valid for the program's run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let mut nat = NatRewrite::EMPTY;
+        if services::reverse(&packet, ifindex, &mut nat) {
+            apply(&ctx, Rewrite::Nat(nat), Counter::ServiceReverseNat);
+        }
+        TCX_NEXT
+    }
+
+    /// The packet of a services program. The headers are pulled into the linear buffer
+    /// first (a no-op when they are there): one parse, no retry loop, whose spills would
+    /// leave too little of the 512 bytes of stack a call chain shares for the stage.
+    #[inline(always)]
+    fn tunnel_packet(ctx: &TcContext) -> Result<parse::Packet, NoPacket> {
+        let l3 = TUNNEL_L3_OFFSET.load() as usize;
+        let _ = ctx.pull_data(core::cmp::min(ctx.len(), (l3 + parse::PULL_LEN) as u32));
+        parse::ip(ctx.data(), ctx.data_end(), l3)
+    }
+
+    /// TCX: let the next program at this hook see the packet (the last one's `TCX_NEXT`
+    /// passes it).
+    const TCX_NEXT: i32 = -1;
+
+    /// Passes on to the programs after this one at the hook (the services' reverse NAT
+    /// after the tunnel egress program).
+    #[inline(always)]
+    fn next(reason: Counter) -> i32 {
+        count(reason);
+        TCX_NEXT
     }
 
     #[inline(always)]
@@ -199,7 +267,15 @@ mod programs {
     /// Applies a rewrite; counts it when it took.
     #[inline(always)]
     fn apply(ctx: &TcContext, rewrite: Rewrite, counter: Counter) {
-        let done = match rewrite {
+        if rewritten(ctx, rewrite) {
+            count(counter);
+        }
+    }
+
+    /// Applies a rewrite; whether it took.
+    #[inline(always)]
+    fn rewritten(ctx: &TcContext, rewrite: Rewrite) -> bool {
+        match rewrite {
             Rewrite::Mark(mark) => {
                 ctx.set_mark(mark);
                 true
@@ -213,10 +289,44 @@ mod programs {
                 ctx.store(at, &new, 0).is_ok()
                     && ctx.l4_csum_replace(check, u64::from(from), u64::from(to), 2).is_ok()
             }
-        };
-        if done {
-            count(counter);
+            Rewrite::Nat(nat) => translate(ctx, &nat),
         }
+    }
+
+    /// Rewrites an address and port, updating the checksums incrementally with the helpers
+    /// (right with checksum offload too): the address is part of the transport checksum's
+    /// pseudo-header, the port part of the transport header; a UDP checksum of 0 ("none")
+    /// stays 0.
+    #[inline(always)]
+    fn translate(ctx: &TcContext, nat: &NatRewrite) -> bool {
+        let (check, zero) =
+            if nat.tcp { (nat.l4 + 16, 0) } else { (nat.l4 + 6, BPF_F_MARK_MANGLED_0 as u64) };
+        let pseudo = BPF_F_PSEUDO_HDR as u64 | zero;
+        let port_at = if nat.source { nat.l4 } else { nat.l4 + 2 };
+        let addresses = match (nat.from, nat.to) {
+            (Addr::V4(from), Addr::V4(to)) => {
+                let at = nat.l3 + if nat.source { 12 } else { 16 };
+                let (old, new) = (u64::from(u32::from_ne_bytes(from)), u64::from(u32::from_ne_bytes(to)));
+                ctx.l4_csum_replace(check, old, new, pseudo | 4).is_ok()
+                    && ctx.l3_csum_replace(nat.l3 + 10, old, new, 4).is_ok()
+                    && ctx.store(at, &to, 0).is_ok()
+            }
+            (Addr::V6(mut from), Addr::V6(mut to)) => {
+                let at = nat.l3 + if nat.source { 8 } else { 24 };
+                // SAFETY: two 16-byte locals.
+                let diff =
+                    unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
+                diff >= 0
+                    && ctx.l4_csum_replace(check, 0, diff as u64, pseudo).is_ok()
+                    && ctx.store(at, &to, 0).is_ok()
+            }
+            _ => false,
+        };
+        let (old, new) = (nat.from_port.to_be(), nat.to_port.to_be());
+        addresses
+            && (old == new
+                || (ctx.l4_csum_replace(check, u64::from(old), u64::from(new), zero | 2).is_ok()
+                    && ctx.store(port_at, &new, 0).is_ok()))
     }
 
     #[panic_handler]

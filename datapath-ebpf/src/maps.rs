@@ -1,14 +1,15 @@
 //! Every map of the datapath. Names, keys and values come from `tailgate_abi`.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
     Global,
 };
 use tailgate_abi::{
     cgnat::{Plan, Slot4, Slot6, TABLE_FLAGS},
-    conntrack::{Flow, FlowKey4, FlowKey6, DEFAULT_ENTRIES_V4, DEFAULT_ENTRIES_V6, FRAG_ENTRIES},
+    conntrack::{Flow, FlowKey4, FlowKey6, Nat, DEFAULT_ENTRIES_V4, DEFAULT_ENTRIES_V6, FRAG_ENTRIES},
     counters::Counter,
+    services::{self, Backend, Service, ServiceKey, MAX_BACKENDS, MAX_SERVICES, MAX_TABLES},
     settings::Settings,
     MAX_RULES,
 };
@@ -65,6 +66,46 @@ pub static FLOWS6: LruHashMap<FlowKey6, Flow, { DEFAULT_ENTRIES_V6 as usize }> =
 pub static FRAGS4: LruHashMap<FlowKey4, u64, { FRAG_ENTRIES as usize }> = LruHashMap::new();
 #[btf_map]
 pub static FRAGS6: LruHashMap<FlowKey6, u64, { FRAG_ENTRIES as usize }> = LruHashMap::new();
+
+/// Services of both generations (`tailgate_abi::services`).
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, Service, { 2 * MAX_SERVICES as usize }> = HashMap::new();
+
+/// The services' Maglev tables (backend ids), each sized to its service by the daemon.
+#[btf_map]
+pub static SERVICE_TABLES: ArrayOfMaps<
+    Array<u32, 1, { services::TABLE_FLAGS as usize }>,
+    { MAX_TABLES as usize },
+> = ArrayOfMaps::new();
+
+/// Backend id → address and port.
+#[btf_map]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Per-CPU room for what the service stage builds of one packet (keys, entries): more than
+/// the 512 bytes of stack a call chain has next to the parse. `services::Room<K>` per
+/// family, spelled out (BTF names cannot carry generic parameters).
+macro_rules! scratch {
+    ($name:ident, $key:ty) => {
+        #[repr(C)]
+        pub struct $name {
+            pub key: $key,
+            pub reply: $key,
+            pub flow: Flow,
+            pub reply_flow: Flow,
+            pub nat: Nat,
+            pub vip: Nat,
+            pub service: ServiceKey,
+        }
+    };
+}
+scratch!(Scratch4, FlowKey4);
+scratch!(Scratch6, FlowKey6);
+
+#[btf_map]
+pub static SCRATCH4: PerCpuArray<Scratch4, 1> = PerCpuArray::new();
+#[btf_map]
+pub static SCRATCH6: PerCpuArray<Scratch6, 1> = PerCpuArray::new();
 
 /// Packets per verdict reason (`Counter`).
 #[btf_map]

@@ -289,4 +289,4 @@ pub fn skb(ctx: &aya_ebpf::programs::TcContext, link: Link) -> Result<Packet, No
 }
 
 /// Bytes past the IP header start worth pulling into the linear buffer.
-const PULL_LEN: usize = 256;
+pub const PULL_LEN: usize = 256;

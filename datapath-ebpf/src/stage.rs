@@ -11,6 +11,7 @@ pub enum Verdict {
 }
 
 /// A change to make to the packet.
+#[derive(Clone, Copy)]
 pub enum Rewrite {
     /// Set the skb mark to this value.
     Mark(u32),
@@ -18,4 +19,43 @@ pub enum Rewrite {
     /// network order) with `new`; `check` is the TCP checksum's offset (an even distance
     /// from the header start, so `at - check` tells the value's alignment).
     Mss { at: usize, check: usize, old: u16, new: u16 },
+    /// Translate an address and port (services).
+    Nat(NatRewrite),
+}
+
+/// An address of either family, as in the packet.
+#[derive(Clone, Copy)]
+pub enum Addr {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+/// Replace the destination (or with `source`, the source) address and port of a TCP or UDP
+/// packet whose IP header is at `l3` and transport header at `l4` (offsets from the packet
+/// start); ports in host order.
+#[derive(Clone, Copy)]
+pub struct NatRewrite {
+    pub source: bool,
+    pub l3: usize,
+    pub l4: usize,
+    /// TCP (else UDP): where the checksum is, and whether 0 means "none".
+    pub tcp: bool,
+    pub from: Addr,
+    pub to: Addr,
+    pub from_port: u16,
+    pub to_port: u16,
+}
+
+impl NatRewrite {
+    /// A placeholder to write into.
+    pub const EMPTY: NatRewrite = NatRewrite {
+        source: false,
+        l3: 0,
+        l4: 0,
+        tcp: false,
+        from: Addr::V4([0; 4]),
+        to: Addr::V4([0; 4]),
+        from_port: 0,
+        to_port: 0,
+    };
 }

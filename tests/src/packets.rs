@@ -316,3 +316,73 @@ pub fn with_ip_id(mut frame: Vec<u8>, id: u16) -> Vec<u8> {
     frame[14..14 + bytes.len()].copy_from_slice(&bytes);
     frame
 }
+
+/// A TCP or UDP packet as a NAT test reads it: addresses and ports, and whether every
+/// checksum in it (IPv4 header, TCP/UDP over the pseudo-header) is right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transport {
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    pub checksums_ok: bool,
+    /// UDP sent without a checksum (0).
+    pub no_udp_checksum: bool,
+}
+
+/// Reads an Ethernet frame carrying TCP or UDP; `None` for anything else.
+pub fn transport(frame: &[u8]) -> Option<Transport> {
+    use std::net::SocketAddr;
+
+    use etherparse::{NetSlice, TransportSlice};
+    let sliced = SlicedPacket::from_ethernet(frame).ok()?;
+    let (src, dst, ip_ok) = match sliced.net.as_ref()? {
+        NetSlice::Ipv4(ip) => {
+            let h = ip.header().to_header();
+            (
+                IpAddr::V4(h.source.into()),
+                IpAddr::V4(h.destination.into()),
+                h.calc_header_checksum() == h.header_checksum,
+            )
+        }
+        NetSlice::Ipv6(ip) => {
+            let h = ip.header().to_header();
+            (IpAddr::V6(h.source.into()), IpAddr::V6(h.destination.into()), true)
+        }
+        _ => return None,
+    };
+    let (ports, l4_ok, no_udp_checksum) = match (sliced.transport.as_ref()?, sliced.net.as_ref()?) {
+        (TransportSlice::Tcp(tcp), net) => {
+            let h = tcp.to_header();
+            let want = match net {
+                NetSlice::Ipv4(ip) => h.calc_checksum_ipv4(&ip.header().to_header(), tcp.payload()).ok()?,
+                NetSlice::Ipv6(ip) => h.calc_checksum_ipv6(&ip.header().to_header(), tcp.payload()).ok()?,
+                _ => return None,
+            };
+            ((h.source_port, h.destination_port), want == h.checksum, false)
+        }
+        (TransportSlice::Udp(udp), net) => {
+            let h = udp.to_header();
+            let want = match net {
+                NetSlice::Ipv4(ip) => h.calc_checksum_ipv4(&ip.header().to_header(), udp.payload()).ok()?,
+                NetSlice::Ipv6(ip) => h.calc_checksum_ipv6(&ip.header().to_header(), udp.payload()).ok()?,
+                _ => return None,
+            };
+            let zero = h.checksum == 0;
+            ((h.source_port, h.destination_port), zero || want == h.checksum, zero)
+        }
+        _ => return None,
+    };
+    Some(Transport {
+        src: SocketAddr::new(src, ports.0),
+        dst: SocketAddr::new(dst, ports.1),
+        checksums_ok: ip_ok && l4_ok,
+        no_udp_checksum,
+    })
+}
+
+/// The same frame with its UDP checksum set to 0 ("none", IPv4 only).
+pub fn without_udp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let at = 14 + ihl + 6;
+    frame[at..at + 2].copy_from_slice(&[0, 0]);
+    frame
+}

@@ -36,6 +36,14 @@ pub fn datapath(config_toml: &str) -> Result<Datapath> {
     Ok(dp)
 }
 
+/// Makes `dp` hold the policy of `config_toml` (a reload).
+pub fn sync(dp: &mut Datapath, config_toml: &str) -> Result<()> {
+    let config = Config::parse(config_toml, &HashMap::new())?;
+    let system = policy::System { uplinks: Vec::new(), tunnel_mtu: Some(TUNNEL_MTU) };
+    dp.sync(&policy::compile(&config, system))?;
+    Ok(())
+}
+
 /// Load parameters for packet tests: BPF_PROG_TEST_RUN hands the tunnel programs Ethernet
 /// frames; the flow tables as `config` sizes them.
 pub fn params(config: &Config) -> Params {
@@ -45,6 +53,9 @@ pub fn params(config: &Config) -> Params {
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
+/// TCX's "on to the next program at this hook" (-1): how the tunnel egress program and the
+/// services' programs pass a packet (the last program's `TCX_NEXT` passes it).
+pub const TCX_NEXT: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
 
 /// Runs the uplink XDP program on an Ethernet frame; returns the XDP action.
@@ -174,4 +185,12 @@ fn age<K: aya::Pod>(dp: &mut Datapath, name: &str, by: u64) -> Result<()> {
         map.insert(key, flow, 0)?;
     }
     Ok(())
+}
+
+/// How many service tables are installed (slots of `SERVICE_TABLES` holding a map).
+pub fn service_tables(dp: &Datapath) -> Result<usize> {
+    use aya::maps::ArrayOfMaps;
+    use tailgate_abi::services::{MAP_TABLES, MAX_TABLES};
+    let outer: ArrayOfMaps<&MapData, MapData> = ArrayOfMaps::try_from(dp.ebpf.map(MAP_TABLES).unwrap())?;
+    Ok((0..MAX_TABLES).filter(|i| outer.get(i, 0).is_ok()).count())
 }

@@ -11,7 +11,7 @@ use tailgate_abi::{
 };
 use tailgate_tests::{
     packets::*,
-    testrun::{self, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
+    testrun::{self, TCX_NEXT, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
 };
 
 /// One family's addresses: the gateway's uplink address, a host in a filtered range (a
@@ -256,7 +256,7 @@ fn stateful_forwards_into_the_tunnel_only_flows_opened_from_it() {
         assert_eq!(flows(&dp), [(zone::TUNNEL, DEVICE, 17, state::NEW)], "{name}");
 
         let c = counted(&mut dp, |dp| {
-            assert_eq!(into_tunnel(dp, &udp(f.lan, f.peer, 53, 5000), FROM_LAN), TC_ACT_OK)
+            assert_eq!(into_tunnel(dp, &udp(f.lan, f.peer, 53, 5000), FROM_LAN), TCX_NEXT)
         });
         assert_eq!(c, want(&[(Counter::TunnelPassEstablished, 1), (Counter::FlowLookups, 1)]), "{name}");
         let c = counted(&mut dp, |dp| {
@@ -267,20 +267,20 @@ fn stateful_forwards_into_the_tunnel_only_flows_opened_from_it() {
         assert_eq!(into_tunnel(&mut dp, &tcp(f.lan, f.peer, 40000, 22, Tcp::Syn), FROM_LAN), TC_ACT_SHOT);
         // Errors about, and echo replies to, flows from the tunnel.
         let error = port_unreachable(f.lan, f.peer, &query);
-        assert_eq!(into_tunnel(&mut dp, &error, FROM_LAN), TC_ACT_OK, "{name}: ICMP error");
+        assert_eq!(into_tunnel(&mut dp, &error, FROM_LAN), TCX_NEXT, "{name}: ICMP error");
         from_tunnel(&mut dp, &echo(f.peer, f.lan, 9, false));
-        assert_eq!(into_tunnel(&mut dp, &echo(f.lan, f.peer, 9, true), FROM_LAN), TC_ACT_OK, "{name}");
+        assert_eq!(into_tunnel(&mut dp, &echo(f.lan, f.peer, 9, true), FROM_LAN), TCX_NEXT, "{name}");
         assert_eq!(into_tunnel(&mut dp, &echo(f.lan, f.peer, 9, false), FROM_LAN), TC_ACT_SHOT, "{name}");
         // The gateway's own traffic and hairpin traffic are not affected.
-        let c = counted(&mut dp, |dp| assert_eq!(into_tunnel(dp, &udp(f.gw, f.peer, 53, 7), 0), TC_ACT_OK));
+        let c = counted(&mut dp, |dp| assert_eq!(into_tunnel(dp, &udp(f.gw, f.peer, 53, 7), 0), TCX_NEXT));
         assert_eq!(c, want(&[(Counter::TunnelPassLocal, 1)]), "{name}");
-        assert_eq!(into_tunnel(&mut dp, &udp(f.lan, f.peer, 53, 7), DEVICE), TC_ACT_OK, "{name}: hairpin");
+        assert_eq!(into_tunnel(&mut dp, &udp(f.lan, f.peer, 53, 7), DEVICE), TCX_NEXT, "{name}: hairpin");
     }
     // Off: forwarded traffic passes as before and nothing is recorded.
     let mut dp = testrun::datapath("").unwrap();
     from_tunnel(&mut dp, &udp(V4.peer, V4.lan, 5000, 53));
     assert!(flows(&dp).is_empty());
-    assert_eq!(into_tunnel(&mut dp, &tcp(V4.lan, V4.peer, 40000, 22, Tcp::Syn), FROM_LAN), TC_ACT_OK);
+    assert_eq!(into_tunnel(&mut dp, &tcp(V4.lan, V4.peer, 40000, 22, Tcp::Syn), FROM_LAN), TCX_NEXT);
 }
 
 #[test]
@@ -289,11 +289,11 @@ fn the_stateful_drop_comes_before_the_prefix_rules() {
     // flow with it (as in the reference's rule order).
     let exempt = "[cgnat]\nallow = [\"100.100.0.0/16\"]";
     let mut dp = testrun::datapath(exempt).unwrap();
-    assert_eq!(into_tunnel(&mut dp, &udp(V4.host, V4.peer, 53, 5000), FROM_LAN), TC_ACT_OK);
+    assert_eq!(into_tunnel(&mut dp, &udp(V4.host, V4.peer, 53, 5000), FROM_LAN), TCX_NEXT);
     let mut dp = testrun::datapath(&format!("{exempt}\n[subnet_routes]\nstateful = true")).unwrap();
     assert_eq!(into_tunnel(&mut dp, &udp(V4.host, V4.peer, 53, 5000), FROM_LAN), TC_ACT_SHOT);
     from_tunnel(&mut dp, &udp(V4.peer, V4.host, 5000, 53));
-    assert_eq!(into_tunnel(&mut dp, &udp(V4.host, V4.peer, 53, 5000), FROM_LAN), TC_ACT_OK);
+    assert_eq!(into_tunnel(&mut dp, &udp(V4.host, V4.peer, 53, 5000), FROM_LAN), TCX_NEXT);
     // A filtered source stays dropped even inside a flow (reference rule ts-forward 3).
     from_tunnel(&mut dp, &udp(V4.peer, V4.router, 5000, 53));
     let c = counted(&mut dp, |dp| {
@@ -309,7 +309,7 @@ fn a_forged_reply_into_a_tunnel_flow_is_dropped_on_the_uplink() {
     // the tunnel nor the peer's packets from it open anything the uplink would accept.
     let mut dp = testrun::datapath("[subnet_routes]\nstateful = true").unwrap();
     let gw_tailnet = "100.101.0.1";
-    assert_eq!(into_tunnel(&mut dp, &udp(gw_tailnet, V4.peer, 5000, 53), 0), TC_ACT_OK);
+    assert_eq!(into_tunnel(&mut dp, &udp(gw_tailnet, V4.peer, 5000, 53), 0), TCX_NEXT);
     from_tunnel(&mut dp, &udp(V4.peer, gw_tailnet, 53, 5000));
     assert_eq!(flows(&dp), [(zone::TUNNEL, DEVICE, 17, state::NEW)]);
     // The forged packet arrives on the uplink (the same test device): dropped.

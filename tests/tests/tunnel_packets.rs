@@ -7,7 +7,7 @@ use tailgate::backend::bpf::{Datapath, Hook};
 use tailgate_abi::counters::Counter;
 use tailgate_tests::{
     packets::*,
-    testrun::{self, TcRun, TC_ACT_OK},
+    testrun::{self, TcRun, TCX_NEXT, TC_ACT_OK},
 };
 
 const PEER: &str = "100.101.2.3";
@@ -23,7 +23,7 @@ fn run(dp: &mut Datapath, hook: Hook, frame: &[u8], mark: u32, counted: &[Counte
     let before = testrun::counters(dp).unwrap();
     let ingress = if hook == Hook::TcEgress { FROM_LAN } else { 0 };
     let out = testrun::run_tunnel(dp, hook, frame, mark, ingress).unwrap();
-    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.verdict, if hook == Hook::TcEgress { TCX_NEXT } else { TC_ACT_OK });
     let after = testrun::counters(dp).unwrap();
     let changed: HashMap<Counter, u64> = Counter::ALL
         .into_iter()

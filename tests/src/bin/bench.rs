@@ -119,6 +119,7 @@ fn single_packet() -> Result<()> {
                 ("uplink XDP", 2) => "XDP_PASS",
                 (_, 2) => "TC_ACT_SHOT",
                 (_, 0) => "TC_ACT_OK",
+                (_, u32::MAX) => "TCX_NEXT (pass)",
                 _ => "?",
             };
             println!("| {count} | {program} | {path} | {name} | {:.0} |", samples[RUNS / 2]);
@@ -639,6 +640,7 @@ fn verdict_name(hook: Hook, verdict: u32) -> &'static str {
         (Hook::Xdp, 2) => "XDP_PASS",
         (_, 2) => "TC_ACT_SHOT",
         (_, 0) => "TC_ACT_OK",
+        (_, u32::MAX) => "TCX_NEXT (pass)",
         _ => "?",
     }
 }

@@ -75,7 +75,7 @@ const SEED_SKIP: u64 = 0x6d61_676c_6576_3032; // "maglev02"
 
 /// FNV-1a over the bytes, started from `seed`, then SplitMix64's finaliser (FNV alone mixes
 /// the last bytes poorly, and identities differ mostly there).
-fn hash(bytes: &[u8], seed: u64) -> u64 {
+pub fn hash(bytes: &[u8], seed: u64) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325 ^ seed;
     for &b in bytes {
         h ^= u64::from(b);

@@ -7,6 +7,7 @@ pub mod cgnat;
 pub mod conntrack;
 pub mod maglev;
 pub mod mss;
+pub mod services;
 pub mod subnet_routes;
 
 pub use self::{
@@ -30,6 +31,8 @@ pub struct DesiredState {
     pub subnet_routes: SubnetRoutes,
     pub mss: Mss,
     pub conntrack: Conntrack,
+    /// `[[service]]`.
+    pub services: services::Services,
 }
 
 /// What the policy depends on besides the config: read from the system by the caller.
@@ -50,5 +53,6 @@ pub fn compile(config: &Config, system: System) -> DesiredState {
         subnet_routes: subnet_routes::compile(&config.subnet_routes),
         mss: mss::compile(&config.mss, system.tunnel_mtu),
         conntrack: conntrack::compile(config),
+        services: services::compile(config),
     }
 }

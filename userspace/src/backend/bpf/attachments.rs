@@ -52,13 +52,20 @@ impl Attachments {
         let interfaces = netdev::interfaces()?;
         let mut wanted = Wanted::new();
         let mut pending = Vec::new();
-        let tunnel = [(Hook::TcEgress, &state.tunnel), (Hook::TcIngress, &state.tunnel)];
+        // The services' programs only while there are services: traffic pays nothing for
+        // them otherwise.
+        let services = [Hook::ServiceIn, Hook::ServiceOut]
+            .into_iter()
+            .filter(|_| !state.services.is_empty())
+            .map(|hook| (hook, &state.tunnel));
+        let tunnel =
+            [(Hook::TcEgress, &state.tunnel), (Hook::TcIngress, &state.tunnel)].into_iter().chain(services);
         // The gateway's own flows are recorded only where their replies are checked.
         let egress =
             state.uplinks.iter().filter(|_| state.conntrack.own_replies).map(|u| (Hook::UplinkEgress, u));
         let uplinks = state.uplinks.iter().map(|u| (Hook::Xdp, u)).chain(egress);
         for (hook, ifname) in uplinks.chain(tunnel) {
-            let on_tunnel = matches!(hook, Hook::TcEgress | Hook::TcIngress);
+            let on_tunnel = !matches!(hook, Hook::Xdp | Hook::UplinkEgress);
             match interfaces.get(ifname) {
                 // Re-created as another kind of device while running: the tunnel programs
                 // would read frames as IP packets.

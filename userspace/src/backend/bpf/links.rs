@@ -7,8 +7,9 @@ use std::{os::fd::AsFd, path::Path};
 use anyhow::{anyhow, Context, Result};
 use aya::{
     programs::{
+        links::LinkOrder,
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
         SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
@@ -30,10 +31,16 @@ pub enum Hook {
     TcEgress,
     /// TC ingress (TCX) on the tunnel.
     TcIngress,
+    /// TC ingress on the tunnel, first of all programs there, while services are configured:
+    /// DNAT. (After the tunnel's own hooks in this order: one pass attaches those first.)
+    ServiceIn,
+    /// TC egress on the tunnel, last of all programs there: services' reverse NAT.
+    ServiceOut,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [Hook::Xdp, Hook::UplinkEgress, Hook::TcEgress, Hook::TcIngress];
+    pub const ALL: [Hook; 6] =
+        [Hook::Xdp, Hook::UplinkEgress, Hook::TcEgress, Hook::TcIngress, Hook::ServiceIn, Hook::ServiceOut];
 
     pub const fn pin_prefix(self) -> &'static str {
         match self {
@@ -41,6 +48,8 @@ impl Hook {
             Hook::TcEgress => "tc_egress",
             Hook::TcIngress => "tc_ingress",
             Hook::UplinkEgress => "uplink_egress",
+            Hook::ServiceIn => "service_in",
+            Hook::ServiceOut => "service_out",
         }
     }
 
@@ -50,6 +59,8 @@ impl Hook {
             Hook::TcEgress => programs::TUNNEL_EGRESS,
             Hook::TcIngress => programs::TUNNEL_INGRESS,
             Hook::UplinkEgress => programs::UPLINK_EGRESS,
+            Hook::ServiceIn => programs::SERVICE_IN,
+            Hook::ServiceOut => programs::SERVICE_OUT,
         }
     }
 }
@@ -58,7 +69,9 @@ impl Hook {
 pub fn load(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
     match hook {
         Hook::Xdp => xdp(ebpf)?.load()?,
-        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress => tc(ebpf, hook)?.load()?,
+        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress | Hook::ServiceIn | Hook::ServiceOut => {
+            tc(ebpf, hook)?.load()?
+        }
     }
     Ok(())
 }
@@ -114,12 +127,23 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, ifindex: u32, pin: &Pat
                 anyhow!("XDP on {ifname} was attached without a BPF link (kernel older than 5.9?)")
             })?
         }
-        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress => {
+        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress | Hook::ServiceIn | Hook::ServiceOut => {
             let prog = tc(ebpf, hook)?;
-            let kind = if hook == Hook::TcIngress { TcAttachType::Ingress } else { TcAttachType::Egress };
+            let kind = match hook {
+                Hook::TcIngress | Hook::ServiceIn => TcAttachType::Ingress,
+                _ => TcAttachType::Egress,
+            };
+            // The services' programs around the tunnel's: DNAT before everything on the way
+            // out of the tunnel, reverse NAT after everything on the way in (the filters judge
+            // a reply before its source is translated back, as netfilter's FORWARD does).
+            let order = match hook {
+                Hook::ServiceIn => LinkOrder::first(),
+                Hook::ServiceOut => LinkOrder::last(),
+                _ => LinkOrder::default(),
+            };
             // TCX attaches by name; the pin records what the kernel reports below.
             let id = prog
-                .attach(ifname, kind)
+                .attach_with_options(ifname, kind, TcAttachOptions::TcxOrder(order))
                 .with_context(|| format!("attaching {} to {ifname}", hook.pin_prefix()))?;
             prog.take_link(id)?.try_into().map_err(|_| {
                 anyhow!("TC on {ifname} was attached without a BPF link (kernel older than 6.6?)")
@@ -148,7 +172,7 @@ pub fn take_over(ebpf: &mut Ebpf, hook: Hook, pin: &Path) -> Result<()> {
             // The pin keeps the link; this process's fd can go.
             drop(prog.take_link(id)?);
         }
-        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress => {
+        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress | Hook::ServiceIn | Hook::ServiceOut => {
             let link = SchedClassifierLink::try_from(link).map_err(|e| anyhow!("not a TC link: {e}"))?;
             let prog = tc(ebpf, hook)?;
             let id = prog.attach_to_link(link)?;

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod links;
 pub mod mss;
 pub mod pins;
+pub mod services;
 pub mod settings;
 pub mod subnet_routes;
 mod sys;
@@ -29,7 +30,8 @@ use tailgate_abi::{
 };
 
 use self::{
-    attachments::Attachments, cgnat::CgnatMaps, generation::Barrier, layout::Stash, settings::SettingsMap,
+    attachments::Attachments, cgnat::CgnatMaps, generation::Barrier, layout::Stash, services::ServiceMaps,
+    settings::SettingsMap,
 };
 pub use self::{links::Hook, pins::Pins};
 use super::{
@@ -39,7 +41,7 @@ use super::{
 use crate::{
     config::FlowsConfig,
     lock::Lock,
-    policy::{CgnatRules, DesiredState},
+    policy::{services::Services, CgnatRules, DesiredState},
 };
 
 /// The eBPF object built by `build.rs` from the `datapath-ebpf` crate.
@@ -61,6 +63,8 @@ pub fn pinned_maps() -> Vec<&'static str> {
         tailgate_abi::conntrack::MAP_FRAGS_V6,
     ];
     maps.extend(cgnat::map_names());
+    // Pinned so services keep their tables and flows their backends across restarts.
+    maps.extend(services::map_names());
     maps
 }
 
@@ -120,8 +124,9 @@ pub struct Datapath {
     barrier: Barrier,
     cgnat: CgnatMaps,
     settings: SettingsMap,
+    services: ServiceMaps,
     /// The policy the maps hold, once this process wrote it.
-    applied: Option<(Arc<CgnatRules>, Settings)>,
+    applied: Option<(Arc<CgnatRules>, Settings, Services)>,
     /// What the last policy change did (for logs and the benchmark).
     pub last_swap: Option<generation::Swap>,
     /// The policy in force before this process's first change (to roll back to).
@@ -195,6 +200,7 @@ impl Datapath {
             barrier,
             cgnat: CgnatMaps::default(),
             settings: SettingsMap::default(),
+            services: ServiceMaps::default(),
             applied: None,
             last_swap: None,
             previous: None,
@@ -207,11 +213,16 @@ impl Datapath {
     /// the old policy to the new one at once. Returns `None` when they already did.
     pub fn sync(&mut self, state: &DesiredState) -> Result<Option<cgnat::SyncReport>> {
         let settings = settings::compile(state);
-        if self.applied.as_ref().is_some_and(|(c, s)| *c == state.cgnat && *s == settings) {
+        if self
+            .applied
+            .as_ref()
+            .is_some_and(|(c, s, v)| *c == state.cgnat && *s == settings && *v == state.services)
+        {
             return Ok(None);
         }
         self.cgnat.plan(&mut self.ebpf, &state.cgnat)?;
         self.settings.desired = settings;
+        self.services.set_desired(&state.services);
         if self.applied.is_none() && self.previous_settings.is_none() {
             let active = generation::active(&self.ebpf)?;
             // Prefixes rebuilt for this layout hold nothing of the old policy: there is nothing
@@ -221,9 +232,13 @@ impl Datapath {
                 self.previous = self.previous.take().or_else(|| self.cgnat.held(active));
             }
             self.previous_settings = Some(SettingsMap::read(&self.ebpf, active)?);
+            self.services.snapshot(&self.ebpf, active)?;
         }
-        let swap =
-            generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat, &mut self.settings]);
+        let swap = generation::swap(
+            &mut self.ebpf,
+            &mut self.barrier,
+            &mut [&mut self.cgnat, &mut self.settings, &mut self.services],
+        );
         self.cgnat.settle();
         let swap = swap?;
         tracing::debug!(
@@ -232,7 +247,7 @@ impl Datapath {
             swap.changed,
             swap.grace
         );
-        self.applied = Some((state.cgnat.clone(), settings));
+        self.applied = Some((state.cgnat.clone(), settings, state.services.clone()));
         self.last_swap = Some(swap);
         Ok(self.cgnat.report)
     }
@@ -246,7 +261,12 @@ impl Datapath {
         };
         self.cgnat.restore(previous);
         self.settings.desired = settings;
-        generation::swap(&mut self.ebpf, &mut self.barrier, &mut [&mut self.cgnat, &mut self.settings])?;
+        self.services.restore_snapshot();
+        generation::swap(
+            &mut self.ebpf,
+            &mut self.barrier,
+            &mut [&mut self.cgnat, &mut self.settings, &mut self.services],
+        )?;
         self.applied = None;
         Ok(())
     }
@@ -428,6 +448,7 @@ impl Backend for BpfBackend {
         // No roll-back after this: the policy of before need not be kept (a copy of the
         // whole policy once a reload changed it).
         self.datapath.previous = None;
+        self.datapath.services.unpin();
         std::mem::take(&mut self.datapath.stash).discard();
         // Maps set aside by a start that was killed before its commit.
         self.pins.remove_stale(&pinned_maps())?;

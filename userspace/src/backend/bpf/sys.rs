@@ -1,5 +1,6 @@
-//! The two bpf(2) calls aya 0.14 does not expose: opening a pinned object as an fd, and a
-//! link's info up to its device (aya's `LinkInfo` hides the per-type part).
+//! The bpf(2) calls aya 0.14 does not expose: opening a pinned object as an fd, a link's
+//! info up to its device (aya's `LinkInfo` hides the per-type part), deleting from an array
+//! of maps.
 
 use std::{
     ffi::CString,
@@ -73,4 +74,25 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     // SAFETY: `info` is writable for `info_len` bytes and outlives the call.
     unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)? };
     Ok(info)
+}
+
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// `bpf_attr` for the element commands.
+#[repr(C, align(8))]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Deletes `key` from a map (aya 0.14 has no delete for arrays of maps).
+pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    let attr =
+        ElemAttr { map_fd: map.as_raw_fd() as u32, _pad: 0, key: key as *const K as u64, value: 0, flags: 0 };
+    // SAFETY: `key` outlives the call.
+    unsafe { bpf(BPF_MAP_DELETE_ELEM, &attr)? };
+    Ok(())
 }

@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod exec;
 pub mod mss;
 pub mod render;
+pub mod services;
 #[cfg(test)]
 mod standin;
 pub mod subnet_routes;

@@ -6,7 +6,7 @@
 use super::{
     cgnat, conntrack,
     exec::Available,
-    mss, subnet_routes,
+    mss, services, subnet_routes,
     table::{Chain, Family, Hook, Rule, Table, TableSpec},
 };
 use crate::policy::DesiredState;
@@ -78,6 +78,7 @@ pub fn render(state: &DesiredState, wiring: Wiring, available: &Available) -> Ve
     conntrack::render(&mut b, state);
     cgnat::render(&mut b, state);
     mss::render(&mut b, state);
+    services::render(&mut b, state);
     b.finish()
 }
 

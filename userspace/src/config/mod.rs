@@ -8,6 +8,10 @@ use serde::Deserialize;
 
 use crate::policy::{CGNAT_V4, TAILNET_ULA_V6};
 
+pub mod services;
+
+pub use self::services::{BackendConfig, Protocol, ServiceConfig};
+
 /// Longest Linux interface name (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
 /// Prefixes a user can list in `cgnat.allow` + `cgnat.drop`, leaving room for built-ins.
@@ -30,6 +34,8 @@ pub struct Config {
     pub mss: MssConfig,
     pub flows: FlowsConfig,
     pub iptables: IptablesConfig,
+    /// `[[service]]`, in the order given.
+    pub services: Vec<ServiceConfig>,
     /// Where the list values came from, to name them in errors and rule origins.
     pub sources: ListSources,
 }
@@ -207,6 +213,8 @@ struct RawConfig {
     flows: RawFlows,
     #[serde(default)]
     iptables: RawIptables,
+    #[serde(default)]
+    service: Vec<services::RawService>,
     #[serde(skip)]
     sources: ListSources,
 }
@@ -479,7 +487,9 @@ impl RawConfig {
                 defaults.max_entries_v6,
             )?,
         };
+        let services = services::validate(self.service)?;
         Ok(Config {
+            services,
             subnet_routes: SubnetRoutesConfig {
                 mark,
                 masquerade: self.subnet_routes.masquerade.unwrap_or(true),

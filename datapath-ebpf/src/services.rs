@@ -1,0 +1,364 @@
+//! Services (see `tailgate_abi::services`): a TCP or UDP packet to a service's address and
+//! port arriving from the tunnel goes to a backend: its flow's backend when the flow table
+//! has one that is still in service, else the one the service's Maglev table names for the
+//! flow's hash. Replies from the backend are translated back on their way into the tunnel.
+//! Both directions of a flow are recorded together, or the packet is dropped.
+
+use tailgate_abi::{
+    conntrack::{advance, opening, zone, Flow, FlowKey4, FlowKey6, Nat},
+    counters::Counter,
+    services::{family, flow_hash4, flow_hash6, ServiceKey},
+};
+
+use crate::{
+    conntrack::{live, now, At, Key},
+    counters::count,
+    maps::{Scratch4, Scratch6, BACKENDS, SCRATCH4, SCRATCH6, SERVICES, SERVICE_TABLES},
+    parse::{Ip, Packet, IPPROTO_TCP, IPPROTO_UDP, L4},
+    stage::{Addr, NatRewrite},
+};
+
+/// What the service stage does with a packet arriving from the tunnel. (Fieldless: a
+/// function of its own returns it, and BTF cannot describe an enum whose tag sits in a
+/// payload's niche; the rewrite goes to an out-parameter.)
+#[repr(u8)]
+pub enum Dnat {
+    /// Not addressed to a service.
+    None,
+    /// To the backend: the rewrite was written.
+    To,
+    /// Addressed to a service that cannot take it (no backend, or the flow could not be
+    /// recorded, so its replies could not be translated back).
+    Drop,
+}
+
+/// Tunnel ingress: the backend a packet to a service goes to.
+#[inline(always)]
+pub fn dnat(packet: &Packet, generation: u8, ifindex: u32, out: &mut NatRewrite) -> Dnat {
+    if transport(packet).is_none() {
+        return Dnat::None;
+    }
+    match packet.ip {
+        Ip::V4 { .. } => dnat4(packet, generation, ifindex, out),
+        Ip::V6 { .. } => dnat6(packet, generation, ifindex, out),
+    }
+}
+
+// One frame per family, apart from the entry point's: keys, entries and the rewrite of a
+// flow do not fit the entry point's stack next to everything else (BPF calls take at most
+// five arguments, hence the packet as a whole).
+#[inline(always)]
+fn dnat4(packet: &Packet, generation: u8, ifindex: u32, out: &mut NatRewrite) -> Dnat {
+    match (&packet.ip, transport(packet)) {
+        (Ip::V4 { src, dst }, Some(l4)) => {
+            dnat_family::<FlowKey4>(packet, &l4, (src, dst), (generation, ifindex), out)
+        }
+        _ => Dnat::None,
+    }
+}
+
+#[inline(always)]
+fn dnat6(packet: &Packet, generation: u8, ifindex: u32, out: &mut NatRewrite) -> Dnat {
+    match (&packet.ip, transport(packet)) {
+        (Ip::V6 { src, dst }, Some(l4)) => {
+            dnat_family::<FlowKey6>(packet, &l4, (src, dst), (generation, ifindex), out)
+        }
+        _ => Dnat::None,
+    }
+}
+
+/// Tunnel egress: a reply from a backend, translated back to the service's address.
+#[inline(always)]
+pub fn reverse(packet: &Packet, ifindex: u32, out: &mut NatRewrite) -> bool {
+    if transport(packet).is_none() {
+        return false;
+    }
+    match packet.ip {
+        Ip::V4 { .. } => reverse4(packet, ifindex, out),
+        Ip::V6 { .. } => reverse6(packet, ifindex, out),
+    }
+}
+
+#[inline(always)]
+fn reverse4(packet: &Packet, ifindex: u32, out: &mut NatRewrite) -> bool {
+    match (&packet.ip, transport(packet)) {
+        (Ip::V4 { src, dst }, Some(l4)) => reverse_family::<FlowKey4>(packet, &l4, (src, dst), ifindex, out),
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn reverse6(packet: &Packet, ifindex: u32, out: &mut NatRewrite) -> bool {
+    match (&packet.ip, transport(packet)) {
+        (Ip::V6 { src, dst }, Some(l4)) => reverse_family::<FlowKey6>(packet, &l4, (src, dst), ifindex, out),
+        _ => false,
+    }
+}
+
+/// Services are TCP or UDP; a packet without a readable header of either (a later fragment)
+/// is not translated.
+#[inline(always)]
+fn transport(packet: &Packet) -> Option<L4> {
+    if packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP {
+        return None;
+    }
+    packet.l4
+}
+
+#[inline(always)]
+fn dnat_family<K: Family>(
+    packet: &Packet,
+    l4: &L4,
+    (src, dst): (&K::Addr, &K::Addr),
+    (generation, ifindex): (u8, u32),
+    out: &mut NatRewrite,
+) -> Dnat {
+    // Addresses by reference, copied only where used: an IPv6 address in locals takes 16
+    // registers, spilled a byte per stack slot.
+    // SAFETY: this CPU's scratch entry, used by one program run at a time.
+    let Some(s) = K::scratch().map(|s| unsafe { &mut *s }) else { return Dnat::None };
+    let (proto, flags) = (packet.proto, l4.tcp_flags);
+    s.key = K::of(*src, *dst, l4.sport, l4.dport, proto, At { zone: zone::DNAT, ifindex });
+    s.vip = back_to::<K>(*dst, l4.dport);
+    let mut rebalanced = false;
+    if let Some((flow, now)) = live(&s.key) {
+        // SAFETY: a map value; concurrent writers only race on refresh fields.
+        let flow = unsafe { &mut *flow };
+        if in_service::<K>(&flow.nat) {
+            flow.last_seen = now;
+            flow.flags_original |= flags;
+            flow.state = advance(proto, flow.state, flags, false);
+            s.nat = flow.nat;
+            // The reply entry lives as long as the flow does (put back if it was evicted).
+            s.reply = K::of(*src, K::from_nat(&s.nat), l4.sport, s.nat.port, proto, reply_zone(ifindex));
+            if let Some(reply) = s.reply.get() {
+                // SAFETY: a map value; a refresh only.
+                unsafe { (*reply).last_seen = now };
+            } else {
+                s.reply_flow =
+                    Flow { last_seen: now, created: now, state: flow.state, nat: s.vip, ..Flow::default() };
+                if s.reply.insert(&s.reply_flow) {
+                    count(Counter::FlowCreated);
+                }
+            }
+            *out = rewrite::<K>(packet, l4, *dst, &s.nat, false);
+            return Dnat::To;
+        }
+        rebalanced = true;
+    }
+    s.service = K::service(*dst, l4.dport, proto, generation);
+    // SAFETY: a map value, read only.
+    let Some(service) = (unsafe { SERVICES.get(&s.service) }) else { return Dnat::None };
+    let size = service.size;
+    let Some(table) = SERVICE_TABLES.get(service.table) else { return refused() };
+    if size == 0 {
+        return refused();
+    }
+    let slot = K::hash(src, dst, l4.sport, l4.dport, proto) % size;
+    let Some(&id) = table.get(slot) else { return refused() };
+    let Some(backend) = BACKENDS.get(id) else { return refused() };
+    if backend.family != K::FAMILY {
+        return refused();
+    }
+    s.nat = Nat { addr: backend.addr, port: backend.port, flags: 0, backend: id };
+    count(if rebalanced { Counter::ServiceRebalanced } else { Counter::ServiceBalanced });
+    // A packet that cannot open a flow (a SYN-ACK, a RST) is sent on unrecorded.
+    if let Some(state) = opening(proto, flags) {
+        let now = now();
+        s.reply = K::of(*src, K::from_nat(&s.nat), l4.sport, s.nat.port, proto, reply_zone(ifindex));
+        s.reply_flow = Flow { last_seen: now, created: now, state, nat: s.vip, ..Flow::default() };
+        s.flow = Flow {
+            last_seen: now,
+            created: now,
+            state,
+            flags_original: flags,
+            nat: s.nat,
+            ..Flow::default()
+        };
+        // The reply entry first: a forward entry is never without it.
+        if !s.reply.insert(&s.reply_flow) {
+            count(Counter::FlowCreateFailed);
+            return refused();
+        }
+        if !s.key.insert(&s.flow) {
+            s.reply.remove();
+            count(Counter::FlowCreateFailed);
+            return refused();
+        }
+        // Two entries.
+        count(Counter::FlowCreated);
+        count(Counter::FlowCreated);
+    }
+    *out = rewrite::<K>(packet, l4, *dst, &s.nat, false);
+    Dnat::To
+}
+
+#[inline(always)]
+fn refused() -> Dnat {
+    Dnat::Drop
+}
+
+#[inline(always)]
+fn reverse_family<K: Family>(
+    packet: &Packet,
+    l4: &L4,
+    (src, dst): (&K::Addr, &K::Addr),
+    ifindex: u32,
+    out: &mut NatRewrite,
+) -> bool {
+    let proto = packet.proto;
+    // The reply's tuple reversed is the translated one (client → backend).
+    let key = K::of(*dst, *src, l4.dport, l4.sport, proto, reply_zone(ifindex));
+    let Some((flow, now)) = live(&key) else { return false };
+    // SAFETY: a map value; concurrent writers only race on refresh fields.
+    let flow = unsafe { &mut *flow };
+    flow.last_seen = now;
+    flow.flags_reply |= l4.tcp_flags;
+    flow.state = advance(proto, flow.state, l4.tcp_flags, true);
+    *out = rewrite::<K>(packet, l4, *src, &flow.nat, true);
+    true
+}
+
+#[inline(always)]
+fn reply_zone(ifindex: u32) -> At {
+    At { zone: zone::DNAT_REPLY, ifindex }
+}
+
+/// The service's address and port, as a reply entry holds them.
+#[inline(always)]
+fn back_to<K: Family>(vip: K::Addr, port: u16) -> Nat {
+    Nat { addr: K::to_nat(vip), port, flags: 0, backend: 0 }
+}
+
+/// Whether the backend a flow was sent to still serves (its id names the same address).
+#[inline(always)]
+fn in_service<K: Family>(nat: &Nat) -> bool {
+    BACKENDS
+        .get(nat.backend)
+        .is_some_and(|b| b.family == K::FAMILY && b.port == nat.port && b.addr == nat.addr)
+}
+
+/// The rewrite from `addr:port` (as in the packet; the destination, or with `source` the
+/// source) to the flow's translation.
+#[inline(always)]
+fn rewrite<K: Family>(packet: &Packet, l4: &L4, addr: K::Addr, nat: &Nat, source: bool) -> NatRewrite {
+    let port = if source { l4.sport } else { l4.dport };
+    NatRewrite {
+        source,
+        l3: packet.l3,
+        l4: usize::from(l4.offset),
+        tcp: l4.tcp_len != 0,
+        from: K::addr(addr),
+        to: K::addr(K::from_nat(nat)),
+        from_port: port,
+        to_port: nat.port,
+    }
+}
+
+/// What the service stage builds of one packet, in a per-CPU map value (`maps::Scratch4`
+/// and `Scratch6` have this layout, without the generic parameter BTF cannot name).
+#[repr(C)]
+pub struct Room<K> {
+    pub key: K,
+    pub reply: K,
+    pub flow: Flow,
+    pub reply_flow: Flow,
+    pub nat: Nat,
+    pub vip: Nat,
+    pub service: ServiceKey,
+}
+
+/// What the service stage needs of a family besides its flow key.
+pub trait Family: Key {
+    const FAMILY: u8;
+    /// This CPU's room for the keys and entries of one packet: they do not fit the stack.
+    fn scratch() -> Option<*mut Room<Self>>;
+    fn service(addr: Self::Addr, port: u16, proto: u8, generation: u8) -> ServiceKey;
+    fn hash(src: &Self::Addr, dst: &Self::Addr, sport: u16, dport: u16, proto: u8) -> u32;
+    fn from_nat(nat: &Nat) -> Self::Addr;
+    fn to_nat(addr: Self::Addr) -> [u8; 16];
+    fn addr(addr: Self::Addr) -> Addr;
+}
+
+impl Family for FlowKey4 {
+    const FAMILY: u8 = family::V4;
+
+    #[inline(always)]
+    fn scratch() -> Option<*mut Room<Self>> {
+        SCRATCH4.get_ptr_mut(0).map(|room: *mut Scratch4| room.cast())
+    }
+
+    #[inline(always)]
+    fn service(addr: [u8; 4], port: u16, proto: u8, generation: u8) -> ServiceKey {
+        ServiceKey { addr: Self::to_nat(addr), port, proto, family: family::V4, generation, pad: [0; 3] }
+    }
+
+    #[inline(always)]
+    fn hash(src: &[u8; 4], dst: &[u8; 4], sport: u16, dport: u16, proto: u8) -> u32 {
+        flow_hash4(u32::from_be_bytes(*src), u32::from_be_bytes(*dst), sport, dport, proto)
+    }
+
+    #[inline(always)]
+    fn from_nat(nat: &Nat) -> [u8; 4] {
+        [nat.addr[0], nat.addr[1], nat.addr[2], nat.addr[3]]
+    }
+
+    #[inline(always)]
+    fn to_nat(addr: [u8; 4]) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[0] = addr[0];
+        out[1] = addr[1];
+        out[2] = addr[2];
+        out[3] = addr[3];
+        out
+    }
+
+    #[inline(always)]
+    fn addr(addr: [u8; 4]) -> Addr {
+        Addr::V4(addr)
+    }
+}
+
+impl Family for FlowKey6 {
+    const FAMILY: u8 = family::V6;
+
+    #[inline(always)]
+    fn scratch() -> Option<*mut Room<Self>> {
+        SCRATCH6.get_ptr_mut(0).map(|room: *mut Scratch6| room.cast())
+    }
+
+    #[inline(always)]
+    fn service(addr: [u8; 16], port: u16, proto: u8, generation: u8) -> ServiceKey {
+        ServiceKey { addr, port, proto, family: family::V6, generation, pad: [0; 3] }
+    }
+
+    #[inline(always)]
+    fn hash(src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16, proto: u8) -> u32 {
+        flow_hash6(words(src), words(dst), sport, dport, proto)
+    }
+
+    #[inline(always)]
+    fn from_nat(nat: &Nat) -> [u8; 16] {
+        nat.addr
+    }
+
+    #[inline(always)]
+    fn to_nat(addr: [u8; 16]) -> [u8; 16] {
+        addr
+    }
+
+    #[inline(always)]
+    fn addr(addr: [u8; 16]) -> Addr {
+        Addr::V6(addr)
+    }
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_be_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_be_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_be_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_be_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}

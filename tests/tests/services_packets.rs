@@ -1,0 +1,283 @@
+//! Services on crafted packets through BPF_PROG_TEST_RUN, with maps filled by the real map
+//! sync: DNAT to the backend the Maglev table names for the flow, the reply translated back,
+//! checksums (TCP, UDP, UDP without checksum, IPv6) checked by etherparse, an established
+//! flow keeping its backend across a table swap, a removed backend's flows balanced again,
+//! traffic that is not for a service left alone.
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use tailgate::{
+    backend::bpf::{Datapath, Hook},
+    config::Config,
+    policy::services::table,
+};
+use tailgate_abi::{
+    conntrack::{proto, zone},
+    counters::Counter,
+    services::{flow_hash4, flow_hash6},
+};
+use tailgate_tests::{
+    packets::*,
+    testrun::{self, TCX_NEXT},
+};
+
+const PEER: &str = "100.101.2.3";
+const PEER6: &str = "fd7a:115c:a1e0::3";
+const VIP: &str = "100.101.102.103";
+const VIP6: &str = "fd7a:115c:a1e0::99";
+
+const SERVICES: &str = r#"
+tunnel = "tun0"
+[[service]]
+name = "web"
+listen = "100.101.102.103:80"
+backends = ["192.0.2.11:8080", "192.0.2.12:8080", { address = "192.0.2.13:8080", weight = 2 }]
+[[service]]
+name = "dns"
+listen = "100.101.102.103:53"
+protocol = "udp"
+backends = ["192.0.2.21:5353"]
+[[service]]
+name = "web6"
+listen = "[fd7a:115c:a1e0::99]:80"
+backends = ["[2001:db8::11]:8080", "[2001:db8::12]:8080"]
+"#;
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Runs a services program; returns its verdict and the packet as it left.
+fn run(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> (u32, Vec<u8>) {
+    let out = testrun::run_tunnel(dp, hook, frame, 0, 0).unwrap();
+    (out.verdict, out.frame)
+}
+
+/// From the tunnel to a service: the packet as it left, checked to be passed on.
+fn dnat(dp: &mut Datapath, frame: &[u8]) -> Transport {
+    let (verdict, out) = run(dp, Hook::ServiceIn, frame);
+    assert_eq!(verdict, TCX_NEXT, "passed on to the tunnel's own program");
+    transport(&out).unwrap()
+}
+
+/// Into the tunnel from a backend: the packet as it left.
+fn reverse(dp: &mut Datapath, frame: &[u8]) -> Transport {
+    let (verdict, out) = run(dp, Hook::ServiceOut, frame);
+    assert_eq!(verdict, TCX_NEXT);
+    transport(&out).unwrap()
+}
+
+/// The backend the service's table names for a flow (computed here from the config).
+fn expected(config: &str, service: usize, src: SocketAddr, dst: SocketAddr, proto: u8) -> SocketAddr {
+    let config = Config::parse(config, &HashMap::new()).unwrap();
+    let service = &config.services[service];
+    let table = table(service);
+    let hash = match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            flow_hash4(u32::from(*s.ip()), u32::from(*d.ip()), s.port(), d.port(), proto)
+        }
+        (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+            let words = |a: std::net::Ipv6Addr| {
+                let o = a.octets();
+                [0, 4, 8, 12].map(|i| u32::from_be_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
+            };
+            flow_hash6(words(*s.ip()), words(*d.ip()), s.port(), d.port(), proto)
+        }
+        _ => unreachable!(),
+    };
+    service.backends[table[(hash % table.len() as u32) as usize] as usize].address
+}
+
+fn counted(dp: &mut Datapath, f: impl FnOnce(&mut Datapath)) -> HashMap<Counter, u64> {
+    let before = testrun::counters(dp).unwrap();
+    f(dp);
+    let after = testrun::counters(dp).unwrap();
+    Counter::ALL.into_iter().filter(|c| after[c] != before[c]).map(|c| (c, after[&c] - before[&c])).collect()
+}
+
+#[test]
+fn a_tcp_connection_goes_to_the_tables_backend_and_its_replies_come_back_from_the_service() {
+    let mut dp = testrun::datapath(SERVICES).unwrap();
+    let (client, vip) = (sa(&format!("{PEER}:40000")), sa(&format!("{VIP}:80")));
+    let backend = expected(SERVICES, 0, client, vip, proto::TCP);
+    let syn = tcp(PEER, VIP, 40000, 80, Tcp::Syn);
+    let c = counted(&mut dp, |dp| {
+        let out = dnat(dp, &syn);
+        assert_eq!((out.src, out.dst), (client, backend), "to the table's backend, source kept");
+        assert!(out.checksums_ok, "checksums updated");
+    });
+    assert_eq!(
+        c,
+        HashMap::from([
+            (Counter::ServiceBalanced, 1),
+            (Counter::ServiceDnat, 1),
+            (Counter::FlowLookups, 1),
+            (Counter::FlowCreated, 2)
+        ])
+    );
+    // Both entries: the original tuple with the backend, the translated one with the VIP.
+    let flows = testrun::flows4(&dp).unwrap();
+    let original = flows.iter().find(|(k, _)| k.zone == zone::DNAT).expect("the flow");
+    assert_eq!(
+        (original.0.src, original.0.dst, original.0.sport, original.0.dport),
+        ([100, 101, 2, 3], [100, 101, 102, 103], 40000, 80)
+    );
+    assert_eq!(
+        (&original.1.nat.addr[..4], original.1.nat.port),
+        (&backend_octets(backend)[..], backend.port())
+    );
+    let reply = flows.iter().find(|(k, _)| k.zone == zone::DNAT_REPLY).expect("the reply entry");
+    assert_eq!((reply.0.dst, reply.0.dport), (backend_octets(backend), backend.port()));
+    assert_eq!((&reply.1.nat.addr[..4], reply.1.nat.port), (&[100, 101, 102, 103][..], 80));
+
+    // The backend's SYN-ACK leaves into the tunnel from the service's address.
+    let b = backend.ip().to_string();
+    let syn_ack = tcp(&b, PEER, backend.port(), 40000, Tcp::SynAck);
+    let c = counted(&mut dp, |dp| {
+        let out = reverse(dp, &syn_ack);
+        assert_eq!((out.src, out.dst), (vip, client));
+        assert!(out.checksums_ok);
+    });
+    assert_eq!(c, HashMap::from([(Counter::ServiceReverseNat, 1), (Counter::FlowLookups, 1)]));
+    // Data both ways keeps the pair.
+    for _ in 0..3 {
+        assert_eq!(dnat(&mut dp, &tcp(PEER, VIP, 40000, 80, Tcp::Data)).dst, backend);
+        assert_eq!(reverse(&mut dp, &tcp(&b, PEER, backend.port(), 40000, Tcp::Data)).src, vip);
+    }
+}
+
+fn backend_octets(a: SocketAddr) -> [u8; 4] {
+    match a {
+        SocketAddr::V4(a) => a.ip().octets(),
+        _ => panic!("IPv4 expected"),
+    }
+}
+
+#[test]
+fn flows_spread_over_the_backends_by_weight_and_each_goes_where_the_table_says() {
+    let mut dp = testrun::datapath(SERVICES).unwrap();
+    let vip = sa(&format!("{VIP}:80"));
+    let mut per_backend: HashMap<SocketAddr, u32> = HashMap::new();
+    for port in 20_000..22_000u16 {
+        let client = sa(&format!("{PEER}:{port}"));
+        let out = dnat(&mut dp, &tcp(PEER, VIP, port, 80, Tcp::Syn));
+        assert_eq!(out.dst, expected(SERVICES, 0, client, vip, proto::TCP), "port {port}");
+        *per_backend.entry(out.dst).or_default() += 1;
+    }
+    // Weights 1:1:2 of 2,000 flows, within 10 %.
+    for (backend, share) in
+        [("192.0.2.11:8080", 500.0), ("192.0.2.12:8080", 500.0), ("192.0.2.13:8080", 1000.0)]
+    {
+        let got = f64::from(per_backend[&sa(backend)]);
+        assert!(
+            (got - share).abs() < share * 0.1,
+            "{backend}: {got} of 2,000 (want ~{share}): {per_backend:?}"
+        );
+    }
+}
+
+#[test]
+fn udp_checksums_are_updated_and_a_missing_one_stays_missing() {
+    let mut dp = testrun::datapath(SERVICES).unwrap();
+    let vip = sa(&format!("{VIP}:53"));
+    let backend = sa("192.0.2.21:5353");
+    let out = dnat(&mut dp, &udp(PEER, VIP, 5000, 53));
+    assert_eq!((out.dst, out.checksums_ok, out.no_udp_checksum), (backend, true, false));
+    let back = reverse(&mut dp, &udp("192.0.2.21", PEER, 5353, 5000));
+    assert_eq!((back.src, back.checksums_ok), (vip, true));
+    // No checksum (IPv4 allows it): none after the rewrite either.
+    let out = dnat(&mut dp, &without_udp_checksum(udp(PEER, VIP, 5001, 53)));
+    assert_eq!((out.dst, out.no_udp_checksum), (backend, true));
+    let back = reverse(&mut dp, &without_udp_checksum(udp("192.0.2.21", PEER, 5353, 5001)));
+    assert_eq!((back.src, back.no_udp_checksum, back.checksums_ok), (vip, true, true));
+}
+
+#[test]
+fn ipv6_services_translate_both_ways_with_valid_checksums() {
+    let mut dp = testrun::datapath(SERVICES).unwrap();
+    let (client, vip) = (sa(&format!("[{PEER6}]:40000")), sa(&format!("[{VIP6}]:80")));
+    let backend = expected(SERVICES, 2, client, vip, proto::TCP);
+    let out = dnat(&mut dp, &tcp(PEER6, VIP6, 40000, 80, Tcp::Syn));
+    assert_eq!((out.src, out.dst, out.checksums_ok), (client, backend, true));
+    let back = reverse(&mut dp, &tcp(&backend.ip().to_string(), PEER6, backend.port(), 40000, Tcp::SynAck));
+    assert_eq!((back.src, back.dst, back.checksums_ok), (vip, client, true));
+    assert_eq!(testrun::flows6(&dp).unwrap().len(), 2);
+}
+
+#[test]
+fn an_established_flow_keeps_its_backend_when_the_table_changes_and_moves_when_its_backend_goes() {
+    let mut dp = testrun::datapath(SERVICES).unwrap();
+    let vip = sa(&format!("{VIP}:80"));
+    // A flow per backend, opened under the first table.
+    let mut flows: HashMap<SocketAddr, u16> = HashMap::new();
+    for port in 30_000..30_100u16 {
+        let out = dnat(&mut dp, &tcp(PEER, VIP, port, 80, Tcp::Syn));
+        flows.entry(out.dst).or_insert(port);
+    }
+    assert_eq!(flows.len(), 3);
+    // Two more backends: the table changes (many slots move), established flows stay.
+    let grown = SERVICES.replace(
+        r#"{ address = "192.0.2.13:8080", weight = 2 }]"#,
+        r#"{ address = "192.0.2.13:8080", weight = 2 }, "192.0.2.14:8080", "192.0.2.15:8080"]"#,
+    );
+    testrun::sync(&mut dp, &grown).unwrap();
+    let moved_in_table = (30_000..30_100u16)
+        .filter(|&p| {
+            let c = sa(&format!("{PEER}:{p}"));
+            expected(SERVICES, 0, c, vip, proto::TCP) != expected(&grown, 0, c, vip, proto::TCP)
+        })
+        .count();
+    assert!(moved_in_table > 0, "the new table sends some of these flows elsewhere");
+    for (&backend, &port) in &flows {
+        assert_eq!(dnat(&mut dp, &tcp(PEER, VIP, port, 80, Tcp::Data)).dst, backend, "port {port}");
+    }
+    // A new flow follows the new table.
+    let client = sa(&format!("{PEER}:31000"));
+    assert_eq!(
+        dnat(&mut dp, &tcp(PEER, VIP, 31000, 80, Tcp::Syn)).dst,
+        expected(&grown, 0, client, vip, proto::TCP)
+    );
+
+    // 192.0.2.11 leaves: its flow is balanced again (by the new table), the others stay.
+    let shrunk = grown.replace(r#""192.0.2.11:8080", "#, "");
+    testrun::sync(&mut dp, &shrunk).unwrap();
+    let gone = sa("192.0.2.11:8080");
+    let port = flows[&gone];
+    let c = counted(&mut dp, |dp| {
+        let out = dnat(dp, &tcp(PEER, VIP, port, 80, Tcp::Data));
+        let client = sa(&format!("{PEER}:{port}"));
+        assert_eq!(out.dst, expected(&shrunk, 0, client, vip, proto::TCP));
+        assert_ne!(out.dst, gone);
+    });
+    assert_eq!(c.get(&Counter::ServiceRebalanced), Some(&1), "{c:?}");
+    for (&backend, &port) in flows.iter().filter(|(b, _)| **b != gone) {
+        assert_eq!(dnat(&mut dp, &tcp(PEER, VIP, port, 80, Tcp::Data)).dst, backend);
+    }
+    // Two table changes later, one table per service: the replaced ones were freed.
+    assert_eq!(testrun::service_tables(&dp).unwrap(), 3);
+}
+
+#[test]
+fn traffic_not_for_a_service_is_left_alone() {
+    let mut dp = testrun::datapath(SERVICES).unwrap();
+    for frame in [
+        tcp(PEER, VIP, 40000, 81, Tcp::Syn),         // another port
+        udp(PEER, VIP, 40000, 80),                   // another protocol
+        tcp(PEER, "192.0.2.2", 40000, 80, Tcp::Syn), // another address
+        echo(PEER, VIP, 7, false),                   // not TCP/UDP
+        tcp(PEER6, "2001:db8::2", 40000, 80, Tcp::Syn),
+        eth_fragment4(PEER, VIP),
+    ] {
+        let c = counted(&mut dp, |dp| {
+            let (verdict, out) = run(dp, Hook::ServiceIn, &frame);
+            assert_eq!(verdict, TCX_NEXT);
+            assert_eq!(out, frame, "untouched");
+        });
+        assert!(c.keys().all(|k| *k == Counter::FlowLookups), "{c:?}");
+    }
+    // A packet into the tunnel that answers nothing: untouched.
+    let frame = tcp("192.0.2.11", PEER, 8080, 40000, Tcp::SynAck);
+    let (verdict, out) = run(&mut dp, Hook::ServiceOut, &frame);
+    assert_eq!((verdict, out), (TCX_NEXT, frame));
+    assert!(testrun::flows4(&dp).unwrap().is_empty());
+}

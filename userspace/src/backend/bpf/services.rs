@@ -1,0 +1,367 @@
+//! Services in the BPF backend (see `tailgate_abi::services`): the services of each policy
+//! generation, their Maglev tables and the backend ids.
+//!
+//! A service whose table did not change (same digest) keeps it; a changed one gets a new
+//! table in a free slot, filled whole before the generation that points to it becomes
+//! active. Tables and backend ids no generation uses any more are freed in the second half
+//! of a swap (after the wait for running programs). Backend ids are stable per (service,
+//! backend address), so a flow keeps its backend while that backend stays in the service.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, AsRawFd},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, MapData, MapError},
+    Ebpf,
+};
+use tailgate_abi::services::{
+    family, Backend, Service, ServiceKey, MAP_BACKENDS, MAP_SERVICES, MAP_TABLES, MAX_BACKENDS, MAX_TABLES,
+    TABLE_FLAGS,
+};
+
+use super::{generation::GenerationWriter, sys};
+use crate::{
+    config::ServiceConfig,
+    policy::services::{self as policy, Services},
+};
+
+/// A service's key without its generation: what identifies it across generations.
+type Ident = ServiceKey;
+
+/// The services' maps as this process knows them.
+#[derive(Default)]
+pub struct ServiceMaps {
+    desired: Services,
+    /// Set to write back entries read earlier (a roll-back), instead of `desired`.
+    restore: Option<HashMap<Ident, Service>>,
+    /// What each generation's `SERVICES` entries hold; read from the maps once.
+    held: Option<[HashMap<Ident, Service>; 2]>,
+    /// Backend ids by (service, backend address), and the ids taken.
+    ids: HashMap<(Ident, SocketAddr), u32>,
+    taken: HashSet<u32>,
+    next_id: u32,
+    /// Entries to keep the tables of until the start commits (to roll back to), and the
+    /// backend ids there were then (those tables name no others).
+    pinned: Option<HashMap<Ident, Service>>,
+    pinned_ids: HashSet<u32>,
+}
+
+impl ServiceMaps {
+    pub fn set_desired(&mut self, services: &Services) {
+        self.desired = services.clone();
+        self.restore = None;
+    }
+
+    /// The entries of generation `generation`, to roll back to; their tables stay until
+    /// `unpin`.
+    pub fn snapshot(&mut self, ebpf: &Ebpf, generation: u32) -> Result<()> {
+        self.load(ebpf)?;
+        let entries = self.held.as_ref().map(|h| h[generation as usize & 1].clone()).unwrap_or_default();
+        self.pinned = Some(entries);
+        self.pinned_ids = self.taken.clone();
+        Ok(())
+    }
+
+    /// Writes the snapshot back at the next swap.
+    pub fn restore_snapshot(&mut self) {
+        self.restore = self.pinned.clone();
+    }
+
+    /// The start committed: the snapshot's tables may go once unused.
+    pub fn unpin(&mut self) {
+        self.pinned = None;
+        self.pinned_ids.clear();
+    }
+
+    fn load(&mut self, ebpf: &Ebpf) -> Result<()> {
+        if self.held.is_some() {
+            return Ok(());
+        }
+        let map = ebpf.map(MAP_SERVICES).with_context(|| format!("map {MAP_SERVICES} missing"))?;
+        let services: BpfHashMap<&MapData, ServiceKey, Service> = BpfHashMap::try_from(map)?;
+        let mut held = [HashMap::new(), HashMap::new()];
+        for entry in services.iter() {
+            let (key, service) = entry?;
+            held[usize::from(key.generation & 1)].insert(ident(&key), service);
+        }
+        let map = ebpf.map(MAP_BACKENDS).with_context(|| format!("map {MAP_BACKENDS} missing"))?;
+        let backends: Array<&MapData, Backend> = Array::try_from(map)?;
+        for id in 1..MAX_BACKENDS {
+            let backend = backends.get(&id, 0)?;
+            if backend.family != 0 {
+                self.ids.insert((ident(&backend.service), socket_addr(&backend)), id);
+                self.taken.insert(id);
+            }
+        }
+        self.held = Some(held);
+        Ok(())
+    }
+
+    /// A backend id for `address` in service `service` (the one it had, or a free one,
+    /// written to `BACKENDS`).
+    fn id(&mut self, ebpf: &mut Ebpf, service: &Ident, address: SocketAddr) -> Result<u32> {
+        if let Some(&id) = self.ids.get(&(*service, address)) {
+            return Ok(id);
+        }
+        // Round robin over free ids: an id freed by one change is not handed out again
+        // soon (a flow still naming it is then balanced again, not sent elsewhere).
+        let mut id = self.next_id;
+        for _ in 0..MAX_BACKENDS {
+            id = if id + 1 >= MAX_BACKENDS { 1 } else { id + 1 };
+            if !self.taken.contains(&id) {
+                break;
+            }
+        }
+        anyhow::ensure!(
+            !self.taken.contains(&id) && id != 0,
+            "no free backend id (all {MAX_BACKENDS} in use)"
+        );
+        let map = ebpf.map_mut(MAP_BACKENDS).with_context(|| format!("map {MAP_BACKENDS} missing"))?;
+        let mut backends: Array<&mut MapData, Backend> = Array::try_from(map)?;
+        backends.set(id, backend(service, address), 0).with_context(|| format!("writing {MAP_BACKENDS}"))?;
+        self.next_id = id;
+        self.taken.insert(id);
+        self.ids.insert((*service, address), id);
+        Ok(id)
+    }
+
+    /// Builds `service`'s table in a free slot; returns the slot.
+    fn build(&mut self, ebpf: &mut Ebpf, key: &Ident, service: &ServiceConfig) -> Result<u32> {
+        let ids: Vec<u32> =
+            service.backends.iter().map(|b| self.id(ebpf, key, b.address)).collect::<Result<_>>()?;
+        let table: Vec<u32> = policy::table(service).into_iter().map(|i| ids[i as usize]).collect();
+        let used = self.slots_in_use();
+        let slot = (0..MAX_TABLES).find(|s| !used.contains(s)).context("no free table slot")?;
+        let inner = create_table(table.len() as u32, slot)?;
+        fill(&inner, &table)
+            .with_context(|| format!("filling the table of {}", policy::describe(service)))?;
+        let outer = ebpf.map_mut(MAP_TABLES).with_context(|| format!("map {MAP_TABLES} missing"))?;
+        let mut outer: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(outer)?;
+        outer.set(slot, &inner, 0).with_context(|| format!("installing a table in {MAP_TABLES}"))?;
+        Ok(slot)
+    }
+
+    fn slots_in_use(&self) -> HashSet<u32> {
+        let held = self.held.iter().flat_map(|h| h.iter().flat_map(|g| g.values()));
+        let pinned = self.pinned.iter().flat_map(|p| p.values());
+        held.chain(pinned).map(|s| s.table).collect()
+    }
+
+    /// Frees what no generation (nor the snapshot) uses: tables, backend ids.
+    fn free_unused(&mut self, ebpf: &mut Ebpf, before: &HashSet<u32>) -> Result<()> {
+        let used = self.slots_in_use();
+        let Some(aya::maps::Map::ArrayOfMaps(outer)) = ebpf.map(MAP_TABLES) else {
+            anyhow::bail!("map {MAP_TABLES} missing or not an array of maps");
+        };
+        for slot in before.difference(&used) {
+            match sys::map_delete(outer.fd().as_fd(), slot) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e).with_context(|| format!("freeing table slot {slot}")),
+            }
+        }
+        // Ids of backends no service has any more (the snapshot's stay: a roll-back's
+        // tables name them).
+        let wanted: HashSet<(Ident, SocketAddr)> = self
+            .desired
+            .iter()
+            .flat_map(|s| {
+                let key = key_of(s);
+                s.backends.iter().map(move |b| (key, b.address))
+            })
+            .collect();
+        let stale: Vec<((Ident, SocketAddr), u32)> = self
+            .ids
+            .iter()
+            .filter(|(k, id)| !wanted.contains(k) && !self.pinned_ids.contains(id))
+            .map(|(k, &id)| (*k, id))
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let map = ebpf.map_mut(MAP_BACKENDS).with_context(|| format!("map {MAP_BACKENDS} missing"))?;
+        let mut backends: Array<&mut MapData, Backend> = Array::try_from(map)?;
+        for (k, id) in stale {
+            backends.set(id, Backend::default(), 0).with_context(|| format!("clearing {MAP_BACKENDS}"))?;
+            self.ids.remove(&k);
+            self.taken.remove(&id);
+        }
+        Ok(())
+    }
+}
+
+impl GenerationWriter for ServiceMaps {
+    fn write(&mut self, ebpf: &mut Ebpf, generation: u32) -> Result<usize> {
+        self.load(ebpf)?;
+        let gen = generation as usize & 1;
+        let before = self.slots_in_use();
+        let held = self.held.take().unwrap_or_default();
+        let changed = self.write_generation(ebpf, gen, held)?;
+        // Both generations agree (the second half of a swap): what neither uses can go; no
+        // program reads it any more (the swap waited for running programs before).
+        if self.held.as_ref().is_some_and(|h| h[0] == h[1]) {
+            self.free_unused(ebpf, &before)?;
+        }
+        Ok(changed)
+    }
+}
+
+impl ServiceMaps {
+    fn write_generation(
+        &mut self,
+        ebpf: &mut Ebpf,
+        gen: usize,
+        mut held: [HashMap<Ident, Service>; 2],
+    ) -> Result<usize> {
+        let outcome = (|| -> Result<usize> {
+            let mut changed = 0;
+            let desired: Vec<(Ident, Result<Service, ServiceConfig>)> = match &self.restore {
+                Some(entries) => entries.iter().map(|(k, s)| (*k, Ok(*s))).collect(),
+                None => self.desired.iter().map(|s| (key_of(s), Err(s.clone()))).collect(),
+            };
+            let mut keep = HashSet::new();
+            for (ident, want) in desired {
+                keep.insert(ident);
+                let entry = match want {
+                    Ok(entry) => entry,
+                    Err(config) => {
+                        let digest = policy::digest(&config);
+                        if held[gen].get(&ident).is_some_and(|s| s.digest == digest) {
+                            continue;
+                        }
+                        let table = match held[gen ^ 1].get(&ident).filter(|s| s.digest == digest) {
+                            Some(other) => other.table,
+                            None => {
+                                // Visible to `slots_in_use` while building the next ones.
+                                self.held = Some(held.clone());
+                                let slot = self.build(ebpf, &ident, &config)?;
+                                self.held = None;
+                                slot
+                            }
+                        };
+                        Service { table, size: config.table_size, digest }
+                    }
+                };
+                if held[gen].get(&ident) == Some(&entry) {
+                    continue;
+                }
+                services_map(ebpf)?
+                    .insert(with_generation(&ident, gen), entry, 0)
+                    .with_context(|| format!("writing {MAP_SERVICES}"))?;
+                held[gen].insert(ident, entry);
+                changed += 1;
+            }
+            let stale: Vec<Ident> = held[gen].keys().filter(|k| !keep.contains(k)).copied().collect();
+            for ident in stale {
+                match services_map(ebpf)?.remove(&with_generation(&ident, gen)) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e).with_context(|| format!("removing from {MAP_SERVICES}")),
+                }
+                held[gen].remove(&ident);
+                changed += 1;
+            }
+            Ok(changed)
+        })();
+        self.held = Some(held);
+        outcome
+    }
+}
+
+fn services_map(ebpf: &mut Ebpf) -> Result<BpfHashMap<&mut MapData, ServiceKey, Service>> {
+    let map = ebpf.map_mut(MAP_SERVICES).with_context(|| format!("map {MAP_SERVICES} missing"))?;
+    Ok(BpfHashMap::try_from(map)?)
+}
+
+/// The key of a service (generation 0).
+pub fn key_of(service: &ServiceConfig) -> Ident {
+    let (addr, family) = addr_bytes(service.listen.ip());
+    ServiceKey {
+        addr,
+        port: service.listen.port(),
+        proto: service.protocol.number(),
+        family,
+        generation: 0,
+        pad: [0; 3],
+    }
+}
+
+fn ident(key: &ServiceKey) -> Ident {
+    ServiceKey { generation: 0, ..*key }
+}
+
+fn with_generation(key: &Ident, gen: usize) -> ServiceKey {
+    ServiceKey { generation: gen as u8, ..*key }
+}
+
+fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
+    let mut addr = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            (addr, family::V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), family::V6),
+    }
+}
+
+fn backend(service: &Ident, address: SocketAddr) -> Backend {
+    let (addr, family) = addr_bytes(address.ip());
+    Backend { addr, port: address.port(), family, pad: 0, service: *service }
+}
+
+fn socket_addr(backend: &Backend) -> SocketAddr {
+    let ip = if backend.family == family::V4 {
+        IpAddr::from([backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]])
+    } else {
+        IpAddr::from(backend.addr)
+    };
+    SocketAddr::new(ip, backend.port)
+}
+
+/// A new table (`BPF_F_MMAPABLE` array of backend ids) of `size` entries.
+fn create_table(size: u32, slot: u32) -> Result<MapData> {
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let def = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, size, TABLE_FLAGS);
+    MapData::create(def, &format!("maglev_{slot}"), None)
+        .with_context(|| format!("creating a service table of {size} entries"))
+}
+
+/// Writes `values` into a fresh table through a memory mapping (one call, not one per
+/// entry). The kernel lays array elements out 8 bytes apart (`round_up(value_size, 8)`).
+fn fill(map: &MapData, values: &[u32]) -> Result<()> {
+    const STRIDE: usize = 8;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let bytes = (values.len() * STRIDE).div_ceil(page) * page;
+    // SAFETY: a shared mapping of the map's own pages (the kernel refuses more than it
+    // holds), unmapped below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            map.fd().as_fd().as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error()).context("mmap of a service table");
+    }
+    for (i, value) in values.iter().enumerate() {
+        // SAFETY: element `i` of the array is mapped, at its stride.
+        unsafe { ptr.cast::<u8>().add(i * STRIDE).cast::<u32>().write(*value) };
+    }
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(ptr, bytes) };
+    Ok(())
+}
+
+/// Names of the services' maps (pinned: flows keep their backends across restarts).
+pub fn map_names() -> [&'static str; 3] {
+    [MAP_SERVICES, MAP_TABLES, MAP_BACKENDS]
+}
