@@ -110,6 +110,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     let mut links = LinkEvents::subscribe().context("watching network devices (rtnetlink)")?;
 
+    // Services forward from the tunnel: before anything is started, so a gateway that
+    // cannot forward refuses to start rather than blackholing their connections.
+    turn_on_forwarding(&state)?;
     // What an earlier run recorded (it describes what is in force until this start stands).
     let earlier = runstate::read(&opts.pins);
     let (mut backend, reason) = match start_backend(&config, &state, &opts, &cancel) {
@@ -228,8 +231,16 @@ fn roll_back(backend: Box<dyn Backend>, pins: &Pins, earlier: Option<&RunState>)
     }
 }
 
+/// Turns IP forwarding on where services need it (see `forwarding`).
+fn turn_on_forwarding(state: &DesiredState) -> Result<()> {
+    for key in crate::forwarding::ensure(state, Path::new("/"))? {
+        tracing::info!("turned IP forwarding on for services ({key} = 1)");
+    }
+    Ok(())
+}
+
 /// A gateway that does not forward routes nothing from the tunnel: say so once (read only;
-/// enabling forwarding is the host's decision).
+/// enabling forwarding is the host's decision unless services need it).
 fn warn_if_not_forwarding() {
     for (key, family) in
         [("/proc/sys/net/ipv4/ip_forward", "IPv4"), ("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6")]
@@ -302,6 +313,10 @@ fn reload(
     if new_state == *state {
         tracing::info!("configuration unchanged");
     } else {
+        if let Err(e) = turn_on_forwarding(&new_state) {
+            tracing::error!("reload refused, running state unchanged: {e:#}");
+            return None;
+        }
         match backend.apply(&new_state) {
             Ok(()) => {
                 tracing::info!("reloaded");

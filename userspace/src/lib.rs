@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod config;
 pub mod daemon;
+pub mod forwarding;
 pub mod lock;
 pub mod netdev;
 pub mod policy;

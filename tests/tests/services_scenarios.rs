@@ -1,0 +1,212 @@
+//! Services end to end, on both backends, with real sockets: a tailnet peer behind the TUN
+//! relay connects to a service address; backends are addresses of the LAN host. Spread and
+//! weights, a connection kept across a reload that adds a backend, a removed backend that
+//! gets no new connections, a refused reload, UDP, IPv6, IP forwarding turned on.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use tailgate_tests::{
+    daemon::{status, Daemon},
+    netns::Netns,
+    on_both_backends,
+    tailnet::{self, Tailnet},
+};
+
+on_both_backends!(
+    connections_spread_over_the_backends_by_weight_and_answer_from_the_service,
+    a_connection_survives_a_reload_that_adds_a_backend_and_a_removed_backend_gets_no_new_ones,
+    a_refused_reload_keeps_the_services_working,
+    a_udp_service_answers_from_its_address,
+    an_ipv6_service_works_and_forwarding_is_turned_on,
+);
+
+const WAIT: Duration = Duration::from_secs(3);
+const VIP: &str = "100.101.102.103";
+const VIP6: &str = "fd7a:115c:a1e0::99";
+const BACKENDS: [&str; 4] = ["192.0.2.11", "192.0.2.12", "192.0.2.13", "192.0.2.14"];
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// The topology with the backend addresses on the LAN host, each running a server on 8080
+/// that names itself and then echoes.
+fn setup() -> Tailnet {
+    let t = Tailnet::new().unwrap();
+    for backend in BACKENDS {
+        t.lan.ip(&["addr", "add", &format!("{backend}/24"), "dev", "eth0"]).unwrap();
+        whoami(&t.lan, addr(backend, 8080));
+    }
+    t
+}
+
+/// A TCP server at `at` in `ns`: the first message on a connection is answered with the
+/// server's address, later ones are echoed.
+fn whoami(ns: &Netns, at: SocketAddr) {
+    let listener = ns.enter(move || Ok(TcpListener::bind(at)?)).unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                let mut first = true;
+                while let Ok(n @ 1..) = stream.read(&mut buf) {
+                    let answer = if first { at.to_string().into_bytes() } else { buf[..n].to_vec() };
+                    first = false;
+                    if stream.write_all(&answer).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn service(backends: &str) -> String {
+    format!("[[service]]\nname = \"web\"\nlisten = \"{VIP}:80\"\nbackends = [{backends}]\n")
+}
+
+const THREE: &str = r#""192.0.2.11:8080", "192.0.2.12:8080", { address = "192.0.2.13:8080", weight = 3 }"#;
+
+/// `count` connections from the peer to `to`: which backend answered each; stops at the
+/// first that fails (`None`), so a broken service fails the test at once.
+fn connect_many(t: &Tailnet, to: SocketAddr, count: usize) -> Vec<Option<String>> {
+    let one = move || -> Option<String> {
+        let mut stream = TcpStream::connect_timeout(&to, WAIT).ok()?;
+        stream.set_read_timeout(Some(WAIT)).ok()?;
+        // The connection is with the service's address, as the peer sees it.
+        if stream.peer_addr().ok()? != to {
+            return None;
+        }
+        stream.write_all(b"who").ok()?;
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    t.peer
+        .enter(move || {
+            let mut answers = Vec::with_capacity(count);
+            for _ in 0..count {
+                let answer = one();
+                let failed = answer.is_none();
+                answers.push(answer);
+                if failed {
+                    break;
+                }
+            }
+            Ok(answers)
+        })
+        .unwrap()
+}
+
+fn tally(answers: &[Option<String>]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for answer in answers {
+        *counts.entry(answer.clone().unwrap_or_else(|| "failed".into())).or_default() += 1;
+    }
+    counts
+}
+
+fn connections_spread_over_the_backends_by_weight_and_answer_from_the_service(backend: &str) {
+    let t = setup();
+    let daemon = Daemon::start(&t.gw, &t.pins, &tailnet::config(backend, &service(THREE))).unwrap();
+    let answers = connect_many(&t, addr(VIP, 80), 200);
+    let counts = tally(&answers);
+    assert_eq!(counts.get("failed"), None, "every connection answered: {counts:?}\n{}", daemon.log());
+    let (a, b, c) = (counts["192.0.2.11:8080"], counts["192.0.2.12:8080"], counts["192.0.2.13:8080"]);
+    assert_eq!(a + b + c, 200, "{counts:?}");
+    // Weights 1:1:3 (shares 40/40/120).
+    assert!(c > a && c > b && a >= 10 && b >= 10, "{counts:?}");
+    let s = status(&t.gw, &t.pins);
+    assert!(s["counters"]["service_balanced"].as_u64().unwrap() >= 200, "{s}");
+}
+
+fn a_connection_survives_a_reload_that_adds_a_backend_and_a_removed_backend_gets_no_new_ones(backend: &str) {
+    let t = setup();
+    let daemon = Daemon::start(&t.gw, &t.pins, &tailnet::config(backend, &service(THREE))).unwrap();
+    let vip = addr(VIP, 80);
+    let mut live = t.peer.enter(move || Ok(TcpStream::connect_timeout(&vip, WAIT)?)).unwrap();
+    live.set_read_timeout(Some(WAIT)).unwrap();
+    let ask = |stream: &mut TcpStream, what: &[u8]| -> String {
+        stream.write_all(what).unwrap();
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = ask(&mut live, b"who");
+    assert!(first.starts_with("192.0.2.1"), "{first}");
+
+    let four = format!("{THREE}, \"192.0.2.14:8080\"");
+    daemon.write_config(&tailnet::config(backend, &service(&four))).unwrap();
+    daemon.reload().unwrap();
+    assert_eq!(ask(&mut live, b"still there"), "still there", "the connection survived the reload");
+    let counts = tally(&connect_many(&t, vip, 100));
+    assert!(counts.contains_key("192.0.2.14:8080"), "the new backend gets connections: {counts:?}");
+
+    // 192.0.2.11 leaves: no new connection reaches it; the others still answer.
+    let without = four.replace("\"192.0.2.11:8080\", ", "");
+    daemon.write_config(&tailnet::config(backend, &service(&without))).unwrap();
+    daemon.reload().unwrap();
+    let counts = tally(&connect_many(&t, vip, 100));
+    assert_eq!(counts.get("192.0.2.11:8080"), None, "{counts:?}");
+    assert_eq!(counts.get("failed"), None, "{counts:?}\n{}", daemon.log());
+}
+
+fn a_refused_reload_keeps_the_services_working(backend: &str) {
+    let t = setup();
+    let daemon = Daemon::start(&t.gw, &t.pins, &tailnet::config(backend, &service(THREE))).unwrap();
+    // A second service on the same address: refused, naming the field.
+    let bad = format!("{}{}", service(THREE), service("\"192.0.2.14:8080\""));
+    daemon.write_config(&tailnet::config(backend, &bad)).unwrap();
+    daemon.reload().unwrap();
+    assert!(daemon.log().contains("service[1].listen"), "{}", daemon.log());
+    let counts = tally(&connect_many(&t, addr(VIP, 80), 30));
+    assert_eq!(counts.get("failed"), None, "{counts:?}");
+    assert_eq!(counts.get("192.0.2.14:8080"), None, "{counts:?}");
+}
+
+fn a_udp_service_answers_from_its_address(backend: &str) {
+    let t = setup();
+    let dns = addr("192.0.2.11", 5353);
+    let server = t.lan.enter(move || Ok(UdpSocket::bind(dns)?)).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    let config =
+        format!("[[service]]\nlisten = \"{VIP}:53\"\nprotocol = \"udp\"\nbackends = [\"192.0.2.11:5353\"]\n");
+    let _daemon = Daemon::start(&t.gw, &t.pins, &tailnet::config(backend, &config)).unwrap();
+    let vip = addr(VIP, 53);
+    let client = t.peer.enter(|| Ok(UdpSocket::bind(addr(tailnet::PEER, 0))?)).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    for query in [&b"query one"[..], b"query two"] {
+        client.send_to(query, vip).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = client.recv_from(&mut buf).expect("an answer");
+        assert_eq!((&buf[..n], from), (query, vip), "answered from the service's address");
+    }
+}
+
+fn an_ipv6_service_works_and_forwarding_is_turned_on(backend: &str) {
+    let t = setup();
+    t.lan.ip(&["-6", "addr", "add", "2001:db8::11/64", "dev", "eth0", "nodad"]).unwrap();
+    whoami(&t.lan, addr("2001:db8::11", 8080));
+    t.gw.sysctl("net.ipv6.conf.all.forwarding", "0").unwrap();
+    t.gw.sysctl("net.ipv4.ip_forward", "0").unwrap();
+    let config = format!("[[service]]\nlisten = \"[{VIP6}]:80\"\nbackends = [\"[2001:db8::11]:8080\"]\n");
+    let daemon = Daemon::start(&t.gw, &t.pins, &tailnet::config(backend, &config)).unwrap();
+    let read = |key: &str| {
+        let out = t.gw.exec("sysctl", &["-n", key]).unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(read("net.ipv6.conf.all.forwarding"), "1", "turned on for the IPv6 service");
+    assert_eq!(read("net.ipv4.ip_forward"), "0", "no IPv4 service: left as it was");
+    let counts = tally(&connect_many(&t, addr(VIP6, 80), 10));
+    assert_eq!(counts.get("[2001:db8::11]:8080"), Some(&10), "{counts:?}\n{}", daemon.log());
+}
