@@ -66,10 +66,13 @@ pub enum Counter {
     /// Tunnel ingress: a packet to a service dropped: no backend in its table, or the flow
     /// could not be recorded (its replies could not be translated back).
     ServiceDrop = 27,
+    /// Tunnel egress: an ICMP error about a packet sent to a backend, translated back (the
+    /// quoted packet, and the error's source when the backend sent it).
+    ServiceIcmpTranslated = 28,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 28] = [
+    pub const ALL: [Counter; 29] = [
         Counter::UplinkPassNotIp,
         Counter::UplinkPassMalformed,
         Counter::UplinkPassNoMatch,
@@ -98,6 +101,7 @@ impl Counter {
         Counter::ServiceRebalanced,
         Counter::ServiceReverseNat,
         Counter::ServiceDrop,
+        Counter::ServiceIcmpTranslated,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -132,6 +136,7 @@ impl Counter {
             Counter::ServiceRebalanced => "service_rebalanced",
             Counter::ServiceReverseNat => "service_reverse_nat",
             Counter::ServiceDrop => "service_drop",
+            Counter::ServiceIcmpTranslated => "service_icmp_translated",
         }
     }
 }

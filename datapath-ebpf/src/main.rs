@@ -54,7 +54,7 @@ mod programs {
         mss::{self, Clamp},
         parse::{self, Link, NoPacket},
         services::{self, Dnat},
-        stage::{Addr, NatRewrite, Rewrite, Verdict},
+        stage::{Addr, ErrorRewrite, NatRewrite, Rewrite, Verdict},
     };
 
     /// XDP on every uplink: drops packets whose source is in a filtered range (CGNAT,
@@ -223,8 +223,98 @@ mod programs {
         let mut nat = NatRewrite::EMPTY;
         if services::reverse(&packet, ifindex, &mut nat) {
             apply(&ctx, Rewrite::Nat(nat), Counter::ServiceReverseNat);
+            return TCX_NEXT;
+        }
+        let mut error = ErrorRewrite::EMPTY;
+        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+        if services::reverse_error(&packet, bytes, ifindex, &mut error) && translate_error(&ctx, &error) {
+            count(Counter::ServiceIcmpTranslated);
         }
         TCX_NEXT
+    }
+
+    /// Translates an ICMP error back (see `services::reverse_error`). Every changed field in
+    /// the quoted packet is also a change to the error's checksum, applied field by field;
+    /// the quoted IPv4 header keeps summing to its checksum, so its own changes cancel out
+    /// there. (Fields of the quote are at even offsets from the error's header: no byte
+    /// swapping.)
+    #[inline(always)]
+    fn translate_error(ctx: &TcContext, e: &ErrorRewrite) -> bool {
+        let icmp_check = e.icmp + 2;
+        // A 16-bit field of the quote changes from `old` to `new`: the error's checksum too.
+        let field = |at: usize, old: u16, new: u16| {
+            ctx.store(at, &new, 0).is_ok()
+                && ctx.l3_csum_replace(icmp_check, u64::from(old), u64::from(new), 2).is_ok()
+        };
+        let inner_check = |change: fn(&TcContext, usize, u64, u64) -> bool, old: u64, new: u64| {
+            quoted_check(ctx, e, icmp_check, change, old, new)
+        };
+        let addresses = match (e.from, e.to) {
+            (Addr::V4(from), Addr::V4(to)) => {
+                let (old, new) = (u64::from(u32::from_ne_bytes(from)), u64::from(u32::from_ne_bytes(to)));
+                ctx.store(e.inner_l3 + 16, &to, 0).is_ok()
+                    && ctx.l3_csum_replace(e.inner_l3 + 10, old, new, 4).is_ok()
+                    && inner_check(replace4, old, new)
+                    && (!e.outer_source
+                        || (ctx.store(e.l3 + 12, &to, 0).is_ok()
+                            && ctx.l3_csum_replace(e.l3 + 10, old, new, 4).is_ok()))
+            }
+            (Addr::V6(mut from), Addr::V6(mut to)) => {
+                // SAFETY: two 16-byte locals.
+                let diff =
+                    unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
+                diff >= 0
+                    && ctx.store(e.inner_l3 + 24, &to, 0).is_ok()
+                    && ctx.l4_csum_replace(icmp_check, 0, diff as u64, 0).is_ok()
+                    && inner_check(replace_by_diff, 0, diff as u64)
+                    // The error's source is in its checksum's pseudo-header.
+                    && (!e.outer_source
+                        || (ctx.store(e.l3 + 8, &to, 0).is_ok()
+                            && ctx.l4_csum_replace(icmp_check, 0, diff as u64, BPF_F_PSEUDO_HDR as u64).is_ok()))
+            }
+            _ => false,
+        };
+        let (old, new) = (e.from_port.to_be(), e.to_port.to_be());
+        addresses
+            && (old == new
+                || (field(e.inner_l4 + 2, old, new) && inner_check(replace2, u64::from(old), u64::from(new))))
+    }
+
+    /// The quoted transport checksum changed by `change(at, old, new)`, and the error's
+    /// checksum by what that did to the field. Nothing when the quote holds none.
+    #[inline(always)]
+    fn quoted_check(
+        ctx: &TcContext,
+        e: &ErrorRewrite,
+        icmp_check: usize,
+        change: fn(&TcContext, usize, u64, u64) -> bool,
+        old: u64,
+        new: u64,
+    ) -> bool {
+        if e.inner_check == 0 {
+            return true;
+        }
+        let Ok(before) = ctx.load::<u16>(e.inner_check) else { return false };
+        if !change(ctx, e.inner_check, old, new) {
+            return false;
+        }
+        let Ok(after) = ctx.load::<u16>(e.inner_check) else { return false };
+        ctx.l3_csum_replace(icmp_check, u64::from(before), u64::from(after), 2).is_ok()
+    }
+
+    #[inline(always)]
+    fn replace4(ctx: &TcContext, at: usize, old: u64, new: u64) -> bool {
+        ctx.l3_csum_replace(at, old, new, 4).is_ok()
+    }
+
+    #[inline(always)]
+    fn replace2(ctx: &TcContext, at: usize, old: u64, new: u64) -> bool {
+        ctx.l3_csum_replace(at, old, new, 2).is_ok()
+    }
+
+    #[inline(always)]
+    fn replace_by_diff(ctx: &TcContext, at: usize, _: u64, diff: u64) -> bool {
+        ctx.l4_csum_replace(at, 0, diff, 0).is_ok()
     }
 
     /// The packet of a services program. The headers are pulled into the linear buffer

@@ -5,17 +5,17 @@
 //! Both directions of a flow are recorded together, or the packet is dropped.
 
 use tailgate_abi::{
-    conntrack::{advance, opening, zone, Flow, FlowKey4, FlowKey6, Nat},
+    conntrack::{advance, opening, proto, zone, Flow, FlowKey4, FlowKey6, Nat},
     counters::Counter,
     services::{family, flow_hash4, flow_hash6, ServiceKey},
 };
 
 use crate::{
-    conntrack::{live, now, At, Key},
+    conntrack::{live, now, At, Bytes, Key},
     counters::count,
     maps::{Scratch4, Scratch6, BACKENDS, SCRATCH4, SCRATCH6, SERVICES, SERVICE_TABLES},
-    parse::{Ip, Packet, IPPROTO_TCP, IPPROTO_UDP, L4},
-    stage::{Addr, NatRewrite},
+    parse::{be16, read, Ip, Packet, IPPROTO_TCP, IPPROTO_UDP, L4},
+    stage::{Addr, ErrorRewrite, NatRewrite},
 };
 
 /// What the service stage does with a packet arriving from the tunnel. (Fieldless: a
@@ -217,6 +217,150 @@ fn reverse_family<K: Family>(
     flow.state = advance(proto, flow.state, l4.tcp_flags, true);
     *out = rewrite::<K>(packet, l4, *src, &flow.nat, true);
     true
+}
+
+/// Tunnel egress: an ICMP error about a packet a flow sent to its backend (the backend's
+/// port unreachable, a router's "fragmentation needed" on the way to it), to be translated
+/// back so that the client recognises the packet it sent to the service.
+#[inline(always)]
+pub fn reverse_error(packet: &Packet, bytes: Bytes, ifindex: u32, out: &mut ErrorRewrite) -> bool {
+    // The mask bounds the offset for the verifier (as in `conntrack::seen`).
+    if packet.transport == 0 || packet.transport > MAX_TRANSPORT || packet.l4.is_some() {
+        return false;
+    }
+    let icmp = usize::from(packet.transport & MAX_TRANSPORT);
+    match (&packet.ip, packet.proto) {
+        (Ip::V4 { src, dst }, proto::ICMP) => error4(packet.l3, icmp, (src, dst), bytes, ifindex, out),
+        (Ip::V6 { src, dst }, proto::ICMPV6) => error6(packet.l3, icmp, (src, dst), bytes, ifindex, out),
+        _ => false,
+    }
+}
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PARAMPROB: u8 = 4;
+/// The largest transport-header offset read.
+const MAX_TRANSPORT: u16 = 0x3ff;
+/// What an error quotes of a transport header at least: its ports and (UDP) checksum.
+const QUOTED_L4: usize = 8;
+
+#[inline(always)]
+fn error4(
+    l3: usize,
+    icmp: usize,
+    (src, dst): (&[u8; 4], &[u8; 4]),
+    bytes: Bytes,
+    ifindex: u32,
+    out: &mut ErrorRewrite,
+) -> bool {
+    // Every read from one pointer, checked once per extent (the verifier tracks bounds per
+    // pointer).
+    let h = bytes.data + icmp;
+    if h + 8 + 20 > bytes.data_end {
+        return false;
+    }
+    let kind = read::<u8>(h);
+    if !matches!(kind, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB) {
+        return false;
+    }
+    let ver_ihl = read::<u8>(h + 8);
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    let proto = read::<u8>(h + 8 + 9);
+    // The quoted packet was sent by the error's receiver, is a first fragment, TCP or UDP.
+    if ver_ihl >> 4 != 4
+        || ihl < 20
+        || be16(h + 8 + 6) & 0x1fff != 0
+        || (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        || read::<[u8; 4]>(h + 8 + 12) != *dst
+    {
+        return false;
+    }
+    let backend = read::<[u8; 4]>(h + 8 + 16);
+    let l4 = h + 8 + ihl;
+    if l4 + QUOTED_L4 > bytes.data_end {
+        return false;
+    }
+    let (sport, dport) = (be16(l4), be16(l4 + 2));
+    let key = FlowKey4::new(*dst, backend, (sport, dport), proto, zone::DNAT_REPLY, ifindex);
+    // Related, not part of the flow: no refresh (as conntrack).
+    let Some((flow, _)) = live(&key) else { return false };
+    // SAFETY: a map value, read only.
+    let vip = unsafe { (*flow).nat };
+    let (inner, inner_l4) = (icmp + 8, icmp + 8 + ihl);
+    *out = ErrorRewrite {
+        l3,
+        icmp,
+        inner_l3: inner,
+        inner_l4,
+        inner_check: quoted_check(bytes, inner_l4, proto),
+        outer_source: *src == backend,
+        from: Addr::V4(backend),
+        to: Addr::V4(FlowKey4::from_nat(&vip)),
+        from_port: dport,
+        to_port: vip.port,
+    };
+    true
+}
+
+#[inline(always)]
+fn error6(
+    l3: usize,
+    icmp: usize,
+    (src, dst): (&[u8; 16], &[u8; 16]),
+    bytes: Bytes,
+    ifindex: u32,
+    out: &mut ErrorRewrite,
+) -> bool {
+    let h = bytes.data + icmp;
+    if h + 8 + 40 + QUOTED_L4 > bytes.data_end {
+        return false;
+    }
+    let kind = read::<u8>(h);
+    if !(ICMPV6_DEST_UNREACH..=ICMPV6_PARAMPROB).contains(&kind) {
+        return false;
+    }
+    // The transport header right after the fixed header (extension headers are not walked).
+    let proto = read::<u8>(h + 8 + 6);
+    if read::<u8>(h + 8) >> 4 != 6
+        || (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        || read::<[u8; 16]>(h + 8 + 8) != *dst
+    {
+        return false;
+    }
+    let backend = read::<[u8; 16]>(h + 8 + 24);
+    let (sport, dport) = (be16(h + 48), be16(h + 48 + 2));
+    let key = FlowKey6::new(*dst, backend, (sport, dport), proto, zone::DNAT_REPLY, ifindex);
+    let Some((flow, _)) = live(&key) else { return false };
+    // SAFETY: a map value, read only.
+    let vip = unsafe { (*flow).nat };
+    let (inner, inner_l4) = (icmp + 8, icmp + 48);
+    *out = ErrorRewrite {
+        l3,
+        icmp,
+        inner_l3: inner,
+        inner_l4,
+        inner_check: quoted_check(bytes, inner_l4, proto),
+        outer_source: *src == backend,
+        from: Addr::V6(backend),
+        to: Addr::V6(vip.addr),
+        from_port: dport,
+        to_port: vip.port,
+    };
+    true
+}
+
+/// Where the quoted transport checksum is, when the quote holds it and it is in use (a UDP
+/// checksum of 0 means none); 0 otherwise.
+#[inline(always)]
+fn quoted_check(bytes: Bytes, l4: usize, proto: u8) -> usize {
+    let check = if proto == IPPROTO_TCP { l4 + 16 } else { l4 + 6 };
+    let at = bytes.data + check;
+    if at + 2 > bytes.data_end || (proto == IPPROTO_UDP && be16(at) == 0) {
+        return 0;
+    }
+    check
 }
 
 #[inline(always)]

@@ -46,6 +46,40 @@ pub struct NatRewrite {
     pub to_port: u16,
 }
 
+/// Translate an ICMP error about a packet sent to a backend back to the service (offsets
+/// from the packet start): the quoted packet's destination address and port (`from` →
+/// `to`), its checksums, the error's checksum, and the error's source when it is the
+/// backend (`outer_source`).
+#[derive(Clone, Copy)]
+pub struct ErrorRewrite {
+    pub l3: usize,
+    pub icmp: usize,
+    pub inner_l3: usize,
+    pub inner_l4: usize,
+    /// Where the quoted transport checksum is; 0: not quoted, or a UDP checksum of 0.
+    pub inner_check: usize,
+    pub outer_source: bool,
+    pub from: Addr,
+    pub to: Addr,
+    pub from_port: u16,
+    pub to_port: u16,
+}
+
+impl ErrorRewrite {
+    pub const EMPTY: ErrorRewrite = ErrorRewrite {
+        l3: 0,
+        icmp: 0,
+        inner_l3: 0,
+        inner_l4: 0,
+        inner_check: 0,
+        outer_source: false,
+        from: Addr::V4([0; 4]),
+        to: Addr::V4([0; 4]),
+        from_port: 0,
+        to_port: 0,
+    };
+}
+
 impl NatRewrite {
     /// A placeholder to write into.
     pub const EMPTY: NatRewrite = NatRewrite {

@@ -386,3 +386,78 @@ pub fn without_udp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
     frame[at..at + 2].copy_from_slice(&[0, 0]);
     frame
 }
+
+/// An ICMP error as a NAT test reads it: the error's addresses, whether its checksum is
+/// right, and the packet it quotes (raw bytes, from its IP header on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IcmpError {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub checksum_ok: bool,
+    pub quote: Vec<u8>,
+}
+
+/// Reads an Ethernet frame carrying an ICMP or ICMPv6 message; `None` for anything else.
+pub fn icmp_error(frame: &[u8]) -> Option<IcmpError> {
+    use etherparse::{NetSlice, TransportSlice};
+    let sliced = SlicedPacket::from_ethernet(frame).ok()?;
+    match (sliced.net.as_ref()?, sliced.transport.as_ref()?) {
+        (NetSlice::Ipv4(ip), TransportSlice::Icmpv4(icmp)) => {
+            let h = ip.header().to_header();
+            Some(IcmpError {
+                src: IpAddr::V4(h.source.into()),
+                dst: IpAddr::V4(h.destination.into()),
+                checksum_ok: icmp.icmp_type().calc_checksum(icmp.payload()) == icmp.checksum(),
+                quote: icmp.payload().to_vec(),
+            })
+        }
+        (NetSlice::Ipv6(ip), TransportSlice::Icmpv6(icmp)) => {
+            let h = ip.header().to_header();
+            let want = icmp.icmp_type().calc_checksum(h.source, h.destination, icmp.payload()).ok()?;
+            Some(IcmpError {
+                src: IpAddr::V6(h.source.into()),
+                dst: IpAddr::V6(h.destination.into()),
+                checksum_ok: want == icmp.checksum(),
+                quote: icmp.payload().to_vec(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// What an error about `frame` (an Ethernet frame) quotes of it: the IP header and `len`
+/// bytes after it.
+pub fn quote_of(frame: &[u8], len: usize) -> Vec<u8> {
+    let ip_len = match frame[14] >> 4 {
+        4 => usize::from(frame[14] & 0x0f) * 4,
+        _ => 40,
+    };
+    frame[14..(14 + ip_len + len).min(frame.len())].to_vec()
+}
+
+/// Ethernet + an ICMP error (port unreachable; IPv6: packet too big when `too_big`) from
+/// `src` to `dst` quoting `quote` as given.
+pub fn icmp_error_quoting(src: &str, dst: &str, quote: &[u8], too_big: bool) -> Vec<u8> {
+    let ip = eth_ip(src, dst);
+    match (src.parse::<IpAddr>().unwrap(), too_big) {
+        (IpAddr::V4(_), false) => write(
+            ip.icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            )),
+            quote,
+        ),
+        (IpAddr::V4(_), true) => write(
+            ip.icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1200 },
+            )),
+            quote,
+        ),
+        (IpAddr::V6(_), false) => write(
+            ip.icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
+                etherparse::icmpv6::DestUnreachableCode::Port,
+            )),
+            quote,
+        ),
+        (IpAddr::V6(_), true) => write(ip.icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 }), quote),
+    }
+}

@@ -281,3 +281,56 @@ fn traffic_not_for_a_service_is_left_alone() {
     assert_eq!((verdict, out), (TCX_NEXT, frame));
     assert!(testrun::flows4(&dp).unwrap().is_empty());
 }
+
+/// ICMP errors about what a flow sent to its backend reach the client as errors about what
+/// it sent to the service: the quote is byte for byte the client's packet (checksums
+/// included), the error's checksum is right, and an error the backend itself sent comes
+/// from the service's address (one from a router on the way keeps the router's).
+#[test]
+fn icmp_errors_about_a_flow_are_translated_back() {
+    let mut dp = testrun::datapath(SERVICES).unwrap();
+    // UDP to the DNS service: the backend answers port unreachable, quoting 8 bytes.
+    let sent = udp(PEER, VIP, 5000, 53);
+    dnat(&mut dp, &sent);
+    let as_received = udp(PEER, "192.0.2.21", 5000, 5353);
+    let error = icmp_error_quoting("192.0.2.21", PEER, &quote_of(&as_received, 8), false);
+    let c = counted(&mut dp, |dp| {
+        let (verdict, out) = run(dp, Hook::ServiceOut, &error);
+        assert_eq!(verdict, TCX_NEXT);
+        let got = icmp_error(&out).unwrap();
+        assert_eq!(got.src, VIP.parse::<std::net::IpAddr>().unwrap(), "from the service's address");
+        assert!(got.checksum_ok, "the error's checksum");
+        assert_eq!(got.quote, quote_of(&sent, 8), "the quote is the client's packet");
+    });
+    assert_eq!(c.get(&Counter::ServiceIcmpTranslated), Some(&1), "{c:?}");
+
+    // TCP: a router on the way says "fragmentation needed", quoting the whole header.
+    let syn = tcp(PEER, VIP, 41000, 80, Tcp::Syn);
+    let backend = dnat(&mut dp, &syn).dst;
+    let as_received = tcp(PEER, &backend.ip().to_string(), 41000, backend.port(), Tcp::Syn);
+    let error = icmp_error_quoting("192.0.2.254", PEER, &quote_of(&as_received, 20), true);
+    let got = icmp_error(&run(&mut dp, Hook::ServiceOut, &error).1).unwrap();
+    assert_eq!(
+        got.src,
+        "192.0.2.254".parse::<std::net::IpAddr>().unwrap(),
+        "a router's error keeps its source"
+    );
+    assert!(got.checksum_ok);
+    assert_eq!(got.quote, quote_of(&syn, 20), "the quote, TCP checksum included, is the client's SYN");
+
+    // IPv6: packet too big from the backend, the whole segment quoted.
+    let syn = tcp(PEER6, VIP6, 42000, 80, Tcp::Syn);
+    let backend = dnat(&mut dp, &syn).dst;
+    let b = backend.ip().to_string();
+    let as_received = tcp(PEER6, &b, 42000, backend.port(), Tcp::Syn);
+    let error = icmp_error_quoting(&b, PEER6, &quote_of(&as_received, 20), true);
+    let got = icmp_error(&run(&mut dp, Hook::ServiceOut, &error).1).unwrap();
+    assert_eq!(got.src, VIP6.parse::<std::net::IpAddr>().unwrap());
+    assert!(got.checksum_ok, "ICMPv6 checksum (pseudo-header with the new source)");
+    assert_eq!(got.quote, quote_of(&syn, 20));
+
+    // An error about a packet no flow sent: untouched.
+    let stranger = tcp(PEER, "192.0.2.99", 43000, 80, Tcp::Syn);
+    let error = icmp_error_quoting("192.0.2.99", PEER, &quote_of(&stranger, 8), false);
+    assert_eq!(run(&mut dp, Hook::ServiceOut, &error), (TCX_NEXT, error.clone()));
+}
