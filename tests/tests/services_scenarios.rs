@@ -123,6 +123,14 @@ fn connections_spread_over_the_backends_by_weight_and_answer_from_the_service(ba
     assert!(c > a && c > b && a >= 10 && b >= 10, "{counts:?}");
     let s = status(&t.gw, &t.pins);
     assert!(s["counters"]["service_balanced"].as_u64().unwrap() >= 200, "{s}");
+    if backend == "bpf" {
+        // The table's shares as status reads them from the maps: 1:1:3 of 16,381 slots.
+        let service = &s["services"][0];
+        assert_eq!(service["listen"], format!("{VIP}:80"), "{s}");
+        let slots: Vec<u64> = (0..3).map(|i| service["backends"][i]["slots"].as_u64().unwrap()).collect();
+        assert_eq!(slots.iter().sum::<u64>(), 16_381, "{s}");
+        assert!(slots[0].abs_diff(3_276) <= 1 && slots[2].abs_diff(9_829) <= 1, "{slots:?}");
+    }
 }
 
 fn a_connection_survives_a_reload_that_adds_a_backend_and_a_removed_backend_gets_no_new_ones(backend: &str) {

@@ -16,7 +16,7 @@ use tailgate_abi::{
 
 use crate::{
     backend::{
-        bpf::{cgnat, conntrack, Pins},
+        bpf::{cgnat, conntrack, services, Pins},
         iptables::{
             self,
             exec::{detect_variant, Iptables, Variant},
@@ -51,6 +51,9 @@ pub struct Status {
     /// The flow tables (BPF; the iptables backend uses the kernel's conntrack).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flows: Option<FlowsStatus>,
+    /// Services and their backends' shares of the table (BPF).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<services::ServiceStatus>,
 }
 
 /// How full the flow tables are.
@@ -182,7 +185,8 @@ fn read_bpf(pins: &Pins) -> Result<Status> {
         }
     }
     let flows = read_flows(pins, &counters)?;
-    Ok(Status { attachments, counters, rules, flows, ..empty("bpf".into()) })
+    let services = read_services(pins, generation.unwrap_or(0))?;
+    Ok(Status { attachments, counters, rules, flows, services, ..empty("bpf".into()) })
 }
 
 /// The flow tables' occupancy; `None` for pins of a version without them.
@@ -194,6 +198,17 @@ fn read_flows(pins: &Pins, counters: &BTreeMap<String, u64>) -> Result<Option<Fl
     // Every entry created is live, was deleted as expired, or was evicted.
     let evicted = counter(Counter::FlowCreated).saturating_sub(counter(Counter::FlowExpired) + live);
     Ok(Some(FlowsStatus { occupancy, evicted }))
+}
+
+/// The services the datapath balances; none for pins of a version without them.
+fn read_services(pins: &Pins, generation: u32) -> Result<Vec<services::ServiceStatus>> {
+    use tailgate_abi::services::{MAP_BACKENDS, MAP_SERVICES, MAP_TABLES};
+    let names = [MAP_SERVICES, MAP_TABLES, MAP_BACKENDS];
+    if names.iter().any(|name| !pins.map(name).exists()) {
+        return Ok(Vec::new());
+    }
+    let [services, tables, backends] = names.map(|name| open(pins, name));
+    services::read(&services?, &tables?, &backends?, generation)
 }
 
 /// Every entry of the pinned flow tables.
@@ -230,6 +245,7 @@ fn empty(backend: String) -> Status {
         counters: BTreeMap::new(),
         rules: Vec::new(),
         flows: None,
+        services: Vec::new(),
     }
 }
 
@@ -359,6 +375,16 @@ pub fn render_text(s: &Status) -> String {
                 "  evicted {} (the table was full: raise [flows] max_entries_v4/_v6)",
                 f.evicted
             );
+        }
+    }
+    if !s.services.is_empty() {
+        let _ = writeln!(out, "services (backends by share of the table's slots):");
+    }
+    for svc in &s.services {
+        let _ = writeln!(out, "  {}/{} ({} slots)", svc.listen, svc.protocol, svc.table_size);
+        for b in &svc.backends {
+            let share = f64::from(b.slots) * 100.0 / f64::from(svc.table_size.max(1));
+            let _ = writeln!(out, "    {:<46} {:>7} slots {share:>5.1} %", b.address, b.slots);
         }
     }
     let _ = writeln!(out, "rules (longest prefix wins):");

@@ -365,3 +365,63 @@ fn fill(map: &MapData, values: &[u32]) -> Result<()> {
 pub fn map_names() -> [&'static str; 3] {
     [MAP_SERVICES, MAP_TABLES, MAP_BACKENDS]
 }
+
+/// A service as the maps hold it, for `tailgate status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServiceStatus {
+    pub listen: String,
+    pub protocol: &'static str,
+    pub table_size: u32,
+    pub backends: Vec<BackendShare>,
+}
+
+/// A backend and the share of its service's table slots it holds (so of new flows).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendShare {
+    pub address: String,
+    pub slots: u32,
+}
+
+/// The services of generation `generation` in the pinned maps.
+pub fn read(
+    services: &aya::maps::Map,
+    tables: &aya::maps::Map,
+    backends: &aya::maps::Map,
+    generation: u32,
+) -> Result<Vec<ServiceStatus>> {
+    let services: BpfHashMap<&MapData, ServiceKey, Service> = BpfHashMap::try_from(services)?;
+    let tables: ArrayOfMaps<&MapData, MapData> = ArrayOfMaps::try_from(tables)?;
+    let backends: Array<&MapData, Backend> = Array::try_from(backends)?;
+    let mut out = Vec::new();
+    for entry in services.iter() {
+        let (key, service) = entry?;
+        if u32::from(key.generation) != generation & 1 {
+            continue;
+        }
+        let table = aya::maps::Map::Array(tables.get(&service.table, 0)?);
+        let table: Array<&MapData, u32> = Array::try_from(&table)?;
+        let mut slots: HashMap<u32, u32> = HashMap::new();
+        for slot in 0..service.size {
+            *slots.entry(table.get(&slot, 0)?).or_default() += 1;
+        }
+        let mut shares: Vec<BackendShare> = slots
+            .into_iter()
+            .map(|(id, slots)| {
+                Ok(BackendShare { address: socket_addr(&backends.get(&id, 0)?).to_string(), slots })
+            })
+            .collect::<Result<_>>()?;
+        shares.sort_by(|a, b| a.address.cmp(&b.address));
+        let listen = SocketAddr::new(
+            socket_addr(&Backend { addr: key.addr, family: key.family, ..Default::default() }).ip(),
+            key.port,
+        );
+        out.push(ServiceStatus {
+            listen: listen.to_string(),
+            protocol: if key.proto == 6 { "tcp" } else { "udp" },
+            table_size: service.size,
+            backends: shares,
+        });
+    }
+    out.sort_by(|a, b| (&a.listen, a.protocol).cmp(&(&b.listen, b.protocol)));
+    Ok(out)
+}
