@@ -4,9 +4,10 @@
 //! - [`MAP_SERVICES`]: the services of both policy generations (the generation is part of
 //!   the key), each naming its lookup table;
 //! - [`MAP_TABLES`]: an array of maps; slot `Service::table` holds the service's Maglev table
-//!   (`Array<u32>` of a prime size, each entry a backend id). A changed service gets a new
-//!   table in a free slot and the new generation points to it: no packet sees a half-written
-//!   table;
+//!   (a prime number of slots, each a backend id; two per array element, `[u32; 2]`: the
+//!   kernel stores array elements 8 bytes apart, so 4 bytes per slot). A changed service
+//!   gets a new table in a free slot and the new generation points to it: no packet sees a
+//!   half-written table;
 //! - [`MAP_BACKENDS`]: backend id → address and port. Ids outlive table changes; an id is
 //!   cleared only once no generation uses it, and a flow whose backend id is cleared (or
 //!   names another address) is balanced again.

@@ -318,12 +318,15 @@ mod programs {
     }
 
     /// The packet of a services program. The headers are pulled into the linear buffer
-    /// first (a no-op when they are there): one parse, no retry loop, whose spills would
-    /// leave too little of the 512 bytes of stack a call chain shares for the stage.
+    /// first when they are not all there: one parse, no retry loop, whose spills would leave
+    /// too little of the 512 bytes of stack a call chain shares for the stage.
     #[inline(always)]
     fn tunnel_packet(ctx: &TcContext) -> Result<parse::Packet, NoPacket> {
         let l3 = TUNNEL_L3_OFFSET.load() as usize;
-        let _ = ctx.pull_data(core::cmp::min(ctx.len(), (l3 + parse::PULL_LEN) as u32));
+        let want = core::cmp::min(ctx.len(), (l3 + parse::PULL_LEN) as u32);
+        if (ctx.data_end() - ctx.data()) < want as usize {
+            let _ = ctx.pull_data(want);
+        }
         parse::ip(ctx.data(), ctx.data_end(), l3)
     }
 

@@ -71,10 +71,11 @@ pub static FRAGS6: LruHashMap<FlowKey6, u64, { FRAG_ENTRIES as usize }> = LruHas
 #[btf_map]
 pub static SERVICES: HashMap<ServiceKey, Service, { 2 * MAX_SERVICES as usize }> = HashMap::new();
 
-/// The services' Maglev tables (backend ids), each sized to its service by the daemon.
+/// The services' Maglev tables, each sized to its service by the daemon: two slots (backend
+/// ids) per element (the kernel stores array elements 8 bytes apart).
 #[btf_map]
 pub static SERVICE_TABLES: ArrayOfMaps<
-    Array<u32, 1, { services::TABLE_FLAGS as usize }>,
+    Array<[u32; 2], 1, { services::TABLE_FLAGS as usize }>,
     { MAX_TABLES as usize },
 > = ArrayOfMaps::new();
 

@@ -118,6 +118,11 @@ fn dnat_family<K: Family>(
     // SAFETY: this CPU's scratch entry, used by one program run at a time.
     let Some(s) = K::scratch().map(|s| unsafe { &mut *s }) else { return Dnat::None };
     let (proto, flags) = (packet.proto, l4.tcp_flags);
+    // The service first: traffic for no service costs this one lookup. (A flow of a service
+    // that was removed is not translated any more.)
+    s.service = K::service(*dst, l4.dport, proto, generation);
+    // SAFETY: a map value, read only.
+    let Some(service) = (unsafe { SERVICES.get(&s.service) }) else { return Dnat::None };
     s.key = K::of(*src, *dst, l4.sport, l4.dport, proto, At { zone: zone::DNAT, ifindex });
     s.vip = back_to::<K>(*dst, l4.dport);
     let mut rebalanced = false;
@@ -146,16 +151,14 @@ fn dnat_family<K: Family>(
         }
         rebalanced = true;
     }
-    s.service = K::service(*dst, l4.dport, proto, generation);
-    // SAFETY: a map value, read only.
-    let Some(service) = (unsafe { SERVICES.get(&s.service) }) else { return Dnat::None };
     let size = service.size;
     let Some(table) = SERVICE_TABLES.get(service.table) else { return refused() };
     if size == 0 {
         return refused();
     }
     let slot = K::hash(src, dst, l4.sport, l4.dport, proto) % size;
-    let Some(&id) = table.get(slot) else { return refused() };
+    let Some(pair) = table.get(slot / 2) else { return refused() };
+    let id = pair[(slot & 1) as usize];
     let Some(backend) = BACKENDS.get(id) else { return refused() };
     if backend.family != K::FAMILY {
         return refused();

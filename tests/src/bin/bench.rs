@@ -20,7 +20,13 @@
 //!    1,000,000 live entries in the table; the non-CGNAT uplink pass path with flow
 //!    tracking on and off.
 //!
-//! `tailgate-bench testrun`, `traffic`, `daemon` or `flows` runs one section only. On a shared
+//! 5. Services (BPF_PROG_TEST_RUN): ns/packet of the services' programs — a new flow (the
+//!    Maglev table and the flow's two entries), an established flow, a reply translated
+//!    back, and packets that are not for a service — with 1 service and with 10,000
+//!    services over 1,000 backend addresses; the time to apply 10,000 services and to
+//!    change one; the tables' memory.
+//!
+//! `tailgate-bench testrun`, `traffic`, `daemon`, `flows` or `services` runs one section only. On a shared
 //! machine, the real-traffic rounds wait for other tasks to leave the NAPI CPU alone, up to
 //! 120 s in all (`TAILGATE_BENCH_QUIET_WAIT=<seconds>` changes that).
 
@@ -67,13 +73,16 @@ fn main() -> Result<()> {
             println!();
             daemon()?;
             println!();
-            flows()
+            flows()?;
+            println!();
+            services()
         }
         Some("testrun") => single_packet(),
         Some("traffic") => real_traffic(),
         Some("daemon") => daemon(),
         Some("flows") => flows(),
-        Some(other) => bail!("unknown section {other:?}: testrun | traffic | daemon | flows"),
+        Some("services") => services(),
+        Some(other) => bail!("unknown section {other:?}: testrun | traffic | daemon | flows | services"),
     }
 }
 
@@ -686,4 +695,142 @@ fn time_tc_from(
     opts.repeat = repeat;
     let r = prog.test_run(opts)?;
     Ok((r.return_value, r.duration.as_nanos() as f64))
+}
+
+/// Section 5: the services' programs and their map sync.
+///
+/// BPF_PROG_TEST_RUN repeats run on one buffer, which a rewrite changes: the rewriting
+/// paths are timed on a pair of services that are each other's backend (100.101.200.2:80 →
+/// :8080 and :8080 → :80), so every repeat translates an established flow (or its reply)
+/// back and forth. A new flow is timed by single runs on distinct flows, less the single
+/// runs of the miss path, plus the miss path's repeated time.
+fn services() -> Result<()> {
+    use tailgate_tests::packets::{tcp, udp};
+    const SINGLES: u16 = 20_000;
+    println!("## Services (BPF_PROG_TEST_RUN)\n");
+    println!(
+        "Median of {RUNS} runs of {REPEAT} repeats (established and reply: two services that are each \
+         other's backend, so each repeat translates); new flow: the miss's time plus the difference of \
+         the medians of {SINGLES} single runs on distinct flows and on misses. 3 backends per service.\n"
+    );
+    println!("| services | program | path | verdict | ns/packet |");
+    println!("|---:|---|---|---|---:|");
+    let peer = "100.101.2.3";
+    let mut applied = Vec::new();
+    for (count, table_size) in [(1usize, 16_381u32), (10_000, 1_021)] {
+        let toml = services_config(count, table_size);
+        let config = Config::parse(&toml, &Default::default())?;
+        let mut dp = Datapath::load_with(None, KernelLog::Off, testrun::params(&config))?;
+        let started = Instant::now();
+        dp.sync(&policy::compile(&config, system()))?;
+        let first = started.elapsed();
+        // New flows go to the last service configured.
+        let (vip, port) = ("100.101.200.1", 1000 + count as u16 - 1);
+        let repeated = |dp: &mut Datapath, hook: Hook, frame: &[u8]| -> Result<(u32, f64)> {
+            let mut samples = Vec::new();
+            let mut verdict = 0;
+            for _ in 0..RUNS {
+                let (v, ns) = time_tc_from(dp, hook, frame, 0, REPEAT)?;
+                verdict = v;
+                samples.push(ns);
+            }
+            samples.sort_by(|a, b| a.total_cmp(b));
+            Ok((verdict, samples[RUNS / 2]))
+        };
+        let singles = |dp: &mut Datapath, hook: Hook, frame: &dyn Fn(u16) -> Vec<u8>| -> Result<f64> {
+            let mut samples = Vec::new();
+            for i in 0..SINGLES {
+                samples.push(time_tc_from(dp, hook, &frame(i), 0, 1)?.1);
+            }
+            samples.sort_by(|a, b| a.total_cmp(b));
+            Ok(samples[samples.len() / 2])
+        };
+        let row = |program: &str, path: &str, hook: Hook, verdict: u32, ns: f64| {
+            println!(
+                "| {} | {program} | {path} | {} | {ns:.0} |",
+                thousands(count),
+                verdict_name(hook, verdict)
+            );
+        };
+        let (ingress, egress) = ("tunnel TC ingress (service_in)", "tunnel TC egress (service_out)");
+        // Misses: packets for no service, into the tunnel answering no flow.
+        let (v, miss_in) = repeated(&mut dp, Hook::ServiceIn, &udp(peer, "192.0.2.2", 5000, 53))?;
+        row(ingress, "not for a service (one lookup)", Hook::ServiceIn, v, miss_in);
+        let (v, miss_out) = repeated(&mut dp, Hook::ServiceOut, &udp("192.0.2.2", peer, 53, 5000))?;
+        row(egress, "not a reply (one lookup)", Hook::ServiceOut, v, miss_out);
+        let single_miss_in = singles(&mut dp, Hook::ServiceIn, &|i| udp(peer, "192.0.2.2", 5000 + i, 53))?;
+        // The pair of services that are each other's backend: open both flows.
+        let pair = "100.101.200.2";
+        for dport in [80, 8080] {
+            run_service(&mut dp, Hook::ServiceIn, &tcp(peer, pair, 40000, dport, Tcp::Syn))?;
+        }
+        let (v, established) = repeated(&mut dp, Hook::ServiceIn, &tcp(peer, pair, 40000, 80, Tcp::Data))?;
+        row(ingress, "established flow: to its backend", Hook::ServiceIn, v, established);
+        let (v, reply) = repeated(&mut dp, Hook::ServiceOut, &tcp(pair, peer, 8080, 40000, Tcp::Data))?;
+        row(egress, "reply: translated back", Hook::ServiceOut, v, reply);
+        let reverse = testrun::counters(&dp)?[&Counter::ServiceReverseNat];
+        anyhow::ensure!(reverse >= REPEAT as u64, "the replies were not translated ({reverse})");
+        let balanced_before = testrun::counters(&dp)?[&Counter::ServiceBalanced];
+        let new = singles(&mut dp, Hook::ServiceIn, &|i| tcp(peer, vip, 10_000 + i, port, Tcp::Syn))?;
+        let balanced = testrun::counters(&dp)?[&Counter::ServiceBalanced] - balanced_before;
+        anyhow::ensure!(balanced == u64::from(SINGLES), "{balanced} flows balanced, not {SINGLES}");
+        row(
+            ingress,
+            "new flow: table + two entries",
+            Hook::ServiceIn,
+            u32::MAX,
+            miss_in + new - single_miss_in,
+        );
+        // One service's backends changed: one new table, one entry per generation.
+        let changed = toml.replacen("\"10.0.0.1:8080\"", "\"10.0.0.1:8081\"", 1);
+        let config = Config::parse(&changed, &Default::default())?;
+        let started = Instant::now();
+        dp.sync(&policy::compile(&config, system()))?;
+        let one = started.elapsed();
+        let memory = count as u64 * u64::from(table_size).div_ceil(2) * 8;
+        applied.push((count, table_size, first, one, memory));
+    }
+    println!("\n| services | table size | apply all (first sync) | change one service | tables' memory |");
+    println!("|---:|---:|---:|---:|---:|");
+    for (count, size, first, one, memory) in applied {
+        println!(
+            "| {} | {} | {:.1} ms | {:.1} ms | {:.1} MiB |",
+            thousands(count),
+            thousands(size as usize),
+            first.as_secs_f64() * 1e3,
+            one.as_secs_f64() * 1e3,
+            memory as f64 / f64::from(1 << 20)
+        );
+    }
+    Ok(())
+}
+
+/// `count` services on 100.101.200.1, ports 1000 on, each with 3 of 1,000 backend addresses
+/// (10.0.0.0/22 on port 8080); and the pair of services on 100.101.200.2 that are each
+/// other's backend.
+fn services_config(count: usize, table_size: u32) -> String {
+    let mut toml = String::from(
+        "tunnel = \"tun0\"\nbackend = \"bpf\"\n\
+         [[service]]\nlisten = \"100.101.200.2:80\"\nbackends = [\"100.101.200.2:8080\"]\n\
+         [[service]]\nlisten = \"100.101.200.2:8080\"\nbackends = [\"100.101.200.2:80\"]\n",
+    );
+    for i in 0..count {
+        let backends: Vec<String> = (0..3)
+            .map(|k| {
+                let j = (i * 3 + k) % 1_000;
+                format!("\"10.0.{}.{}:8080\"", j / 250, j % 250 + 1)
+            })
+            .collect();
+        toml.push_str(&format!(
+            "[[service]]\nlisten = \"100.101.200.1:{}\"\ntable_size = {table_size}\nbackends = [{}]\n",
+            1000 + i,
+            backends.join(", ")
+        ));
+    }
+    toml
+}
+
+fn run_service(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let out = testrun::run_tunnel(dp, hook, frame, 0, 0)?;
+    Ok((out.verdict, out.frame))
 }

@@ -129,20 +129,15 @@ impl ServiceMaps {
         Ok(id)
     }
 
-    /// Builds `service`'s table in a free slot; returns the slot.
-    fn build(&mut self, ebpf: &mut Ebpf, key: &Ident, service: &ServiceConfig) -> Result<u32> {
+    /// Builds `service`'s table (not installed yet).
+    fn build(&mut self, ebpf: &mut Ebpf, key: &Ident, service: &ServiceConfig, slot: u32) -> Result<MapData> {
         let ids: Vec<u32> =
             service.backends.iter().map(|b| self.id(ebpf, key, b.address)).collect::<Result<_>>()?;
         let table: Vec<u32> = policy::table(service).into_iter().map(|i| ids[i as usize]).collect();
-        let used = self.slots_in_use();
-        let slot = (0..MAX_TABLES).find(|s| !used.contains(s)).context("no free table slot")?;
-        let inner = create_table(table.len() as u32, slot)?;
+        let inner = create_table(table.len().div_ceil(2) as u32, slot)?;
         fill(&inner, &table)
             .with_context(|| format!("filling the table of {}", policy::describe(service)))?;
-        let outer = ebpf.map_mut(MAP_TABLES).with_context(|| format!("map {MAP_TABLES} missing"))?;
-        let mut outer: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(outer)?;
-        outer.set(slot, &inner, 0).with_context(|| format!("installing a table in {MAP_TABLES}"))?;
-        Ok(slot)
+        Ok(inner)
     }
 
     fn slots_in_use(&self) -> HashSet<u32> {
@@ -157,11 +152,18 @@ impl ServiceMaps {
         let Some(aya::maps::Map::ArrayOfMaps(outer)) = ebpf.map(MAP_TABLES) else {
             anyhow::bail!("map {MAP_TABLES} missing or not an array of maps");
         };
-        for slot in before.difference(&used) {
-            match sys::map_delete(outer.fd().as_fd(), slot) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(e).with_context(|| format!("freeing table slot {slot}")),
+        let gone: Vec<u32> = before.difference(&used).copied().collect();
+        if !gone.is_empty() {
+            // One wait for running programs for all of them (see `install`).
+            if let Err(batch) = sys::map_delete_batch(outer.fd().as_fd(), &gone) {
+                tracing::debug!("batch delete of service tables: {batch}; one by one");
+                for slot in &gone {
+                    match sys::map_delete(outer.fd().as_fd(), slot) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) => return Err(e).with_context(|| format!("freeing table slot {slot}")),
+                    }
+                }
             }
         }
         // Ids of backends no service has any more (the snapshot's stay: a roll-back's
@@ -223,6 +225,16 @@ impl ServiceMaps {
                 Some(entries) => entries.iter().map(|(k, s)| (*k, Ok(*s))).collect(),
                 None => self.desired.iter().map(|s| (key_of(s), Err(s.clone()))).collect(),
             };
+            // Slots in use (both generations, the snapshot); new tables take free ones.
+            let mut used: HashSet<u32> = held
+                .iter()
+                .flat_map(|g| g.values())
+                .chain(self.pinned.iter().flat_map(|p| p.values()))
+                .map(|s| s.table)
+                .collect();
+            let mut free = 0..MAX_TABLES;
+            let mut tables: Vec<(u32, MapData)> = Vec::new();
+            let mut entries: Vec<(Ident, Service)> = Vec::new();
             let mut keep = HashSet::new();
             for (ident, want) in desired {
                 keep.insert(ident);
@@ -236,19 +248,21 @@ impl ServiceMaps {
                         let table = match held[gen ^ 1].get(&ident).filter(|s| s.digest == digest) {
                             Some(other) => other.table,
                             None => {
-                                // Visible to `slots_in_use` while building the next ones.
-                                self.held = Some(held.clone());
-                                let slot = self.build(ebpf, &ident, &config)?;
-                                self.held = None;
+                                let slot = free.find(|s| !used.contains(s)).context("no free table slot")?;
+                                used.insert(slot);
+                                tables.push((slot, self.build(ebpf, &ident, &config, slot)?));
                                 slot
                             }
                         };
                         Service { table, size: config.table_size, digest }
                     }
                 };
-                if held[gen].get(&ident) == Some(&entry) {
-                    continue;
+                if held[gen].get(&ident) != Some(&entry) {
+                    entries.push((ident, entry));
                 }
+            }
+            install(ebpf, &tables)?;
+            for (ident, entry) in entries {
                 services_map(ebpf)?
                     .insert(with_generation(&ident, gen), entry, 0)
                     .with_context(|| format!("writing {MAP_SERVICES}"))?;
@@ -322,21 +336,44 @@ fn socket_addr(backend: &Backend) -> SocketAddr {
     SocketAddr::new(ip, backend.port)
 }
 
-/// A new table (`BPF_F_MMAPABLE` array of backend ids) of `size` entries.
+/// Puts new tables in their slots. Each update of an array of maps makes the kernel wait
+/// for running programs (an RCU grace period, ~10 ms): one batch waits once (10,000 tables
+/// one by one took 90 s). One by one where the kernel has no batch for it.
+fn install(ebpf: &mut Ebpf, tables: &[(u32, MapData)]) -> Result<()> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let map = ebpf.map_mut(MAP_TABLES).with_context(|| format!("map {MAP_TABLES} missing"))?;
+    let aya::maps::Map::ArrayOfMaps(data) = &*map else {
+        anyhow::bail!("map {MAP_TABLES} is not an array of maps");
+    };
+    let slots: Vec<u32> = tables.iter().map(|(slot, _)| *slot).collect();
+    let fds: Vec<u32> = tables.iter().map(|(_, map)| map.fd().as_fd().as_raw_fd() as u32).collect();
+    if let Err(batch) = sys::map_update_batch(data.fd().as_fd(), &slots, &fds) {
+        tracing::debug!("batch update of service tables: {batch}; one by one");
+        let mut outer: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(map)?;
+        for (slot, map) in tables {
+            outer.set(*slot, map, 0).with_context(|| format!("installing a table in {MAP_TABLES}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A new table (`BPF_F_MMAPABLE` array of backend id pairs) of `size` elements.
 fn create_table(size: u32, slot: u32) -> Result<MapData> {
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let def = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, size, TABLE_FLAGS);
+    let def = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 8, size, TABLE_FLAGS);
     MapData::create(def, &format!("maglev_{slot}"), None)
         .with_context(|| format!("creating a service table of {size} entries"))
 }
 
 /// Writes `values` into a fresh table through a memory mapping (one call, not one per
-/// entry). The kernel lays array elements out 8 bytes apart (`round_up(value_size, 8)`).
+/// entry): slot `i` is half `i % 2` of element `i / 2`, elements 8 bytes apart — so slots
+/// are simply consecutive u32s.
 fn fill(map: &MapData, values: &[u32]) -> Result<()> {
-    const STRIDE: usize = 8;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    let bytes = (values.len() * STRIDE).div_ceil(page) * page;
+    let bytes = (values.len() * 4).div_ceil(page) * page;
     // SAFETY: a shared mapping of the map's own pages (the kernel refuses more than it
     // holds), unmapped below.
     let ptr = unsafe {
@@ -352,12 +389,12 @@ fn fill(map: &MapData, values: &[u32]) -> Result<()> {
     if ptr == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error()).context("mmap of a service table");
     }
-    for (i, value) in values.iter().enumerate() {
-        // SAFETY: element `i` of the array is mapped, at its stride.
-        unsafe { ptr.cast::<u8>().add(i * STRIDE).cast::<u32>().write(*value) };
+    // SAFETY: `values.len()` u32 slots are mapped (the array has `ceil(len / 2)` 8-byte
+    // elements); unmapped right after.
+    unsafe {
+        std::ptr::copy_nonoverlapping(values.as_ptr(), ptr.cast::<u32>(), values.len());
+        libc::munmap(ptr, bytes);
     }
-    // SAFETY: the mapping made above.
-    unsafe { libc::munmap(ptr, bytes) };
     Ok(())
 }
 
@@ -399,10 +436,10 @@ pub fn read(
             continue;
         }
         let table = aya::maps::Map::Array(tables.get(&service.table, 0)?);
-        let table: Array<&MapData, u32> = Array::try_from(&table)?;
+        let table: Array<&MapData, [u32; 2]> = Array::try_from(&table)?;
         let mut slots: HashMap<u32, u32> = HashMap::new();
         for slot in 0..service.size {
-            *slots.entry(table.get(&slot, 0)?).or_default() += 1;
+            *slots.entry(table.get(&(slot / 2), 0)?[(slot % 2) as usize]).or_default() += 1;
         }
         let mut shares: Vec<BackendShare> = slots
             .into_iter()

@@ -96,3 +96,55 @@ pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
     unsafe { bpf(BPF_MAP_DELETE_ELEM, &attr)? };
     Ok(())
 }
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// `bpf_attr` for the batch commands.
+#[repr(C, align(8))]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Updates `keys[i]` to `values[i]` in one call. For an array of maps (values: map fds) the
+/// kernel waits for running programs once for the whole batch instead of once per element.
+pub fn map_update_batch(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> io::Result<()> {
+    assert_eq!(keys.len(), values.len());
+    let attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `keys` and `values` outlive the call and hold `count` elements each.
+    unsafe { bpf(BPF_MAP_UPDATE_BATCH, &attr)? };
+    Ok(())
+}
+
+/// Deletes `keys` in one call (one wait for running programs, as `map_update_batch`).
+pub fn map_delete_batch(map: BorrowedFd<'_>, keys: &[u32]) -> io::Result<()> {
+    let attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: 0,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `keys` outlives the call and holds `count` elements.
+    unsafe { bpf(BPF_MAP_DELETE_BATCH, &attr)? };
+    Ok(())
+}
