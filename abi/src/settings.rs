@@ -17,6 +17,9 @@ pub mod stage {
     /// Record flows opened from the tunnel; a packet forwarded into the tunnel from another
     /// device passes only as part of one (`[subnet_routes] stateful`).
     pub const STATEFUL: u32 = 1 << 3;
+    /// Tailnet traffic for the gateway's own tailnet address goes to the ingress proxy's
+    /// destination (a service entry with port 0: any port, kept).
+    pub const INGRESS_PROXY: u32 = 1 << 4;
 }
 
 /// The parameters of one generation. All zero: every stage off.

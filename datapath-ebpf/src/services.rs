@@ -8,12 +8,13 @@ use tailgate_abi::{
     conntrack::{advance, opening, proto, zone, Flow, FlowKey4, FlowKey6, Nat},
     counters::Counter,
     services::{family, flow_hash4, flow_hash6, ServiceKey},
+    settings::stage,
 };
 
 use crate::{
     conntrack::{live, now, At, Bytes, Key},
     counters::count,
-    maps::{Scratch4, Scratch6, BACKENDS, SCRATCH4, SCRATCH6, SERVICES, SERVICE_TABLES},
+    maps::{settings, Scratch4, Scratch6, BACKENDS, SCRATCH4, SCRATCH6, SERVICES, SERVICE_TABLES},
     parse::{be16, read, Ip, Packet, IPPROTO_TCP, IPPROTO_UDP, L4},
     stage::{Addr, ErrorRewrite, NatRewrite},
 };
@@ -121,8 +122,17 @@ fn dnat_family<K: Family>(
     // The service first: traffic for no service costs this one lookup. (A flow of a service
     // that was removed is not translated any more.)
     s.service = K::service(*dst, l4.dport, proto, generation);
-    // SAFETY: a map value, read only.
-    let Some(service) = (unsafe { SERVICES.get(&s.service) }) else { return Dnat::None };
+    // SAFETY: map values, read only.
+    let service = match unsafe { SERVICES.get(&s.service) } {
+        Some(service) => service,
+        // The ingress proxy: every port of the gateway's tailnet address (port 0 entry).
+        None if settings(generation).stages & stage::INGRESS_PROXY != 0 => {
+            s.service.port = 0;
+            let Some(service) = (unsafe { SERVICES.get(&s.service) }) else { return Dnat::None };
+            service
+        }
+        None => return Dnat::None,
+    };
     s.key = K::of(*src, *dst, l4.sport, l4.dport, proto, At { zone: zone::DNAT, ifindex });
     s.vip = back_to::<K>(*dst, l4.dport);
     let mut rebalanced = false;
@@ -163,7 +173,9 @@ fn dnat_family<K: Family>(
     if backend.family != K::FAMILY {
         return refused();
     }
-    s.nat = Nat { addr: backend.addr, port: backend.port, flags: 0, backend: id };
+    // Port 0: the packet's own (the ingress proxy keeps ports).
+    let port = if backend.port == 0 { l4.dport } else { backend.port };
+    s.nat = Nat { addr: backend.addr, port, flags: 0, backend: id };
     count(if rebalanced { Counter::ServiceRebalanced } else { Counter::ServiceBalanced });
     // A packet that cannot open a flow (a SYN-ACK, a RST) is sent on unrecorded.
     if let Some(state) = opening(proto, flags) {
@@ -382,7 +394,7 @@ fn back_to<K: Family>(vip: K::Addr, port: u16) -> Nat {
 fn in_service<K: Family>(nat: &Nat) -> bool {
     BACKENDS
         .get(nat.backend)
-        .is_some_and(|b| b.family == K::FAMILY && b.port == nat.port && b.addr == nat.addr)
+        .is_some_and(|b| b.family == K::FAMILY && (b.port == 0 || b.port == nat.port) && b.addr == nat.addr)
 }
 
 /// The rewrite from `addr:port` (as in the packet; the destination, or with `source` the

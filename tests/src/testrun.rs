@@ -29,7 +29,7 @@ pub const TUNNEL_MTU: u32 = 1280;
 /// tunnel with MTU `TUNNEL_MTU`.
 pub fn datapath(config_toml: &str) -> Result<Datapath> {
     let config = Config::parse(config_toml, &HashMap::new())?;
-    let system = policy::System { uplinks: Vec::new(), tunnel_mtu: Some(TUNNEL_MTU) };
+    let system = system();
     let state = policy::compile(&config, system);
     let mut dp = Datapath::load_with(None, KernelLog::Off, params(&config))?;
     dp.sync(&state)?;
@@ -39,9 +39,19 @@ pub fn datapath(config_toml: &str) -> Result<Datapath> {
 /// Makes `dp` hold the policy of `config_toml` (a reload).
 pub fn sync(dp: &mut Datapath, config_toml: &str) -> Result<()> {
     let config = Config::parse(config_toml, &HashMap::new())?;
-    let system = policy::System { uplinks: Vec::new(), tunnel_mtu: Some(TUNNEL_MTU) };
+    let system = system();
     dp.sync(&policy::compile(&config, system))?;
     Ok(())
+}
+
+/// What the packet tests' policies see of the host: no uplinks, a tunnel of `TUNNEL_MTU`
+/// whose tailnet addresses are 100.101.0.1 and fd7a:115c:a1e0::1.
+pub fn system() -> policy::System {
+    policy::System {
+        uplinks: Vec::new(),
+        tunnel_mtu: Some(TUNNEL_MTU),
+        tunnel_addresses: vec!["100.101.0.1".parse().unwrap(), "fd7a:115c:a1e0::1".parse().unwrap()],
+    }
 }
 
 /// Load parameters for packet tests: BPF_PROG_TEST_RUN hands the tunnel programs Ethernet

@@ -407,7 +407,10 @@ mod longest_prefix {
                     config.cgnat.drop.push(prefix)
                 }
             }
-            let state = policy::compile(&config, policy::System { uplinks: Vec::new(), tunnel_mtu: None });
+            let state = policy::compile(
+                &config,
+                policy::System { uplinks: Vec::new(), tunnel_mtu: None, ..Default::default() },
+            );
             let mut dp = dp.borrow_mut();
             dp.sync(&state).unwrap();
             for src in addresses(&state.cgnat.inbound, &random) {

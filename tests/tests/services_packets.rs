@@ -334,3 +334,37 @@ fn icmp_errors_about_a_flow_are_translated_back() {
     let error = icmp_error_quoting("192.0.2.99", PEER, &quote_of(&stranger, 8), false);
     assert_eq!(run(&mut dp, Hook::ServiceOut, &error), (TCX_NEXT, error.clone()));
 }
+
+/// The ingress proxy: TCP and UDP for the gateway's tailnet address (100.101.0.1 in the
+/// test runs) go to the destination, ports kept, and their replies come back from the
+/// gateway's address; services keep their own addresses; other protocols are left alone.
+#[test]
+fn the_ingress_proxy_sends_the_gateways_tailnet_traffic_to_its_destination_ports_kept() {
+    let config = format!("{SERVICES}[proxy]\ningress_to = \"192.0.2.10\"\n");
+    let mut dp = testrun::datapath(&config).unwrap();
+    let own = "100.101.0.1";
+    for (port, frame, back) in [
+        (2222, tcp(PEER, own, 40000, 2222, Tcp::Syn), tcp("192.0.2.10", PEER, 2222, 40000, Tcp::SynAck)),
+        (53, udp(PEER, own, 5000, 53), udp("192.0.2.10", PEER, 53, 5000)),
+    ] {
+        let out = dnat(&mut dp, &frame);
+        assert_eq!(out.dst, sa(&format!("192.0.2.10:{port}")), "ports kept");
+        assert!(out.checksums_ok);
+        let back = reverse(&mut dp, &back);
+        assert_eq!((back.src, back.checksums_ok), (sa(&format!("{own}:{port}")), true));
+    }
+    // Later packets of the connection stay on it (not balanced again: the port-0 backend).
+    let c = counted(&mut dp, |dp| {
+        assert_eq!(dnat(dp, &tcp(PEER, own, 40000, 2222, Tcp::Data)).dst, sa("192.0.2.10:2222"));
+    });
+    assert_eq!(c.get(&Counter::ServiceRebalanced), None, "{c:?}");
+    // A service is still a service.
+    assert_eq!(dnat(&mut dp, &udp(PEER, VIP, 5000, 53)).dst, sa("192.0.2.21:5353"));
+    // Ping: answered by the gateway itself (BPF translates TCP and UDP only).
+    let ping = echo(PEER, own, 7, false);
+    assert_eq!(run(&mut dp, Hook::ServiceIn, &ping), (TCX_NEXT, ping.clone()));
+    // Without the proxy, the gateway's address is the gateway's.
+    let mut plain = testrun::datapath(SERVICES).unwrap();
+    let frame = tcp(PEER, own, 40001, 2222, Tcp::Syn);
+    assert_eq!(run(&mut plain, Hook::ServiceIn, &frame), (TCX_NEXT, frame.clone()));
+}

@@ -15,6 +15,7 @@ use tailgate_tests::{
     netns::Netns,
     on_both_backends,
     tailnet::{self, Tailnet},
+    wait,
 };
 
 on_both_backends!(
@@ -23,6 +24,7 @@ on_both_backends!(
     a_refused_reload_keeps_the_services_working,
     a_udp_service_answers_from_its_address,
     an_ipv6_service_works_and_forwarding_is_turned_on,
+    the_ingress_proxy_follows_the_gateways_tailnet_address,
 );
 
 const WAIT: Duration = Duration::from_secs(3);
@@ -217,4 +219,37 @@ fn an_ipv6_service_works_and_forwarding_is_turned_on(backend: &str) {
     assert_eq!(read("net.ipv4.ip_forward"), "0", "no IPv4 service: left as it was");
     let counts = tally(&connect_many(&t, addr(VIP6, 80), 10));
     assert_eq!(counts.get("[2001:db8::11]:8080"), Some(&10), "{counts:?}\n{}", daemon.log());
+}
+
+fn the_ingress_proxy_follows_the_gateways_tailnet_address(backend: &str) {
+    let t = setup();
+    whoami(&t.lan, addr(tailnet::LAN, 2222));
+    let dns = addr(tailnet::LAN, 5300);
+    let server = t.lan.enter(move || Ok(UdpSocket::bind(dns)?)).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    let config = tailnet::config(backend, &format!("[proxy]\ningress_to = \"{}\"\n", tailnet::LAN));
+    let daemon = Daemon::start(&t.gw, &t.pins, &config).unwrap();
+    // The gateway's tailnet address (tun0's) reaches the LAN host, ports kept.
+    let counts = tally(&connect_many(&t, addr("100.101.0.1", 2222), 3));
+    assert_eq!(counts.get("192.0.2.2:2222"), Some(&3), "{counts:?}\n{}", daemon.log());
+    let client = t.peer.enter(|| Ok(UdpSocket::bind(addr(tailnet::PEER, 0))?)).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    client.send_to(b"query", addr("100.101.0.1", 5300)).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = client.recv_from(&mut buf).expect("an answer");
+    assert_eq!((&buf[..n], from), (&b"query"[..], addr("100.101.0.1", 5300)));
+
+    // The tunnel is readdressed (new address first: a device without IPv4 address loses its
+    // routes): the proxy follows.
+    t.gw.ip(&["addr", "add", "100.101.0.9/32", "dev", "tun0"]).unwrap();
+    t.gw.ip(&["addr", "del", "100.101.0.1/32", "dev", "tun0"]).unwrap();
+    let followed = wait::until(Duration::from_secs(10), || {
+        connect_many(&t, addr("100.101.0.9", 2222), 1) == [Some("192.0.2.2:2222".to_string())]
+    });
+    assert!(followed, "the proxy did not follow the new address\n{}", daemon.log());
 }

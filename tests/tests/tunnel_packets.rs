@@ -202,7 +202,8 @@ fn a_reload_changes_mark_and_clamp_at_once() {
         &HashMap::new(),
     )
     .unwrap();
-    let system = tailgate::policy::System { uplinks: Vec::new(), tunnel_mtu: Some(1280) };
+    let system =
+        tailgate::policy::System { uplinks: Vec::new(), tunnel_mtu: Some(1280), ..Default::default() };
     dp.sync(&tailgate::policy::compile(&config, system)).unwrap();
     let out = run(
         &mut dp,

@@ -56,7 +56,8 @@ pub fn desired_state(path: Option<&Path>, check: Check) -> Result<(Config, Desir
     Ok((config, state))
 }
 
-/// What the policy needs to know of the devices: the uplinks, the tunnel's MTU.
+/// What the policy needs to know of the devices: the uplinks, the tunnel's MTU and (for the
+/// ingress proxy) addresses.
 fn system(
     config: &Config,
     interfaces: &std::collections::BTreeMap<String, netdev::Interface>,
@@ -75,9 +76,21 @@ fn system(
             });
         }
     }
+    // Only the ingress proxy needs the tunnel's addresses.
+    let tunnel_addresses = match (tunnel, config.proxy.ingress_to) {
+        (Some(tunnel), Some(_)) => netdev::addresses()
+            .map_err(|e| crate::config::ConfigError {
+                field: "tunnel".into(),
+                message: format!("reading the tunnel's addresses: {e}"),
+            })?
+            .remove(&tunnel.index)
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     Ok(policy::System {
         uplinks: netdev::resolve_uplinks(config, interfaces, check)?,
         tunnel_mtu: tunnel.and_then(|t| t.mtu),
+        tunnel_addresses,
     })
 }
 
@@ -146,6 +159,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     commit(backend.as_mut(), &state, &opts.pins);
     release_memory();
     warn_if_not_forwarding();
+    log_ingress(&config, &state);
     tracing::info!(
         "enforcing on uplinks [{}] and tunnel {} with the {} backend",
         state.uplinks.join(", "),
@@ -366,10 +380,28 @@ fn follow_devices(backend: &mut dyn Backend, config: &Config, state: &mut Desire
                 if new.mss != state.mss {
                     tracing::info!("tunnel MTU changed: MSS clamp now {:?}", new.mss.limits());
                 }
+                if new.proxy != state.proxy {
+                    log_ingress(config, &new);
+                }
                 *state = new;
             }
             Err(e) => tracing::error!("following device changes: {e:#}"),
         }
+    }
+}
+
+/// Where the ingress proxy takes traffic from, or that it waits for an address.
+fn log_ingress(config: &Config, state: &DesiredState) {
+    match (config.proxy.ingress_to, state.proxy.ingress) {
+        (Some(_), Some(ingress)) => {
+            tracing::info!("ingress proxy: tailnet traffic for {} goes to {}", ingress.from, ingress.to)
+        }
+        (Some(to), None) => tracing::warn!(
+            "ingress proxy: waiting for the tunnel {} to have an {} address (traffic for it goes to {to} then)",
+            config.tunnel,
+            if to.is_ipv4() { "IPv4" } else { "IPv6" }
+        ),
+        (None, _) => {}
     }
 }
 

@@ -12,14 +12,15 @@ use crate::policy::{services, DesiredState};
 pub const IPV4: &str = "/proc/sys/net/ipv4/ip_forward";
 pub const IPV6: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 
-/// Turns forwarding on for the families `state`'s services use; returns the sysctls it
-/// turned on. `root` is `/` except in tests.
+/// Turns forwarding on for the families `state`'s services and ingress proxy use; returns
+/// the sysctls it turned on. `root` is `/` except in tests.
 pub fn ensure(state: &DesiredState, root: &Path) -> Result<Vec<&'static str>> {
     let mut wanted = Vec::new();
-    if services::any_v4(&state.services) {
+    let proxy = state.proxy.ingress.map(|i| i.to);
+    if services::any_v4(&state.services) || proxy.is_some_and(|ip| ip.is_ipv4()) {
         wanted.push(IPV4);
     }
-    if services::any_v6(&state.services) {
+    if services::any_v6(&state.services) || proxy.is_some_and(|ip| ip.is_ipv6()) {
         wanted.push(IPV6);
     }
     let mut turned_on = Vec::new();
@@ -32,7 +33,7 @@ pub fn ensure(state: &DesiredState, root: &Path) -> Result<Vec<&'static str>> {
         if let Err(e) = std::fs::write(&path, "1\n") {
             let name = key.trim_start_matches("/proc/sys/").replace('/', ".");
             bail!(
-                "[[service]] needs IP forwarding, and {name} is {} and cannot be written here ({e}); \
+                "[[service]] and [proxy] need IP forwarding, and {name} is {} and cannot be written here ({e}); \
                  set it on the host or in the pod's securityContext sysctls (e.g. `sysctl -w {name}=1`)",
                 current.trim()
             );

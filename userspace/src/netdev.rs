@@ -1,6 +1,7 @@
 //! Network interfaces of the current network namespace, over rtnetlink: a dump for the
-//! current list, and a subscription to link events so the daemon follows devices that are
-//! created, deleted, renamed or brought up while it runs.
+//! current list (and their addresses), and a subscription to link and address events so
+//! the daemon follows devices that are created, deleted, renamed or brought up while it
+//! runs, and the tunnel's addresses.
 
 use std::{collections::BTreeMap, io};
 
@@ -13,8 +14,11 @@ use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, Socket,
 
 use crate::config::{Config, ConfigError};
 
-/// `RTMGRP_LINK`: the multicast group of link events.
+/// `RTMGRP_LINK`, `RTMGRP_IPV4_IFADDR`, `RTMGRP_IPV6_IFADDR`: the multicast groups of link
+/// and address events.
 const RTMGRP_LINK: u32 = 1;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Interface {
@@ -36,21 +40,53 @@ impl Interface {
 
 /// The interfaces of this network namespace, by name.
 pub fn interfaces() -> io::Result<BTreeMap<String, Interface>> {
+    let mut found = BTreeMap::new();
+    dump(RouteNetlinkMessage::GetLink(LinkMessage::default()), |message| {
+        if let RouteNetlinkMessage::NewLink(link) = message {
+            if let Some((name, iface)) = describe(&link) {
+                found.insert(name, iface);
+            }
+        }
+    })?;
+    Ok(found)
+}
+
+/// The addresses of every interface of this network namespace, by ifindex.
+pub fn addresses() -> io::Result<BTreeMap<u32, Vec<std::net::IpAddr>>> {
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+    let mut found: BTreeMap<u32, Vec<std::net::IpAddr>> = BTreeMap::new();
+    dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()), |message| {
+        if let RouteNetlinkMessage::NewAddress(address) = message {
+            // IFA_LOCAL is the interface's own address on point-to-point devices (a TUN with
+            // a peer); IFA_ADDRESS otherwise.
+            let local = address.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let any = address.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = local.or(any) {
+                found.entry(address.header.index).or_default().push(ip);
+            }
+        }
+    })?;
+    Ok(found)
+}
+
+/// Sends a dump request and hands every message of the answer to `each`.
+fn dump(request: RouteNetlinkMessage, mut each: impl FnMut(RouteNetlinkMessage)) -> io::Result<()> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
-    let mut request = NetlinkMessage::new(
-        NetlinkHeader::default(),
-        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
-    );
+    let mut request = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(request));
     request.header.flags = NLM_F_DUMP | NLM_F_REQUEST;
     request.header.sequence_number = 1;
     request.finalize();
     let mut buf = vec![0; request.buffer_len()];
     request.serialize(&mut buf);
     socket.send(&buf, 0)?;
-
-    let mut found = BTreeMap::new();
     loop {
         let (data, _) = socket.recv_from_full()?;
         let mut offset = 0;
@@ -60,13 +96,9 @@ pub fn interfaces() -> io::Result<BTreeMap<String, Interface>> {
                     .map_err(|e| io::Error::other(format!("bad rtnetlink message: {e}")))?;
             let length = message.header.length as usize;
             match message.payload {
-                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => return Err(io::Error::other(format!("rtnetlink: {e:?}"))),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                    if let Some((name, iface)) = describe(&link) {
-                        found.insert(name, iface);
-                    }
-                }
+                NetlinkPayload::InnerMessage(inner) => each(inner),
                 _ => {}
             }
             if length == 0 {
@@ -100,7 +132,8 @@ fn describe(link: &LinkMessage) -> Option<(String, Interface)> {
     Some((name, iface))
 }
 
-/// Link events of this network namespace (new, changed, deleted devices).
+/// Link and address events of this network namespace (new, changed, deleted devices; their
+/// addresses: the ingress proxy follows the tunnel's).
 pub struct LinkEvents {
     socket: TokioSocket,
 }
@@ -109,7 +142,8 @@ impl LinkEvents {
     /// Subscribes. Call from within the tokio runtime.
     pub fn subscribe() -> io::Result<Self> {
         let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
-        socket.socket_mut().bind(&SocketAddr::new(0, RTMGRP_LINK))?;
+        let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
+        socket.socket_mut().bind(&SocketAddr::new(0, groups))?;
         Ok(Self { socket })
     }
 

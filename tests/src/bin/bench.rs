@@ -438,7 +438,7 @@ fn policy_of(count: usize) -> Result<(Config, String, String)> {
 
 /// A gateway whose tunnel has the reference's MTU.
 fn system() -> policy::System {
-    policy::System { uplinks: Vec::new(), tunnel_mtu: Some(testrun::TUNNEL_MTU) }
+    policy::System { uplinks: Vec::new(), tunnel_mtu: Some(testrun::TUNNEL_MTU), ..Default::default() }
 }
 
 /// Forwarded from ifindex 7.

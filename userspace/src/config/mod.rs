@@ -8,9 +8,13 @@ use serde::Deserialize;
 
 use crate::policy::{CGNAT_V4, TAILNET_ULA_V6};
 
+pub mod proxy;
 pub mod services;
 
-pub use self::services::{BackendConfig, Protocol, ServiceConfig};
+pub use self::{
+    proxy::ProxyConfig,
+    services::{BackendConfig, Protocol, ServiceConfig},
+};
 
 /// Longest Linux interface name (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
@@ -36,6 +40,8 @@ pub struct Config {
     pub iptables: IptablesConfig,
     /// `[[service]]`, in the order given.
     pub services: Vec<ServiceConfig>,
+    /// `[proxy]`.
+    pub proxy: ProxyConfig,
     /// Where the list values came from, to name them in errors and rule origins.
     pub sources: ListSources,
 }
@@ -215,6 +221,8 @@ struct RawConfig {
     iptables: RawIptables,
     #[serde(default)]
     service: Vec<services::RawService>,
+    #[serde(default)]
+    proxy: proxy::RawProxy,
     #[serde(skip)]
     sources: ListSources,
 }
@@ -406,6 +414,7 @@ fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), C
         raw.cgnat.allow = Some(split_list(&v));
         raw.sources.allow = "TAILGATE_CGNAT_ALLOW";
     }
+    raw.proxy.apply_env(get);
     if let Some(v) = get("TAILGATE_CGNAT_DROP") {
         raw.cgnat.drop = Some(split_list(&v));
         raw.sources.drop = "TAILGATE_CGNAT_DROP";
@@ -488,8 +497,24 @@ impl RawConfig {
             )?,
         };
         let services = services::validate(self.service)?;
+        let proxy = self.proxy.validate()?;
+        if let Some(to) = proxy.ingress_to {
+            // The ingress proxy takes everything for the gateway's tailnet address.
+            if let Some(own) = proxy.tailnet_address_like(to) {
+                if let Some(i) = services.iter().position(|s| s.listen.ip() == own) {
+                    return Err(ConfigError::new(
+                        format!("service[{i}].listen"),
+                        format!(
+                            "{own} is the gateway's tailnet address, which {} sends on",
+                            proxy.ingress_source
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(Config {
             services,
+            proxy,
             subnet_routes: SubnetRoutesConfig {
                 mark,
                 masquerade: self.subnet_routes.masquerade.unwrap_or(true),

@@ -153,7 +153,10 @@ mod tests {
 
     fn state(toml: &str) -> DesiredState {
         let config = Config::parse(toml, &HashMap::new()).unwrap();
-        policy::compile(&config, System { uplinks: vec!["eth0".into()], tunnel_mtu: None })
+        policy::compile(
+            &config,
+            System { uplinks: vec!["eth0".into()], tunnel_mtu: None, ..Default::default() },
+        )
     }
 
     fn inbound(s: &DesiredState, addr: &str) -> Option<Verdict> {

@@ -7,6 +7,7 @@ pub mod cgnat;
 pub mod conntrack;
 pub mod maglev;
 pub mod mss;
+pub mod proxy;
 pub mod services;
 pub mod subnet_routes;
 
@@ -33,6 +34,8 @@ pub struct DesiredState {
     pub conntrack: Conntrack,
     /// `[[service]]`.
     pub services: services::Services,
+    /// `[proxy]`.
+    pub proxy: proxy::Proxy,
 }
 
 /// What the policy depends on besides the config: read from the system by the caller.
@@ -42,6 +45,8 @@ pub struct System {
     pub uplinks: Vec<String>,
     /// The tunnel device's MTU; `None` while it is absent.
     pub tunnel_mtu: Option<u32>,
+    /// The tunnel device's addresses (the gateway's tailnet addresses).
+    pub tunnel_addresses: Vec<std::net::IpAddr>,
 }
 
 /// Compiles a validated config and what the system says into the desired state.
@@ -54,5 +59,6 @@ pub fn compile(config: &Config, system: System) -> DesiredState {
         mss: mss::compile(&config.mss, system.tunnel_mtu),
         conntrack: conntrack::compile(config),
         services: services::compile(config),
+        proxy: proxy::compile(config, &system.tunnel_addresses),
     }
 }

@@ -52,11 +52,11 @@ impl Attachments {
         let interfaces = netdev::interfaces()?;
         let mut wanted = Wanted::new();
         let mut pending = Vec::new();
-        // The services' programs only while there are services: traffic pays nothing for
-        // them otherwise.
+        // The services' programs only while there are services or an ingress proxy: traffic
+        // pays nothing for them otherwise.
         let services = [Hook::ServiceIn, Hook::ServiceOut]
             .into_iter()
-            .filter(|_| !state.services.is_empty())
+            .filter(|_| !state.services.is_empty() || state.proxy.ingress.is_some())
             .map(|hook| (hook, &state.tunnel));
         let tunnel =
             [(Hook::TcEgress, &state.tunnel), (Hook::TcIngress, &state.tunnel)].into_iter().chain(services);

@@ -41,7 +41,7 @@ use super::{
 use crate::{
     config::FlowsConfig,
     lock::Lock,
-    policy::{services::Services, CgnatRules, DesiredState},
+    policy::{proxy::Proxy, services::Services, CgnatRules, DesiredState},
 };
 
 /// The eBPF object built by `build.rs` from the `datapath-ebpf` crate.
@@ -126,7 +126,7 @@ pub struct Datapath {
     settings: SettingsMap,
     services: ServiceMaps,
     /// The policy the maps hold, once this process wrote it.
-    applied: Option<(Arc<CgnatRules>, Settings, Services)>,
+    applied: Option<(Arc<CgnatRules>, Settings, Services, Proxy)>,
     /// What the last policy change did (for logs and the benchmark).
     pub last_swap: Option<generation::Swap>,
     /// The policy in force before this process's first change (to roll back to).
@@ -213,16 +213,14 @@ impl Datapath {
     /// the old policy to the new one at once. Returns `None` when they already did.
     pub fn sync(&mut self, state: &DesiredState) -> Result<Option<cgnat::SyncReport>> {
         let settings = settings::compile(state);
-        if self
-            .applied
-            .as_ref()
-            .is_some_and(|(c, s, v)| *c == state.cgnat && *s == settings && *v == state.services)
-        {
+        if self.applied.as_ref().is_some_and(|(c, s, v, p)| {
+            *c == state.cgnat && *s == settings && *v == state.services && *p == state.proxy
+        }) {
             return Ok(None);
         }
         self.cgnat.plan(&mut self.ebpf, &state.cgnat)?;
         self.settings.desired = settings;
-        self.services.set_desired(&state.services);
+        self.services.set_desired(&state.services, &state.proxy);
         if self.applied.is_none() && self.previous_settings.is_none() {
             let active = generation::active(&self.ebpf)?;
             // Prefixes rebuilt for this layout hold nothing of the old policy: there is nothing
@@ -247,7 +245,7 @@ impl Datapath {
             swap.changed,
             swap.grace
         );
-        self.applied = Some((state.cgnat.clone(), settings, state.services.clone()));
+        self.applied = Some((state.cgnat.clone(), settings, state.services.clone(), state.proxy.clone()));
         self.last_swap = Some(swap);
         Ok(self.cgnat.report)
     }

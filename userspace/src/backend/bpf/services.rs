@@ -11,6 +11,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
+    sync::Arc,
 };
 
 use anyhow::{Context, Result};
@@ -18,15 +19,21 @@ use aya::{
     maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, MapData, MapError},
     Ebpf,
 };
-use tailgate_abi::services::{
-    family, Backend, Service, ServiceKey, MAP_BACKENDS, MAP_SERVICES, MAP_TABLES, MAX_BACKENDS, MAX_TABLES,
-    TABLE_FLAGS,
+use tailgate_abi::{
+    services::{
+        family, Backend, Service, ServiceKey, MAP_BACKENDS, MAP_SERVICES, MAP_TABLES, MAX_BACKENDS,
+        MAX_TABLES, TABLE_FLAGS,
+    },
+    settings::{stage, Settings},
 };
 
 use super::{generation::GenerationWriter, sys};
 use crate::{
-    config::ServiceConfig,
-    policy::services::{self as policy, Services},
+    config::{BackendConfig, Protocol, ServiceConfig},
+    policy::{
+        proxy::{Ingress, Proxy},
+        services::{self as policy, Services},
+    },
 };
 
 /// A service's key without its generation: what identifies it across generations.
@@ -51,8 +58,15 @@ pub struct ServiceMaps {
 }
 
 impl ServiceMaps {
-    pub fn set_desired(&mut self, services: &Services) {
-        self.desired = services.clone();
+    pub fn set_desired(&mut self, services: &Services, proxy: &Proxy) {
+        self.desired = match proxy.ingress {
+            None => services.clone(),
+            Some(ingress) => {
+                let mut all = services.as_ref().clone();
+                all.extend(ingress_entries(&ingress));
+                Arc::new(all)
+            }
+        };
         self.restore = None;
     }
 
@@ -135,7 +149,7 @@ impl ServiceMaps {
             service.backends.iter().map(|b| self.id(ebpf, key, b.address)).collect::<Result<_>>()?;
         let table: Vec<u32> = policy::table(service).into_iter().map(|i| ids[i as usize]).collect();
         let inner = create_table(table.len().div_ceil(2) as u32, slot)?;
-        fill(&inner, &table)
+        fill_table(&inner, &table)
             .with_context(|| format!("filling the table of {}", policy::describe(service)))?;
         Ok(inner)
     }
@@ -290,6 +304,29 @@ fn services_map(ebpf: &mut Ebpf) -> Result<BpfHashMap<&mut MapData, ServiceKey, 
     Ok(BpfHashMap::try_from(map)?)
 }
 
+/// The ingress proxy as services the kernel knows: port 0 (any port of the gateway's
+/// tailnet address, found when no service has the packet's port) to one backend of port 0
+/// (the packet's port kept), TCP and UDP.
+fn ingress_entries(ingress: &Ingress) -> [ServiceConfig; 2] {
+    [Protocol::Tcp, Protocol::Udp].map(|protocol| ServiceConfig {
+        name: "ingress-proxy".into(),
+        listen: SocketAddr::new(ingress.from, 0),
+        protocol,
+        backends: vec![BackendConfig { address: SocketAddr::new(ingress.to, 0), weight: 1 }],
+        table_size: INGRESS_TABLE_SIZE,
+    })
+}
+
+/// One backend: the smallest prime table.
+const INGRESS_TABLE_SIZE: u32 = 2;
+
+/// The stage switch of the ingress proxy.
+pub fn fill(proxy: &Proxy, settings: &mut Settings) {
+    if proxy.ingress.is_some() {
+        settings.stages |= stage::INGRESS_PROXY;
+    }
+}
+
 /// The key of a service (generation 0).
 pub fn key_of(service: &ServiceConfig) -> Ident {
     let (addr, family) = addr_bytes(service.listen.ip());
@@ -370,7 +407,7 @@ fn create_table(size: u32, slot: u32) -> Result<MapData> {
 /// Writes `values` into a fresh table through a memory mapping (one call, not one per
 /// entry): slot `i` is half `i % 2` of element `i / 2`, elements 8 bytes apart — so slots
 /// are simply consecutive u32s.
-fn fill(map: &MapData, values: &[u32]) -> Result<()> {
+fn fill_table(map: &MapData, values: &[u32]) -> Result<()> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
     let bytes = (values.len() * 4).div_ceil(page) * page;

@@ -6,6 +6,7 @@ pub mod cgnat;
 pub mod conntrack;
 pub mod exec;
 pub mod mss;
+pub mod proxy;
 pub mod render;
 pub mod services;
 #[cfg(test)]

@@ -6,7 +6,7 @@
 use super::{
     cgnat, conntrack,
     exec::Available,
-    mss, services, subnet_routes,
+    mss, proxy, services, subnet_routes,
     table::{Chain, Family, Hook, Rule, Table, TableSpec},
 };
 use crate::policy::DesiredState;
@@ -79,6 +79,7 @@ pub fn render(state: &DesiredState, wiring: Wiring, available: &Available) -> Ve
     cgnat::render(&mut b, state);
     mss::render(&mut b, state);
     services::render(&mut b, state);
+    proxy::render(&mut b, state);
     b.finish()
 }
 
@@ -101,7 +102,10 @@ mod tests {
 
     fn state(toml: &str) -> DesiredState {
         let config = Config::parse(toml, &HashMap::new()).unwrap();
-        policy::compile(&config, System { uplinks: vec!["eth0".into()], tunnel_mtu: Some(1280) })
+        policy::compile(
+            &config,
+            System { uplinks: vec!["eth0".into()], tunnel_mtu: Some(1280), ..Default::default() },
+        )
     }
 
     fn tables(toml: &str, divert: bool, available: Available) -> Vec<TableSpec> {

@@ -169,8 +169,10 @@ mod tests {
 
     fn tables(toml: &str) -> Vec<TableSpec> {
         let config = Config::parse(toml, &HashMap::new()).unwrap();
-        let state =
-            policy::compile(&config, policy::System { uplinks: vec!["eth0".into()], tunnel_mtu: Some(1280) });
+        let state = policy::compile(
+            &config,
+            policy::System { uplinks: vec!["eth0".into()], tunnel_mtu: Some(1280), ..Default::default() },
+        );
         render(&state, Wiring { divert: true, first: false }, &Available::all())
     }
 

@@ -1,0 +1,143 @@
+//! `[proxy]`: the container proxies of the reference's Kubernetes operator.
+//!
+//! ```toml
+//! [proxy]
+//! ingress_to = "192.0.2.10"      # traffic for the gateway's own tailnet address -> here
+//! tailnet_ipv4 = "100.101.0.1"   # optional: the gateway's tailnet addresses (default: the
+//! tailnet_ipv6 = "fd7a:115c:a1e0::1"  #   tunnel device's, followed when they change)
+//! ```
+//! Environment: `TAILGATE_PROXY_INGRESS_TO` (or the reference's `TS_DEST_IP`),
+//! `TAILGATE_PROXY_TAILNET_IPV4`, `TAILGATE_PROXY_TAILNET_IPV6`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::Deserialize;
+
+use super::ConfigError;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Where tailnet traffic for the gateway's own tailnet address goes (ports kept).
+    pub ingress_to: Option<IpAddr>,
+    /// The gateway's tailnet addresses, when not the tunnel device's.
+    pub tailnet_ipv4: Option<Ipv4Addr>,
+    pub tailnet_ipv6: Option<Ipv6Addr>,
+    /// Where `ingress_to` was given (for errors).
+    pub ingress_source: &'static str,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProxy {
+    pub ingress_to: Option<String>,
+    pub tailnet_ipv4: Option<String>,
+    pub tailnet_ipv6: Option<String>,
+    #[serde(skip)]
+    pub ingress_source: Option<&'static str>,
+}
+
+impl RawProxy {
+    /// The environment's values over the file's (a blank variable counts as unset).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        // The reference's container variable, then ours (which wins).
+        for var in ["TS_DEST_IP", "TAILGATE_PROXY_INGRESS_TO"] {
+            if let Some(v) = get(var) {
+                self.ingress_to = Some(v);
+                self.ingress_source = Some(var);
+            }
+        }
+        if let Some(v) = get("TAILGATE_PROXY_TAILNET_IPV4") {
+            self.tailnet_ipv4 = Some(v);
+        }
+        if let Some(v) = get("TAILGATE_PROXY_TAILNET_IPV6") {
+            self.tailnet_ipv6 = Some(v);
+        }
+    }
+
+    pub fn validate(self) -> Result<ProxyConfig, ConfigError> {
+        let ingress_source = self.ingress_source.unwrap_or("proxy.ingress_to");
+        let ingress_to = match self.ingress_to {
+            None => None,
+            Some(text) => {
+                let ip: IpAddr = text.trim().parse().map_err(|_| {
+                    ConfigError::new(
+                        ingress_source,
+                        format!("{text:?} is not an IP address (ports are kept)"),
+                    )
+                })?;
+                if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+                    return Err(ConfigError::new(
+                        ingress_source,
+                        format!("{ip} cannot be a destination (unspecified, multicast or loopback)"),
+                    ));
+                }
+                Some(ip)
+            }
+        };
+        let tailnet_ipv4 = match self.tailnet_ipv4 {
+            None => None,
+            Some(text) => Some(text.trim().parse::<Ipv4Addr>().map_err(|_| {
+                ConfigError::new("proxy.tailnet_ipv4", format!("{text:?} is not an IPv4 address"))
+            })?),
+        };
+        let tailnet_ipv6 = match self.tailnet_ipv6 {
+            None => None,
+            Some(text) => Some(text.trim().parse::<Ipv6Addr>().map_err(|_| {
+                ConfigError::new("proxy.tailnet_ipv6", format!("{text:?} is not an IPv6 address"))
+            })?),
+        };
+        Ok(ProxyConfig { ingress_to, tailnet_ipv4, tailnet_ipv6, ingress_source })
+    }
+}
+
+impl ProxyConfig {
+    /// The configured tailnet address of `ip`'s family, if any.
+    pub fn tailnet_address_like(&self, ip: IpAddr) -> Option<IpAddr> {
+        match ip {
+            IpAddr::V4(_) => self.tailnet_ipv4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.tailnet_ipv6.map(IpAddr::V6),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn parse(toml: &str, env: &[(&str, &str)]) -> Result<ProxyConfig, ConfigError> {
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::parse(toml, &env).map(|c| c.proxy)
+    }
+
+    #[test]
+    fn ingress_from_the_file_or_the_environment() {
+        let p = parse("[proxy]\ningress_to = \"192.0.2.10\"\ntailnet_ipv4 = \"100.101.0.1\"", &[]).unwrap();
+        assert_eq!(p.ingress_to, Some("192.0.2.10".parse().unwrap()));
+        assert_eq!(p.tailnet_ipv4, Some("100.101.0.1".parse().unwrap()));
+        // The reference's variable makes tailgate a drop-in; ours wins over it.
+        let p = parse("", &[("TS_DEST_IP", "192.0.2.11")]).unwrap();
+        assert_eq!((p.ingress_to, p.ingress_source), (Some("192.0.2.11".parse().unwrap()), "TS_DEST_IP"));
+        let p =
+            parse("", &[("TS_DEST_IP", "192.0.2.11"), ("TAILGATE_PROXY_INGRESS_TO", "2001:db8::5")]).unwrap();
+        assert_eq!(p.ingress_to, Some("2001:db8::5".parse().unwrap()));
+        // Blank counts as unset.
+        assert_eq!(parse("", &[("TS_DEST_IP", " ")]).unwrap().ingress_to, None);
+    }
+
+    #[test]
+    fn errors_name_the_field_or_variable() {
+        let field = |toml: &str, env: &[(&str, &str)]| parse(toml, env).unwrap_err().field;
+        assert_eq!(field("[proxy]\ningress_to = \"192.0.2.10:80\"", &[]), "proxy.ingress_to");
+        assert_eq!(field("", &[("TS_DEST_IP", "0.0.0.0")]), "TS_DEST_IP");
+        assert_eq!(field("[proxy]\ntailnet_ipv4 = \"fd7a::1\"", &[]), "proxy.tailnet_ipv4");
+        assert_eq!(field("[proxy]\ntailnet_ipv6 = \"100.101.0.1\"", &[]), "proxy.tailnet_ipv6");
+        assert_eq!(field("[proxy]\negress = \"x\"", &[]), "config");
+        // A service on the address the ingress proxy takes.
+        let toml = "[proxy]\ningress_to = \"192.0.2.10\"\ntailnet_ipv4 = \"100.101.0.1\"\n\
+                    [[service]]\nlisten = \"100.101.0.1:80\"\nbackends = [\"192.0.2.1:80\"]";
+        assert_eq!(field(toml, &[]), "service[0].listen");
+    }
+}
