@@ -216,6 +216,8 @@ pub trait Table: Copy {
     fn proto(&self) -> u8;
     fn get(&self) -> Option<*mut Flow>;
     fn insert(&self, flow: &Flow) -> bool;
+    /// Inserts only where no entry is (`BPF_NOEXIST`).
+    fn insert_new(&self, flow: &Flow) -> bool;
     fn remove(&self);
     /// When the first fragment of the datagram this key names passed.
     fn fragment(&self) -> Option<*const u64>;
@@ -243,6 +245,12 @@ macro_rules! table {
             #[inline(always)]
             fn insert(&self, flow: &Flow) -> bool {
                 $map.insert(self, flow, 0).is_ok()
+            }
+
+            #[inline(always)]
+            fn insert_new(&self, flow: &Flow) -> bool {
+                const BPF_NOEXIST: u64 = 1;
+                $map.insert(self, flow, BPF_NOEXIST).is_ok()
             }
 
             #[inline(always)]

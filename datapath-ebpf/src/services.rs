@@ -190,10 +190,29 @@ fn dnat_family<K: Family>(
             nat: s.nat,
             ..Flow::default()
         };
-        // The reply entry first: a forward entry is never without it.
-        if !s.reply.insert(&s.reply_flow) {
-            count(Counter::FlowCreateFailed);
-            return refused();
+        // The reply entry first: a forward entry is never without it. A live reply entry of
+        // another flow with the same translated tuple (two services sending one client port
+        // to one backend) is not overwritten: this flow is refused, as conntrack refuses a
+        // clashing tuple.
+        if !s.reply.insert_new(&s.reply_flow) {
+            match live(&s.reply) {
+                Some((existing, _)) => {
+                    // SAFETY: a map value.
+                    let existing = unsafe { &mut *existing };
+                    if existing.nat != s.vip {
+                        return refused();
+                    }
+                    // This flow's own entry, outliving its forward entry: renewed.
+                    existing.last_seen = now;
+                    existing.state = state;
+                }
+                // Expired (and deleted by the lookup), or evicted meanwhile.
+                None if s.reply.insert(&s.reply_flow) => {}
+                None => {
+                    count(Counter::FlowCreateFailed);
+                    return refused();
+                }
+            }
         }
         if !s.key.insert(&s.flow) {
             s.reply.remove();

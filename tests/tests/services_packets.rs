@@ -368,3 +368,32 @@ fn the_ingress_proxy_sends_the_gateways_tailnet_traffic_to_its_destination_ports
     let frame = tcp(PEER, own, 40001, 2222, Tcp::Syn);
     assert_eq!(run(&mut plain, Hook::ServiceIn, &frame), (TCX_NEXT, frame.clone()));
 }
+
+/// Two services sending the same client port to the same backend would share the
+/// translated tuple: the second flow is refused (as conntrack refuses a clashing tuple) and
+/// the first keeps its replies.
+#[test]
+fn a_flow_whose_translated_tuple_is_taken_is_refused() {
+    let config = r#"
+        tunnel = "tun0"
+        [[service]]
+        listen = "100.101.102.103:80"
+        backends = ["192.0.2.11:8080"]
+        [[service]]
+        listen = "100.101.102.104:80"
+        backends = ["192.0.2.11:8080"]
+    "#;
+    let mut dp = testrun::datapath(config).unwrap();
+    assert_eq!(dnat(&mut dp, &tcp(PEER, VIP, 40000, 80, Tcp::Syn)).dst, sa("192.0.2.11:8080"));
+    let c = counted(&mut dp, |dp| {
+        let (verdict, _) = run(dp, Hook::ServiceIn, &tcp(PEER, "100.101.102.104", 40000, 80, Tcp::Syn));
+        assert_eq!(verdict, tailgate_tests::testrun::TC_ACT_SHOT);
+    });
+    assert_eq!(c.get(&Counter::ServiceDrop), Some(&1), "{c:?}");
+    assert_eq!(
+        reverse(&mut dp, &tcp("192.0.2.11", PEER, 8080, 40000, Tcp::SynAck)).src,
+        sa(&format!("{VIP}:80"))
+    );
+    // Another client port is fine.
+    assert_eq!(dnat(&mut dp, &tcp(PEER, "100.101.102.104", 40001, 80, Tcp::Syn)).dst, sa("192.0.2.11:8080"));
+}
