@@ -197,7 +197,8 @@ mod programs {
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let mut nat = NatRewrite::EMPTY;
-        match services::dnat(&packet, generation(), ifindex, &mut nat) {
+        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+        match services::dnat(&packet, bytes, generation(), ifindex, &mut nat) {
             Dnat::None => TCX_NEXT,
             Dnat::To if rewritten(&ctx, Rewrite::Nat(nat)) => {
                 count(Counter::ServiceDnat);
@@ -221,12 +222,12 @@ mod programs {
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let mut nat = NatRewrite::EMPTY;
-        if services::reverse(&packet, ifindex, &mut nat) {
+        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+        if services::reverse(&packet, bytes, ifindex, &mut nat) {
             apply(&ctx, Rewrite::Nat(nat), Counter::ServiceReverseNat);
             return TCX_NEXT;
         }
         let mut error = ErrorRewrite::EMPTY;
-        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
         if services::reverse_error(&packet, bytes, ifindex, &mut error) && translate_error(&ctx, &error) {
             count(Counter::ServiceIcmpTranslated);
         }
@@ -392,15 +393,21 @@ mod programs {
     /// stays 0.
     #[inline(always)]
     fn translate(ctx: &TcContext, nat: &NatRewrite) -> bool {
-        let (check, zero) =
-            if nat.tcp { (nat.l4 + 16, 0) } else { (nat.l4 + 6, BPF_F_MARK_MANGLED_0 as u64) };
+        let (check, zero) = match nat.proto {
+            parse::IPPROTO_TCP => (nat.l4 + 16, 0),
+            parse::IPPROTO_UDP => (nat.l4 + 6, BPF_F_MARK_MANGLED_0 as u64),
+            // ICMP echo (the ingress proxy): the identifier stays, the checksum is at 2.
+            _ => (nat.l4 + 2, 0),
+        };
         let pseudo = BPF_F_PSEUDO_HDR as u64 | zero;
+        // ICMPv4's checksum covers no pseudo-header.
+        let in_l4 = nat.proto != parse::IPPROTO_ICMP;
         let port_at = if nat.source { nat.l4 } else { nat.l4 + 2 };
         let addresses = match (nat.from, nat.to) {
             (Addr::V4(from), Addr::V4(to)) => {
                 let at = nat.l3 + if nat.source { 12 } else { 16 };
                 let (old, new) = (u64::from(u32::from_ne_bytes(from)), u64::from(u32::from_ne_bytes(to)));
-                ctx.l4_csum_replace(check, old, new, pseudo | 4).is_ok()
+                (!in_l4 || ctx.l4_csum_replace(check, old, new, pseudo | 4).is_ok())
                     && ctx.l3_csum_replace(nat.l3 + 10, old, new, 4).is_ok()
                     && ctx.store(at, &to, 0).is_ok()
             }

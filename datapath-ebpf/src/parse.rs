@@ -21,6 +21,7 @@ const MAX_VLAN_TAGS: usize = 2;
 /// IPv6 extension headers walked to find the transport header; past that, no L4.
 const MAX_IPV6_EXT: usize = 4;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 const IPPROTO_HOPOPTS: u8 = 0;

@@ -35,75 +35,52 @@ pub enum Dnat {
 
 /// Tunnel ingress: the backend a packet to a service goes to.
 #[inline(always)]
-pub fn dnat(packet: &Packet, generation: u8, ifindex: u32, out: &mut NatRewrite) -> Dnat {
-    if transport(packet).is_none() {
-        return Dnat::None;
-    }
-    match packet.ip {
-        Ip::V4 { .. } => dnat4(packet, generation, ifindex, out),
-        Ip::V6 { .. } => dnat6(packet, generation, ifindex, out),
-    }
-}
-
-// One frame per family, apart from the entry point's: keys, entries and the rewrite of a
-// flow do not fit the entry point's stack next to everything else (BPF calls take at most
-// five arguments, hence the packet as a whole).
-#[inline(always)]
-fn dnat4(packet: &Packet, generation: u8, ifindex: u32, out: &mut NatRewrite) -> Dnat {
-    match (&packet.ip, transport(packet)) {
-        (Ip::V4 { src, dst }, Some(l4)) => {
-            dnat_family::<FlowKey4>(packet, &l4, (src, dst), (generation, ifindex), out)
-        }
-        _ => Dnat::None,
-    }
-}
-
-#[inline(always)]
-fn dnat6(packet: &Packet, generation: u8, ifindex: u32, out: &mut NatRewrite) -> Dnat {
-    match (&packet.ip, transport(packet)) {
-        (Ip::V6 { src, dst }, Some(l4)) => {
-            dnat_family::<FlowKey6>(packet, &l4, (src, dst), (generation, ifindex), out)
-        }
-        _ => Dnat::None,
+pub fn dnat(packet: &Packet, bytes: Bytes, generation: u8, ifindex: u32, out: &mut NatRewrite) -> Dnat {
+    let Some(l4) = transport(packet, bytes, true) else { return Dnat::None };
+    match &packet.ip {
+        Ip::V4 { src, dst } => dnat_family::<FlowKey4>(packet, &l4, (src, dst), (generation, ifindex), out),
+        Ip::V6 { src, dst } => dnat_family::<FlowKey6>(packet, &l4, (src, dst), (generation, ifindex), out),
     }
 }
 
 /// Tunnel egress: a reply from a backend, translated back to the service's address.
 #[inline(always)]
-pub fn reverse(packet: &Packet, ifindex: u32, out: &mut NatRewrite) -> bool {
-    if transport(packet).is_none() {
-        return false;
-    }
-    match packet.ip {
-        Ip::V4 { .. } => reverse4(packet, ifindex, out),
-        Ip::V6 { .. } => reverse6(packet, ifindex, out),
+pub fn reverse(packet: &Packet, bytes: Bytes, ifindex: u32, out: &mut NatRewrite) -> bool {
+    let Some(l4) = transport(packet, bytes, false) else { return false };
+    match &packet.ip {
+        Ip::V4 { src, dst } => reverse_family::<FlowKey4>(packet, &l4, (src, dst), ifindex, out),
+        Ip::V6 { src, dst } => reverse_family::<FlowKey6>(packet, &l4, (src, dst), ifindex, out),
     }
 }
 
+/// What the stage translates: TCP and UDP (a first fragment or whole datagram), and ICMP
+/// echo (the ingress proxy: an echo request on the way in, a reply on the way out), whose
+/// identifier stands in for both ports.
 #[inline(always)]
-fn reverse4(packet: &Packet, ifindex: u32, out: &mut NatRewrite) -> bool {
-    match (&packet.ip, transport(packet)) {
-        (Ip::V4 { src, dst }, Some(l4)) => reverse_family::<FlowKey4>(packet, &l4, (src, dst), ifindex, out),
-        _ => false,
+fn transport(packet: &Packet, bytes: Bytes, request: bool) -> Option<L4> {
+    if packet.proto == IPPROTO_TCP || packet.proto == IPPROTO_UDP {
+        return packet.l4;
     }
-}
-
-#[inline(always)]
-fn reverse6(packet: &Packet, ifindex: u32, out: &mut NatRewrite) -> bool {
-    match (&packet.ip, transport(packet)) {
-        (Ip::V6 { src, dst }, Some(l4)) => reverse_family::<FlowKey6>(packet, &l4, (src, dst), ifindex, out),
-        _ => false,
-    }
-}
-
-/// Services are TCP or UDP; a packet without a readable header of either (a later fragment)
-/// is not translated.
-#[inline(always)]
-fn transport(packet: &Packet) -> Option<L4> {
-    if packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP {
+    let (echo_request, echo_reply) = match (&packet.ip, packet.proto) {
+        (Ip::V4 { .. }, proto::ICMP) => (8, 0),
+        (Ip::V6 { .. }, proto::ICMPV6) => (128, 129),
+        _ => return None,
+    };
+    // The mask bounds the offset for the verifier (as in `conntrack::seen`).
+    if packet.transport == 0 || packet.transport > MAX_TRANSPORT {
         return None;
     }
-    packet.l4
+    let offset = packet.transport & MAX_TRANSPORT;
+    let h = bytes.data + usize::from(offset);
+    if h + 8 > bytes.data_end {
+        return None;
+    }
+    let kind = read::<u8>(h);
+    if kind != if request { echo_request } else { echo_reply } {
+        return None;
+    }
+    let id = be16(h + 4);
+    Some(L4 { offset, sport: id, dport: id, tcp_flags: 0, tcp_len: 0 })
 }
 
 #[inline(always)]
@@ -425,7 +402,7 @@ fn rewrite<K: Family>(packet: &Packet, l4: &L4, addr: K::Addr, nat: &Nat, source
         source,
         l3: packet.l3,
         l4: usize::from(l4.offset),
-        tcp: l4.tcp_len != 0,
+        proto: packet.proto,
         from: K::addr(addr),
         to: K::addr(K::from_nat(nat)),
         from_port: port,

@@ -38,8 +38,9 @@ pub struct NatRewrite {
     pub source: bool,
     pub l3: usize,
     pub l4: usize,
-    /// TCP (else UDP): where the checksum is, and whether 0 means "none".
-    pub tcp: bool,
+    /// The transport protocol (TCP, UDP, ICMP, ICMPv6): where its checksum is, whether 0
+    /// means "none" (UDP), whether the addresses are in it (all but ICMP).
+    pub proto: u8,
     pub from: Addr,
     pub to: Addr,
     pub from_port: u16,
@@ -86,7 +87,7 @@ impl NatRewrite {
         source: false,
         l3: 0,
         l4: 0,
-        tcp: false,
+        proto: 0,
         from: Addr::V4([0; 4]),
         to: Addr::V4([0; 4]),
         from_port: 0,

@@ -335,9 +335,9 @@ fn icmp_errors_about_a_flow_are_translated_back() {
     assert_eq!(run(&mut dp, Hook::ServiceOut, &error), (TCX_NEXT, error.clone()));
 }
 
-/// The ingress proxy: TCP and UDP for the gateway's tailnet address (100.101.0.1 in the
-/// test runs) go to the destination, ports kept, and their replies come back from the
-/// gateway's address; services keep their own addresses; other protocols are left alone.
+/// The ingress proxy: TCP, UDP and ping for the gateway's tailnet address (100.101.0.1 in
+/// the test runs) go to the destination, ports kept, and their replies come back from the
+/// gateway's address; services keep their own addresses.
 #[test]
 fn the_ingress_proxy_sends_the_gateways_tailnet_traffic_to_its_destination_ports_kept() {
     let config = format!("{SERVICES}[proxy]\ningress_to = \"192.0.2.10\"\n");
@@ -360,9 +360,17 @@ fn the_ingress_proxy_sends_the_gateways_tailnet_traffic_to_its_destination_ports
     assert_eq!(c.get(&Counter::ServiceRebalanced), None, "{c:?}");
     // A service is still a service.
     assert_eq!(dnat(&mut dp, &udp(PEER, VIP, 5000, 53)).dst, sa("192.0.2.21:5353"));
-    // Ping: answered by the gateway itself (BPF translates TCP and UDP only).
-    let ping = echo(PEER, own, 7, false);
-    assert_eq!(run(&mut dp, Hook::ServiceIn, &ping), (TCX_NEXT, ping.clone()));
+    // Ping (IPv4 and IPv6): the echo goes on, its reply comes back from the gateway.
+    for (own, peer, to) in [(own, PEER, "192.0.2.10"), ("fd7a:115c:a1e0::1", PEER6, "2001:db8::10")] {
+        let config = format!("{SERVICES}[proxy]\ningress_to = \"{to}\"\n");
+        let mut dp = testrun::datapath(&config).unwrap();
+        let (verdict, out) = run(&mut dp, Hook::ServiceIn, &echo(peer, own, 7, false));
+        let sent = icmp_error(&out).unwrap();
+        assert_eq!((verdict, sent.dst, sent.checksum_ok), (TCX_NEXT, to.parse().unwrap(), true), "{own}");
+        let (_, out) = run(&mut dp, Hook::ServiceOut, &echo(to, peer, 7, true));
+        let back = icmp_error(&out).unwrap();
+        assert_eq!((back.src, back.checksum_ok), (own.parse().unwrap(), true), "{own}");
+    }
     // Without the proxy, the gateway's address is the gateway's.
     let mut plain = testrun::datapath(SERVICES).unwrap();
     let frame = tcp(PEER, own, 40001, 2222, Tcp::Syn);

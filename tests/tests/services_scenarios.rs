@@ -243,6 +243,9 @@ fn the_ingress_proxy_follows_the_gateways_tailnet_address(backend: &str) {
     let mut buf = [0u8; 64];
     let (n, from) = client.recv_from(&mut buf).expect("an answer");
     assert_eq!((&buf[..n], from), (&b"query"[..], addr("100.101.0.1", 5300)));
+    // A ping is answered by the LAN host (the gateway itself answers none).
+    t.gw.sysctl("net.ipv4.icmp_echo_ignore_all", "1").unwrap();
+    assert!(t.peer.ping("100.101.0.1", None), "the ping did not reach the destination\n{}", daemon.log());
 
     // The tunnel is readdressed (new address first: a device without IPv4 address loses its
     // routes): the proxy follows.

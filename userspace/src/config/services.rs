@@ -32,6 +32,10 @@ const NAME_MAX: usize = 64;
 pub enum Protocol {
     Tcp,
     Udp,
+    /// ICMP echo of the address's family: only the ingress proxy's entries (not a service
+    /// protocol a user can give).
+    #[serde(skip)]
+    IcmpEcho,
 }
 
 impl Protocol {
@@ -39,13 +43,17 @@ impl Protocol {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::IcmpEcho => "icmp",
         }
     }
 
-    pub const fn number(self) -> u8 {
+    /// The IP protocol number, for an address of the family `ipv4` says.
+    pub const fn number(self, ipv4: bool) -> u8 {
         match self {
             Protocol::Tcp => 6,
             Protocol::Udp => 17,
+            Protocol::IcmpEcho if ipv4 => 1,
+            Protocol::IcmpEcho => 58,
         }
     }
 }

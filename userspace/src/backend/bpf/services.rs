@@ -306,9 +306,9 @@ fn services_map(ebpf: &mut Ebpf) -> Result<BpfHashMap<&mut MapData, ServiceKey, 
 
 /// The ingress proxy as services the kernel knows: port 0 (any port of the gateway's
 /// tailnet address, found when no service has the packet's port) to one backend of port 0
-/// (the packet's port kept), TCP and UDP.
-fn ingress_entries(ingress: &Ingress) -> [ServiceConfig; 2] {
-    [Protocol::Tcp, Protocol::Udp].map(|protocol| ServiceConfig {
+/// (the packet's port kept), TCP, UDP and ICMP echo (the identifier kept).
+fn ingress_entries(ingress: &Ingress) -> [ServiceConfig; 3] {
+    [Protocol::Tcp, Protocol::Udp, Protocol::IcmpEcho].map(|protocol| ServiceConfig {
         name: "ingress-proxy".into(),
         listen: SocketAddr::new(ingress.from, 0),
         protocol,
@@ -333,7 +333,7 @@ pub fn key_of(service: &ServiceConfig) -> Ident {
     ServiceKey {
         addr,
         port: service.listen.port(),
-        proto: service.protocol.number(),
+        proto: service.protocol.number(service.listen.is_ipv4()),
         family,
         generation: 0,
         pad: [0; 3],
@@ -491,7 +491,11 @@ pub fn read(
         );
         out.push(ServiceStatus {
             listen: listen.to_string(),
-            protocol: if key.proto == 6 { "tcp" } else { "udp" },
+            protocol: match key.proto {
+                6 => "tcp",
+                17 => "udp",
+                _ => "icmp",
+            },
             table_size: service.size,
             backends: shares,
         });
