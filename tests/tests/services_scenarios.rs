@@ -11,7 +11,7 @@ use std::{
 };
 
 use tailgate_tests::{
-    daemon::{status, Daemon},
+    daemon::{status, tailgate, Daemon},
     netns::Netns,
     on_both_backends,
     tailnet::{self, Tailnet},
@@ -132,6 +132,18 @@ fn connections_spread_over_the_backends_by_weight_and_answer_from_the_service(ba
         let slots: Vec<u64> = (0..3).map(|i| service["backends"][i]["slots"].as_u64().unwrap()).collect();
         assert_eq!(slots.iter().sum::<u64>(), 16_381, "{s}");
         assert!(slots[0].abs_diff(3_276) <= 1 && slots[2].abs_diff(9_829) <= 1, "{slots:?}");
+        // Each connection's two entries, with what they translate to.
+        let out = tailgate(&t.gw, &t.pins, &["flows", "--json"]).unwrap();
+        let flows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let flows = flows.as_array().unwrap();
+        let dnat = flows.iter().filter(|f| f["zone"] == "dnat" && f["dst"] == VIP).count();
+        let replies =
+            flows.iter().filter(|f| f["zone"] == "dnat-reply" && f["nat"] == format!("{VIP}:80")).count();
+        assert!(dnat >= 200 && replies >= 200, "{dnat} / {replies}");
+        assert!(
+            flows.iter().any(|f| f["zone"] == "dnat" && f["nat"] == "192.0.2.13:8080"),
+            "a flow to a backend"
+        );
     }
 }
 

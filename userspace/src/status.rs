@@ -404,15 +404,23 @@ pub fn render_flows(flows: &[conntrack::FlowEntry]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<7} {:<8} {:<7} {:<46} {:<46} {:<12} {:>9} {:>11}",
-        "zone", "ifindex", "proto", "original source", "original destination", "state", "idle s", "expires s"
+        "{:<10} {:<8} {:<7} {:<46} {:<46} {:<12} {:>9} {:>11}  {}",
+        "zone",
+        "ifindex",
+        "proto",
+        "original source",
+        "original destination",
+        "state",
+        "idle s",
+        "expires s",
+        "translated to"
     );
     for f in flows {
         let src = std::net::SocketAddr::new(f.src, f.sport).to_string();
         let dst = std::net::SocketAddr::new(f.dst, f.dport).to_string();
         let _ = writeln!(
             out,
-            "{:<7} {:<8} {:<7} {:<46} {:<46} {:<12} {:>9.1} {:>11.1}",
+            "{:<10} {:<8} {:<7} {:<46} {:<46} {:<12} {:>9.1} {:>11.1}  {}",
             f.zone,
             f.ifindex,
             conntrack::proto_name(f.proto),
@@ -420,7 +428,8 @@ pub fn render_flows(flows: &[conntrack::FlowEntry]) -> String {
             dst,
             f.state,
             f.idle_s,
-            f.expires_in_s
+            f.expires_in_s,
+            f.nat.map_or(String::new(), |n| n.to_string())
         );
     }
     out

@@ -43,7 +43,8 @@ pub fn reset_counters(ebpf: &mut aya::Ebpf) -> Result<()> {
 /// One entry of a flow table, for `tailgate flows`.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlowEntry {
-    /// "own" (the gateway's, out of an uplink) or "tunnel" (opened from the tunnel).
+    /// "own" (the gateway's, out of an uplink), "tunnel" (opened from the tunnel), "dnat"
+    /// (a flow to a service), "dnat-reply" (its translated tuple).
     pub zone: &'static str,
     pub ifindex: u32,
     pub proto: u8,
@@ -57,6 +58,10 @@ pub struct FlowEntry {
     /// Until the entry expires without further packets (0: expired, waiting for a lookup or
     /// the LRU to remove it).
     pub expires_in_s: f64,
+    /// Zones `dnat` / `dnat-reply`: the address and port the flow is translated to (the
+    /// backend; the service).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<std::net::SocketAddr>,
 }
 
 /// How full the two tables are.
@@ -114,6 +119,15 @@ fn table_entries<K: aya::Pod + Into<FlowEntry>>(map: &Map, now: Duration) -> Res
         entry.state = state::name(flow.state);
         entry.idle_s = idle as f64 / 1e9;
         entry.expires_in_s = timeout_ns(entry.proto, flow.state).saturating_sub(idle) as f64 / 1e9;
+        if matches!(entry.zone, "dnat" | "dnat-reply") {
+            let ip = match entry.src {
+                IpAddr::V4(_) => {
+                    IpAddr::from([flow.nat.addr[0], flow.nat.addr[1], flow.nat.addr[2], flow.nat.addr[3]])
+                }
+                IpAddr::V6(_) => IpAddr::from(flow.nat.addr),
+            };
+            entry.nat = Some(std::net::SocketAddr::new(ip, flow.nat.port));
+        }
         out.push(entry);
     }
     Ok(out)
@@ -125,11 +139,7 @@ macro_rules! entry_of_key {
         impl From<$key> for FlowEntry {
             fn from(k: $key) -> Self {
                 FlowEntry {
-                    zone: match k.zone {
-                        zone::OWN => "own",
-                        zone::TUNNEL => "tunnel",
-                        _ => "?",
-                    },
+                    zone: zone::name(k.zone),
                     ifindex: k.ifindex,
                     proto: k.proto,
                     src: IpAddr::from(k.src),
@@ -139,6 +149,7 @@ macro_rules! entry_of_key {
                     state: "",
                     idle_s: 0.0,
                     expires_in_s: 0.0,
+                    nat: None,
                 }
             }
         }
