@@ -404,16 +404,8 @@ pub fn render_flows(flows: &[conntrack::FlowEntry]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<8} {:<7} {:<46} {:<46} {:<12} {:>9} {:>11}  {}",
-        "zone",
-        "ifindex",
-        "proto",
-        "original source",
-        "original destination",
-        "state",
-        "idle s",
-        "expires s",
-        "translated to"
+        "{:<10} {:<8} {:<7} {:<46} {:<46} {:<12} {:>9} {:>11}  translated to",
+        "zone", "ifindex", "proto", "original source", "original destination", "state", "idle s", "expires s"
     );
     for f in flows {
         let src = std::net::SocketAddr::new(f.src, f.sport).to_string();
