@@ -116,7 +116,7 @@ fn dnat_family<K: Family>(
     if let Some((flow, now)) = live(&s.key) {
         // SAFETY: a map value; concurrent writers only race on refresh fields.
         let flow = unsafe { &mut *flow };
-        if in_service::<K>(&flow.nat) {
+        if in_service::<K>(&flow.nat, &s.service) {
             flow.last_seen = now;
             flow.flags_original |= flags;
             flow.state = advance(proto, flow.state, flags, false);
@@ -171,6 +171,7 @@ fn dnat_family<K: Family>(
         // another flow with the same translated tuple (two services sending one client port
         // to one backend) is not overwritten: this flow is refused, as conntrack refuses a
         // clashing tuple.
+        let mut reply_created = true;
         if !s.reply.insert_new(&s.reply_flow) {
             match live(&s.reply) {
                 Some((existing, _)) => {
@@ -182,6 +183,7 @@ fn dnat_family<K: Family>(
                     // This flow's own entry, outliving its forward entry: renewed.
                     existing.last_seen = now;
                     existing.state = state;
+                    reply_created = false;
                 }
                 // Expired (and deleted by the lookup), or evicted meanwhile.
                 None if s.reply.insert(&s.reply_flow) => {}
@@ -196,9 +198,14 @@ fn dnat_family<K: Family>(
             count(Counter::FlowCreateFailed);
             return refused();
         }
-        // Two entries.
-        count(Counter::FlowCreated);
-        count(Counter::FlowCreated);
+        // Entries created (a rebalanced flow's forward entry was overwritten, not created:
+        // `status` derives evictions from these counts).
+        if reply_created {
+            count(Counter::FlowCreated);
+        }
+        if !rebalanced {
+            count(Counter::FlowCreated);
+        }
     }
     *out = rewrite::<K>(packet, l4, *dst, &s.nat, false);
     Dnat::To
@@ -223,10 +230,22 @@ fn reverse_family<K: Family>(
     let Some((flow, now)) = live(&key) else { return false };
     // SAFETY: a map value; concurrent writers only race on refresh fields.
     let flow = unsafe { &mut *flow };
+    let flags = l4.tcp_flags;
     flow.last_seen = now;
-    flow.flags_reply |= l4.tcp_flags;
-    flow.state = advance(proto, flow.state, l4.tcp_flags, true);
-    *out = rewrite::<K>(packet, l4, *src, &flow.nat, true);
+    flow.flags_reply |= flags;
+    flow.state = advance(proto, flow.state, flags, true);
+    // The forward entry learns of the reply too (answered UDP lives 120 s, a backend's RST
+    // or FIN ends the flow): it only ever sees the client's packets otherwise.
+    let vip = flow.nat;
+    let forward = K::of(*dst, K::from_nat(&vip), l4.dport, vip.port, proto, At { zone: zone::DNAT, ifindex });
+    if let Some(forward) = forward.get() {
+        // SAFETY: a map value; concurrent writers only race on refresh fields.
+        let forward = unsafe { &mut *forward };
+        forward.last_seen = now;
+        forward.flags_reply |= flags;
+        forward.state = advance(proto, forward.state, flags, true);
+    }
+    *out = rewrite::<K>(packet, l4, *src, &vip, true);
     true
 }
 
@@ -385,12 +404,18 @@ fn back_to<K: Family>(vip: K::Addr, port: u16) -> Nat {
     Nat { addr: K::to_nat(vip), port, flags: 0, backend: 0 }
 }
 
-/// Whether the backend a flow was sent to still serves (its id names the same address).
+/// Whether the backend a flow was sent to still serves its service (its id names the same
+/// address, in this service: an id freed and handed out again is another backend's).
 #[inline(always)]
-fn in_service<K: Family>(nat: &Nat) -> bool {
-    BACKENDS
-        .get(nat.backend)
-        .is_some_and(|b| b.family == K::FAMILY && (b.port == 0 || b.port == nat.port) && b.addr == nat.addr)
+fn in_service<K: Family>(nat: &Nat, service: &ServiceKey) -> bool {
+    BACKENDS.get(nat.backend).is_some_and(|b| {
+        b.family == K::FAMILY
+            && (b.port == 0 || b.port == nat.port)
+            && b.addr == nat.addr
+            && b.service.addr == service.addr
+            && b.service.port == service.port
+            && b.service.proto == service.proto
+    })
 }
 
 /// The rewrite from `addr:port` (as in the packet; the destination, or with `source` the

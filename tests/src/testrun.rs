@@ -204,3 +204,45 @@ pub fn service_tables(dp: &Datapath) -> Result<usize> {
     let outer: ArrayOfMaps<&MapData, MapData> = ArrayOfMaps::try_from(dp.ebpf.map(MAP_TABLES).unwrap())?;
     Ok((0..MAX_TABLES).filter(|i| outer.get(i, 0).is_ok()).count())
 }
+
+/// Writes backend id `id` as `address` serving `service` (an id handed out again).
+pub fn reuse_backend_id(
+    dp: &mut Datapath,
+    id: u32,
+    address: std::net::SocketAddr,
+    service: &str,
+) -> Result<()> {
+    use aya::maps::Array;
+    use tailgate_abi::services::{family, Backend, ServiceKey, MAP_BACKENDS};
+    let service: std::net::SocketAddr = service.parse()?;
+    let octets = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            (a, family::V4)
+        }
+        std::net::IpAddr::V6(v6) => (v6.octets(), family::V6),
+    };
+    let (addr, fam) = octets(address.ip());
+    let (service_addr, service_family) = octets(service.ip());
+    let key = ServiceKey {
+        addr: service_addr,
+        port: service.port(),
+        proto: 6,
+        family: service_family,
+        generation: 0,
+        pad: [0; 3],
+    };
+    let backend = Backend { addr, port: address.port(), family: fam, pad: 0, service: key };
+    let mut map: Array<&mut MapData, Backend> = Array::try_from(dp.ebpf.map_mut(MAP_BACKENDS).unwrap())?;
+    map.set(id, backend, 0)?;
+    Ok(())
+}
+
+/// How many backend ids are in use (`BACKENDS` entries with a family).
+pub fn backend_ids(dp: &Datapath) -> Result<usize> {
+    use aya::maps::Array;
+    use tailgate_abi::services::{Backend, MAP_BACKENDS, MAX_BACKENDS};
+    let map: Array<&MapData, Backend> = Array::try_from(dp.ebpf.map(MAP_BACKENDS).unwrap())?;
+    Ok((1..MAX_BACKENDS).filter(|i| map.get(i, 0).is_ok_and(|b| b.family != 0)).count())
+}

@@ -405,3 +405,77 @@ fn a_flow_whose_translated_tuple_is_taken_is_refused() {
     // Another client port is fine.
     assert_eq!(dnat(&mut dp, &tcp(PEER, "100.101.102.104", 40001, 80, Tcp::Syn)).dst, sa("192.0.2.11:8080"));
 }
+
+/// The forward entry learns of replies: an answered UDP flow is established (120 s, not
+/// 30 s), a backend's RST closes the flow; a rebalanced flow's overwritten entry is not
+/// counted as created (status derives evictions from the count); a backend id handed out
+/// again for the same address in another service does not keep a flow on it.
+#[test]
+fn replies_reach_the_forward_entry_and_backend_ids_are_checked_against_their_service() {
+    use tailgate_abi::conntrack::state;
+    let mut dp = testrun::datapath(SERVICES).unwrap();
+    let forward = |dp: &Datapath, sport: u16| {
+        let flows = testrun::flows4(dp).unwrap();
+        flows.into_iter().find(|(k, _)| k.zone == zone::DNAT && k.sport == sport).map(|(_, f)| f.state)
+    };
+    dnat(&mut dp, &udp(PEER, VIP, 6000, 53));
+    assert_eq!(forward(&dp, 6000), Some(state::NEW));
+    reverse(&mut dp, &udp("192.0.2.21", PEER, 5353, 6000));
+    assert_eq!(forward(&dp, 6000), Some(state::ESTABLISHED), "answered");
+
+    let backend = dnat(&mut dp, &tcp(PEER, VIP, 41000, 80, Tcp::Syn)).dst;
+    let b = backend.ip().to_string();
+    reverse(&mut dp, &tcp(&b, PEER, backend.port(), 41000, Tcp::SynAck));
+    dnat(&mut dp, &tcp(PEER, VIP, 41000, 80, Tcp::Data));
+    assert_eq!(forward(&dp, 41000), Some(state::ESTABLISHED));
+    reverse(&mut dp, &tcp(&b, PEER, backend.port(), 41000, Tcp::Rst));
+    assert_eq!(forward(&dp, 41000), Some(state::CLOSED), "the backend's RST");
+
+    // The flow's backend leaves; its id is then handed out for the same address in
+    // another service (as after a restart): the flow is balanced again, once, and only the
+    // new reply entry counts as created.
+    let without = SERVICES.replace(&format!("\"{backend}\", "), "").replace(&format!(", \"{backend}\""), "");
+    let without =
+        without.replace(&format!("{{ address = \"{backend}\", weight = 2 }}"), "\"192.0.2.14:8080\"");
+    assert_ne!(without, SERVICES);
+    let flow =
+        testrun::flows4(&dp).unwrap().into_iter().find(|(k, _)| k.zone == zone::DNAT && k.sport == 41000);
+    let id = flow.unwrap().1.nat.backend;
+    testrun::sync(&mut dp, &without).unwrap();
+    testrun::reuse_backend_id(&mut dp, id, backend, "100.101.102.104:80").unwrap();
+    let c = counted(&mut dp, |dp| {
+        assert_ne!(dnat(dp, &tcp(PEER, VIP, 41000, 80, Tcp::Syn)).dst, backend, "not kept on a reused id");
+    });
+    assert_eq!(c.get(&Counter::ServiceRebalanced), Some(&1), "{c:?}");
+    assert_eq!(c.get(&Counter::FlowCreated), Some(&1), "only the new reply entry: {c:?}");
+}
+
+/// A change that needs more backend ids than are free is refused and hands back the ids it
+/// took: a smaller change after it works.
+#[test]
+fn a_change_refused_for_want_of_backend_ids_leaves_them_free() {
+    // 330 services of 100 backends each: 33,000 ids; another 33,000 for the next config do
+    // not fit next to them (both generations need theirs during a change).
+    let many = |port: u16| {
+        let mut s = String::from("tunnel = \"tun0\"\n");
+        for i in 0..330 {
+            let list: Vec<String> =
+                (0..100).map(|j| format!("\"10.{}.{}.{}:8080\"", i / 256, i % 256, j + 1)).collect();
+            s += &format!(
+                "[[service]]\nlisten = \"100.100.{}.{}:{port}\"\ntable_size = 1009\nbackends = [{}]\n",
+                i / 256,
+                i % 256,
+                list.join(",")
+            );
+        }
+        s
+    };
+    let (a, b) = (many(80), many(81));
+    let mut dp = testrun::datapath(&a).unwrap();
+    let err = testrun::sync(&mut dp, &b).unwrap_err();
+    assert!(format!("{err:#}").contains("no free backend id"), "{err:#}");
+    assert_eq!(testrun::backend_ids(&dp).unwrap(), 33_000, "the refused change's ids are free again");
+    let c = a.replacen("\"10.0.0.1:8080\"", "\"10.250.0.1:8080\"", 1);
+    testrun::sync(&mut dp, &c).unwrap();
+    assert_eq!(testrun::backend_ids(&dp).unwrap(), 33_000);
+}

@@ -268,3 +268,35 @@ fn the_ingress_proxy_follows_the_gateways_tailnet_address(backend: &str) {
     });
     assert!(followed, "the proxy did not follow the new address\n{}", daemon.log());
 }
+
+/// A restart over kept pins with a changed service: the old table and the ids only it used
+/// go once the start commits (checked in the pinned maps).
+#[test]
+fn a_restart_with_a_changed_service_frees_the_replaced_table() {
+    use aya::maps::{Array, ArrayOfMaps, Map, MapData};
+    use tailgate::backend::bpf::Pins;
+    use tailgate_abi::services::{Backend, MAP_BACKENDS, MAP_TABLES, MAX_BACKENDS, MAX_TABLES};
+    let t = setup();
+    let pinned = |t: &Tailnet| {
+        let pins = Pins::new(t.pins.path());
+        let outer = Map::ArrayOfMaps(MapData::from_pin(pins.map(MAP_TABLES)).unwrap());
+        let outer: ArrayOfMaps<&MapData, MapData> = ArrayOfMaps::try_from(&outer).unwrap();
+        let tables = (0..MAX_TABLES).filter(|i| outer.get(i, 0).is_ok()).count();
+        let backends = Map::Array(MapData::from_pin(pins.map(MAP_BACKENDS)).unwrap());
+        let backends: Array<&MapData, Backend> = Array::try_from(&backends).unwrap();
+        let ids = (1..MAX_BACKENDS).filter(|i| backends.get(i, 0).unwrap().family != 0).count();
+        (tables, ids)
+    };
+    let kept =
+        |backends: &str| format!("keep_datapath = true\n{}", tailnet::config("bpf", &service(backends)));
+    let mut daemon = Daemon::start(&t.gw, &t.pins, &kept(r#""192.0.2.11:8080", "192.0.2.12:8080""#)).unwrap();
+    assert_eq!(pinned(&t), (1, 2));
+    assert_eq!(daemon.stop(), Some(0));
+    let daemon = Daemon::start(&t.gw, &t.pins, &kept(r#""192.0.2.11:8080", "192.0.2.13:8080""#)).unwrap();
+    assert_eq!(pinned(&t), (1, 2), "the replaced table and 192.0.2.12's id are gone");
+    let counts = tally(&connect_many(&t, addr(VIP, 80), 20));
+    assert_eq!(counts.get("192.0.2.12:8080"), None, "{counts:?}");
+    daemon.write_config(&format!("keep_datapath = true\n{}", tailnet::config("bpf", ""))).unwrap();
+    daemon.reload().unwrap();
+    assert_eq!(pinned(&t), (0, 0));
+}

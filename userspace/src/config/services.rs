@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [[service]]
-//! name = "web"                       # optional; shown in status
+//! name = "web"                       # optional; in logs, errors and iptables comments
 //! listen = "100.101.102.103:80"      # address:port, [v6]:port
 //! protocol = "tcp"                   # tcp (default) | udp
 //! backends = ["192.0.2.11:8080", { address = "192.0.2.12:8080", weight = 3 }]
@@ -79,17 +79,15 @@ pub struct BackendConfig {
 pub(super) struct RawService {
     name: Option<String>,
     listen: Option<String>,
-    protocol: Option<Protocol>,
-    backends: Option<Vec<RawBackend>>,
+    // Read as plain values and checked here, so errors name the entry and field.
+    protocol: Option<toml::Value>,
+    backends: Option<Vec<toml::Value>>,
     table_size: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawBackend {
-    Address(String),
-    Weighted { address: String, weight: Option<i64> },
-}
+/// Most backends in one service: the table is built in time proportional to its slots times
+/// its backends (1,000 backends and 10,007 slots: ~10 million steps, milliseconds).
+pub const MAX_BACKENDS_PER_SERVICE: usize = 1_000;
 
 /// Validates the `[[service]]` entries; errors name the entry and field
 /// (`service[1].backends[0]`).
@@ -97,8 +95,9 @@ pub(super) fn validate(raw: Vec<RawService>) -> Result<Vec<ServiceConfig>, Confi
     if raw.len() > MAX_SERVICES as usize {
         return Err(ConfigError::new("service", format!("{} services; at most {MAX_SERVICES}", raw.len())));
     }
-    let mut services = Vec::with_capacity(raw.len());
+    let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.len());
     let mut seen: HashMap<(SocketAddr, Protocol), usize> = HashMap::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
     let mut backends_total = 0usize;
     for (i, raw) in raw.into_iter().enumerate() {
         let service = validate_one(i, raw)?;
@@ -110,6 +109,12 @@ pub(super) fn validate(raw: Vec<RawService>) -> Result<Vec<ServiceConfig>, Confi
                     service.listen,
                     service.protocol.name()
                 ),
+            ));
+        }
+        if let Some(first) = names.insert(service.name.clone(), i) {
+            return Err(ConfigError::new(
+                format!("service[{i}].name"),
+                format!("{:?} is also the name of service[{first}]", service.name),
             ));
         }
         backends_total += service.backends.len();
@@ -129,13 +134,26 @@ fn validate_one(i: usize, raw: RawService) -> Result<ServiceConfig, ConfigError>
     let field = |name: &str| format!("service[{i}].{name}");
     let listen_text = raw.listen.ok_or_else(|| ConfigError::new(field("listen"), "missing"))?;
     let listen = socket_addr(&field("listen"), &listen_text)?;
-    if listen.ip().is_unspecified() || listen.ip().is_multicast() || listen.ip().is_loopback() {
+    if !usable(listen.ip()) || listen.ip().is_loopback() {
         return Err(ConfigError::new(
             field("listen"),
-            format!("{} cannot be a service address (unspecified, multicast or loopback)", listen.ip()),
+            format!(
+                "{} cannot be a service address (unspecified, multicast, broadcast, loopback or IPv4-mapped)",
+                listen.ip()
+            ),
         ));
     }
-    let protocol = raw.protocol.unwrap_or(Protocol::Tcp);
+    let protocol = match raw.protocol {
+        None => Protocol::Tcp,
+        Some(toml::Value::String(p)) if p == "tcp" => Protocol::Tcp,
+        Some(toml::Value::String(p)) if p == "udp" => Protocol::Udp,
+        Some(other) => {
+            return Err(ConfigError::new(
+                field("protocol"),
+                format!("{other} is not one of: \"tcp\", \"udp\""),
+            ))
+        }
+    };
     let name = match raw.name {
         Some(name) => {
             let ok = !name.is_empty()
@@ -155,13 +173,16 @@ fn validate_one(i: usize, raw: RawService) -> Result<ServiceConfig, ConfigError>
     if raw_backends.is_empty() {
         return Err(ConfigError::new(field("backends"), "a service needs at least one backend"));
     }
+    if raw_backends.len() > MAX_BACKENDS_PER_SERVICE {
+        return Err(ConfigError::new(
+            field("backends"),
+            format!("{} backends; at most {MAX_BACKENDS_PER_SERVICE} per service", raw_backends.len()),
+        ));
+    }
     let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw_backends.len());
     for (j, backend) in raw_backends.into_iter().enumerate() {
         let at = format!("service[{i}].backends[{j}]");
-        let (text, weight) = match backend {
-            RawBackend::Address(text) => (text, None),
-            RawBackend::Weighted { address, weight } => (address, weight),
-        };
+        let (text, weight) = backend_fields(&at, backend)?;
         let address = socket_addr(&at, &text)?;
         if address.is_ipv4() != listen.is_ipv4() {
             return Err(ConfigError::new(
@@ -171,8 +192,14 @@ fn validate_one(i: usize, raw: RawService) -> Result<ServiceConfig, ConfigError>
                 ),
             ));
         }
-        if address.ip().is_unspecified() || address.ip().is_multicast() {
-            return Err(ConfigError::new(at, format!("{} cannot be a backend", address.ip())));
+        if !usable(address.ip()) || address.ip().is_loopback() || address == listen {
+            return Err(ConfigError::new(
+                at,
+                format!(
+                    "{address} cannot be a backend (unspecified, multicast, broadcast, loopback, IPv4-mapped, \
+                     or the service itself)"
+                ),
+            ));
         }
         let weight = match weight {
             None => 1,
@@ -213,13 +240,62 @@ fn validate_one(i: usize, raw: RawService) -> Result<ServiceConfig, ConfigError>
     Ok(ServiceConfig { name, listen, protocol, backends, table_size })
 }
 
-/// `192.0.2.1:80` or `[2001:db8::1]:80`, with a port in 1..=65535.
+/// A backend entry: `"address:port"` or `{ address = "...", weight = n }`, nothing else.
+fn backend_fields(at: &str, value: toml::Value) -> Result<(String, Option<i64>), ConfigError> {
+    match value {
+        toml::Value::String(text) => Ok((text, None)),
+        toml::Value::Table(table) => {
+            if let Some(key) = table.keys().find(|k| *k != "address" && *k != "weight") {
+                return Err(ConfigError::new(at, format!("unknown key {key:?} (expected address, weight)")));
+            }
+            let address = match table.get("address") {
+                Some(toml::Value::String(text)) => text.clone(),
+                Some(other) => {
+                    return Err(ConfigError::new(format!("{at}.address"), format!("{other} is not a string")))
+                }
+                None => return Err(ConfigError::new(format!("{at}.address"), "missing")),
+            };
+            let weight = match table.get("weight") {
+                None => None,
+                Some(toml::Value::Integer(w)) => Some(*w),
+                Some(other) => {
+                    return Err(ConfigError::new(format!("{at}.weight"), format!("{other} is not a number")))
+                }
+            };
+            Ok((address, weight))
+        }
+        other => Err(ConfigError::new(
+            at,
+            format!("{other} is neither \"address:port\" nor {{ address, weight }}"),
+        )),
+    }
+}
+
+/// An address packets can be addressed to and forwarded to: not unspecified, multicast,
+/// the IPv4 broadcast, an IPv4-mapped IPv6 address (no packet carries one).
+fn usable(ip: std::net::IpAddr) -> bool {
+    let special = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_broadcast(),
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
+    };
+    !(ip.is_unspecified() || ip.is_multicast() || special)
+}
+
+/// `192.0.2.1:80` or `[2001:db8::1]:80`, with a port in 1..=65535 (no IPv6 scope).
 fn socket_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     let addr: SocketAddr = text.trim().parse().map_err(|_| {
         ConfigError::new(field, format!("{text:?} is not address:port (IPv6: [address]:port)"))
     })?;
     if addr.port() == 0 {
         return Err(ConfigError::new(field, format!("{text:?}: port 0 is not a port")));
+    }
+    if let SocketAddr::V6(v6) = addr {
+        if v6.scope_id() != 0 {
+            return Err(ConfigError::new(
+                field,
+                format!("{text:?}: a scoped (link-local) address is not routable"),
+            ));
+        }
     }
     Ok(addr)
 }
@@ -317,8 +393,33 @@ mod tests {
         );
         assert_eq!(
             field(&svc("listen = \"100.101.1.1:80\"\nprotocol = \"sctp\"\nbackends = [\"192.0.2.1:80\"]")),
-            "config"
+            "service[0].protocol"
         );
+        let listen = "listen = \"100.101.1.1:80\"\n";
+        for (backends, want) in [
+            ("[{ address = \"192.0.2.1:80\", wieght = 3 }]", "service[0].backends[0]"),
+            ("[5]", "service[0].backends[0]"),
+            ("[{ address = \"192.0.2.1:80\", weight = \"3\" }]", "service[0].backends[0].weight"),
+            ("[{ weight = 3 }]", "service[0].backends[0].address"),
+            ("[\"127.0.0.1:80\"]", "service[0].backends[0]"),
+            ("[\"255.255.255.255:80\"]", "service[0].backends[0]"),
+            ("[\"100.101.1.1:80\"]", "service[0].backends[0]"),
+        ] {
+            assert_eq!(field(&svc(&format!("{listen}backends = {backends}"))), want, "{backends}");
+        }
+        for listen in ["255.255.255.255:80", "[::ffff:100.101.1.1]:80", "[fe80::1%2]:80"] {
+            let body = format!("listen = \"{listen}\"\nbackends = [\"192.0.2.1:80\"]");
+            assert_eq!(field(&svc(&body)), "service[0].listen", "{listen}");
+        }
+        let many: Vec<String> =
+            (0..1001).map(|i| format!("\"10.0.{}.{}:80\"", i / 250, i % 250 + 1)).collect();
+        let body = format!("{listen}backends = [{}]", many.join(","));
+        assert_eq!(field(&svc(&body)), "service[0].backends");
+        let two = format!(
+            "{}[[service]]\nname = \"a\"\nlisten = \"100.101.1.2:80\"\nbackends = [\"192.0.2.1:80\"]\n",
+            svc(&format!("name = \"a\"\n{listen}backends = [\"192.0.2.1:80\"]\n"))
+        );
+        assert_eq!(field(&two), "service[1].name");
     }
 
     #[test]

@@ -446,7 +446,9 @@ impl Backend for BpfBackend {
         // No roll-back after this: the policy of before need not be kept (a copy of the
         // whole policy once a reload changed it).
         self.datapath.previous = None;
-        self.datapath.services.unpin();
+        if let Err(e) = self.datapath.services.unpin(&mut self.datapath.ebpf) {
+            tracing::warn!("freeing the service tables the start replaced: {e:#}");
+        }
         std::mem::take(&mut self.datapath.stash).discard();
         // Maps set aside by a start that was killed before its commit.
         self.pins.remove_stale(&pinned_maps())?;

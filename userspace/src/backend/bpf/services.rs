@@ -85,10 +85,13 @@ impl ServiceMaps {
         self.restore = self.pinned.clone();
     }
 
-    /// The start committed: the snapshot's tables may go once unused.
-    pub fn unpin(&mut self) {
-        self.pinned = None;
+    /// The start committed: the snapshot's tables and backend ids go where no generation
+    /// uses them (the start's swap already waited for programs reading the old ones).
+    pub fn unpin(&mut self, ebpf: &mut Ebpf) -> Result<()> {
+        let Some(pinned) = self.pinned.take() else { return Ok(()) };
         self.pinned_ids.clear();
+        let before: HashSet<u32> = pinned.values().map(|s| s.table).collect();
+        self.free_unused(ebpf, &before)
     }
 
     fn load(&mut self, ebpf: &Ebpf) -> Result<()> {
@@ -112,6 +115,9 @@ impl ServiceMaps {
             }
         }
         self.held = Some(held);
+        // Hand out ids after the highest one in use, as the process that wrote them would
+        // have (an id freed recently is not handed out again soon).
+        self.next_id = self.taken.iter().copied().max().unwrap_or(0);
         Ok(())
     }
 
@@ -190,22 +196,28 @@ impl ServiceMaps {
                 s.backends.iter().map(move |b| (key, b.address))
             })
             .collect();
-        let stale: Vec<((Ident, SocketAddr), u32)> = self
+        let stale: Vec<u32> = self
             .ids
             .iter()
             .filter(|(k, id)| !wanted.contains(k) && !self.pinned_ids.contains(id))
-            .map(|(k, &id)| (*k, id))
+            .map(|(_, &id)| id)
             .collect();
-        if stale.is_empty() {
+        self.release(ebpf, &stale)
+    }
+
+    /// Clears backend ids in `BACKENDS` and forgets them.
+    fn release(&mut self, ebpf: &mut Ebpf, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
             return Ok(());
         }
         let map = ebpf.map_mut(MAP_BACKENDS).with_context(|| format!("map {MAP_BACKENDS} missing"))?;
         let mut backends: Array<&mut MapData, Backend> = Array::try_from(map)?;
-        for (k, id) in stale {
+        for &id in ids {
             backends.set(id, Backend::default(), 0).with_context(|| format!("clearing {MAP_BACKENDS}"))?;
-            self.ids.remove(&k);
             self.taken.remove(&id);
         }
+        let released: HashSet<u32> = ids.iter().copied().collect();
+        self.ids.retain(|_, id| !released.contains(id));
         Ok(())
     }
 }
@@ -216,7 +228,19 @@ impl GenerationWriter for ServiceMaps {
         let gen = generation as usize & 1;
         let before = self.slots_in_use();
         let held = self.held.take().unwrap_or_default();
-        let changed = self.write_generation(ebpf, gen, held)?;
+        let ids_before = self.taken.clone();
+        let changed = match self.write_generation(ebpf, gen, held) {
+            Ok(changed) => changed,
+            Err(e) => {
+                // Ids this write handed out name backends no generation uses: gone again,
+                // or the next change would find them taken.
+                let fresh: Vec<u32> = self.taken.difference(&ids_before).copied().collect();
+                if let Err(undo) = self.release(ebpf, &fresh) {
+                    tracing::warn!("releasing backend ids of a failed change: {undo:#}");
+                }
+                return Err(e);
+            }
+        };
         // Both generations agree (the second half of a swap): what neither uses can go; no
         // program reads it any more (the swap waited for running programs before).
         if self.held.as_ref().is_some_and(|h| h[0] == h[1]) {
@@ -435,6 +459,34 @@ fn fill_table(map: &MapData, values: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// A table's `size` slots, read through a memory mapping (not one call per slot).
+fn read_table(map: &MapData, size: u32) -> Result<Vec<u32>> {
+    let elements = map.info()?.max_entries() as usize;
+    anyhow::ensure!(elements * 2 >= size as usize, "a table of {elements} elements for {size} slots");
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let bytes = (elements * 8).div_ceil(page) * page;
+    // SAFETY: a read-only shared mapping of the map's own pages, unmapped below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            map.fd().as_fd().as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error()).context("mmap of a service table");
+    }
+    // SAFETY: `size` u32 slots are mapped (see `fill_table`); copied out before the unmap.
+    let slots = unsafe { std::slice::from_raw_parts(ptr.cast::<u32>(), size as usize) }.to_vec();
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(ptr, bytes) };
+    Ok(slots)
+}
+
 /// Names of the services' maps (pinned: flows keep their backends across restarts).
 pub fn map_names() -> [&'static str; 3] {
     [MAP_SERVICES, MAP_TABLES, MAP_BACKENDS]
@@ -472,11 +524,10 @@ pub fn read(
         if u32::from(key.generation) != generation & 1 {
             continue;
         }
-        let table = aya::maps::Map::Array(tables.get(&service.table, 0)?);
-        let table: Array<&MapData, [u32; 2]> = Array::try_from(&table)?;
+        let table = read_table(&tables.get(&service.table, 0)?, service.size)?;
         let mut slots: HashMap<u32, u32> = HashMap::new();
-        for slot in 0..service.size {
-            *slots.entry(table.get(&(slot / 2), 0)?[(slot % 2) as usize]).or_default() += 1;
+        for id in table {
+            *slots.entry(id).or_default() += 1;
         }
         let mut shares: Vec<BackendShare> = slots
             .into_iter()
