@@ -39,6 +39,9 @@ pub mod programs {
     pub const SERVICE_IN: &str = "tg_service_in";
     /// TC egress on the tunnel, last, while services are configured: replies translated back.
     pub const SERVICE_OUT: &str = "tg_service_out";
+    /// The same on every uplink, for LAN clients.
+    pub const SERVICE_UPLINK_IN: &str = "tg_service_uplink_in";
+    pub const SERVICE_UPLINK_OUT: &str = "tg_service_uplink_out";
 }
 
 /// Load-time constants of the object (`EbpfLoader::override_global`).

@@ -10,6 +10,7 @@
 //! | tunnel TC ingress (`tg_tunnel_ingress`) | conntrack (record), mark, mss               |
 //! | tunnel TC egress (`tg_tunnel_egress`)   | conntrack (stateful), cgnat (forward), mss  |
 //! | tunnel TC egress (`tg_service_out`)     | services (reverse NAT), with services only  |
+//! | uplink TC ingress (`tg_service_uplink_in`), egress (`tg_service_uplink_out`) | the same for LAN clients |
 //!
 //! The crate builds only for `bpfel-unknown-none` (see `userspace/build.rs`); on the host it
 //! is an empty binary so `cargo clippy --workspace` and `cargo test --workspace` work.
@@ -98,18 +99,19 @@ mod programs {
     }
 
     /// TC egress on every uplink: records the gateway's own flows towards addresses whose
-    /// replies the inbound filter would drop (`allow_replies`). Never drops.
+    /// replies the inbound filter would drop (`allow_replies`). Never drops; passes on to
+    /// the programs after it (the services' reverse NAT).
     #[classifier]
     pub fn tg_uplink_egress(ctx: TcContext) -> i32 {
         // SAFETY: the context pointer is valid for the program's run.
         let (ingress, ifindex) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).ifindex) };
         // Forwarded packets came in on a device: only the gateway's own are recorded.
         if ingress != 0 {
-            return TC_ACT_OK as i32;
+            return TCX_NEXT;
         }
         let generation = generation();
         if settings(generation).stages & stage::OWN_FLOWS == 0 {
-            return TC_ACT_OK as i32;
+            return TCX_NEXT;
         }
         if let Ok(packet) = parse::skb(&ctx, Link::Ethernet) {
             if cgnat::replies_filtered(&packet, generation) {
@@ -117,7 +119,7 @@ mod programs {
                 conntrack::record(&packet, bytes, At::own(ifindex));
             }
         }
-        TC_ACT_OK as i32
+        TCX_NEXT
     }
 
     /// TC ingress on the tunnel: records flows opened from the tunnel (`stateful`), marks
@@ -193,14 +195,41 @@ mod programs {
     /// stages of one call chain share 512 bytes of stack.
     #[classifier]
     pub fn tg_service_in(ctx: TcContext) -> i32 {
-        let Ok(packet) = tunnel_packet(&ctx) else { return TCX_NEXT };
+        service_in(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize))
+    }
+
+    /// TC egress on the tunnel, after `tg_tunnel_egress` (whose filters judge a reply as
+    /// netfilter's FORWARD does, before its source is translated back in POSTROUTING),
+    /// attached while services are configured: translates backends' replies back to the
+    /// service's address.
+    #[classifier]
+    pub fn tg_service_out(ctx: TcContext) -> i32 {
+        service_out(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize))
+    }
+
+    /// TC ingress on every uplink, first, while services are configured: packets to a
+    /// service from LAN clients (after the XDP filter) go to a backend.
+    #[classifier]
+    pub fn tg_service_uplink_in(ctx: TcContext) -> i32 {
+        service_in(&ctx, Link::Ethernet)
+    }
+
+    /// TC egress on every uplink, last: backends' replies to LAN clients translated back.
+    #[classifier]
+    pub fn tg_service_uplink_out(ctx: TcContext) -> i32 {
+        service_out(&ctx, Link::Ethernet)
+    }
+
+    #[inline(always)]
+    fn service_in(ctx: &TcContext, link: Link) -> i32 {
+        let Ok(packet) = service_packet(ctx, link) else { return TCX_NEXT };
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let mut nat = NatRewrite::EMPTY;
         let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
         match services::dnat(&packet, bytes, generation(), ifindex, &mut nat) {
             Dnat::None => TCX_NEXT,
-            Dnat::To if rewritten(&ctx, Rewrite::Nat(nat)) => {
+            Dnat::To if rewritten(ctx, Rewrite::Nat(nat)) => {
                 count(Counter::ServiceDnat);
                 TCX_NEXT
             }
@@ -212,23 +241,19 @@ mod programs {
         }
     }
 
-    /// TC egress on the tunnel, after `tg_tunnel_egress` (whose filters judge a reply as
-    /// netfilter's FORWARD does, before its source is translated back in POSTROUTING),
-    /// attached while services are configured: translates backends' replies back to the
-    /// service's address.
-    #[classifier]
-    pub fn tg_service_out(ctx: TcContext) -> i32 {
-        let Ok(packet) = tunnel_packet(&ctx) else { return TCX_NEXT };
+    #[inline(always)]
+    fn service_out(ctx: &TcContext, link: Link) -> i32 {
+        let Ok(packet) = service_packet(ctx, link) else { return TCX_NEXT };
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let mut nat = NatRewrite::EMPTY;
         let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
         if services::reverse(&packet, bytes, ifindex, &mut nat) {
-            apply(&ctx, Rewrite::Nat(nat), Counter::ServiceReverseNat);
+            apply(ctx, Rewrite::Nat(nat), Counter::ServiceReverseNat);
             return TCX_NEXT;
         }
         let mut error = ErrorRewrite::EMPTY;
-        if services::reverse_error(&packet, bytes, ifindex, &mut error) && translate_error(&ctx, &error) {
+        if services::reverse_error(&packet, bytes, ifindex, &mut error) && translate_error(ctx, &error) {
             count(Counter::ServiceIcmpTranslated);
         }
         TCX_NEXT
@@ -322,13 +347,19 @@ mod programs {
     /// first when they are not all there: one parse, no retry loop, whose spills would leave
     /// too little of the 512 bytes of stack a call chain shares for the stage.
     #[inline(always)]
-    fn tunnel_packet(ctx: &TcContext) -> Result<parse::Packet, NoPacket> {
-        let l3 = TUNNEL_L3_OFFSET.load() as usize;
+    fn service_packet(ctx: &TcContext, link: Link) -> Result<parse::Packet, NoPacket> {
+        let l3 = match link {
+            Link::Ethernet => parse::MAX_L2_LEN,
+            Link::Ip(l3) => l3,
+        };
         let want = core::cmp::min(ctx.len(), (l3 + parse::PULL_LEN) as u32);
         if (ctx.data_end() - ctx.data()) < want as usize {
             let _ = ctx.pull_data(want);
         }
-        parse::ip(ctx.data(), ctx.data_end(), l3)
+        match link {
+            Link::Ethernet => parse::ethernet(ctx.data(), ctx.data_end()),
+            Link::Ip(l3) => parse::ip(ctx.data(), ctx.data_end(), l3),
+        }
     }
 
     /// TCX: let the next program at this hook see the packet (the last one's `TCX_NEXT`

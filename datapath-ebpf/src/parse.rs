@@ -267,7 +267,7 @@ pub fn skb(ctx: &aya_ebpf::programs::TcContext, link: Link) -> Result<Packet, No
     // One call site of the parse, in a loop of at most two rounds: two call sites made LLVM
     // merge their results with registers the verifier sees as uninitialized.
     let l3 = match link {
-        Link::Ethernet => size_of::<EthHdr>() + MAX_VLAN_TAGS * size_of::<VlanHdr>(),
+        Link::Ethernet => MAX_L2_LEN,
         Link::Ip(l3) => l3,
     };
     let mut pulled = false;
@@ -288,6 +288,9 @@ pub fn skb(ctx: &aya_ebpf::programs::TcContext, link: Link) -> Result<Packet, No
         pulled = true;
     }
 }
+
+/// The longest link-layer header parsed: Ethernet and two VLAN tags.
+pub const MAX_L2_LEN: usize = size_of::<EthHdr>() + MAX_VLAN_TAGS * size_of::<VlanHdr>();
 
 /// Bytes past the IP header start worth pulling into the linear buffer.
 pub const PULL_LEN: usize = 256;

@@ -62,7 +62,7 @@ fn want(counters: &[(Counter, u64)]) -> HashMap<Counter, u64> {
 
 /// The gateway sends `frame` out of the uplink.
 fn out(dp: &mut Datapath, frame: &[u8]) {
-    assert_eq!(testrun::run_uplink_egress(dp, frame, 0).unwrap(), TC_ACT_OK, "uplink egress never drops");
+    assert_eq!(testrun::run_uplink_egress(dp, frame, 0).unwrap(), TCX_NEXT, "uplink egress never drops");
 }
 
 fn xdp(dp: &mut Datapath, frame: &[u8]) -> u32 {

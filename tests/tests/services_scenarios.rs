@@ -12,7 +12,7 @@ use std::{
 
 use tailgate_tests::{
     daemon::{status, tailgate, Daemon},
-    netns::Netns,
+    netns::{veth, Netns},
     on_both_backends,
     tailnet::{self, Tailnet},
     wait,
@@ -25,6 +25,7 @@ on_both_backends!(
     a_udp_service_answers_from_its_address,
     an_ipv6_service_works_and_forwarding_is_turned_on,
     the_ingress_proxy_follows_the_gateways_tailnet_address,
+    a_lan_client_on_another_uplink_reaches_the_service,
 );
 
 const WAIT: Duration = Duration::from_secs(3);
@@ -77,6 +78,11 @@ const THREE: &str = r#""192.0.2.11:8080", "192.0.2.12:8080", { address = "192.0.
 /// `count` connections from the peer to `to`: which backend answered each; stops at the
 /// first that fails (`None`), so a broken service fails the test at once.
 fn connect_many(t: &Tailnet, to: SocketAddr, count: usize) -> Vec<Option<String>> {
+    connect_many_from(&t.peer, to, count)
+}
+
+/// `connect_many` from a namespace of the caller's choice.
+fn connect_many_from(ns: &Netns, to: SocketAddr, count: usize) -> Vec<Option<String>> {
     let one = move || -> Option<String> {
         let mut stream = TcpStream::connect_timeout(&to, WAIT).ok()?;
         stream.set_read_timeout(Some(WAIT)).ok()?;
@@ -89,20 +95,19 @@ fn connect_many(t: &Tailnet, to: SocketAddr, count: usize) -> Vec<Option<String>
         let n = stream.read(&mut buf).ok()?;
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     };
-    t.peer
-        .enter(move || {
-            let mut answers = Vec::with_capacity(count);
-            for _ in 0..count {
-                let answer = one();
-                let failed = answer.is_none();
-                answers.push(answer);
-                if failed {
-                    break;
-                }
+    ns.enter(move || {
+        let mut answers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let answer = one();
+            let failed = answer.is_none();
+            answers.push(answer);
+            if failed {
+                break;
             }
-            Ok(answers)
-        })
-        .unwrap()
+        }
+        Ok(answers)
+    })
+    .unwrap()
 }
 
 fn tally(answers: &[Option<String>]) -> HashMap<String, usize> {
@@ -299,4 +304,28 @@ fn a_restart_with_a_changed_service_frees_the_replaced_table() {
     daemon.write_config(&format!("keep_datapath = true\n{}", tailnet::config("bpf", ""))).unwrap();
     daemon.reload().unwrap();
     assert_eq!(pinned(&t), (0, 0));
+}
+
+/// A client on a second uplink (its own LAN segment, routed by the gateway) connects to a
+/// service whose backends are on the first: DNAT at the uplink's ingress, the reply
+/// translated back at the client's uplink's egress.
+fn a_lan_client_on_another_uplink_reaches_the_service(backend: &str) {
+    let t = setup();
+    let client = Netns::new("tg-client").unwrap();
+    veth(&t.gw, "eth1", &client, "eth0").unwrap();
+    t.gw.ip(&["addr", "add", "10.7.0.1/24", "dev", "eth1"]).unwrap();
+    client.ip(&["addr", "add", "10.7.0.2/24", "dev", "eth0"]).unwrap();
+    client.ip(&["route", "add", "default", "via", "10.7.0.1"]).unwrap();
+    // The backends answer the client through the gateway.
+    t.lan.ip(&["route", "add", "10.7.0.0/24", "via", tailnet::GW_LAN]).unwrap();
+    let config = format!(
+        "tunnel = \"tun0\"\ninterfaces = [\"eth0\", \"eth1\"]\nbackend = \"{backend}\"\n{}",
+        service(THREE)
+    );
+    let daemon = Daemon::start(&t.gw, &t.pins, &config).unwrap();
+    let answers = connect_many_from(&client, addr(VIP, 80), 30);
+    let counts = tally(&answers);
+    assert_eq!(counts.get("failed"), None, "every connection answered: {counts:?}\n{}", daemon.log());
+    assert!(counts.keys().all(|b| b.starts_with("192.0.2.1")), "{counts:?}");
+    assert!(counts.len() >= 2, "spread: {counts:?}");
 }

@@ -63,9 +63,15 @@ impl Attachments {
         // The gateway's own flows are recorded only where their replies are checked.
         let egress =
             state.uplinks.iter().filter(|_| state.conntrack.own_replies).map(|u| (Hook::UplinkEgress, u));
-        let uplinks = state.uplinks.iter().map(|u| (Hook::Xdp, u)).chain(egress);
+        // Services for LAN clients (not the ingress proxy: tailnet traffic only).
+        let services_on_uplinks = [Hook::ServiceUplinkIn, Hook::ServiceUplinkOut]
+            .into_iter()
+            .filter(|_| !state.services.is_empty())
+            .flat_map(|hook| state.uplinks.iter().map(move |u| (hook, u)));
+        let uplinks = state.uplinks.iter().map(|u| (Hook::Xdp, u)).chain(egress).chain(services_on_uplinks);
         for (hook, ifname) in uplinks.chain(tunnel) {
-            let on_tunnel = !matches!(hook, Hook::Xdp | Hook::UplinkEgress);
+            let on_tunnel =
+                matches!(hook, Hook::TcEgress | Hook::TcIngress | Hook::ServiceIn | Hook::ServiceOut);
             match interfaces.get(ifname) {
                 // Re-created as another kind of device while running: the tunnel programs
                 // would read frames as IP packets.

@@ -36,11 +36,22 @@ pub enum Hook {
     ServiceIn,
     /// TC egress on the tunnel, last of all programs there: services' reverse NAT.
     ServiceOut,
+    /// The same on every uplink (TC ingress first, TC egress last), for LAN clients.
+    ServiceUplinkIn,
+    ServiceUplinkOut,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 6] =
-        [Hook::Xdp, Hook::UplinkEgress, Hook::TcEgress, Hook::TcIngress, Hook::ServiceIn, Hook::ServiceOut];
+    pub const ALL: [Hook; 8] = [
+        Hook::Xdp,
+        Hook::UplinkEgress,
+        Hook::TcEgress,
+        Hook::TcIngress,
+        Hook::ServiceIn,
+        Hook::ServiceOut,
+        Hook::ServiceUplinkIn,
+        Hook::ServiceUplinkOut,
+    ];
 
     pub const fn pin_prefix(self) -> &'static str {
         match self {
@@ -50,6 +61,8 @@ impl Hook {
             Hook::UplinkEgress => "uplink_egress",
             Hook::ServiceIn => "service_in",
             Hook::ServiceOut => "service_out",
+            Hook::ServiceUplinkIn => "service_uplink_in",
+            Hook::ServiceUplinkOut => "service_uplink_out",
         }
     }
 
@@ -61,6 +74,8 @@ impl Hook {
             Hook::UplinkEgress => programs::UPLINK_EGRESS,
             Hook::ServiceIn => programs::SERVICE_IN,
             Hook::ServiceOut => programs::SERVICE_OUT,
+            Hook::ServiceUplinkIn => programs::SERVICE_UPLINK_IN,
+            Hook::ServiceUplinkOut => programs::SERVICE_UPLINK_OUT,
         }
     }
 }
@@ -69,9 +84,8 @@ impl Hook {
 pub fn load(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
     match hook {
         Hook::Xdp => xdp(ebpf)?.load()?,
-        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress | Hook::ServiceIn | Hook::ServiceOut => {
-            tc(ebpf, hook)?.load()?
-        }
+        // Every other hook is a TC (TCX) one.
+        _ => tc(ebpf, hook)?.load()?,
     }
     Ok(())
 }
@@ -127,18 +141,19 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, ifindex: u32, pin: &Pat
                 anyhow!("XDP on {ifname} was attached without a BPF link (kernel older than 5.9?)")
             })?
         }
-        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress | Hook::ServiceIn | Hook::ServiceOut => {
+        // Every other hook is a TC (TCX) one.
+        _ => {
             let prog = tc(ebpf, hook)?;
             let kind = match hook {
-                Hook::TcIngress | Hook::ServiceIn => TcAttachType::Ingress,
+                Hook::TcIngress | Hook::ServiceIn | Hook::ServiceUplinkIn => TcAttachType::Ingress,
                 _ => TcAttachType::Egress,
             };
             // The services' programs around the tunnel's: DNAT before everything on the way
             // out of the tunnel, reverse NAT after everything on the way in (the filters judge
             // a reply before its source is translated back, as netfilter's FORWARD does).
             let order = match hook {
-                Hook::ServiceIn => LinkOrder::first(),
-                Hook::ServiceOut => LinkOrder::last(),
+                Hook::ServiceIn | Hook::ServiceUplinkIn => LinkOrder::first(),
+                Hook::ServiceOut | Hook::ServiceUplinkOut => LinkOrder::last(),
                 _ => LinkOrder::default(),
             };
             // TCX attaches by name; the pin records what the kernel reports below.
@@ -172,7 +187,8 @@ pub fn take_over(ebpf: &mut Ebpf, hook: Hook, pin: &Path) -> Result<()> {
             // The pin keeps the link; this process's fd can go.
             drop(prog.take_link(id)?);
         }
-        Hook::TcEgress | Hook::TcIngress | Hook::UplinkEgress | Hook::ServiceIn | Hook::ServiceOut => {
+        // Every other hook is a TC (TCX) one.
+        _ => {
             let link = SchedClassifierLink::try_from(link).map_err(|e| anyhow!("not a TC link: {e}"))?;
             let prog = tc(ebpf, hook)?;
             let id = prog.attach_to_link(link)?;

@@ -59,7 +59,7 @@ mod tests {
         assert_eq!(
             specs,
             [
-                "-i tun0 -d 100.101.102.103/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.0.2.11:8080",
+                "-d 100.101.102.103/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.0.2.11:8080",
                 "-d 100.101.0.1/32 -j DNAT --to-destination 192.0.2.10",
             ]
         );

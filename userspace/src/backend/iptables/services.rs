@@ -1,10 +1,11 @@
-//! Services as iptables rules: DNAT in nat PREROUTING for connections from the tunnel, one
-//! rule per backend, chosen at random with the backend's share of what is left (as
-//! kube-proxy does), the last one unconditional. Replies are translated back by conntrack.
+//! Services as iptables rules: DNAT in nat PREROUTING for connections arriving on any
+//! device (tailnet and LAN clients), one rule per backend, chosen at random with the
+//! backend's share of what is left (as kube-proxy does), the last one unconditional.
+//! Replies are translated back by conntrack.
 //!
 //! ```text
-//! nat/tg-prerouting: -i TUN -d VIP -p tcp -m tcp --dport P -m statistic --mode random --probability 0.25000000000 -j DNAT --to-destination B1
-//!                    -i TUN -d VIP -p tcp -m tcp --dport P -j DNAT --to-destination B2
+//! nat/tg-prerouting: -d VIP -p tcp -m tcp --dport P -m statistic --mode random --probability 0.25000000000 -j DNAT --to-destination B1
+//!                    -d VIP -p tcp -m tcp --dport P -j DNAT --to-destination B2
 //! ```
 //! Unlike the Maglev table of the BPF backend, a random choice is not consistent: a
 //! connection keeps its backend (conntrack), but which backend a new connection of the
@@ -28,18 +29,18 @@ pub const PREROUTING: &str = "tg-prerouting";
 pub fn render(b: &mut Builder, state: &DesiredState) {
     for service in state.services.iter() {
         let family = if service.listen.is_ipv4() { Family::V4 } else { Family::V6 };
-        b.add(family, Table::Nat, PREROUTING, "PREROUTING", rules(&state.tunnel, service));
+        b.add(family, Table::Nat, PREROUTING, "PREROUTING", rules(service));
     }
 }
 
 /// The rules of one service, backends in identity order (the order does not change when
 /// the config lists them differently).
-pub fn rules(tunnel: &str, service: &ServiceConfig) -> Vec<Rule> {
+pub fn rules(service: &ServiceConfig) -> Vec<Rule> {
     let mut backends: Vec<&BackendConfig> = service.backends.iter().collect();
     backends.sort_by_key(|b| identity(&b.address));
     let proto = service.protocol.name();
     let vip = service.listen;
-    let matches = format!("-i {tunnel} -d {} -p {proto} -m {proto} --dport {}", host(vip), vip.port());
+    let matches = format!("-d {} -p {proto} -m {proto} --dport {}", host(vip), vip.port());
     let mut left: u32 = backends.iter().map(|b| b.weight).sum();
     let last = backends.len() - 1;
     backends
@@ -92,9 +93,8 @@ mod tests {
             backends = ["[2001:db8::11]:53"]
         "#;
         let config = Config::parse(toml, &HashMap::new()).unwrap();
-        let specs =
-            |s: &ServiceConfig| -> Vec<String> { rules("tun0", s).into_iter().map(|r| r.spec).collect() };
-        let m = "-i tun0 -d 100.101.102.103/32 -p tcp -m tcp --dport 80";
+        let specs = |s: &ServiceConfig| -> Vec<String> { rules(s).into_iter().map(|r| r.spec).collect() };
+        let m = "-d 100.101.102.103/32 -p tcp -m tcp --dport 80";
         assert_eq!(
             specs(&config.services[0]),
             [
@@ -105,7 +105,7 @@ mod tests {
         );
         assert_eq!(
             specs(&config.services[1]),
-            ["-i tun0 -d fd7a:115c:a1e0::99/128 -p udp -m udp --dport 53 -j DNAT --to-destination [2001:db8::11]:53"]
+            ["-d fd7a:115c:a1e0::99/128 -p udp -m udp --dport 53 -j DNAT --to-destination [2001:db8::11]:53"]
         );
     }
 }
