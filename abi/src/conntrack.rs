@@ -144,7 +144,9 @@ pub struct Flow {
     pub flags_original: u8,
     pub flags_reply: u8,
     pub pad: u8,
-    pub pad2: u32,
+    /// NAT entries (zones `DNAT`, `DNAT_REPLY`): when this entry last refreshed its partner
+    /// (the other direction's entry), in units of 2^30 ns (~1.07 s); see [`partner_due`].
+    pub partner_seen: u32,
     /// The address and port the flow is translated to (zones `DNAT`, `DNAT_REPLY`); zero
     /// elsewhere.
     pub nat: Nat,
@@ -201,6 +203,19 @@ pub const fn timeout_ns(proto: u8, state: u8) -> u64 {
         (proto::ICMP | proto::ICMPV6, _) => 30 * SECOND,
         _ => 600 * SECOND,
     }
+}
+
+/// Whether a NAT entry should refresh its partner with a packet of TCP flags `flags` at
+/// `now`: at most about once a second (the shortest timeout is 10 s), and at once for a
+/// SYN, FIN or RST (a state change the partner must follow). Most packets then cost one
+/// lookup, not two.
+pub const fn partner_due(flow: &Flow, flags: u8, now: u64) -> bool {
+    flags & (tcp_flag::SYN | tcp_flag::FIN | tcp_flag::RST) != 0 || partner_clock(now) != flow.partner_seen
+}
+
+/// `now` in the units of [`Flow::partner_seen`].
+pub const fn partner_clock(now: u64) -> u32 {
+    (now >> 30) as u32
 }
 
 /// Whether a flow last seen at `last_seen` has expired at `now`.

@@ -5,7 +5,7 @@
 //! Both directions of a flow are recorded together, or the packet is dropped.
 
 use tailgate_abi::{
-    conntrack::{advance, opening, proto, zone, Flow, FlowKey4, FlowKey6, Nat},
+    conntrack::{advance, opening, partner_clock, partner_due, proto, zone, Flow, FlowKey4, FlowKey6, Nat},
     counters::Counter,
     services::{family, flow_hash4, flow_hash6, ServiceKey},
     settings::stage,
@@ -121,16 +121,27 @@ fn dnat_family<K: Family>(
             flow.flags_original |= flags;
             flow.state = advance(proto, flow.state, flags, false);
             s.nat = flow.nat;
-            // The reply entry lives as long as the flow does (put back if it was evicted).
-            s.reply = K::of(*src, K::from_nat(&s.nat), l4.sport, s.nat.port, proto, reply_zone(ifindex));
-            if let Some(reply) = s.reply.get() {
-                // SAFETY: a map value; a refresh only.
-                unsafe { (*reply).last_seen = now };
-            } else {
-                s.reply_flow =
-                    Flow { last_seen: now, created: now, state: flow.state, nat: s.vip, ..Flow::default() };
-                if s.reply.insert(&s.reply_flow) {
-                    count(Counter::FlowCreated);
+            // The reply entry lives as long as the flow does (put back if it was evicted)
+            // and follows the client's FIN or RST.
+            if partner_due(flow, flags, now) {
+                flow.partner_seen = partner_clock(now);
+                s.reply = K::of(*src, K::from_nat(&s.nat), l4.sport, s.nat.port, proto, reply_zone(ifindex));
+                if let Some(reply) = s.reply.get() {
+                    // SAFETY: a map value; concurrent writers only race on refresh fields.
+                    let reply = unsafe { &mut *reply };
+                    reply.last_seen = now;
+                    reply.state = advance(proto, reply.state, flags, false);
+                } else {
+                    s.reply_flow = Flow {
+                        last_seen: now,
+                        created: now,
+                        state: flow.state,
+                        nat: s.vip,
+                        ..Flow::default()
+                    };
+                    if s.reply.insert(&s.reply_flow) {
+                        count(Counter::FlowCreated);
+                    }
                 }
             }
             *out = rewrite::<K>(packet, l4, *dst, &s.nat, false);
@@ -237,6 +248,11 @@ fn reverse_family<K: Family>(
     // The forward entry learns of the reply too (answered UDP lives 120 s, a backend's RST
     // or FIN ends the flow): it only ever sees the client's packets otherwise.
     let vip = flow.nat;
+    if !partner_due(flow, flags, now) {
+        *out = rewrite::<K>(packet, l4, *src, &vip, true);
+        return true;
+    }
+    flow.partner_seen = partner_clock(now);
     let forward = K::of(*dst, K::from_nat(&vip), l4.dport, vip.port, proto, At { zone: zone::DNAT, ifindex });
     if let Some(forward) = forward.get() {
         // SAFETY: a map value; concurrent writers only race on refresh fields.
