@@ -738,6 +738,21 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
+    /// The sample config in deploy/ is valid, and so are its commented-out examples.
+    #[test]
+    fn the_sample_config_and_its_examples_are_valid() {
+        let sample = include_str!("../../../deploy/tailgate.toml");
+        parse(sample).unwrap();
+        let examples: String = sample
+            .lines()
+            .map(|l| l.strip_prefix("# ").filter(|r| r.starts_with('[') || r.contains(" = ")).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = parse(&examples).unwrap();
+        assert_eq!(config.services.len(), 1);
+        assert!(config.proxy.ingress_to.is_some());
+    }
+
     #[test]
     fn defaults() {
         let c = parse("").unwrap();
