@@ -26,6 +26,7 @@ on_both_backends!(
     an_ipv6_service_works_and_forwarding_is_turned_on,
     the_ingress_proxy_follows_the_gateways_tailnet_address,
     a_lan_client_on_another_uplink_reaches_the_service,
+    the_ingress_proxy_waits_for_the_tunnels_address_and_serves_lan_clients_too,
 );
 
 const WAIT: Duration = Duration::from_secs(3);
@@ -311,21 +312,52 @@ fn a_restart_with_a_changed_service_frees_the_replaced_table() {
 /// translated back at the client's uplink's egress.
 fn a_lan_client_on_another_uplink_reaches_the_service(backend: &str) {
     let t = setup();
-    let client = Netns::new("tg-client").unwrap();
-    veth(&t.gw, "eth1", &client, "eth0").unwrap();
-    t.gw.ip(&["addr", "add", "10.7.0.1/24", "dev", "eth1"]).unwrap();
-    client.ip(&["addr", "add", "10.7.0.2/24", "dev", "eth0"]).unwrap();
-    client.ip(&["route", "add", "default", "via", "10.7.0.1"]).unwrap();
-    // The backends answer the client through the gateway.
-    t.lan.ip(&["route", "add", "10.7.0.0/24", "via", tailnet::GW_LAN]).unwrap();
-    let config = format!(
-        "tunnel = \"tun0\"\ninterfaces = [\"eth0\", \"eth1\"]\nbackend = \"{backend}\"\n{}",
-        service(THREE)
-    );
+    let client = second_uplink_client(&t);
+    let config = two_uplinks(backend, &service(THREE));
     let daemon = Daemon::start(&t.gw, &t.pins, &config).unwrap();
     let answers = connect_many_from(&client, addr(VIP, 80), 30);
     let counts = tally(&answers);
     assert_eq!(counts.get("failed"), None, "every connection answered: {counts:?}\n{}", daemon.log());
     assert!(counts.keys().all(|b| b.starts_with("192.0.2.1")), "{counts:?}");
     assert!(counts.len() >= 2, "spread: {counts:?}");
+}
+
+/// A client namespace behind a second uplink of the gateway (eth1, 10.7.0.0/24); the LAN
+/// routes it through the gateway.
+fn second_uplink_client(t: &Tailnet) -> Netns {
+    let client = Netns::new("tg-client").unwrap();
+    veth(&t.gw, "eth1", &client, "eth0").unwrap();
+    t.gw.ip(&["addr", "add", "10.7.0.1/24", "dev", "eth1"]).unwrap();
+    client.ip(&["addr", "add", "10.7.0.2/24", "dev", "eth0"]).unwrap();
+    client.ip(&["route", "add", "default", "via", "10.7.0.1"]).unwrap();
+    t.lan.ip(&["route", "add", "10.7.0.0/24", "via", tailnet::GW_LAN]).unwrap();
+    client
+}
+
+fn two_uplinks(backend: &str, extra: &str) -> String {
+    format!("tunnel = \"tun0\"\ninterfaces = [\"eth0\", \"eth1\"]\nbackend = \"{backend}\"\n{extra}")
+}
+
+/// The tunnel has no IPv4 address yet at start (and the gateway does not forward): the
+/// proxy waits; once the address comes, forwarding is turned on and tailnet clients reach
+/// the destination — LAN clients too, as the reference's rule matches every device.
+fn the_ingress_proxy_waits_for_the_tunnels_address_and_serves_lan_clients_too(backend: &str) {
+    let t = setup();
+    let client = second_uplink_client(&t);
+    whoami(&t.lan, addr(tailnet::LAN, 2222));
+    t.gw.sysctl("net.ipv4.ip_forward", "0").unwrap();
+    t.gw.ip(&["addr", "del", "100.101.0.1/32", "dev", "tun0"]).unwrap();
+    let config = two_uplinks(backend, &format!("[proxy]\ningress_to = \"{}\"\n", tailnet::LAN));
+    let daemon = Daemon::start(&t.gw, &t.pins, &config).unwrap();
+    t.gw.ip(&["addr", "add", "100.101.0.1/32", "dev", "tun0"]).unwrap();
+    t.gw.ip(&["route", "replace", "100.101.0.0/16", "dev", "tun0"]).unwrap();
+    let target = addr("100.101.0.1", 2222);
+    let reached = wait::until(Duration::from_secs(10), || {
+        connect_many(&t, target, 1) == [Some("192.0.2.2:2222".to_string())]
+    });
+    assert!(reached, "the proxy did not start with the address\n{}", daemon.log());
+    let out = t.gw.exec("sysctl", &["-n", "net.ipv4.ip_forward"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    let counts = tally(&connect_many_from(&client, target, 5));
+    assert_eq!(counts.get("192.0.2.2:2222"), Some(&5), "a LAN client: {counts:?}");
 }

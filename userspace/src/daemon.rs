@@ -373,8 +373,15 @@ fn follow_devices(backend: &mut dyn Backend, config: &Config, state: &mut Desire
     if let Err(e) = backend.devices_changed(state) {
         tracing::error!("following device changes: {e:#}");
     }
-    // What depends on a device's properties (the MSS clamp on the tunnel's MTU).
+    // What depends on a device's properties (the MSS clamp on the tunnel's MTU, the ingress
+    // proxy on the tunnel's address).
     if new != *state {
+        if new.proxy != state.proxy {
+            // The proxy's destination family may need forwarding only now.
+            if let Err(e) = turn_on_forwarding(&new) {
+                tracing::error!("ingress proxy: {e:#}");
+            }
+        }
         match backend.apply(&new) {
             Ok(()) => {
                 if new.mss != state.mss {

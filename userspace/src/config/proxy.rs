@@ -34,6 +34,10 @@ pub(super) struct RawProxy {
     pub tailnet_ipv6: Option<String>,
     #[serde(skip)]
     pub ingress_source: Option<&'static str>,
+    #[serde(skip)]
+    pub ipv4_source: Option<&'static str>,
+    #[serde(skip)]
+    pub ipv6_source: Option<&'static str>,
 }
 
 impl RawProxy {
@@ -48,9 +52,11 @@ impl RawProxy {
         }
         if let Some(v) = get("TAILGATE_PROXY_TAILNET_IPV4") {
             self.tailnet_ipv4 = Some(v);
+            self.ipv4_source = Some("TAILGATE_PROXY_TAILNET_IPV4");
         }
         if let Some(v) = get("TAILGATE_PROXY_TAILNET_IPV6") {
             self.tailnet_ipv6 = Some(v);
+            self.ipv6_source = Some("TAILGATE_PROXY_TAILNET_IPV6");
         }
     }
 
@@ -77,16 +83,33 @@ impl RawProxy {
         let tailnet_ipv4 = match self.tailnet_ipv4 {
             None => None,
             Some(text) => Some(text.trim().parse::<Ipv4Addr>().map_err(|_| {
-                ConfigError::new("proxy.tailnet_ipv4", format!("{text:?} is not an IPv4 address"))
+                ConfigError::new(
+                    self.ipv4_source.unwrap_or("proxy.tailnet_ipv4"),
+                    format!("{text:?} is not an IPv4 address"),
+                )
             })?),
         };
         let tailnet_ipv6 = match self.tailnet_ipv6 {
             None => None,
             Some(text) => Some(text.trim().parse::<Ipv6Addr>().map_err(|_| {
-                ConfigError::new("proxy.tailnet_ipv6", format!("{text:?} is not an IPv6 address"))
+                ConfigError::new(
+                    self.ipv6_source.unwrap_or("proxy.tailnet_ipv6"),
+                    format!("{text:?} is not an IPv6 address"),
+                )
             })?),
         };
-        Ok(ProxyConfig { ingress_to, tailnet_ipv4, tailnet_ipv6, ingress_source })
+        let proxy = ProxyConfig { ingress_to, tailnet_ipv4, tailnet_ipv6, ingress_source };
+        if let Some(to) = ingress_to {
+            if proxy.tailnet_address_like(to) == Some(to) {
+                return Err(ConfigError::new(
+                    ingress_source,
+                    format!(
+                        "{to} is the gateway's own tailnet address: the proxy would send traffic to itself"
+                    ),
+                ));
+            }
+        }
+        Ok(proxy)
     }
 }
 
@@ -134,6 +157,11 @@ mod tests {
         assert_eq!(field("", &[("TS_DEST_IP", "0.0.0.0")]), "TS_DEST_IP");
         assert_eq!(field("[proxy]\ntailnet_ipv4 = \"fd7a::1\"", &[]), "proxy.tailnet_ipv4");
         assert_eq!(field("[proxy]\ntailnet_ipv6 = \"100.101.0.1\"", &[]), "proxy.tailnet_ipv6");
+        assert_eq!(field("", &[("TAILGATE_PROXY_TAILNET_IPV4", "x")]), "TAILGATE_PROXY_TAILNET_IPV4");
+        assert_eq!(
+            field("[proxy]\ningress_to = \"100.101.0.1\"\ntailnet_ipv4 = \"100.101.0.1\"", &[]),
+            "proxy.ingress_to"
+        );
         assert_eq!(field("[proxy]\negress = \"x\"", &[]), "config");
         // A service on the address the ingress proxy takes.
         let toml = "[proxy]\ningress_to = \"192.0.2.10\"\ntailnet_ipv4 = \"100.101.0.1\"\n\

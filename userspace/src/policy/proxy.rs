@@ -30,9 +30,15 @@ pub fn compile(config: &Config, tunnel_addresses: &[IpAddr]) -> Proxy {
 }
 
 /// The tunnel's address of `like`'s family: one in the tailnet's range first (CGNAT,
-/// tailnet ULA), else the first of the family.
+/// tailnet ULA), else the first of the family that is not link-local (every TUN device has
+/// an fe80:: address; it is no tailnet address).
 fn tailnet_address(addresses: &[IpAddr], like: IpAddr) -> Option<IpAddr> {
-    let same: Vec<IpAddr> = addresses.iter().copied().filter(|a| a.is_ipv4() == like.is_ipv4()).collect();
+    let link_local = |a: &IpAddr| match a {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    let same: Vec<IpAddr> =
+        addresses.iter().copied().filter(|a| a.is_ipv4() == like.is_ipv4() && !link_local(a)).collect();
     let in_range = |a: &IpAddr| match a {
         IpAddr::V4(v4) => CGNAT_V4.contains(v4),
         IpAddr::V6(v6) => TAILNET_ULA_V6.contains(v6),
@@ -64,8 +70,9 @@ mod tests {
         assert_eq!(ingress(v4, &["10.9.9.9"]).unwrap().from, ip("10.9.9.9"));
         let v6 = "[proxy]\ningress_to = \"2001:db8::10\"";
         assert_eq!(ingress(v6, &["100.101.0.1", "fd7a:115c:a1e0::1"]).unwrap().from, ip("fd7a:115c:a1e0::1"));
-        // Not addressed yet: waits.
-        assert_eq!(ingress(v4, &["fd7a:115c:a1e0::1"]), None);
+        // Not addressed yet (link-local addresses do not count): waits.
+        assert_eq!(ingress(v4, &["fd7a:115c:a1e0::1", "169.254.1.1"]), None);
+        assert_eq!(ingress(v6, &["fe80::3f8a:1", "100.101.0.1"]), None);
         // The override wins.
         let fixed = "[proxy]\ningress_to = \"192.0.2.10\"\ntailnet_ipv4 = \"100.99.0.1\"";
         assert_eq!(ingress(fixed, &["100.101.0.1"]).unwrap().from, ip("100.99.0.1"));

@@ -63,10 +63,11 @@ impl Attachments {
         // The gateway's own flows are recorded only where their replies are checked.
         let egress =
             state.uplinks.iter().filter(|_| state.conntrack.own_replies).map(|u| (Hook::UplinkEgress, u));
-        // Services for LAN clients (not the ingress proxy: tailnet traffic only).
+        // Services and the ingress proxy for LAN clients too (the reference's proxy rule
+        // matches every incoming device).
         let services_on_uplinks = [Hook::ServiceUplinkIn, Hook::ServiceUplinkOut]
             .into_iter()
-            .filter(|_| !state.services.is_empty())
+            .filter(|_| !state.services.is_empty() || state.proxy.ingress.is_some())
             .flat_map(|hook| state.uplinks.iter().map(move |u| (hook, u)));
         let uplinks = state.uplinks.iter().map(|u| (Hook::Xdp, u)).chain(egress).chain(services_on_uplinks);
         for (hook, ifname) in uplinks.chain(tunnel) {
