@@ -404,7 +404,8 @@ fn log_ingress(config: &Config, state: &DesiredState) {
             tracing::info!("ingress proxy: tailnet traffic for {} goes to {}", ingress.from, ingress.to)
         }
         (Some(to), None) => tracing::warn!(
-            "ingress proxy: waiting for the tunnel {} to have an {} address (traffic for it goes to {to} then)",
+            "ingress proxy: waiting for the tunnel {} to have an {} address other than {to} (traffic for it \
+             goes to {to} then)",
             config.tunnel,
             if to.is_ipv4() { "IPv4" } else { "IPv6" }
         ),

@@ -24,7 +24,8 @@ pub struct Ingress {
 pub fn compile(config: &Config, tunnel_addresses: &[IpAddr]) -> Proxy {
     let ingress = config.proxy.ingress_to.and_then(|to| {
         let from = config.proxy.tailnet_address_like(to).or_else(|| tailnet_address(tunnel_addresses, to))?;
-        Some(Ingress { from, to })
+        // The destination is the gateway's own tailnet address: a loop, not a proxy.
+        (from != to).then_some(Ingress { from, to })
     });
     Proxy { ingress }
 }
@@ -77,5 +78,7 @@ mod tests {
         let fixed = "[proxy]\ningress_to = \"192.0.2.10\"\ntailnet_ipv4 = \"100.99.0.1\"";
         assert_eq!(ingress(fixed, &["100.101.0.1"]).unwrap().from, ip("100.99.0.1"));
         assert_eq!(ingress("", &["100.101.0.1"]), None);
+        // The destination is the tunnel's own address: no proxy (it would loop).
+        assert_eq!(ingress("[proxy]\ningress_to = \"100.101.0.1\"", &["100.101.0.1"]), None);
     }
 }
