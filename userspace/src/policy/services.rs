@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use super::maglev;
-use crate::config::{Config, Protocol, ServiceConfig};
+use crate::config::{Config, ServiceConfig};
 
 /// The services, shared (10,000 of them with their backends are megabytes).
 pub type Services = Arc<Vec<ServiceConfig>>;
@@ -52,11 +52,7 @@ pub fn any_v6(services: &[ServiceConfig]) -> bool {
 
 /// `name (listen/protocol)` for logs.
 pub fn describe(service: &ServiceConfig) -> String {
-    format!("{} ({}/{})", service.name, service.listen, protocol_name(service.protocol))
-}
-
-fn protocol_name(protocol: Protocol) -> &'static str {
-    protocol.name()
+    format!("{} ({}/{})", service.name, service.listen, service.protocol.name())
 }
 
 #[cfg(test)]
