@@ -197,7 +197,7 @@ pub fn now() -> u64 {
 
 /// A family's key: its tuple, its ICMP, its table.
 pub trait Key: Table {
-    type Addr: Copy;
+    type Addr: Copy + PartialEq;
     /// The family's ICMP protocol and echo types.
     const ICMP: u8;
     const ECHO_REQUEST: u8;
@@ -293,7 +293,7 @@ fn quoted_ports(bytes: Bytes, l4: usize, proto: u8, icmp: u8, echo_request: u8) 
 }
 
 /// The largest transport-header offset read (see `seen`).
-const MAX_TRANSPORT: u16 = 0x3ff;
+pub const MAX_TRANSPORT: u16 = 0x3ff;
 
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;

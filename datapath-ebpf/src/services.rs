@@ -12,7 +12,7 @@ use tailgate_abi::{
 };
 
 use crate::{
-    conntrack::{live, now, At, Bytes, Key},
+    conntrack::{live, now, At, Bytes, Key, MAX_TRANSPORT},
     counters::count,
     maps::{settings, Scratch4, Scratch6, BACKENDS, SCRATCH4, SCRATCH6, SERVICES, SERVICE_TABLES},
     parse::{be16, read, Ip, Packet, IPPROTO_TCP, IPPROTO_UDP, L4},
@@ -62,8 +62,8 @@ fn transport(packet: &Packet, bytes: Bytes, request: bool) -> Option<L4> {
         return packet.l4;
     }
     let (echo_request, echo_reply) = match (&packet.ip, packet.proto) {
-        (Ip::V4 { .. }, proto::ICMP) => (8, 0),
-        (Ip::V6 { .. }, proto::ICMPV6) => (128, 129),
+        (Ip::V4 { .. }, proto::ICMP) => (FlowKey4::ECHO_REQUEST, FlowKey4::ECHO_REPLY),
+        (Ip::V6 { .. }, proto::ICMPV6) => (FlowKey6::ECHO_REQUEST, FlowKey6::ECHO_REPLY),
         _ => return None,
     };
     // The mask bounds the offset for the verifier (as in `conntrack::seen`).
@@ -93,7 +93,8 @@ fn dnat_family<K: Family>(
 ) -> Dnat {
     // Addresses by reference, copied only where used: an IPv6 address in locals takes 16
     // registers, spilled a byte per stack slot.
-    // SAFETY: this CPU's scratch entry, used by one program run at a time.
+    // SAFETY: this CPU's scratch entry, used by one program run at a time. (Fetched before
+    // the service lookup: its key on the stack instead costs the frame 32 bytes it has not.)
     let Some(s) = K::scratch().map(|s| unsafe { &mut *s }) else { return Dnat::None };
     let (proto, flags) = (packet.proto, l4.tcp_flags);
     // The service first: traffic for no service costs this one lookup. (A flow of a service
@@ -150,16 +151,16 @@ fn dnat_family<K: Family>(
         rebalanced = true;
     }
     let size = service.size;
-    let Some(table) = SERVICE_TABLES.get(service.table) else { return refused() };
+    let Some(table) = SERVICE_TABLES.get(service.table) else { return Dnat::Drop };
     if size == 0 {
-        return refused();
+        return Dnat::Drop;
     }
     let slot = K::hash(src, dst, l4.sport, l4.dport, proto) % size;
-    let Some(pair) = table.get(slot / 2) else { return refused() };
+    let Some(pair) = table.get(slot / 2) else { return Dnat::Drop };
     let id = pair[(slot & 1) as usize];
-    let Some(backend) = BACKENDS.get(id) else { return refused() };
+    let Some(backend) = BACKENDS.get(id) else { return Dnat::Drop };
     if backend.family != K::FAMILY {
-        return refused();
+        return Dnat::Drop;
     }
     // Port 0: the packet's own (the ingress proxy keeps ports).
     let port = if backend.port == 0 { l4.dport } else { backend.port };
@@ -189,7 +190,7 @@ fn dnat_family<K: Family>(
                     // SAFETY: a map value.
                     let existing = unsafe { &mut *existing };
                     if existing.nat != s.vip {
-                        return refused();
+                        return Dnat::Drop;
                     }
                     // This flow's own entry, outliving its forward entry: renewed.
                     existing.last_seen = now;
@@ -200,14 +201,14 @@ fn dnat_family<K: Family>(
                 None if s.reply.insert(&s.reply_flow) => {}
                 None => {
                     count(Counter::FlowCreateFailed);
-                    return refused();
+                    return Dnat::Drop;
                 }
             }
         }
         if !s.key.insert(&s.flow) {
             s.reply.remove();
             count(Counter::FlowCreateFailed);
-            return refused();
+            return Dnat::Drop;
         }
         // Entries created (a rebalanced flow's forward entry was overwritten, not created:
         // `status` derives evictions from these counts).
@@ -220,11 +221,6 @@ fn dnat_family<K: Family>(
     }
     *out = rewrite::<K>(packet, l4, *dst, &s.nat, false);
     Dnat::To
-}
-
-#[inline(always)]
-fn refused() -> Dnat {
-    Dnat::Drop
 }
 
 #[inline(always)]
@@ -248,18 +244,17 @@ fn reverse_family<K: Family>(
     // The forward entry learns of the reply too (answered UDP lives 120 s, a backend's RST
     // or FIN ends the flow): it only ever sees the client's packets otherwise.
     let vip = flow.nat;
-    if !partner_due(flow, flags, now) {
-        *out = rewrite::<K>(packet, l4, *src, &vip, true);
-        return true;
-    }
-    flow.partner_seen = partner_clock(now);
-    let forward = K::of(*dst, K::from_nat(&vip), l4.dport, vip.port, proto, At { zone: zone::DNAT, ifindex });
-    if let Some(forward) = forward.get() {
-        // SAFETY: a map value; concurrent writers only race on refresh fields.
-        let forward = unsafe { &mut *forward };
-        forward.last_seen = now;
-        forward.flags_reply |= flags;
-        forward.state = advance(proto, forward.state, flags, true);
+    if partner_due(flow, flags, now) {
+        flow.partner_seen = partner_clock(now);
+        let forward =
+            K::of(*dst, K::from_nat(&vip), l4.dport, vip.port, proto, At { zone: zone::DNAT, ifindex });
+        if let Some(forward) = forward.get() {
+            // SAFETY: a map value; concurrent writers only race on refresh fields.
+            let forward = unsafe { &mut *forward };
+            forward.last_seen = now;
+            forward.flags_reply |= flags;
+            forward.state = advance(proto, forward.state, flags, true);
+        }
     }
     *out = rewrite::<K>(packet, l4, *src, &vip, true);
     true
@@ -282,13 +277,6 @@ pub fn reverse_error(packet: &Packet, bytes: Bytes, ifindex: u32, out: &mut Erro
     }
 }
 
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETERPROB: u8 = 12;
-const ICMPV6_DEST_UNREACH: u8 = 1;
-const ICMPV6_PARAMPROB: u8 = 4;
-/// The largest transport-header offset read.
-const MAX_TRANSPORT: u16 = 0x3ff;
 /// What an error quotes of a transport header at least: its ports and (UDP) checksum.
 const QUOTED_L4: usize = 8;
 
@@ -307,8 +295,7 @@ fn error4(
     if h + 8 + 20 > bytes.data_end {
         return false;
     }
-    let kind = read::<u8>(h);
-    if !matches!(kind, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB) {
+    if !FlowKey4::is_error(read::<u8>(h)) {
         return false;
     }
     let ver_ihl = read::<u8>(h + 8);
@@ -328,26 +315,8 @@ fn error4(
     if l4 + QUOTED_L4 > bytes.data_end {
         return false;
     }
-    let (sport, dport) = (be16(l4), be16(l4 + 2));
-    let key = FlowKey4::new(*dst, backend, (sport, dport), proto, zone::DNAT_REPLY, ifindex);
-    // Related, not part of the flow: no refresh (as conntrack).
-    let Some((flow, _)) = live(&key) else { return false };
-    // SAFETY: a map value, read only.
-    let vip = unsafe { (*flow).nat };
-    let (inner, inner_l4) = (icmp + 8, icmp + 8 + ihl);
-    *out = ErrorRewrite {
-        l3,
-        icmp,
-        inner_l3: inner,
-        inner_l4,
-        inner_check: quoted_check(bytes, inner_l4, proto),
-        outer_source: *src == backend,
-        from: Addr::V4(backend),
-        to: Addr::V4(FlowKey4::from_nat(&vip)),
-        from_port: dport,
-        to_port: vip.port,
-    };
-    true
+    let quote = Quote { proto, ports: (be16(l4), be16(l4 + 2)), l4: icmp + 8 + ihl };
+    quoted_flow::<FlowKey4>((l3, icmp), (src, dst), backend, quote, (bytes, ifindex), out)
 }
 
 #[inline(always)]
@@ -363,8 +332,7 @@ fn error6(
     if h + 8 + 40 + QUOTED_L4 > bytes.data_end {
         return false;
     }
-    let kind = read::<u8>(h);
-    if !(ICMPV6_DEST_UNREACH..=ICMPV6_PARAMPROB).contains(&kind) {
+    if !FlowKey6::is_error(read::<u8>(h)) {
         return false;
     }
     // The transport header right after the fixed header (extension headers are not walked).
@@ -376,22 +344,42 @@ fn error6(
         return false;
     }
     let backend = read::<[u8; 16]>(h + 8 + 24);
-    let (sport, dport) = (be16(h + 48), be16(h + 48 + 2));
-    let key = FlowKey6::new(*dst, backend, (sport, dport), proto, zone::DNAT_REPLY, ifindex);
+    let quote = Quote { proto, ports: (be16(h + 48), be16(h + 48 + 2)), l4: icmp + 48 };
+    quoted_flow::<FlowKey6>((l3, icmp), (src, dst), backend, quote, (bytes, ifindex), out)
+}
+
+/// The quoted packet's transport: protocol, ports, where its header is.
+struct Quote {
+    proto: u8,
+    ports: (u16, u16),
+    l4: usize,
+}
+
+/// The rewrite of an error whose quote (sent by `dst`, the error's receiver, to `backend`)
+/// is a flow's translated packet. Related, not part of the flow: no refresh (as conntrack).
+#[inline(always)]
+fn quoted_flow<K: Family>(
+    (l3, icmp): (usize, usize),
+    (src, dst): (&K::Addr, &K::Addr),
+    backend: K::Addr,
+    quote: Quote,
+    (bytes, ifindex): (Bytes, u32),
+    out: &mut ErrorRewrite,
+) -> bool {
+    let key = K::of(*dst, backend, quote.ports.0, quote.ports.1, quote.proto, reply_zone(ifindex));
     let Some((flow, _)) = live(&key) else { return false };
     // SAFETY: a map value, read only.
     let vip = unsafe { (*flow).nat };
-    let (inner, inner_l4) = (icmp + 8, icmp + 48);
     *out = ErrorRewrite {
         l3,
         icmp,
-        inner_l3: inner,
-        inner_l4,
-        inner_check: quoted_check(bytes, inner_l4, proto),
+        inner_l3: icmp + 8,
+        inner_l4: quote.l4,
+        inner_check: quoted_check(bytes, quote.l4, quote.proto),
         outer_source: *src == backend,
-        from: Addr::V6(backend),
-        to: Addr::V6(vip.addr),
-        from_port: dport,
+        from: K::addr(backend),
+        to: K::addr(K::from_nat(&vip)),
+        from_port: quote.ports.1,
         to_port: vip.port,
     };
     true

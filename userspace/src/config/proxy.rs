@@ -80,24 +80,10 @@ impl RawProxy {
                 Some(ip)
             }
         };
-        let tailnet_ipv4 = match self.tailnet_ipv4 {
-            None => None,
-            Some(text) => Some(text.trim().parse::<Ipv4Addr>().map_err(|_| {
-                ConfigError::new(
-                    self.ipv4_source.unwrap_or("proxy.tailnet_ipv4"),
-                    format!("{text:?} is not an IPv4 address"),
-                )
-            })?),
-        };
-        let tailnet_ipv6 = match self.tailnet_ipv6 {
-            None => None,
-            Some(text) => Some(text.trim().parse::<Ipv6Addr>().map_err(|_| {
-                ConfigError::new(
-                    self.ipv6_source.unwrap_or("proxy.tailnet_ipv6"),
-                    format!("{text:?} is not an IPv6 address"),
-                )
-            })?),
-        };
+        let tailnet_ipv4 =
+            address::<Ipv4Addr>(self.tailnet_ipv4, self.ipv4_source.unwrap_or("proxy.tailnet_ipv4"), "IPv4")?;
+        let tailnet_ipv6 =
+            address::<Ipv6Addr>(self.tailnet_ipv6, self.ipv6_source.unwrap_or("proxy.tailnet_ipv6"), "IPv6")?;
         let proxy = ProxyConfig { ingress_to, tailnet_ipv4, tailnet_ipv6, ingress_source };
         if let Some(to) = ingress_to {
             if proxy.tailnet_address_like(to) == Some(to) {
@@ -111,6 +97,20 @@ impl RawProxy {
         }
         Ok(proxy)
     }
+}
+
+/// An optional address of one family, parsed; errors name `field`.
+fn address<T: std::str::FromStr>(
+    text: Option<String>,
+    field: &str,
+    family: &str,
+) -> Result<Option<T>, ConfigError> {
+    text.map(|text| {
+        text.trim()
+            .parse::<T>()
+            .map_err(|_| ConfigError::new(field, format!("{text:?} is not an {family} address")))
+    })
+    .transpose()
 }
 
 impl ProxyConfig {

@@ -29,6 +29,7 @@ use super::{
     cgnat_plan,
     cgnat_table::{self as table, Slot},
     generation::GenerationWriter,
+    mapped::Mapped,
 };
 use crate::policy::{CgnatRules, Rule, Verdict};
 
@@ -297,8 +298,8 @@ fn write_table<S: Slot>(
 ) -> Result<Table> {
     if let Some(mut held) = held.filter(|t| table::suits(t.capacity, want.len())) {
         let mut mapped =
-            Mapped::<S>::new(&held.map, true).with_context(|| format!("mapping a table of {name}"))?;
-        let slots = mapped.slots_mut();
+            mapped::<S>(&held.map, true).with_context(|| format!("mapping a table of {name}"))?;
+        let slots = mapped.elements_mut();
         for prefix in stale {
             table::remove(slots, prefix);
         }
@@ -313,9 +314,8 @@ fn write_table<S: Slot>(
     let mut capacity = table::capacity_for(want.len());
     loop {
         let map = create_table::<S>(name, generation, capacity)?;
-        let mut mapped =
-            Mapped::<S>::new(&map, true).with_context(|| format!("mapping a new table of {name}"))?;
-        let slots = mapped.slots_mut();
+        let mut mapped = mapped::<S>(&map, true).with_context(|| format!("mapping a new table of {name}"))?;
+        let slots = mapped.elements_mut();
         let longest = table::fill(slots, want);
         drop(mapped);
         if let Some(longest) = longest.filter(|&l| l <= MAX_PROBE) {
@@ -345,58 +345,12 @@ fn create_table<S: Slot>(name: &str, generation: u32, capacity: u32) -> Result<M
         .with_context(|| format!("creating a table of {capacity} slots for {name}"))
 }
 
-/// A table's slots mapped into this process: written and read as memory, no syscall per
-/// slot. Unmapped on drop (the slots stay in the kernel).
-struct Mapped<S> {
-    ptr: *mut S,
-    slots: usize,
-    bytes: usize,
-}
-
-impl<S: Slot> Mapped<S> {
-    /// Maps all of `map`'s slots; refuses a table whose slots are not `S`.
-    fn new(map: &MapData, writable: bool) -> Result<Self> {
-        use std::os::fd::{AsFd, AsRawFd};
-        let info = map.info()?;
-        let capacity = info.max_entries();
-        anyhow::ensure!(
-            info.value_size() as usize == size_of::<S>() && capacity.is_power_of_two(),
-            "table has {capacity} slots of {} B, expected a power of two of {} B",
-            info.value_size(),
-            size_of::<S>()
-        );
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let bytes = (capacity as usize * size_of::<S>()).div_ceil(page) * page;
-        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
-        // SAFETY: a shared mapping of the map's own pages, `bytes` long (the kernel refuses
-        // more than the array holds); unmapped once in drop.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), bytes, prot, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0)
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mmap of a table");
-        }
-        Ok(Self { ptr: ptr.cast(), slots: capacity as usize, bytes })
-    }
-
-    fn slots(&self) -> &[S] {
-        // SAFETY: `slots` elements of `S` (the element stride, checked in `new`) are mapped.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.slots) }
-    }
-
-    fn slots_mut(&mut self) -> &mut [S] {
-        // SAFETY: as in `slots`; mapped writable when written (a read-only mapping is only
-        // read through `slots`).
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.slots) }
-    }
-}
-
-impl<S> Drop for Mapped<S> {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
-    }
+/// A slot table mapped into this process (see `mapped`); refuses one whose size is not a
+/// power of two (the lookup masks the hash).
+fn mapped<S: Slot>(map: &MapData, writable: bool) -> Result<Mapped<S>> {
+    let capacity = map.info()?.max_entries();
+    anyhow::ensure!(capacity.is_power_of_two(), "table has {capacity} slots, expected a power of two");
+    Mapped::new(map, writable)
 }
 
 /// The table generation `generation` of an outer map points to, if any.
@@ -412,8 +366,8 @@ fn inner_table(outer: &Map, generation: u32) -> Result<Option<MapData>> {
 /// What one table holds, and the table.
 fn read_table<S: Slot>(outer: &Map, generation: u32) -> Result<(PrefixMap<PrefixRule>, Option<Table>)> {
     let Some(map) = inner_table(outer, generation)? else { return Ok((PrefixMap::default(), None)) };
-    let mapped = Mapped::<S>::new(&map, false)?;
-    let slots = mapped.slots();
+    let mapped = mapped::<S>(&map, false)?;
+    let slots = mapped.elements();
     let (entries, capacity, longest) = (table::read(slots), slots.len() as u32, table::longest_run(slots));
     drop(mapped);
     Ok((entries, Some(Table { map, capacity, longest })))

@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod generation;
 pub mod layout;
 pub mod links;
+mod mapped;
 pub mod mss;
 pub mod pins;
 pub mod services;

@@ -27,7 +27,7 @@ use tailgate_abi::{
     settings::{stage, Settings},
 };
 
-use super::{generation::GenerationWriter, sys};
+use super::{generation::GenerationWriter, mapped::Mapped, sys};
 use crate::{
     config::{BackendConfig, Protocol, ServiceConfig},
     policy::{
@@ -105,9 +105,12 @@ impl ServiceMaps {
             let (key, service) = entry?;
             held[usize::from(key.generation & 1)].insert(ident(&key), service);
         }
+        // Ids are read back only where services are (a start without any — most — spends
+        // no 65,535 lookups; an id a failed change left behind is simply written over).
         let map = ebpf.map(MAP_BACKENDS).with_context(|| format!("map {MAP_BACKENDS} missing"))?;
         let backends: Array<&MapData, Backend> = Array::try_from(map)?;
-        for id in 1..MAX_BACKENDS {
+        let ids = if held.iter().all(HashMap::is_empty) { 0 } else { MAX_BACKENDS };
+        for id in 1..ids {
             let backend = backends.get(&id, 0)?;
             if backend.family != 0 {
                 self.ids.insert((ident(&backend.service), socket_addr(&backend)), id);
@@ -428,62 +431,21 @@ fn create_table(size: u32, slot: u32) -> Result<MapData> {
         .with_context(|| format!("creating a service table of {size} entries"))
 }
 
-/// Writes `values` into a fresh table through a memory mapping (one call, not one per
-/// entry): slot `i` is half `i % 2` of element `i / 2`, elements 8 bytes apart — so slots
-/// are simply consecutive u32s.
+/// Writes `values` (the slots) into a fresh table through a memory mapping: slot `i` is
+/// half `i % 2` of element `i / 2`.
 fn fill_table(map: &MapData, values: &[u32]) -> Result<()> {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    let bytes = (values.len() * 4).div_ceil(page) * page;
-    // SAFETY: a shared mapping of the map's own pages (the kernel refuses more than it
-    // holds), unmapped below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            bytes,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            map.fd().as_fd().as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error()).context("mmap of a service table");
-    }
-    // SAFETY: `values.len()` u32 slots are mapped (the array has `ceil(len / 2)` 8-byte
-    // elements); unmapped right after.
-    unsafe {
-        std::ptr::copy_nonoverlapping(values.as_ptr(), ptr.cast::<u32>(), values.len());
-        libc::munmap(ptr, bytes);
+    let mut mapped = Mapped::<[u32; 2]>::new(map, true)?;
+    for (element, pair) in mapped.elements_mut().iter_mut().zip(values.chunks(2)) {
+        element[..pair.len()].copy_from_slice(pair);
     }
     Ok(())
 }
 
 /// A table's `size` slots, read through a memory mapping (not one call per slot).
 fn read_table(map: &MapData, size: u32) -> Result<Vec<u32>> {
-    let elements = map.info()?.max_entries() as usize;
-    anyhow::ensure!(elements * 2 >= size as usize, "a table of {elements} elements for {size} slots");
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    let bytes = (elements * 8).div_ceil(page) * page;
-    // SAFETY: a read-only shared mapping of the map's own pages, unmapped below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            bytes,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            map.fd().as_fd().as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error()).context("mmap of a service table");
-    }
-    // SAFETY: `size` u32 slots are mapped (see `fill_table`); copied out before the unmap.
-    let slots = unsafe { std::slice::from_raw_parts(ptr.cast::<u32>(), size as usize) }.to_vec();
-    // SAFETY: the mapping made above.
-    unsafe { libc::munmap(ptr, bytes) };
+    let mapped = Mapped::<[u32; 2]>::new(map, false)?;
+    let slots: Vec<u32> = mapped.elements().iter().flatten().copied().take(size as usize).collect();
+    anyhow::ensure!(slots.len() == size as usize, "a table of {} slots for {size}", slots.len());
     Ok(slots)
 }
 
