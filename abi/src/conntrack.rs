@@ -56,6 +56,17 @@ pub mod zone {
     /// The same connection under its translated tuple (client → backend); `Flow::nat`: the
     /// VIP, to translate replies back.
     pub const DNAT_REPLY: u8 = 4;
+    /// A connection masqueraded out of an uplink (`ifindex`: that uplink), under its
+    /// original tuple (tailnet client → remote); `Flow::nat`: the uplink's address and the
+    /// port it was given (`crate::nat`).
+    pub const SNAT: u8 = 5;
+    /// The same connection under its translated tuple (uplink address → remote); `Flow::nat`:
+    /// the client's address and port, to translate replies back.
+    pub const SNAT_REPLY: u8 = 6;
+    /// A connection opened from another device into the tunnel (`ifindex`: the tunnel),
+    /// recorded while masquerading: its replies out of an uplink are not masqueraded (as
+    /// netfilter NATs only a connection's first packet).
+    pub const INBOUND: u8 = 7;
 
     pub const fn name(zone: u8) -> &'static str {
         match zone {
@@ -63,6 +74,9 @@ pub mod zone {
             TUNNEL => "tunnel",
             DNAT => "dnat",
             DNAT_REPLY => "dnat-reply",
+            SNAT => "snat",
+            SNAT_REPLY => "snat-reply",
+            INBOUND => "inbound",
             _ => "?",
         }
     }
@@ -144,12 +158,26 @@ pub struct Flow {
     pub flags_original: u8,
     pub flags_reply: u8,
     pub pad: u8,
-    /// NAT entries (zones `DNAT`, `DNAT_REPLY`): when this entry last refreshed its partner
+    /// NAT entries (zones `DNAT`, `DNAT_REPLY`, `SNAT`, `SNAT_REPLY`): when this entry last refreshed its partner
     /// (the other direction's entry), in units of 2^30 ns (~1.07 s); see [`partner_due`].
     pub partner_seen: u32,
-    /// The address and port the flow is translated to (zones `DNAT`, `DNAT_REPLY`); zero
-    /// elsewhere.
+    /// The address and port the flow is translated to (NAT zones); zero elsewhere.
     pub nat: Nat,
+}
+
+impl Flow {
+    /// A packet with TCP flags `flags` (0 for other protocols) at `now`, in the reply
+    /// direction (`reply`) or the original one: the entry's clock, flags and state follow.
+    #[inline(always)]
+    pub fn seen(&mut self, proto: u8, flags: u8, now: u64, reply: bool) {
+        self.last_seen = now;
+        if reply {
+            self.flags_reply |= flags;
+        } else {
+            self.flags_original |= flags;
+        }
+        self.state = advance(proto, self.state, flags, reply);
+    }
 }
 
 /// The NAT engine's part of a flow: the address (IPv4: first 4 bytes) and port a packet of

@@ -69,10 +69,20 @@ pub enum Counter {
     /// Tunnel egress: an ICMP error about a packet sent to a backend, translated back (the
     /// quoted packet, and the error's source when the backend sent it).
     ServiceIcmpTranslated = 28,
+    /// Uplink egress: a packet of a flow from the tunnel masqueraded to the uplink's address.
+    Masqueraded = 29,
+    /// Uplink egress: a flow from the tunnel given the uplink's address and a port.
+    MasqueradeNew = 30,
+    /// Uplink ingress: a reply to a masqueraded flow, translated back to the client.
+    Unmasqueraded = 31,
+    /// Uplink egress: a marked packet that could not be masqueraded (no port free, no
+    /// address, not TCP/UDP/ICMP echo, a later fragment): dropped rather than sent out with
+    /// a tailnet source.
+    MasqueradeDrop = 32,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 29] = [
+    pub const ALL: [Counter; 33] = [
         Counter::UplinkPassNotIp,
         Counter::UplinkPassMalformed,
         Counter::UplinkPassNoMatch,
@@ -102,6 +112,10 @@ impl Counter {
         Counter::ServiceReverseNat,
         Counter::ServiceDrop,
         Counter::ServiceIcmpTranslated,
+        Counter::Masqueraded,
+        Counter::MasqueradeNew,
+        Counter::Unmasqueraded,
+        Counter::MasqueradeDrop,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -137,6 +151,10 @@ impl Counter {
             Counter::ServiceReverseNat => "service_reverse_nat",
             Counter::ServiceDrop => "service_drop",
             Counter::ServiceIcmpTranslated => "service_icmp_translated",
+            Counter::Masqueraded => "masqueraded",
+            Counter::MasqueradeNew => "masquerade_new",
+            Counter::Unmasqueraded => "unmasqueraded",
+            Counter::MasqueradeDrop => "masquerade_drop",
         }
     }
 }

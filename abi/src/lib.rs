@@ -42,6 +42,11 @@ pub mod programs {
     /// The same on every uplink, for LAN clients.
     pub const SERVICE_UPLINK_IN: &str = "tg_service_uplink_in";
     pub const SERVICE_UPLINK_OUT: &str = "tg_service_uplink_out";
+    /// TC ingress on every uplink, first, while masquerading: replies to masqueraded flows
+    /// translated back.
+    pub const MASQUERADE_IN: &str = "tg_masquerade_in";
+    /// TC egress on every uplink, first: marked packets from the tunnel masqueraded.
+    pub const MASQUERADE_OUT: &str = "tg_masquerade_out";
 }
 
 /// Load-time constants of the object (`EbpfLoader::override_global`).

@@ -20,6 +20,9 @@ pub mod stage {
     /// Tailnet traffic for the gateway's own tailnet address goes to the ingress proxy's
     /// destination (a service entry with port 0: any port, kept).
     pub const INGRESS_PROXY: u32 = 1 << 4;
+    /// Masquerade marked traffic leaving an uplink (`[subnet_routes] masquerade`) with
+    /// ports from `nat_ports`, and translate its replies back (`crate::nat`).
+    pub const MASQUERADE: u32 = 1 << 5;
 }
 
 /// The parameters of one generation. All zero: every stage off.
@@ -34,6 +37,9 @@ pub struct Settings {
     /// Highest MSS let through in a SYN over IPv4 / IPv6.
     pub mss_v4: u16,
     pub mss_v6: u16,
+    /// The source ports the NAT engine gives translated flows, first and last (inclusive):
+    /// outside the host's `ip_local_port_range`, so the host's own sockets never collide.
+    pub nat_ports: [u16; 2],
 }
 
 #[cfg(feature = "user")]

@@ -4,7 +4,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use tailgate_abi::{
-    conntrack::{advance, expired, opening, proto, zone, Flow, FlowKey4, FlowKey6, FRAG_TIMEOUT_NS},
+    conntrack::{expired, opening, proto, zone, Flow, FlowKey4, FlowKey6, FRAG_TIMEOUT_NS},
     counters::Counter,
 };
 
@@ -143,9 +143,7 @@ fn record_key<K: Key>(seen: Seen<K>) {
     if let Some((flow, now)) = live(&key) {
         // SAFETY: a map value; concurrent writers only race on refresh fields.
         let flow = unsafe { &mut *flow };
-        flow.last_seen = now;
-        flow.flags_original |= flags;
-        flow.state = advance(proto, flow.state, flags, false);
+        flow.seen(proto, flags, now, false);
         return;
     }
     let Some(state) = opening(proto, flags) else { return };
@@ -162,9 +160,7 @@ fn reply_key<K: Key>(seen: Seen<K>) -> bool {
             let Some((flow, now)) = live(&key) else { return false };
             // SAFETY: a map value; concurrent writers only race on refresh fields.
             let flow = unsafe { &mut *flow };
-            flow.last_seen = now;
-            flow.flags_reply |= flags;
-            flow.state = advance(key.proto(), flow.state, flags, true);
+            flow.seen(key.proto(), flags, now, true);
             true
         }
         // Related, not part of the flow: no refresh (as conntrack).

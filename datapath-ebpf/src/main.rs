@@ -8,9 +8,11 @@
 //! | uplink TC egress (`tg_uplink_egress`)   | conntrack (record the gateway's own flows)  |
 //! | tunnel TC ingress (`tg_service_in`)     | services (DNAT), with services only         |
 //! | tunnel TC ingress (`tg_tunnel_ingress`) | conntrack (record), mark, mss               |
-//! | tunnel TC egress (`tg_tunnel_egress`)   | conntrack (stateful), cgnat (forward), mss  |
+//! | tunnel TC egress (`tg_tunnel_egress`)   | conntrack (stateful), cgnat (forward), masquerade (inbound), mss |
 //! | tunnel TC egress (`tg_service_out`)     | services (reverse NAT), with services only  |
 //! | uplink TC ingress (`tg_service_uplink_in`), egress (`tg_service_uplink_out`) | the same for LAN clients |
+//! | uplink TC ingress (`tg_masquerade_in`)  | masquerade (replies back), while masquerading |
+//! | uplink TC egress (`tg_masquerade_out`)  | masquerade (SNAT), first, while masquerading |
 //!
 //! The crate builds only for `bpfel-unknown-none` (see `userspace/build.rs`); on the host it
 //! is an empty binary so `cargo clippy --workspace` and `cargo test --workspace` work.
@@ -26,6 +28,8 @@ mod counters;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod mark;
+#[cfg(target_arch = "bpf")]
+mod masquerade;
 #[cfg(target_arch = "bpf")]
 mod mss;
 #[cfg(target_arch = "bpf")]
@@ -53,6 +57,7 @@ mod programs {
         counters::count,
         maps::{generation, settings, TUNNEL_L3_OFFSET},
         mark,
+        masquerade::{self, Snat},
         mss::{self, Clamp},
         nat,
         parse::{self, Link, NoPacket},
@@ -168,7 +173,8 @@ mod programs {
         // As the reference's rule order: the stateful drop comes before the prefix rules (an
         // exempt source does not get past it).
         let bytes = || Bytes { data: ctx.data(), data_end: ctx.data_end() };
-        let verdict = if stateful && !conntrack::reply(&packet, bytes(), At::tunnel(origin.ifindex)) {
+        let answers = stateful && conntrack::reply(&packet, bytes(), At::tunnel(origin.ifindex));
+        let verdict = if stateful && !answers {
             Verdict::Drop(Counter::TunnelDropStateful)
         } else {
             match cgnat::into_tunnel(&packet, &origin, generation) {
@@ -186,6 +192,11 @@ mod programs {
                 return TC_ACT_SHOT as i32;
             }
         };
+        // Connections from the LAN side into the tunnel: the masquerade leaves their replies.
+        // (A reply to a flow from the tunnel is none.)
+        if settings.stages & stage::MASQUERADE != 0 && origin.forwarded() && !answers {
+            masquerade::record_inbound(&packet, bytes(), origin.ingress_ifindex, origin.ifindex);
+        }
         if mss::applies(&packet) {
             clamp(&ctx, mss::clamp(&ctx, &packet, &settings), Counter::TunnelOutMssClamped);
         }
@@ -197,7 +208,10 @@ mod programs {
     /// stages of one call chain share 512 bytes of stack.
     #[classifier]
     pub fn tg_service_in(ctx: TcContext) -> i32 {
-        service_in(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize))
+        let Ok(packet) = nat_packet(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize)) else {
+            return TCX_NEXT;
+        };
+        service_in(&ctx, &packet, generation())
     }
 
     /// TC egress on the tunnel, after `tg_tunnel_egress` (whose filters judge a reply as
@@ -206,30 +220,85 @@ mod programs {
     /// service's address.
     #[classifier]
     pub fn tg_service_out(ctx: TcContext) -> i32 {
-        service_out(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize))
+        if let Ok(packet) = nat_packet(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize)) {
+            service_out(&ctx, &packet);
+        }
+        TCX_NEXT
     }
 
     /// TC ingress on every uplink, first, while services are configured: packets to a
     /// service from LAN clients (after the XDP filter) go to a backend.
     #[classifier]
     pub fn tg_service_uplink_in(ctx: TcContext) -> i32 {
-        service_in(&ctx, Link::Ethernet)
+        let Ok(packet) = nat_packet(&ctx, Link::Ethernet) else { return TCX_NEXT };
+        service_in(&ctx, &packet, generation())
     }
 
     /// TC egress on every uplink, last: backends' replies to LAN clients translated back.
     #[classifier]
     pub fn tg_service_uplink_out(ctx: TcContext) -> i32 {
-        service_out(&ctx, Link::Ethernet)
+        if let Ok(packet) = nat_packet(&ctx, Link::Ethernet) {
+            service_out(&ctx, &packet);
+        }
+        TCX_NEXT
     }
 
-    #[inline(always)]
-    fn service_in(ctx: &TcContext, link: Link) -> i32 {
-        let Ok(packet) = service_packet(ctx, link) else { return TCX_NEXT };
+    /// TC ingress on every uplink, first (after the XDP filter), while masquerading:
+    /// replies to masqueraded flows go back to their client.
+    #[classifier]
+    pub fn tg_masquerade_in(ctx: TcContext) -> i32 {
+        let settings = settings(generation());
+        if settings.stages & stage::MASQUERADE == 0 {
+            return TCX_NEXT;
+        }
+        let Ok(packet) = nat_packet(&ctx, Link::Ethernet) else { return TCX_NEXT };
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let mut nat = NatRewrite::EMPTY;
         let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
-        match services::dnat(&packet, bytes, generation(), ifindex, &mut nat) {
+        if masquerade::reverse(&packet, bytes, &settings, ifindex, &mut nat) {
+            apply(&ctx, Rewrite::Nat(nat), Counter::Unmasqueraded);
+        }
+        TCX_NEXT
+    }
+
+    /// TC egress on every uplink, first, while masquerading: marked packets from the tunnel
+    /// get the uplink's address. First: before the services' reverse NAT, so that a
+    /// backend's reply is still seen as the reply it is (the connection came from the LAN).
+    #[classifier]
+    pub fn tg_masquerade_out(ctx: TcContext) -> i32 {
+        let settings = settings(generation());
+        // SAFETY: the context pointer is valid for the program's run.
+        let (ingress, ifindex, mark) =
+            unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
+        // Forwarded and carrying the subnet-route mark: from the tunnel.
+        if settings.stages & stage::MASQUERADE == 0
+            || ingress == 0
+            || mark & settings.mark_mask != settings.mark_value
+        {
+            return TCX_NEXT;
+        }
+        let Ok(packet) = nat_packet(&ctx, Link::Ethernet) else { return TCX_NEXT };
+        let mut nat = NatRewrite::EMPTY;
+        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+        match masquerade::snat(&packet, bytes, &settings, (ctx.skb.skb.cast(), ifindex, ingress), &mut nat) {
+            Snat::None => TCX_NEXT,
+            Snat::To if rewritten(&ctx, Rewrite::Nat(nat)) => next(Counter::Masqueraded),
+            // Never sent out with its tailnet source.
+            _ => {
+                count(Counter::MasqueradeDrop);
+                TC_ACT_SHOT as i32
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn service_in(ctx: &TcContext, packet: &parse::Packet, generation: u8) -> i32 {
+        // SAFETY: the context pointer is valid for the program's run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let mut nat = NatRewrite::EMPTY;
+        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+        match services::dnat(packet, bytes, generation, ifindex, &mut nat) {
             Dnat::None => TCX_NEXT,
             Dnat::To if rewritten(ctx, Rewrite::Nat(nat)) => {
                 count(Counter::ServiceDnat);
@@ -243,29 +312,33 @@ mod programs {
         }
     }
 
+    /// A backend's reply (or an ICMP error about a packet sent to one) translated back;
+    /// whether the packet was one.
     #[inline(always)]
-    fn service_out(ctx: &TcContext, link: Link) -> i32 {
-        let Ok(packet) = service_packet(ctx, link) else { return TCX_NEXT };
+    fn service_out(ctx: &TcContext, packet: &parse::Packet) -> bool {
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let mut nat = NatRewrite::EMPTY;
         let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
-        if services::reverse(&packet, bytes, ifindex, &mut nat) {
+        if services::reverse(packet, bytes, ifindex, &mut nat) {
             apply(ctx, Rewrite::Nat(nat), Counter::ServiceReverseNat);
-            return TCX_NEXT;
+            return true;
         }
         let mut error = ErrorRewrite::EMPTY;
-        if services::reverse_error(&packet, bytes, ifindex, &mut error) && nat::translate_error(ctx, &error) {
-            count(Counter::ServiceIcmpTranslated);
+        if services::reverse_error(packet, bytes, ifindex, &mut error) {
+            if nat::translate_error(ctx, &error) {
+                count(Counter::ServiceIcmpTranslated);
+            }
+            return true;
         }
-        TCX_NEXT
+        false
     }
 
-    /// The packet of a services program. The headers are pulled into the linear buffer
+    /// The packet of a NAT program. The headers are pulled into the linear buffer
     /// first when they are not all there: one parse, no retry loop, whose spills would leave
     /// too little of the 512 bytes of stack a call chain shares for the stage.
     #[inline(always)]
-    fn service_packet(ctx: &TcContext, link: Link) -> Result<parse::Packet, NoPacket> {
+    fn nat_packet(ctx: &TcContext, link: Link) -> Result<parse::Packet, NoPacket> {
         let l3 = match link {
             Link::Ethernet => parse::MAX_L2_LEN,
             Link::Ip(l3) => l3,

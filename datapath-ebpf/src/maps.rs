@@ -1,6 +1,7 @@
 //! Every map of the datapath. Names, keys and values come from `tailgate_abi`.
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
     Global,
@@ -97,6 +98,7 @@ macro_rules! scratch {
             pub nat: Nat,
             pub vip: Nat,
             pub service: ServiceKey,
+            pub fib: bpf_fib_lookup,
         }
     };
 }

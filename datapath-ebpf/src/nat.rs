@@ -24,13 +24,18 @@ pub fn translate(ctx: &TcContext, nat: &NatRewrite) -> bool {
     let (check, zero) = match nat.proto {
         parse::IPPROTO_TCP => (nat.l4 + 16, 0),
         parse::IPPROTO_UDP => (nat.l4 + 6, BPF_F_MARK_MANGLED_0 as u64),
-        // ICMP echo (the ingress proxy): the identifier stays, the checksum is at 2.
+        // ICMP echo: the checksum is at 2.
         _ => (nat.l4 + 2, 0),
     };
     let pseudo = BPF_F_PSEUDO_HDR as u64 | zero;
     // ICMPv4's checksum covers no pseudo-header.
     let in_l4 = nat.proto != parse::IPPROTO_ICMP;
-    let port_at = if nat.source { nat.l4 } else { nat.l4 + 2 };
+    let port_at = match nat.proto {
+        parse::IPPROTO_TCP | parse::IPPROTO_UDP if nat.source => nat.l4,
+        parse::IPPROTO_TCP | parse::IPPROTO_UDP => nat.l4 + 2,
+        // An echo's identifier (the ingress proxy keeps it, the masquerade may change it).
+        _ => nat.l4 + 4,
+    };
     let addresses = match (nat.from, nat.to) {
         (Addr::V4(from), Addr::V4(to)) => {
             let at = nat.l3 + if nat.source { 12 } else { 16 };

@@ -4,8 +4,9 @@
 //! flow's hash. Replies from the backend are translated back on their way into the tunnel.
 //! Both directions of a flow are recorded together, or the packet is dropped.
 
+use aya_ebpf::bindings::bpf_fib_lookup;
 use tailgate_abi::{
-    conntrack::{advance, opening, partner_clock, partner_due, proto, zone, Flow, FlowKey4, FlowKey6, Nat},
+    conntrack::{opening, partner_clock, partner_due, proto, zone, Flow, FlowKey4, FlowKey6, Nat},
     counters::Counter,
     services::{family, flow_hash4, flow_hash6, ServiceKey},
     settings::stage,
@@ -57,7 +58,7 @@ pub fn reverse(packet: &Packet, bytes: Bytes, ifindex: u32, out: &mut NatRewrite
 /// echo (the ingress proxy: an echo request on the way in, a reply on the way out), whose
 /// identifier stands in for both ports.
 #[inline(always)]
-fn transport(packet: &Packet, bytes: Bytes, request: bool) -> Option<L4> {
+pub fn transport(packet: &Packet, bytes: Bytes, request: bool) -> Option<L4> {
     if packet.proto == IPPROTO_TCP || packet.proto == IPPROTO_UDP {
         return packet.l4;
     }
@@ -118,9 +119,7 @@ fn dnat_family<K: Family>(
         // SAFETY: a map value; concurrent writers only race on refresh fields.
         let flow = unsafe { &mut *flow };
         if in_service::<K>(&flow.nat, &s.service) {
-            flow.last_seen = now;
-            flow.flags_original |= flags;
-            flow.state = advance(proto, flow.state, flags, false);
+            flow.seen(proto, flags, now, false);
             s.nat = flow.nat;
             // The reply entry lives as long as the flow does (put back if it was evicted)
             // and follows the client's FIN or RST.
@@ -130,8 +129,7 @@ fn dnat_family<K: Family>(
                 if let Some(reply) = s.reply.get() {
                     // SAFETY: a map value; concurrent writers only race on refresh fields.
                     let reply = unsafe { &mut *reply };
-                    reply.last_seen = now;
-                    reply.state = advance(proto, reply.state, flags, false);
+                    reply.seen(proto, flags, now, false);
                 } else {
                     s.reply_flow = Flow {
                         last_seen: now,
@@ -238,9 +236,7 @@ fn reverse_family<K: Family>(
     // SAFETY: a map value; concurrent writers only race on refresh fields.
     let flow = unsafe { &mut *flow };
     let flags = l4.tcp_flags;
-    flow.last_seen = now;
-    flow.flags_reply |= flags;
-    flow.state = advance(proto, flow.state, flags, true);
+    flow.seen(proto, flags, now, true);
     // The forward entry learns of the reply too (answered UDP lives 120 s, a backend's RST
     // or FIN ends the flow): it only ever sees the client's packets otherwise.
     let vip = flow.nat;
@@ -251,9 +247,7 @@ fn reverse_family<K: Family>(
         if let Some(forward) = forward.get() {
             // SAFETY: a map value; concurrent writers only race on refresh fields.
             let forward = unsafe { &mut *forward };
-            forward.last_seen = now;
-            forward.flags_reply |= flags;
-            forward.state = advance(proto, forward.state, flags, true);
+            forward.seen(proto, flags, now, true);
         }
     }
     *out = rewrite::<K>(packet, l4, *src, &vip, true);
@@ -450,6 +444,8 @@ pub struct Room<K> {
     pub nat: Nat,
     pub vip: Nat,
     pub service: ServiceKey,
+    /// The masquerade's route lookup (`masquerade::Uplink`).
+    pub fib: bpf_fib_lookup,
 }
 
 /// What the service stage needs of a family besides its flow key.

@@ -174,3 +174,53 @@ fn maxseg(stream: &std::net::TcpStream) -> Result<u32> {
     anyhow::ensure!(r == 0, "getsockopt(TCP_MAXSEG): {}", std::io::Error::last_os_error());
     Ok(value as u32)
 }
+
+/// A UDP request from `from` (bound in `from_ns`) to `to` (bound in `to_ns`, which answers
+/// it): the source the receiver saw, and whether the answer came back to `from`.
+pub fn udp_echo(
+    from_ns: &Netns,
+    from: std::net::SocketAddr,
+    to_ns: &Netns,
+    to: std::net::SocketAddr,
+) -> Result<(std::net::SocketAddr, bool)> {
+    use std::net::UdpSocket;
+    let server = to_ns.enter(move || Ok(UdpSocket::bind(to)?))?;
+    let client = from_ns.enter(move || Ok(UdpSocket::bind(from)?))?;
+    for s in [&server, &client] {
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    }
+    client.send_to(b"request", to)?;
+    let mut buf = [0u8; 64];
+    let (_, seen) = server.recv_from(&mut buf).context("the request did not arrive")?;
+    server.send_to(b"answer", seen)?;
+    let answered = matches!(client.recv_from(&mut buf), Ok((6, source)) if source == to);
+    Ok((seen, answered))
+}
+
+/// A TCP connection from `from_ns` to `to` (listening in `to_ns`) with one exchange of data
+/// each way: the source the listener saw, and the client's own address.
+pub fn tcp_echo(
+    from_ns: &Netns,
+    to_ns: &Netns,
+    to: std::net::SocketAddr,
+) -> Result<(std::net::SocketAddr, std::net::SocketAddr)> {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+    };
+    let listener = to_ns.enter(move || Ok(TcpListener::bind(to)?))?;
+    let mut client = from_ns.enter(move || Ok(TcpStream::connect_timeout(&to, Duration::from_secs(5))?))?;
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    anyhow::ensure!(poll(&mut fds, PollTimeout::from(5000u16))? > 0, "no connection reached {to}");
+    let (mut server, seen) = listener.accept()?;
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    }
+    let mut buf = [0u8; 4];
+    client.write_all(b"ping")?;
+    server.read_exact(&mut buf).context("the request did not arrive")?;
+    server.write_all(b"pong")?;
+    client.read_exact(&mut buf).context("the answer did not come back")?;
+    anyhow::ensure!(&buf == b"pong", "answer {buf:?}");
+    Ok((seen, client.local_addr()?))
+}

@@ -109,10 +109,28 @@ pub fn run_tunnel(
     mark: u32,
     ingress_ifindex: u32,
 ) -> Result<TcRun> {
+    run_tc(dp, hook, frame, Skb { mark, ingress_ifindex, ifindex: 0 })
+}
+
+/// What a TC test run's skb says besides the packet.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Skb {
+    pub mark: u32,
+    /// The device it came in on (0: generated locally).
+    pub ingress_ifindex: u32,
+    /// The device it is on (0: `lo`); must exist in the calling thread's namespace.
+    pub ifindex: u32,
+}
+
+const SKB_IFINDEX: usize = 40;
+
+/// Runs a TC program on an Ethernet frame with the given skb fields.
+pub fn run_tc(dp: &mut Datapath, hook: Hook, frame: &[u8], skb: Skb) -> Result<TcRun> {
     let prog = links::tc(&mut dp.ebpf, hook)?;
     let mut ctx = [0u8; SKB_CTX_LEN];
-    ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
-    ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&skb.mark.to_ne_bytes());
+    ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&skb.ingress_ifindex.to_ne_bytes());
+    ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&skb.ifindex.to_ne_bytes());
     let mut out = vec![0u8; frame.len() + 256];
     let mut ctx_out = [0u8; SKB_CTX_LEN];
     let mut opts = TestRunOptions::new();
@@ -124,6 +142,22 @@ pub fn run_tunnel(
     out.truncate(r.data_size_out as usize);
     let mark = u32::from_ne_bytes(ctx_out[SKB_MARK..SKB_MARK + 4].try_into().unwrap());
     Ok(TcRun { verdict: r.return_value, frame: out, mark })
+}
+
+/// ns per run of a TC program over `repeat` runs with the given skb fields (the device must
+/// exist in the calling thread's namespace), and the verdict.
+pub fn time_tc(dp: &mut Datapath, hook: Hook, frame: &[u8], skb: Skb, repeat: u32) -> Result<(u32, f64)> {
+    let prog = links::tc(&mut dp.ebpf, hook)?;
+    let mut ctx = [0u8; SKB_CTX_LEN];
+    ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&skb.mark.to_ne_bytes());
+    ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&skb.ingress_ifindex.to_ne_bytes());
+    ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&skb.ifindex.to_ne_bytes());
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.ctx_in = Some(&ctx);
+    opts.repeat = repeat;
+    let r = prog.test_run(opts)?;
+    Ok((r.return_value, r.duration.as_nanos() as f64))
 }
 
 /// ns per run of a tunnel TC program over `repeat` runs.

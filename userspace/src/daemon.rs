@@ -466,8 +466,7 @@ fn start_bpf(
     cancel: &Cancel,
 ) -> Result<Box<dyn Backend>, StartError> {
     notify(&[NotifyState::Status("loading the BPF datapath")]);
-    let mut bpf =
-        BpfBackend::load(opts.pins.clone(), opts.kernel_log, iptables_options(config), config.flows)?;
+    let mut bpf = BpfBackend::load(opts.pins.clone(), opts.kernel_log, config.flows)?;
     notify(&[NotifyState::Status("writing the policy and attaching")]);
     let started = cancel
         .check()

@@ -8,10 +8,12 @@ use serde::Deserialize;
 
 use crate::policy::{CGNAT_V4, TAILNET_ULA_V6};
 
+pub mod nat;
 pub mod proxy;
 pub mod services;
 
 pub use self::{
+    nat::NatConfig,
     proxy::ProxyConfig,
     services::{BackendConfig, Protocol, ServiceConfig},
 };
@@ -42,6 +44,8 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// `[proxy]`.
     pub proxy: ProxyConfig,
+    /// `[nat]`.
+    pub nat: NatConfig,
     /// Where the list values came from, to name them in errors and rule origins.
     pub sources: ListSources,
 }
@@ -223,6 +227,8 @@ struct RawConfig {
     service: Vec<services::RawService>,
     #[serde(default)]
     proxy: proxy::RawProxy,
+    #[serde(default)]
+    nat: nat::RawNat,
     #[serde(skip)]
     sources: ListSources,
 }
@@ -415,6 +421,7 @@ fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), C
         raw.sources.allow = "TAILGATE_CGNAT_ALLOW";
     }
     raw.proxy.apply_env(get);
+    raw.nat.apply_env(get);
     if let Some(v) = get("TAILGATE_CGNAT_DROP") {
         raw.cgnat.drop = Some(split_list(&v));
         raw.sources.drop = "TAILGATE_CGNAT_DROP";
@@ -498,6 +505,7 @@ impl RawConfig {
         };
         let services = services::validate(self.service)?;
         let proxy = self.proxy.validate()?;
+        let nat = self.nat.validate()?;
         if let Some(to) = proxy.ingress_to {
             // The ingress proxy takes everything for the gateway's tailnet address.
             if let Some(own) = proxy.tailnet_address_like(to) {
@@ -515,6 +523,7 @@ impl RawConfig {
         Ok(Config {
             services,
             proxy,
+            nat,
             subnet_routes: SubnetRoutesConfig {
                 mark,
                 masquerade: self.subnet_routes.masquerade.unwrap_or(true),

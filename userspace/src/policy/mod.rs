@@ -7,6 +7,7 @@ pub mod cgnat;
 pub mod conntrack;
 pub mod maglev;
 pub mod mss;
+pub mod nat;
 pub mod proxy;
 pub mod services;
 pub mod subnet_routes;
@@ -36,6 +37,8 @@ pub struct DesiredState {
     pub services: services::Services,
     /// `[proxy]`.
     pub proxy: proxy::Proxy,
+    /// `[nat]`.
+    pub nat: nat::Nat,
 }
 
 /// What the policy depends on besides the config: read from the system by the caller.
@@ -60,5 +63,6 @@ pub fn compile(config: &Config, system: System) -> DesiredState {
         conntrack: conntrack::compile(config),
         services: services::compile(config),
         proxy: proxy::compile(config, &system.tunnel_addresses),
+        nat: nat::compile(&config.nat),
     }
 }

@@ -69,7 +69,17 @@ impl Attachments {
             .into_iter()
             .filter(|_| !state.services.is_empty() || state.proxy.ingress.is_some())
             .flat_map(|hook| state.uplinks.iter().map(move |u| (hook, u)));
-        let uplinks = state.uplinks.iter().map(|u| (Hook::Xdp, u)).chain(egress).chain(services_on_uplinks);
+        let masquerade = [Hook::MasqueradeIn, Hook::MasqueradeOut]
+            .into_iter()
+            .filter(|_| state.subnet_routes.masquerade)
+            .flat_map(|hook| state.uplinks.iter().map(move |u| (hook, u)));
+        let uplinks = state
+            .uplinks
+            .iter()
+            .map(|u| (Hook::Xdp, u))
+            .chain(egress)
+            .chain(services_on_uplinks)
+            .chain(masquerade);
         for (hook, ifname) in uplinks.chain(tunnel) {
             let on_tunnel =
                 matches!(hook, Hook::TcEgress | Hook::TcIngress | Hook::ServiceIn | Hook::ServiceOut);

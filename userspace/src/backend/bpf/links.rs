@@ -39,10 +39,14 @@ pub enum Hook {
     /// The same on every uplink (TC ingress first, TC egress last), for LAN clients.
     ServiceUplinkIn,
     ServiceUplinkOut,
+    /// TC ingress on every uplink, first, while masquerading: replies translated back.
+    MasqueradeIn,
+    /// TC egress on every uplink, first (before the services' reverse NAT): the masquerade.
+    MasqueradeOut,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 8] = [
+    pub const ALL: [Hook; 10] = [
         Hook::Xdp,
         Hook::UplinkEgress,
         Hook::TcEgress,
@@ -51,6 +55,8 @@ impl Hook {
         Hook::ServiceOut,
         Hook::ServiceUplinkIn,
         Hook::ServiceUplinkOut,
+        Hook::MasqueradeIn,
+        Hook::MasqueradeOut,
     ];
 
     pub const fn pin_prefix(self) -> &'static str {
@@ -63,6 +69,8 @@ impl Hook {
             Hook::ServiceOut => "service_out",
             Hook::ServiceUplinkIn => "service_uplink_in",
             Hook::ServiceUplinkOut => "service_uplink_out",
+            Hook::MasqueradeIn => "masquerade_in",
+            Hook::MasqueradeOut => "masquerade_out",
         }
     }
 
@@ -76,6 +84,8 @@ impl Hook {
             Hook::ServiceOut => programs::SERVICE_OUT,
             Hook::ServiceUplinkIn => programs::SERVICE_UPLINK_IN,
             Hook::ServiceUplinkOut => programs::SERVICE_UPLINK_OUT,
+            Hook::MasqueradeIn => programs::MASQUERADE_IN,
+            Hook::MasqueradeOut => programs::MASQUERADE_OUT,
         }
     }
 }
@@ -145,14 +155,20 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, ifindex: u32, pin: &Pat
         _ => {
             let prog = tc(ebpf, hook)?;
             let kind = match hook {
-                Hook::TcIngress | Hook::ServiceIn | Hook::ServiceUplinkIn => TcAttachType::Ingress,
+                Hook::TcIngress | Hook::ServiceIn | Hook::ServiceUplinkIn | Hook::MasqueradeIn => {
+                    TcAttachType::Ingress
+                }
                 _ => TcAttachType::Egress,
             };
             // The services' programs around the tunnel's: DNAT before everything on the way
             // out of the tunnel, reverse NAT after everything on the way in (the filters judge
-            // a reply before its source is translated back, as netfilter's FORWARD does).
+            // a reply before its source is translated back, as netfilter's FORWARD does). The
+            // masquerade first on the way out: a backend's reply must still show the backend
+            // (the flow it belongs to came from the LAN, and is not masqueraded).
             let order = match hook {
-                Hook::ServiceIn | Hook::ServiceUplinkIn => LinkOrder::first(),
+                Hook::ServiceIn | Hook::ServiceUplinkIn | Hook::MasqueradeIn | Hook::MasqueradeOut => {
+                    LinkOrder::first()
+                }
                 Hook::ServiceOut | Hook::ServiceUplinkOut => LinkOrder::last(),
                 _ => LinkOrder::default(),
             };

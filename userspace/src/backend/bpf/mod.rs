@@ -11,6 +11,7 @@ pub mod generation;
 pub mod layout;
 pub mod links;
 mod mapped;
+pub mod masquerade;
 pub mod mss;
 pub mod pins;
 pub mod services;
@@ -18,7 +19,7 @@ pub mod settings;
 pub mod subnet_routes;
 mod sys;
 
-use std::{sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::{Ebpf, EbpfLoader};
@@ -35,13 +36,9 @@ use self::{
     settings::SettingsMap,
 };
 pub use self::{links::Hook, pins::Pins};
-use super::{
-    iptables::{self, writer::Writer},
-    Backend, Cancel, Interrupted,
-};
+use super::{iptables, Backend, Cancel, Interrupted};
 use crate::{
     config::FlowsConfig,
-    lock::Lock,
     policy::{proxy::Proxy, services::Services, CgnatRules, DesiredState},
 };
 
@@ -282,26 +279,11 @@ pub struct BpfBackend {
     started: Option<attachments::Fresh>,
     /// The state in force (to go back to when a reload fails half-way).
     applied: Option<DesiredState>,
-    /// The netfilter part (masquerade), once wanted.
-    netfilter: Option<Netfilter>,
-    iptables: iptables::Options,
-}
-
-/// The iptables writer for the masquerade rule, holding this network namespace's lock.
-struct Netfilter {
-    writer: Writer,
-    _netns: Lock,
 }
 
 impl BpfBackend {
     /// Loads the datapath with maps pinned under `pins`. Nothing is attached until `start`.
-    /// `iptables` says how the masquerade rule is written (variant, hooks, repair).
-    pub fn load(
-        pins: Pins,
-        log: KernelLog,
-        iptables: iptables::Options,
-        flows: FlowsConfig,
-    ) -> Result<Self, StartError> {
+    pub fn load(pins: Pins, log: KernelLog, flows: FlowsConfig) -> Result<Self, StartError> {
         let inherited = pins.exists();
         pins.prepare().map_err(at("load"))?;
         let mut datapath = Datapath::load_with(Some(&pins), log, Params { flows, ..Params::default() })?;
@@ -314,36 +296,7 @@ impl BpfBackend {
             ),
         };
         let attachments = Attachments::new(pins.clone());
-        Ok(Self {
-            datapath,
-            pins,
-            attachments,
-            logger,
-            inherited,
-            started: None,
-            applied: None,
-            netfilter: None,
-            iptables,
-        })
-    }
-
-    /// Writes the netfilter part of `state` (the masquerade rule, or its absence). The
-    /// iptables lock of the namespace is taken the first time masquerade is wanted.
-    fn apply_netfilter(&mut self, state: &DesiredState) -> Result<()> {
-        if self.netfilter.is_none() && state.subnet_routes.masquerade {
-            let (ip, netns) = iptables::open(&self.iptables).context(
-                "[subnet_routes] masquerade needs netfilter's nat table until the BPF NAT engine exists \
-                 (install iptables, or set masquerade = false)",
-            )?;
-            self.netfilter = Some(Netfilter { writer: Writer::new(ip), _netns: netns });
-        }
-        let Some(netfilter) = &mut self.netfilter else { return Ok(()) };
-        let tables = subnet_routes::tables(state, self.iptables.wiring(), &netfilter.writer.ip.available);
-        let written = netfilter.writer.apply(tables)?;
-        if !written.is_empty() {
-            tracing::info!("iptables (masquerade): wrote [{}]", written.join(", "));
-        }
-        Ok(())
+        Ok(Self { datapath, pins, attachments, logger, inherited, started: None, applied: None })
     }
 
     /// The kernel log reader (present when kernel logging is on), to poll when readable.
@@ -361,13 +314,12 @@ impl BpfBackend {
         if let Some(legacy) = cgnat::legacy_policy(&self.pins).map_err(at("load"))? {
             self.datapath.previous = Some(legacy);
         }
+        masquerade::check_ports(state, Path::new("/")).map_err(at("load"))?;
         self.sync_and_log(state).map_err(at("load"))?;
         cancel.check().map_err(at("attach"))?;
         let fresh =
             self.attachments.attach_all(&mut self.datapath.ebpf, state, cancel).map_err(at("attach"))?;
         self.started = Some(fresh);
-        // After the programs: what an earlier iptables run left goes once these enforce.
-        self.apply_netfilter(state).map_err(at("netfilter"))?;
         self.applied = Some(state.clone());
         Ok(())
     }
@@ -391,21 +343,11 @@ impl Backend for BpfBackend {
     }
 
     fn apply(&mut self, state: &DesiredState) -> Result<()> {
+        masquerade::check_ports(state, Path::new("/"))?;
         // New devices first (they enforce the old rules until the switch), so a failed
         // attach leaves the running state as it was; then the policy; then detach.
         let plan = self.attachments.attach_all(&mut self.datapath.ebpf, state, &Cancel::never())?;
         if let Err(e) = self.sync_and_log(state) {
-            self.attachments.undo(plan);
-            return Err(e);
-        }
-        // The masquerade rule last: it follows the mark, which is in force now. If it cannot
-        // be written, the maps go back to the state in force before (nothing half-applied).
-        if let Err(e) = self.apply_netfilter(state) {
-            if let Some(before) = self.applied.clone() {
-                if let Err(back) = self.datapath.sync(&before) {
-                    tracing::error!("putting the previous policy back: {back:#}");
-                }
-            }
             self.attachments.undo(plan);
             return Err(e);
         }
@@ -430,15 +372,10 @@ impl Backend for BpfBackend {
     }
 
     fn repair_interval(&self) -> Option<Duration> {
-        self.netfilter.as_ref().map(|_| self.iptables.repair_interval)
+        None
     }
 
     fn repair(&mut self) -> Result<()> {
-        let Some(netfilter) = &mut self.netfilter else { return Ok(()) };
-        let written = netfilter.writer.repair()?;
-        if !written.is_empty() {
-            tracing::warn!("iptables: rules changed by another program; restored [{}]", written.join(", "));
-        }
         Ok(())
     }
 
@@ -453,12 +390,9 @@ impl Backend for BpfBackend {
         std::mem::take(&mut self.datapath.stash).discard();
         // Maps set aside by a start that was killed before its commit.
         self.pins.remove_stale(&pinned_maps())?;
-        let netfilter = match &mut self.netfilter {
-            Some(netfilter) => netfilter.writer.commit(),
-            // No iptables writer of ours: rules an earlier iptables run left go (they would
-            // enforce the old policy alongside the programs).
-            None => iptables::remove_all().context("iptables rules of an earlier run left in place"),
-        };
+        // Rules an earlier iptables run left go (they would enforce the old policy alongside
+        // the programs), and the masquerade rule of a BPF run before the NAT engine.
+        let netfilter = iptables::remove_all().context("iptables rules of an earlier run left in place");
         self.attachments.detach_unwanted(state)?;
         // Pins of versions before policy generations: their programs were just replaced.
         for name in LEGACY_MAPS {
@@ -468,11 +402,6 @@ impl Backend for BpfBackend {
     }
 
     fn roll_back(mut self: Box<Self>) -> Result<()> {
-        if let Some(netfilter) = &self.netfilter {
-            if let Err(e) = netfilter.writer.roll_back() {
-                tracing::error!("rolling back the iptables rules: {e:#}");
-            }
-        }
         // Maps of another layout set aside: back in place if the old programs still run.
         let stash = std::mem::take(&mut self.datapath.stash);
         if self.attachments.took_over() {
@@ -492,17 +421,7 @@ impl Backend for BpfBackend {
     }
 
     fn stop(self: Box<Self>, keep: bool) -> Result<()> {
-        // The BPF part goes whatever happens to the netfilter part; the first error is
-        // reported.
-        let netfilter = match (&self.netfilter, keep) {
-            (Some(netfilter), false) => netfilter.writer.remove(),
-            _ => Ok(()),
-        };
-        if let Err(e) = &netfilter {
-            tracing::error!("removing the masquerade rule: {e:#}");
-        }
-        let bpf = self.stop_bpf(keep);
-        netfilter.and(bpf)
+        self.stop_bpf(keep)
     }
 }
 
@@ -510,7 +429,7 @@ impl BpfBackend {
     fn stop_bpf(self: Box<Self>, keep: bool) -> Result<()> {
         if keep {
             tracing::info!(
-                "keep_datapath: leaving programs attached, maps pinned under {} and the masquerade rule",
+                "keep_datapath: leaving programs attached and maps pinned under {}",
                 self.pins.root().display()
             );
             return Ok(());

@@ -1,6 +1,6 @@
 //! The `SETTINGS` array: the parameters of the stages that have no table of their own, one
 //! entry per policy generation, so they switch together with the prefix rules. Each
-//! feature fills its part (`subnet_routes`, `mss`).
+//! feature fills its part (`subnet_routes`, `mss`, `masquerade`, ...).
 
 use anyhow::{Context, Result};
 use aya::{
@@ -9,7 +9,7 @@ use aya::{
 };
 use tailgate_abi::settings::{Settings, MAP};
 
-use super::{conntrack, generation::GenerationWriter, mss, services, subnet_routes};
+use super::{conntrack, generation::GenerationWriter, masquerade, mss, services, subnet_routes};
 use crate::policy::DesiredState;
 
 /// What the kernel stages need of `state`.
@@ -19,6 +19,7 @@ pub fn compile(state: &DesiredState) -> Settings {
     mss::fill(&state.mss, &mut settings);
     conntrack::fill(&state.conntrack, &mut settings);
     services::fill(&state.proxy, &mut settings);
+    masquerade::fill(state, &mut settings);
     settings
 }
 

@@ -36,9 +36,8 @@ pub fn render(b: &mut Builder, state: &DesiredState) {
     masquerade(b, state);
 }
 
-/// The masquerade rule alone: the BPF backend marks in the kernel and keeps this one
-/// netfilter rule until the BPF NAT engine exists.
-pub fn masquerade(b: &mut Builder, state: &DesiredState) {
+/// The masquerade rule (the BPF backend masquerades in its own programs).
+fn masquerade(b: &mut Builder, state: &DesiredState) {
     if !state.subnet_routes.masquerade {
         return;
     }
