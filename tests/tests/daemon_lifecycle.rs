@@ -149,7 +149,14 @@ fn sigterm_removes_everything(backend: &str) {
         .map(|a| format!("{}@{}", a["hook"].as_str().unwrap(), a["target"].as_str().unwrap()))
         .collect();
     let expected: &[&str] = match backend {
-        "bpf" => &["xdp@eth0", "uplink_egress@eth0", "tc_egress@tun0", "tc_ingress@tun0"],
+        "bpf" => &[
+            "xdp@eth0",
+            "uplink_egress@eth0",
+            "tc_egress@tun0",
+            "tc_ingress@tun0",
+            "masquerade_in@eth0",
+            "masquerade_out@eth0",
+        ],
         _ => &[
             "ipv4 filter FORWARD@tg-forward",
             "ipv4 filter INPUT@tg-input",
@@ -290,7 +297,11 @@ fn omitted_interfaces_mean_every_up_ethernet_interface_but_the_tunnel() {
             "uplink_egress@eth0",
             "uplink_egress@eth1",
             "tc_egress@tun0",
-            "tc_ingress@tun0"
+            "tc_ingress@tun0",
+            "masquerade_in@eth0",
+            "masquerade_in@eth1",
+            "masquerade_out@eth0",
+            "masquerade_out@eth1"
         ]
     );
 }

@@ -65,7 +65,10 @@ fn tunnel_absent_at_start_then_deleted_and_recreated_is_filtered_again(backend: 
     assert!(!t.cgnat_neighbours_ping(), "uplink filtering without a tunnel");
     let s = status(&t.gw, &t.pins);
     if backend == "bpf" {
-        assert_eq!(attachments(&s), ["xdp@eth0", "uplink_egress@eth0"]);
+        assert_eq!(
+            attachments(&s),
+            ["xdp@eth0", "uplink_egress@eth0", "masquerade_in@eth0", "masquerade_out@eth0"]
+        );
         assert_eq!(
             s["pending"],
             serde_json::json!(["tc_egress on tun0 (absent)", "tc_ingress on tun0 (absent)"]),
@@ -114,7 +117,14 @@ fn uplink_deleted_and_recreated_is_protected_again(backend: &str) {
             let listed = attachments(&status(&t.gw, &t.pins));
             assert_eq!(
                 listed,
-                ["xdp@eth0", "uplink_egress@eth0", "tc_egress@tun0", "tc_ingress@tun0"],
+                [
+                    "xdp@eth0",
+                    "uplink_egress@eth0",
+                    "tc_egress@tun0",
+                    "tc_ingress@tun0",
+                    "masquerade_in@eth0",
+                    "masquerade_out@eth0"
+                ],
                 "one live attachment each"
             );
         }
@@ -187,7 +197,12 @@ fn a_reload_while_a_listed_uplink_is_absent_is_applied(backend: &str) {
         let s = status(&t.gw, &t.pins);
         assert_eq!(
             s["pending"],
-            serde_json::json!(["xdp on eth1 (absent)", "uplink_egress on eth1 (absent)"]),
+            serde_json::json!([
+                "xdp on eth1 (absent)",
+                "uplink_egress on eth1 (absent)",
+                "masquerade_in on eth1 (absent)",
+                "masquerade_out on eth1 (absent)"
+            ]),
             "{s}"
         );
     }

@@ -56,7 +56,17 @@ fn comes_up_right(t: &Topology, marker: u64) {
     let s = status(&t.gw, &t.pins);
     let drops = s["counters"]["uplink_drop"].as_u64().unwrap();
     assert!(drops >= 1 && drops < marker, "uplink_drop {drops}: counted anew, not on top of the old map");
-    assert_eq!(attachments(&s), ["xdp@eth0", "uplink_egress@eth0", "tc_egress@tun0", "tc_ingress@tun0"]);
+    assert_eq!(
+        attachments(&s),
+        [
+            "xdp@eth0",
+            "uplink_egress@eth0",
+            "tc_egress@tun0",
+            "tc_ingress@tun0",
+            "masquerade_in@eth0",
+            "masquerade_out@eth0"
+        ]
+    );
     let leftovers: Vec<_> = std::fs::read_dir(t.pins.path().join("maps"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
