@@ -4,7 +4,10 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use tailgate_abi::{
-    conntrack::{expired, opening, proto, zone, Flow, FlowKey4, FlowKey6, FRAG_TIMEOUT_NS},
+    conntrack::{
+        expired, opening, partner_clock, partner_due, proto, zone, Flow, FlowKey4, FlowKey6, Nat,
+        FRAG_TIMEOUT_NS,
+    },
     counters::Counter,
 };
 
@@ -183,6 +186,29 @@ pub fn live<K: Key>(key: &K) -> Option<(*mut Flow, u64)> {
         return None;
     }
     Some((flow, now))
+}
+
+/// A reply to a translated flow, keyed by its translated tuple reversed (`key`, a NAT
+/// reply zone): the translation back, once the entry — and, at most about once a second and
+/// at once on SYN/FIN/RST, its partner (`partner`: the flow's original entry, from the
+/// translation) — followed the reply. (The original entry only sees the client's packets
+/// otherwise: answered UDP lives 120 s, a RST or FIN from the other side ends the flow.)
+#[inline(always)]
+pub fn nat_reply<K: Key>(key: &K, flags: u8, partner: impl FnOnce(&Nat) -> K) -> Option<Nat> {
+    let (flow, now) = live(key)?;
+    // SAFETY: a map value; concurrent writers only race on refresh fields.
+    let flow = unsafe { &mut *flow };
+    let proto = key.proto();
+    flow.seen(proto, flags, now, true);
+    let nat = flow.nat;
+    if partner_due(flow, flags, now) {
+        flow.partner_seen = partner_clock(now);
+        if let Some(original) = partner(&nat).get() {
+            // SAFETY: a map value; concurrent writers only race on refresh fields.
+            unsafe { &mut *original }.seen(proto, flags, now, true);
+        }
+    }
+    Some(nat)
 }
 
 #[inline(always)]

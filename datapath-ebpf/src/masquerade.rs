@@ -19,11 +19,11 @@ use tailgate_abi::{
 };
 
 use crate::{
-    conntrack::{self, live, now, At, Bytes, Key, Table},
+    conntrack::{self, live, nat_reply, now, At, Bytes, Table},
     counters::count,
     parse::{Ip, Packet, L4},
-    services::{transport, Family},
-    stage::{Addr, NatRewrite},
+    services::{rewrite, transport, Family},
+    stage::NatRewrite,
 };
 
 /// What the masquerade does with a marked packet leaving an uplink. (Fieldless, as
@@ -149,7 +149,7 @@ fn snat_family<K: Uplink>(
                 }
             }
         }
-        *out = rewrite::<K>(packet, l4, *src, &s.nat);
+        *out = rewrite::<K>(packet, l4, *src, &s.nat, true);
         return Snat::To;
     }
     // A reply of a connection from the LAN side (a UDP answer, a TCP segment after the
@@ -212,10 +212,11 @@ fn snat_family<K: Uplink>(
         count(Counter::FlowCreateFailed);
         return Snat::Drop;
     }
+    // Both entries.
     count(Counter::FlowCreated);
     count(Counter::FlowCreated);
     count(Counter::MasqueradeNew);
-    *out = rewrite::<K>(packet, l4, *src, &s.nat);
+    *out = rewrite::<K>(packet, l4, *src, &s.nat, true);
     Snat::To
 }
 
@@ -232,33 +233,12 @@ fn reverse_family<K: Family>(
 ) -> bool {
     let proto = packet.proto;
     let key = K::of(*dst, *src, l4.dport, l4.sport, proto, reply_zone(ifindex));
-    let Some((flow, now)) = live(&key) else { return false };
-    // SAFETY: a map value; concurrent writers only race on refresh fields.
-    let flow = unsafe { &mut *flow };
-    let flags = l4.tcp_flags;
-    flow.seen(proto, flags, now, true);
-    let client = flow.nat;
-    if partner_due(flow, flags, now) {
-        flow.partner_seen = partner_clock(now);
+    let forward = |client: &Nat| {
         let (sport, dport) = ports(proto, client.port, l4.sport);
-        let forward =
-            K::of(K::from_nat(&client), *src, sport, dport, proto, At { zone: zone::SNAT, ifindex });
-        if let Some(forward) = forward.get() {
-            // SAFETY: a map value; concurrent writers only race on refresh fields.
-            let forward = unsafe { &mut *forward };
-            forward.seen(proto, flags, now, true);
-        }
-    }
-    *out = NatRewrite {
-        source: false,
-        l3: packet.l3,
-        l4: usize::from(l4.offset),
-        proto,
-        from: K::addr(*dst),
-        to: K::addr(K::from_nat(&client)),
-        from_port: l4.dport,
-        to_port: client.port,
+        K::of(K::from_nat(client), *src, sport, dport, proto, At { zone: zone::SNAT, ifindex })
     };
+    let Some(client) = nat_reply(&key, l4.tcp_flags, forward) else { return false };
+    *out = rewrite::<K>(packet, l4, *dst, &client, false);
     true
 }
 
@@ -276,21 +256,6 @@ fn ports(proto: u8, port: u16, remote: u16) -> (u16, u16) {
 #[inline(always)]
 fn reply_zone(ifindex: u32) -> At {
     At { zone: zone::SNAT_REPLY, ifindex }
-}
-
-/// The source rewrite from `addr` (as in the packet) to the flow's translation.
-#[inline(always)]
-fn rewrite<K: Family>(packet: &Packet, l4: &L4, addr: K::Addr, nat: &Nat) -> NatRewrite {
-    NatRewrite {
-        source: true,
-        l3: packet.l3,
-        l4: usize::from(l4.offset),
-        proto: packet.proto,
-        from: K::addr(addr),
-        to: K::addr(K::from_nat(nat)),
-        from_port: l4.sport,
-        to_port: nat.port,
-    }
 }
 
 /// The address the masquerade gives a flow: the route's preferred source towards `dst` out

@@ -13,7 +13,7 @@ use tailgate_abi::{
 };
 
 use crate::{
-    conntrack::{live, now, At, Bytes, Key, MAX_TRANSPORT},
+    conntrack::{live, nat_reply, now, At, Bytes, Key, MAX_TRANSPORT},
     counters::count,
     maps::{settings, Scratch4, Scratch6, BACKENDS, SCRATCH4, SCRATCH6, SERVICES, SERVICE_TABLES},
     parse::{be16, read, Ip, Packet, IPPROTO_TCP, IPPROTO_UDP, L4},
@@ -232,24 +232,10 @@ fn reverse_family<K: Family>(
     let proto = packet.proto;
     // The reply's tuple reversed is the translated one (client → backend).
     let key = K::of(*dst, *src, l4.dport, l4.sport, proto, reply_zone(ifindex));
-    let Some((flow, now)) = live(&key) else { return false };
-    // SAFETY: a map value; concurrent writers only race on refresh fields.
-    let flow = unsafe { &mut *flow };
-    let flags = l4.tcp_flags;
-    flow.seen(proto, flags, now, true);
-    // The forward entry learns of the reply too (answered UDP lives 120 s, a backend's RST
-    // or FIN ends the flow): it only ever sees the client's packets otherwise.
-    let vip = flow.nat;
-    if partner_due(flow, flags, now) {
-        flow.partner_seen = partner_clock(now);
-        let forward =
-            K::of(*dst, K::from_nat(&vip), l4.dport, vip.port, proto, At { zone: zone::DNAT, ifindex });
-        if let Some(forward) = forward.get() {
-            // SAFETY: a map value; concurrent writers only race on refresh fields.
-            let forward = unsafe { &mut *forward };
-            forward.seen(proto, flags, now, true);
-        }
-    }
+    let forward = |vip: &Nat| {
+        K::of(*dst, K::from_nat(vip), l4.dport, vip.port, proto, At { zone: zone::DNAT, ifindex })
+    };
+    let Some(vip) = nat_reply(&key, l4.tcp_flags, forward) else { return false };
     *out = rewrite::<K>(packet, l4, *src, &vip, true);
     true
 }
@@ -419,7 +405,7 @@ fn in_service<K: Family>(nat: &Nat, service: &ServiceKey) -> bool {
 /// The rewrite from `addr:port` (as in the packet; the destination, or with `source` the
 /// source) to the flow's translation.
 #[inline(always)]
-fn rewrite<K: Family>(packet: &Packet, l4: &L4, addr: K::Addr, nat: &Nat, source: bool) -> NatRewrite {
+pub fn rewrite<K: Family>(packet: &Packet, l4: &L4, addr: K::Addr, nat: &Nat, source: bool) -> NatRewrite {
     let port = if source { l4.sport } else { l4.dport };
     NatRewrite {
         source,

@@ -274,8 +274,7 @@ fn commit(backend: &mut dyn Backend, state: &DesiredState, pins: &Pins) {
     if let Err(e) = backend.commit(state) {
         tracing::warn!("completing the start: {e:#}");
     }
-    // The BPF backend's iptables writer already removed an earlier iptables run's rules
-    // (it keeps every table but its masquerade chain empty of tailgate's rules).
+    // The BPF backend's commit already removed an earlier iptables run's rules.
     if backend.name() != "bpf" {
         if let Err(e) = pins.remove_all(&bpf::known_maps()) {
             tracing::warn!("removing the BPF datapath of an earlier run: {e:#}");
@@ -498,7 +497,7 @@ fn start_iptables(config: &Config, state: &DesiredState, cancel: &Cancel) -> Res
     Ok(Box::new(backend))
 }
 
-/// `[iptables]`: how the iptables backend, and the BPF backend's masquerade rule, write.
+/// `[iptables]`: how the iptables backend writes.
 fn iptables_options(config: &Config) -> iptables::Options {
     let variant = match config.iptables.variant {
         IptablesVariant::Auto => None,
