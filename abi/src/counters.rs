@@ -79,10 +79,21 @@ pub enum Counter {
     /// address, not TCP/UDP/ICMP echo, a later fragment): dropped rather than sent out with
     /// a tailnet source.
     MasqueradeDrop = 32,
+    /// Tunnel egress: a packet forwarded to the egress proxy's target, given the gateway's
+    /// tailnet address and a port.
+    EgressProxied = 33,
+    /// Tunnel egress: a flow to the egress proxy's target given its address and port.
+    EgressProxyNew = 34,
+    /// Tunnel ingress: a reply from the egress proxy's target, translated back to the client.
+    EgressProxyReplies = 35,
+    /// Tunnel egress: a packet to the egress proxy's target that could not be translated
+    /// (no port free, not TCP/UDP/ICMP echo, a later fragment): dropped rather than sent
+    /// with a source the target cannot answer.
+    EgressProxyDrop = 36,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 33] = [
+    pub const ALL: [Counter; 37] = [
         Counter::UplinkPassNotIp,
         Counter::UplinkPassMalformed,
         Counter::UplinkPassNoMatch,
@@ -116,6 +127,10 @@ impl Counter {
         Counter::MasqueradeNew,
         Counter::Unmasqueraded,
         Counter::MasqueradeDrop,
+        Counter::EgressProxied,
+        Counter::EgressProxyNew,
+        Counter::EgressProxyReplies,
+        Counter::EgressProxyDrop,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -155,6 +170,10 @@ impl Counter {
             Counter::MasqueradeNew => "masquerade_new",
             Counter::Unmasqueraded => "unmasqueraded",
             Counter::MasqueradeDrop => "masquerade_drop",
+            Counter::EgressProxied => "egress_proxied",
+            Counter::EgressProxyNew => "egress_proxy_new",
+            Counter::EgressProxyReplies => "egress_proxy_replies",
+            Counter::EgressProxyDrop => "egress_proxy_drop",
         }
     }
 }

@@ -47,6 +47,9 @@ pub mod programs {
     pub const MASQUERADE_IN: &str = "tg_masquerade_in";
     /// TC egress on every uplink, first: marked packets from the tunnel masqueraded.
     pub const MASQUERADE_OUT: &str = "tg_masquerade_out";
+    /// TC egress on the tunnel, last, with the egress proxy: flows to its target get the
+    /// gateway's tailnet address (SNAT). Its replies are translated back by `SERVICE_IN`.
+    pub const PROXY_OUT: &str = "tg_proxy_out";
 }
 
 /// Load-time constants of the object (`EbpfLoader::override_global`).

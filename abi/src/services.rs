@@ -57,7 +57,18 @@ pub struct ServiceKey {
     pub family: u8,
     /// The policy generation this entry belongs to.
     pub generation: u8,
-    pub pad: [u8; 3],
+    /// Where the entry applies ([`scope`]).
+    pub scope: u8,
+    pub pad: [u8; 2],
+}
+
+/// Where a service entry applies (`ServiceKey::scope`).
+pub mod scope {
+    /// Wherever its address is reached: the tunnel and the uplinks (services, the ingress
+    /// proxy).
+    pub const ANY: u8 = 0;
+    /// Only for traffic arriving on an uplink (the egress proxy: "arriving elsewhere").
+    pub const UPLINKS: u8 = 1;
 }
 
 /// Where a service's table is.

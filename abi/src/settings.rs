@@ -23,6 +23,12 @@ pub mod stage {
     /// Masquerade marked traffic leaving an uplink (`[subnet_routes] masquerade`) with
     /// ports from `nat_ports`, and translate its replies back (`crate::nat`).
     pub const MASQUERADE: u32 = 1 << 5;
+    /// The egress proxy: traffic arriving on an uplink for one of the gateway's addresses
+    /// goes to `proxy_target` (service entries of scope `UPLINKS`), and leaves the tunnel
+    /// with `proxy_source` and a port of `nat_ports`; the gateway's own flows out of the
+    /// uplinks and the target's flows from the tunnel are recorded so that their replies
+    /// are left alone.
+    pub const EGRESS_PROXY: u32 = 1 << 6;
 }
 
 /// The parameters of one generation. All zero: every stage off.
@@ -40,6 +46,29 @@ pub struct Settings {
     /// The source ports the NAT engine gives translated flows, first and last (inclusive):
     /// outside the host's `ip_local_port_range`, so the host's own sockets never collide.
     pub nat_ports: [u16; 2],
+    /// The egress proxy's address family (`crate::services::family`), 0 without it.
+    pub proxy_family: u8,
+    pub pad: [u8; 3],
+    /// The egress proxy's target and the gateway's tailnet address its flows leave with
+    /// (IPv4: the first 4 bytes).
+    pub proxy_target: [u8; 16],
+    pub proxy_source: [u8; 16],
+}
+
+impl Settings {
+    /// Every stage off.
+    pub const OFF: Settings = Settings {
+        stages: 0,
+        mark_value: 0,
+        mark_mask: 0,
+        mss_v4: 0,
+        mss_v6: 0,
+        nat_ports: [0; 2],
+        proxy_family: 0,
+        pad: [0; 3],
+        proxy_target: [0; 16],
+        proxy_source: [0; 16],
+    };
 }
 
 #[cfg(feature = "user")]

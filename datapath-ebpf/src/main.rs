@@ -6,11 +6,12 @@
 //! |-----------------------------------------|---------------------------------------------|
 //! | uplink XDP (`tg_uplink`)                | cgnat (inbound); a drop: conntrack (reply?) |
 //! | uplink TC egress (`tg_uplink_egress`)   | conntrack (record the gateway's own flows)  |
-//! | tunnel TC ingress (`tg_service_in`)     | services (DNAT), with services only         |
+//! | tunnel TC ingress (`tg_service_in`)     | proxy (egress replies back), services (DNAT), with services or proxies only |
 //! | tunnel TC ingress (`tg_tunnel_ingress`) | conntrack (record), mark, mss               |
 //! | tunnel TC egress (`tg_tunnel_egress`)   | conntrack (stateful), cgnat (forward), masquerade (inbound), mss |
 //! | tunnel TC egress (`tg_service_out`)     | services (reverse NAT), with services only  |
-//! | uplink TC ingress (`tg_service_uplink_in`), egress (`tg_service_uplink_out`) | the same for LAN clients |
+//! | tunnel TC egress (`tg_proxy_out`)       | proxy (egress SNAT), with the egress proxy only |
+//! | uplink TC ingress (`tg_service_uplink_in`), egress (`tg_service_uplink_out`) | the same for LAN clients (and the egress proxy's DNAT) |
 //! | uplink TC ingress (`tg_masquerade_in`)  | masquerade (replies back), while masquerading |
 //! | uplink TC egress (`tg_masquerade_out`)  | masquerade (SNAT), first, while masquerading |
 //!
@@ -37,7 +38,11 @@ mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
+mod proxy;
+#[cfg(target_arch = "bpf")]
 mod services;
+#[cfg(target_arch = "bpf")]
+mod snat;
 #[cfg(target_arch = "bpf")]
 mod stage;
 
@@ -56,12 +61,13 @@ mod programs {
         conntrack::{self, At, Bytes},
         counters::count,
         maps::{generation, settings, TUNNEL_L3_OFFSET},
-        mark,
-        masquerade::{self, Snat},
+        mark, masquerade,
         mss::{self, Clamp},
         nat,
         parse::{self, Link, NoPacket},
+        proxy,
         services::{self, Dnat},
+        snat::{self, Snat},
         stage::{ErrorRewrite, NatRewrite, Rewrite, Verdict},
     };
 
@@ -106,7 +112,8 @@ mod programs {
     }
 
     /// TC egress on every uplink: records the gateway's own flows towards addresses whose
-    /// replies the inbound filter would drop (`allow_replies`). Never drops; passes on to
+    /// replies the inbound filter would drop (`allow_replies`), and all of them while the
+    /// egress proxy is on (their replies are not the proxy's). Never drops; passes on to
     /// the programs after it (the services' reverse NAT).
     #[classifier]
     pub fn tg_uplink_egress(ctx: TcContext) -> i32 {
@@ -117,11 +124,12 @@ mod programs {
             return TCX_NEXT;
         }
         let generation = generation();
-        if settings(generation).stages & stage::OWN_FLOWS == 0 {
+        let stages = settings(generation).stages;
+        if stages & (stage::OWN_FLOWS | stage::EGRESS_PROXY) == 0 {
             return TCX_NEXT;
         }
         if let Ok(packet) = parse::skb(&ctx, Link::Ethernet) {
-            if cgnat::replies_filtered(&packet, generation) {
+            if stages & stage::EGRESS_PROXY != 0 || cgnat::replies_filtered(&packet, generation) {
                 let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
                 conntrack::record(&packet, bytes, At::own(ifindex));
             }
@@ -129,8 +137,9 @@ mod programs {
         TCX_NEXT
     }
 
-    /// TC ingress on the tunnel: records flows opened from the tunnel (`stateful`), marks
-    /// packets for subnet routes and clamps the MSS of SYNs coming out of the tunnel.
+    /// TC ingress on the tunnel: records flows opened from the tunnel (`stateful`; the egress
+    /// proxy's target's), marks packets for subnet routes and clamps the MSS of SYNs coming
+    /// out of the tunnel.
     #[classifier]
     pub fn tg_tunnel_ingress(ctx: TcContext) -> i32 {
         let packet = match parse::skb(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize)) {
@@ -142,9 +151,11 @@ mod programs {
         // SAFETY: the context pointer is valid for the program's run.
         let (current, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
         // Before the clamp: a rewrite invalidates the packet pointers.
+        let bytes = || Bytes { data: ctx.data(), data_end: ctx.data_end() };
         if settings.stages & stage::STATEFUL != 0 {
-            let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
-            conntrack::record(&packet, bytes, At::tunnel(ifindex));
+            conntrack::record(&packet, bytes(), At::tunnel(ifindex));
+        } else if proxy::from_target(&packet, &settings) {
+            proxy::record_target(&packet, bytes(), ifindex);
         }
         if let Some(rewrite) = mark::from_tunnel(current, &settings) {
             apply(&ctx, rewrite, Counter::TunnelInMarked);
@@ -203,15 +214,29 @@ mod programs {
         next(reason)
     }
 
-    /// TC ingress on the tunnel, before `tg_tunnel_ingress`, attached while services are
-    /// configured: sends packets to a service to a backend. A program of its own: the
-    /// stages of one call chain share 512 bytes of stack.
+    /// TC ingress on the tunnel, before `tg_tunnel_ingress`, attached while services or
+    /// proxies are configured: translates the egress proxy target's replies back, sends
+    /// packets to a service to a backend. A program of its own: the stages of one call
+    /// chain share 512 bytes of stack.
     #[classifier]
     pub fn tg_service_in(ctx: TcContext) -> i32 {
         let Ok(packet) = nat_packet(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize)) else {
             return TCX_NEXT;
         };
-        service_in(&ctx, &packet, generation())
+        let generation = generation();
+        let settings = settings(generation);
+        // First: a reply for the gateway's tailnet address is not the ingress proxy's.
+        if proxy::from_target(&packet, &settings) {
+            // SAFETY: the context pointer is valid for the program's run.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            let mut nat = NatRewrite::EMPTY;
+            let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+            if snat::reverse(&packet, bytes, settings.nat_ports, ifindex, &mut nat) {
+                apply(&ctx, Rewrite::Nat(nat), Counter::EgressProxyReplies);
+                return TCX_NEXT;
+            }
+        }
+        service_in(&ctx, &packet, (generation, false))
     }
 
     /// TC egress on the tunnel, after `tg_tunnel_egress` (whose filters judge a reply as
@@ -226,12 +251,13 @@ mod programs {
         TCX_NEXT
     }
 
-    /// TC ingress on every uplink, first, while services are configured: packets to a
-    /// service from LAN clients (after the XDP filter) go to a backend.
+    /// TC ingress on every uplink, last (after the masquerade's replies), while services or
+    /// proxies are configured: packets to a service from LAN clients (after the XDP filter)
+    /// go to a backend, packets for the gateway to the egress proxy's target.
     #[classifier]
     pub fn tg_service_uplink_in(ctx: TcContext) -> i32 {
         let Ok(packet) = nat_packet(&ctx, Link::Ethernet) else { return TCX_NEXT };
-        service_in(&ctx, &packet, generation())
+        service_in(&ctx, &packet, (generation(), true))
     }
 
     /// TC egress on every uplink, last: backends' replies to LAN clients translated back.
@@ -256,7 +282,7 @@ mod programs {
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let mut nat = NatRewrite::EMPTY;
         let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
-        if masquerade::reverse(&packet, bytes, &settings, ifindex, &mut nat) {
+        if snat::reverse(&packet, bytes, settings.nat_ports, ifindex, &mut nat) {
             apply(&ctx, Rewrite::Nat(nat), Counter::Unmasqueraded);
         }
         TCX_NEXT
@@ -284,6 +310,10 @@ mod programs {
         match masquerade::snat(&packet, bytes, &settings, (ctx.skb.skb.cast(), ifindex, ingress), &mut nat) {
             Snat::None => TCX_NEXT,
             Snat::To if rewritten(&ctx, Rewrite::Nat(nat)) => next(Counter::Masqueraded),
+            Snat::New if rewritten(&ctx, Rewrite::Nat(nat)) => {
+                count(Counter::MasqueradeNew);
+                next(Counter::Masqueraded)
+            }
             // Never sent out with its tailnet source.
             _ => {
                 count(Counter::MasqueradeDrop);
@@ -292,13 +322,51 @@ mod programs {
         }
     }
 
+    /// TC egress on the tunnel, last, with the egress proxy: packets forwarded to its
+    /// target get the gateway's tailnet address. After `tg_tunnel_egress`, whose filters
+    /// judge the packet by its source before the translation (as netfilter's FORWARD
+    /// before POSTROUTING): the gateway's tailnet source is not a LAN host's forged one.
+    #[classifier]
+    pub fn tg_proxy_out(ctx: TcContext) -> i32 {
+        // SAFETY: the context pointer is valid for the program's run.
+        let (ingress, ifindex) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).ifindex) };
+        // The gateway's own packets have its tailnet address already.
+        if ingress == 0 {
+            return TCX_NEXT;
+        }
+        let settings = settings(generation());
+        if settings.stages & stage::EGRESS_PROXY == 0 {
+            return TCX_NEXT;
+        }
+        let Ok(packet) = nat_packet(&ctx, Link::Ip(TUNNEL_L3_OFFSET.load() as usize)) else {
+            return TCX_NEXT;
+        };
+        if !proxy::to_target(&packet, &settings) {
+            return TCX_NEXT;
+        }
+        let mut nat = NatRewrite::EMPTY;
+        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+        match proxy::snat(&packet, bytes, &settings, ifindex, &mut nat) {
+            Snat::None => TCX_NEXT,
+            Snat::To if rewritten(&ctx, Rewrite::Nat(nat)) => next(Counter::EgressProxied),
+            Snat::New if rewritten(&ctx, Rewrite::Nat(nat)) => {
+                count(Counter::EgressProxyNew);
+                next(Counter::EgressProxied)
+            }
+            _ => {
+                count(Counter::EgressProxyDrop);
+                TC_ACT_SHOT as i32
+            }
+        }
+    }
+
     #[inline(always)]
-    fn service_in(ctx: &TcContext, packet: &parse::Packet, generation: u8) -> i32 {
+    fn service_in(ctx: &TcContext, packet: &parse::Packet, at: (u8, bool)) -> i32 {
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let mut nat = NatRewrite::EMPTY;
         let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
-        match services::dnat(packet, bytes, generation, ifindex, &mut nat) {
+        match services::dnat(packet, bytes, at, ifindex, &mut nat) {
             Dnat::None => TCX_NEXT,
             Dnat::To if rewritten(ctx, Rewrite::Nat(nat)) => {
                 count(Counter::ServiceDnat);

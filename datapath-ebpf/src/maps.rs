@@ -125,8 +125,9 @@ pub fn generation() -> u8 {
     GENERATION.get(0).copied().unwrap_or(0) as u8
 }
 
-/// The stage parameters of `generation`; all stages off if unreadable.
+/// The stage parameters of `generation`; all stages off if unreadable. (The map value
+/// itself: a copy would take stack the NAT programs have not.)
 #[inline(always)]
-pub fn settings(generation: u8) -> Settings {
-    SETTINGS.get(u32::from(generation)).copied().unwrap_or_default()
+pub fn settings(generation: u8) -> &'static Settings {
+    SETTINGS.get(u32::from(generation)).unwrap_or(&Settings::OFF)
 }

@@ -8,7 +8,7 @@ use aya_ebpf::bindings::bpf_fib_lookup;
 use tailgate_abi::{
     conntrack::{opening, partner_clock, partner_due, proto, zone, Flow, FlowKey4, FlowKey6, Nat},
     counters::Counter,
-    services::{family, flow_hash4, flow_hash6, ServiceKey},
+    services::{family, flow_hash4, flow_hash6, scope, ServiceKey},
     settings::stage,
 };
 
@@ -34,13 +34,20 @@ pub enum Dnat {
     Drop,
 }
 
-/// Tunnel ingress: the backend a packet to a service goes to.
+/// Tunnel or (`uplink`) uplink ingress: the backend a packet to a service goes to.
 #[inline(always)]
-pub fn dnat(packet: &Packet, bytes: Bytes, generation: u8, ifindex: u32, out: &mut NatRewrite) -> Dnat {
+pub fn dnat(
+    packet: &Packet,
+    bytes: Bytes,
+    (generation, uplink): (u8, bool),
+    ifindex: u32,
+    out: &mut NatRewrite,
+) -> Dnat {
     let Some(l4) = transport(packet, bytes, true) else { return Dnat::None };
+    let at = (generation, uplink, ifindex);
     match &packet.ip {
-        Ip::V4 { src, dst } => dnat_family::<FlowKey4>(packet, &l4, (src, dst), (generation, ifindex), out),
-        Ip::V6 { src, dst } => dnat_family::<FlowKey6>(packet, &l4, (src, dst), (generation, ifindex), out),
+        Ip::V4 { src, dst } => dnat_family::<FlowKey4>(packet, &l4, (src, dst), at, out),
+        Ip::V6 { src, dst } => dnat_family::<FlowKey6>(packet, &l4, (src, dst), at, out),
     }
 }
 
@@ -89,7 +96,7 @@ fn dnat_family<K: Family>(
     packet: &Packet,
     l4: &L4,
     (src, dst): (&K::Addr, &K::Addr),
-    (generation, ifindex): (u8, u32),
+    (generation, uplink, ifindex): (u8, bool, u32),
     out: &mut NatRewrite,
 ) -> Dnat {
     // Addresses by reference, copied only where used: an IPv6 address in locals takes 16
@@ -102,15 +109,28 @@ fn dnat_family<K: Family>(
     // that was removed is not translated any more.)
     s.service = K::service(*dst, l4.dport, proto, generation);
     // SAFETY: map values, read only.
+    let mut egress = false;
     let service = match unsafe { SERVICES.get(&s.service) } {
         Some(service) => service,
-        // The ingress proxy: every port of the gateway's tailnet address (port 0 entry).
-        None if settings(generation).stages & stage::INGRESS_PROXY != 0 => {
+        // The proxies: every port of an address (port 0 entries). The ingress proxy's (the
+        // gateway's tailnet address) first, as its iptables rule comes first; the egress
+        // proxy's (any of the gateway's addresses) only for traffic from the LAN side.
+        None => {
+            let stages = settings(generation).stages;
             s.service.port = 0;
-            let Some(service) = (unsafe { SERVICES.get(&s.service) }) else { return Dnat::None };
-            service
+            let ingress =
+                if stages & stage::INGRESS_PROXY != 0 { unsafe { SERVICES.get(&s.service) } } else { None };
+            match ingress {
+                Some(service) => service,
+                None if uplink && stages & stage::EGRESS_PROXY != 0 => {
+                    s.service.scope = scope::UPLINKS;
+                    let Some(service) = (unsafe { SERVICES.get(&s.service) }) else { return Dnat::None };
+                    egress = true;
+                    service
+                }
+                None => return Dnat::None,
+            }
         }
-        None => return Dnat::None,
     };
     s.key = K::of(*src, *dst, l4.sport, l4.dport, proto, At { zone: zone::DNAT, ifindex });
     s.vip = back_to::<K>(*dst, l4.dport);
@@ -147,6 +167,16 @@ fn dnat_family<K: Family>(
             return Dnat::To;
         }
         rebalanced = true;
+    }
+    // The egress proxy takes what comes for the gateway, but not the replies to its own
+    // connections out of this uplink (recorded at its egress while the proxy is on).
+    if egress && proto != K::ICMP {
+        s.reply = K::of(*dst, *src, l4.dport, l4.sport, proto, At::own(ifindex));
+        if let Some((flow, now)) = live(&s.reply) {
+            // SAFETY: a map value; concurrent writers only race on refresh fields.
+            unsafe { &mut *flow }.seen(proto, flags, now, true);
+            return Dnat::None;
+        }
     }
     let size = service.size;
     let Some(table) = SERVICE_TABLES.get(service.table) else { return Dnat::Drop };
@@ -399,6 +429,7 @@ fn in_service<K: Family>(nat: &Nat, service: &ServiceKey) -> bool {
             && b.service.addr == service.addr
             && b.service.port == service.port
             && b.service.proto == service.proto
+            && b.service.scope == service.scope
     })
 }
 
@@ -456,7 +487,15 @@ impl Family for FlowKey4 {
 
     #[inline(always)]
     fn service(addr: [u8; 4], port: u16, proto: u8, generation: u8) -> ServiceKey {
-        ServiceKey { addr: Self::to_nat(addr), port, proto, family: family::V4, generation, pad: [0; 3] }
+        ServiceKey {
+            addr: Self::to_nat(addr),
+            port,
+            proto,
+            family: family::V4,
+            generation,
+            scope: scope::ANY,
+            pad: [0; 2],
+        }
     }
 
     #[inline(always)]
@@ -495,7 +534,7 @@ impl Family for FlowKey6 {
 
     #[inline(always)]
     fn service(addr: [u8; 16], port: u16, proto: u8, generation: u8) -> ServiceKey {
-        ServiceKey { addr, port, proto, family: family::V6, generation, pad: [0; 3] }
+        ServiceKey { addr, port, proto, family: family::V6, generation, scope: scope::ANY, pad: [0; 2] }
     }
 
     #[inline(always)]

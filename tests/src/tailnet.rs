@@ -183,17 +183,29 @@ pub fn udp_echo(
     to_ns: &Netns,
     to: std::net::SocketAddr,
 ) -> Result<(std::net::SocketAddr, bool)> {
+    udp_via(from_ns, from, to, to_ns, to)
+}
+
+/// [`udp_echo`] where the request goes to `via` (a proxy, which sends it on to `to`): the
+/// answer must come back from `via`.
+pub fn udp_via(
+    from_ns: &Netns,
+    from: std::net::SocketAddr,
+    via: std::net::SocketAddr,
+    to_ns: &Netns,
+    to: std::net::SocketAddr,
+) -> Result<(std::net::SocketAddr, bool)> {
     use std::net::UdpSocket;
     let server = to_ns.enter(move || Ok(UdpSocket::bind(to)?))?;
     let client = from_ns.enter(move || Ok(UdpSocket::bind(from)?))?;
     for s in [&server, &client] {
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
     }
-    client.send_to(b"request", to)?;
+    client.send_to(b"request", via)?;
     let mut buf = [0u8; 64];
     let (_, seen) = server.recv_from(&mut buf).context("the request did not arrive")?;
     server.send_to(b"answer", seen)?;
-    let answered = matches!(client.recv_from(&mut buf), Ok((6, source)) if source == to);
+    let answered = matches!(client.recv_from(&mut buf), Ok((6, source)) if source == via);
     Ok((seen, answered))
 }
 
@@ -204,12 +216,23 @@ pub fn tcp_echo(
     to_ns: &Netns,
     to: std::net::SocketAddr,
 ) -> Result<(std::net::SocketAddr, std::net::SocketAddr)> {
+    tcp_via(from_ns, to, to_ns, to)
+}
+
+/// [`tcp_echo`] where the client connects to `via` (a proxy, which sends the connection on
+/// to `to`); the client must see `via` as its peer.
+pub fn tcp_via(
+    from_ns: &Netns,
+    via: std::net::SocketAddr,
+    to_ns: &Netns,
+    to: std::net::SocketAddr,
+) -> Result<(std::net::SocketAddr, std::net::SocketAddr)> {
     use std::{
         io::{Read, Write},
         net::{TcpListener, TcpStream},
     };
     let listener = to_ns.enter(move || Ok(TcpListener::bind(to)?))?;
-    let mut client = from_ns.enter(move || Ok(TcpStream::connect_timeout(&to, Duration::from_secs(5))?))?;
+    let mut client = from_ns.enter(move || Ok(TcpStream::connect_timeout(&via, Duration::from_secs(5))?))?;
     let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
     anyhow::ensure!(poll(&mut fds, PollTimeout::from(5000u16))? > 0, "no connection reached {to}");
     let (mut server, seen) = listener.accept()?;
@@ -222,5 +245,7 @@ pub fn tcp_echo(
     server.write_all(b"pong")?;
     client.read_exact(&mut buf).context("the answer did not come back")?;
     anyhow::ensure!(&buf == b"pong", "answer {buf:?}");
+    let peer = client.peer_addr()?;
+    anyhow::ensure!(peer == via, "the client talks to {peer}, not {via}");
     Ok((seen, client.local_addr()?))
 }

@@ -51,6 +51,8 @@ pub fn system() -> policy::System {
         uplinks: Vec::new(),
         tunnel_mtu: Some(TUNNEL_MTU),
         tunnel_addresses: vec!["100.101.0.1".parse().unwrap(), "fd7a:115c:a1e0::1".parse().unwrap()],
+        // The gateway's LAN addresses (the egress proxy takes what arrives for them).
+        addresses: vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
     }
 }
 
@@ -265,7 +267,8 @@ pub fn reuse_backend_id(
         proto: 6,
         family: service_family,
         generation: 0,
-        pad: [0; 3],
+        scope: 0,
+        pad: [0; 2],
     };
     let backend = Backend { addr, port: address.port(), family: fam, pad: 0, service: key };
     let mut map: Array<&mut MapData, Backend> = Array::try_from(dp.ebpf.map_mut(MAP_BACKENDS).unwrap())?;

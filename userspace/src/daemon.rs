@@ -57,7 +57,7 @@ pub fn desired_state(path: Option<&Path>, check: Check) -> Result<(Config, Desir
 }
 
 /// What the policy needs to know of the devices: the uplinks, the tunnel's MTU and (for the
-/// ingress proxy) addresses.
+/// proxies) addresses.
 fn system(
     config: &Config,
     interfaces: &std::collections::BTreeMap<String, netdev::Interface>,
@@ -76,21 +76,27 @@ fn system(
             });
         }
     }
-    // Only the ingress proxy needs the tunnel's addresses.
-    let tunnel_addresses = match (tunnel, config.proxy.ingress_to) {
-        (Some(tunnel), Some(_)) => netdev::addresses()
-            .map_err(|e| crate::config::ConfigError {
-                field: "tunnel".into(),
-                message: format!("reading the tunnel's addresses: {e}"),
-            })?
-            .remove(&tunnel.index)
-            .unwrap_or_default(),
-        _ => Vec::new(),
+    // Only the proxies need addresses: the tunnel's (the gateway's tailnet addresses), and
+    // every device's for the egress proxy.
+    let proxies = config.proxy.ingress_to.is_some() || config.proxy.egress_to.is_some();
+    let mut addresses = if proxies {
+        netdev::addresses().map_err(|e| crate::config::ConfigError {
+            field: "tunnel".into(),
+            message: format!("reading the devices' addresses: {e}"),
+        })?
+    } else {
+        Default::default()
+    };
+    let tunnel_addresses = tunnel.and_then(|t| addresses.get(&t.index).cloned()).unwrap_or_default();
+    let addresses = match config.proxy.egress_to {
+        Some(_) => std::mem::take(&mut addresses).into_values().flatten().collect(),
+        None => Vec::new(),
     };
     Ok(policy::System {
         uplinks: netdev::resolve_uplinks(config, interfaces, check)?,
         tunnel_mtu: tunnel.and_then(|t| t.mtu),
         tunnel_addresses,
+        addresses,
     })
 }
 
@@ -159,7 +165,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     commit(backend.as_mut(), &state, &opts.pins);
     release_memory();
     warn_if_not_forwarding();
-    log_ingress(&config, &state);
+    log_proxies(&config, &state);
     tracing::info!(
         "enforcing on uplinks [{}] and tunnel {} with the {} backend",
         state.uplinks.join(", "),
@@ -372,13 +378,13 @@ fn follow_devices(backend: &mut dyn Backend, config: &Config, state: &mut Desire
     if let Err(e) = backend.devices_changed(state) {
         tracing::error!("following device changes: {e:#}");
     }
-    // What depends on a device's properties (the MSS clamp on the tunnel's MTU, the ingress
-    // proxy on the tunnel's address).
+    // What depends on a device's properties (the MSS clamp on the tunnel's MTU, the proxies
+    // on the devices' addresses).
     if new != *state {
         if new.proxy != state.proxy {
             // The proxy's destination family may need forwarding only now.
             if let Err(e) = turn_on_forwarding(&new) {
-                tracing::error!("ingress proxy: {e:#}");
+                tracing::error!("proxy: {e:#}");
             }
         }
         match backend.apply(&new) {
@@ -387,7 +393,7 @@ fn follow_devices(backend: &mut dyn Backend, config: &Config, state: &mut Desire
                     tracing::info!("tunnel MTU changed: MSS clamp now {:?}", new.mss.limits());
                 }
                 if new.proxy != state.proxy {
-                    log_ingress(config, &new);
+                    log_proxies(config, &new);
                 }
                 *state = new;
             }
@@ -396,8 +402,25 @@ fn follow_devices(backend: &mut dyn Backend, config: &Config, state: &mut Desire
     }
 }
 
-/// Where the ingress proxy takes traffic from, or that it waits for an address.
-fn log_ingress(config: &Config, state: &DesiredState) {
+/// Where the proxies take traffic from, or that they wait for an address.
+fn log_proxies(config: &Config, state: &DesiredState) {
+    match (config.proxy.egress_to, &state.proxy.egress) {
+        (Some(_), Some(egress)) => {
+            let on: Vec<String> = egress.on.iter().map(ToString::to_string).collect();
+            tracing::info!(
+                "egress proxy: traffic arriving by the uplinks for [{}] goes to {} from {}",
+                on.join(", "),
+                egress.to,
+                egress.source
+            )
+        }
+        (Some(to), None) => tracing::warn!(
+            "egress proxy: waiting for the tunnel {} to have an {} address other than {to} (its source)",
+            config.tunnel,
+            if to.is_ipv4() { "IPv4" } else { "IPv6" }
+        ),
+        (None, _) => {}
+    }
     match (config.proxy.ingress_to, state.proxy.ingress) {
         (Some(_), Some(ingress)) => {
             tracing::info!("ingress proxy: tailnet traffic for {} goes to {}", ingress.from, ingress.to)

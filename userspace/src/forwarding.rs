@@ -12,15 +12,16 @@ use crate::policy::{services, DesiredState};
 pub const IPV4: &str = "/proc/sys/net/ipv4/ip_forward";
 pub const IPV6: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 
-/// Turns forwarding on for the families `state`'s services and ingress proxy use; returns
+/// Turns forwarding on for the families `state`'s services and proxies use; returns
 /// the sysctls it turned on. `root` is `/` except in tests.
 pub fn ensure(state: &DesiredState, root: &Path) -> Result<Vec<&'static str>> {
     let mut wanted = Vec::new();
-    let proxy = state.proxy.ingress.map(|i| i.to);
-    if services::any_v4(&state.services) || proxy.is_some_and(|ip| ip.is_ipv4()) {
+    let proxies = [state.proxy.ingress.map(|i| i.to), state.proxy.egress.as_ref().map(|e| e.to)];
+    let proxy = |v4: bool| proxies.iter().flatten().any(|ip| ip.is_ipv4() == v4);
+    if services::any_v4(&state.services) || proxy(true) {
         wanted.push(IPV4);
     }
-    if services::any_v6(&state.services) || proxy.is_some_and(|ip| ip.is_ipv6()) {
+    if services::any_v6(&state.services) || proxy(false) {
         wanted.push(IPV6);
     }
     let mut turned_on = Vec::new();

@@ -133,7 +133,7 @@ fn describe(link: &LinkMessage) -> Option<(String, Interface)> {
 }
 
 /// Link and address events of this network namespace (new, changed, deleted devices; their
-/// addresses: the ingress proxy follows the tunnel's).
+/// addresses: the proxies follow them).
 pub struct LinkEvents {
     socket: TokioSocket,
 }

@@ -520,6 +520,24 @@ impl RawConfig {
                 }
             }
         }
+        if let Some(to) = proxy.egress_to {
+            // The target is reached through the tunnel: a service there would take it over.
+            if let Some(i) = services.iter().position(|s| s.listen.ip() == to) {
+                return Err(ConfigError::new(
+                    format!("service[{i}].listen"),
+                    format!("{to} is the egress proxy's target ({})", proxy.egress_source),
+                ));
+            }
+            // The reference's stateful rule drops what is forwarded into the tunnel unless the
+            // tunnel opened it: every proxied connection.
+            if self.subnet_routes.stateful == Some(true) {
+                return Err(ConfigError::new(
+                    proxy.egress_source,
+                    "the egress proxy forwards connections into the tunnel, which \
+                     [subnet_routes] stateful = true drops; turn one of them off",
+                ));
+            }
+        }
         Ok(Config {
             services,
             proxy,

@@ -66,6 +66,9 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     pub backends: Vec<BackendConfig>,
     pub table_size: u32,
+    /// Only for traffic arriving on an uplink (the egress proxy's entries); a configured
+    /// service is reached from the tunnel and the uplinks.
+    pub uplinks_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,7 +240,7 @@ fn validate_one(i: usize, raw: RawService) -> Result<ServiceConfig, ConfigError>
             ),
         ));
     }
-    Ok(ServiceConfig { name, listen, protocol, backends, table_size })
+    Ok(ServiceConfig { name, listen, protocol, backends, table_size, uplinks_only: false })
 }
 
 /// A backend entry: `"address:port"` or `{ address = "...", weight = n }`, nothing else.

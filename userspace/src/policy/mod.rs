@@ -50,6 +50,8 @@ pub struct System {
     pub tunnel_mtu: Option<u32>,
     /// The tunnel device's addresses (the gateway's tailnet addresses).
     pub tunnel_addresses: Vec<std::net::IpAddr>,
+    /// Every device's addresses (the egress proxy takes what arrives for them).
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// Compiles a validated config and what the system says into the desired state.
@@ -62,7 +64,7 @@ pub fn compile(config: &Config, system: System) -> DesiredState {
         mss: mss::compile(&config.mss, system.tunnel_mtu),
         conntrack: conntrack::compile(config),
         services: services::compile(config),
-        proxy: proxy::compile(config, &system.tunnel_addresses),
+        proxy: proxy::compile(config, &system.tunnel_addresses, &system.addresses),
         nat: nat::compile(&config.nat),
     }
 }

@@ -1,5 +1,7 @@
 //! The container proxies: the ingress proxy sends tailnet traffic for the gateway's own
-//! tailnet address to one destination, ports kept (the reference's `TS_DEST_IP`).
+//! tailnet address to one destination, ports kept (the reference's `TS_DEST_IP`); the
+//! egress proxy sends what arrives by any other device for the gateway to one tailnet
+//! target, ports kept, from the gateway's tailnet address (`TS_TAILNET_TARGET_IP`).
 
 use std::net::IpAddr;
 
@@ -11,6 +13,20 @@ pub struct Proxy {
     /// `None` without `ingress_to`, or while the gateway has no tailnet address of its
     /// family (the tunnel is absent or not addressed yet).
     pub ingress: Option<Ingress>,
+    /// `None` without `egress_to`, or while the gateway has no tailnet address of its
+    /// family.
+    pub egress: Option<Egress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Egress {
+    /// The gateway's addresses of the target's family (every device's, loopback excepted):
+    /// what arrives for them goes to the target.
+    pub on: Vec<IpAddr>,
+    /// The tailnet target, ports kept.
+    pub to: IpAddr,
+    /// The gateway's tailnet address the target sees.
+    pub source: IpAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,13 +37,24 @@ pub struct Ingress {
     pub to: IpAddr,
 }
 
-pub fn compile(config: &Config, tunnel_addresses: &[IpAddr]) -> Proxy {
+/// `tunnel_addresses`: the tunnel device's; `addresses`: every device's.
+pub fn compile(config: &Config, tunnel_addresses: &[IpAddr], addresses: &[IpAddr]) -> Proxy {
+    let own =
+        |to: IpAddr| config.proxy.tailnet_address_like(to).or_else(|| tailnet_address(tunnel_addresses, to));
     let ingress = config.proxy.ingress_to.and_then(|to| {
-        let from = config.proxy.tailnet_address_like(to).or_else(|| tailnet_address(tunnel_addresses, to))?;
+        let from = own(to)?;
         // The destination is the gateway's own tailnet address: a loop, not a proxy.
         (from != to).then_some(Ingress { from, to })
     });
-    Proxy { ingress }
+    let egress = config.proxy.egress_to.and_then(|to| {
+        let source = own(to)?;
+        let mut on: Vec<IpAddr> =
+            addresses.iter().copied().filter(|a| a.is_ipv4() == to.is_ipv4() && !a.is_loopback()).collect();
+        on.sort();
+        on.dedup();
+        (source != to).then_some(Egress { on, to, source })
+    });
+    Proxy { ingress, egress }
 }
 
 /// The tunnel's address of `like`'s family: one in the tailnet's range first (CGNAT,
@@ -53,10 +80,34 @@ mod tests {
 
     use super::*;
 
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
     fn ingress(toml: &str, tunnel: &[&str]) -> Option<Ingress> {
         let config = Config::parse(toml, &HashMap::new()).unwrap();
-        let addresses: Vec<IpAddr> = tunnel.iter().map(|a| a.parse().unwrap()).collect();
-        compile(&config, &addresses).ingress
+        compile(&config, &ips(tunnel), &[]).ingress
+    }
+
+    #[test]
+    fn the_egress_proxy_takes_the_gateways_addresses_of_the_targets_family() {
+        let config = Config::parse("[proxy]\negress_to = \"100.80.0.5\"", &HashMap::new()).unwrap();
+        let tunnel = ips(&["100.101.0.1", "fd7a:115c:a1e0::1"]);
+        let all =
+            ips(&["127.0.0.1", "192.0.2.1", "::1", "2001:db8::1", "100.101.0.1", "10.7.0.1", "192.0.2.1"]);
+        let egress = compile(&config, &tunnel, &all).egress.unwrap();
+        assert_eq!(egress.on, ips(&["10.7.0.1", "100.101.0.1", "192.0.2.1"]));
+        assert_eq!(
+            (egress.to, egress.source),
+            ("100.80.0.5".parse().unwrap(), "100.101.0.1".parse().unwrap())
+        );
+        // No tailnet address of the family yet: waits.
+        assert_eq!(compile(&config, &ips(&["fd7a:115c:a1e0::1"]), &all).egress, None);
+        // IPv6 target: IPv6 addresses.
+        let config = Config::parse("[proxy]\negress_to = \"fd7a:115c:a1e0::5\"", &HashMap::new()).unwrap();
+        let egress = compile(&config, &tunnel, &all).egress.unwrap();
+        assert_eq!(egress.on, ips(&["2001:db8::1"]));
+        assert_eq!(egress.source, "fd7a:115c:a1e0::1".parse::<IpAddr>().unwrap());
     }
 
     #[test]

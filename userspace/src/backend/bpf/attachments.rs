@@ -52,22 +52,26 @@ impl Attachments {
         let interfaces = netdev::interfaces()?;
         let mut wanted = Wanted::new();
         let mut pending = Vec::new();
-        // The services' programs only while there are services or an ingress proxy: traffic
-        // pays nothing for them otherwise.
-        let services = [Hook::ServiceIn, Hook::ServiceOut]
-            .into_iter()
-            .filter(|_| !state.services.is_empty() || state.proxy.ingress.is_some())
-            .map(|hook| (hook, &state.tunnel));
-        let tunnel =
-            [(Hook::TcEgress, &state.tunnel), (Hook::TcIngress, &state.tunnel)].into_iter().chain(services);
-        // The gateway's own flows are recorded only where their replies are checked.
-        let egress =
-            state.uplinks.iter().filter(|_| state.conntrack.own_replies).map(|u| (Hook::UplinkEgress, u));
+        // The services' programs only while there are services or proxies: traffic pays
+        // nothing for them otherwise.
+        let proxies = state.proxy.ingress.is_some() || state.proxy.egress.is_some();
+        let nat = !state.services.is_empty() || proxies;
+        let services = [Hook::ServiceIn, Hook::ServiceOut].into_iter().filter(|_| nat);
+        let proxy = [Hook::ProxyOut].into_iter().filter(|_| state.proxy.egress.is_some());
+        let tunnel = [Hook::TcEgress, Hook::TcIngress].into_iter().chain(services).chain(proxy);
+        let tunnel = tunnel.map(|hook| (hook, &state.tunnel));
+        // The gateway's own flows are recorded only where their replies are checked (the
+        // inbound filter; the egress proxy, which leaves them alone).
+        let egress = state
+            .uplinks
+            .iter()
+            .filter(|_| state.conntrack.own_replies || state.proxy.egress.is_some())
+            .map(|u| (Hook::UplinkEgress, u));
         // Services and the ingress proxy for LAN clients too (the reference's proxy rule
-        // matches every incoming device).
+        // matches every incoming device), the egress proxy's DNAT.
         let services_on_uplinks = [Hook::ServiceUplinkIn, Hook::ServiceUplinkOut]
             .into_iter()
-            .filter(|_| !state.services.is_empty() || state.proxy.ingress.is_some())
+            .filter(|_| nat)
             .flat_map(|hook| state.uplinks.iter().map(move |u| (hook, u)));
         let masquerade = [Hook::MasqueradeIn, Hook::MasqueradeOut]
             .into_iter()
@@ -81,8 +85,10 @@ impl Attachments {
             .chain(services_on_uplinks)
             .chain(masquerade);
         for (hook, ifname) in uplinks.chain(tunnel) {
-            let on_tunnel =
-                matches!(hook, Hook::TcEgress | Hook::TcIngress | Hook::ServiceIn | Hook::ServiceOut);
+            let on_tunnel = matches!(
+                hook,
+                Hook::TcEgress | Hook::TcIngress | Hook::ServiceIn | Hook::ServiceOut | Hook::ProxyOut
+            );
             match interfaces.get(ifname) {
                 // Re-created as another kind of device while running: the tunnel programs
                 // would read frames as IP packets.

@@ -43,10 +43,12 @@ pub enum Hook {
     MasqueradeIn,
     /// TC egress on every uplink, first (before the services' reverse NAT): the masquerade.
     MasqueradeOut,
+    /// TC egress on the tunnel, last, with the egress proxy: its SNAT.
+    ProxyOut,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 10] = [
+    pub const ALL: [Hook; 11] = [
         Hook::Xdp,
         Hook::UplinkEgress,
         Hook::TcEgress,
@@ -57,6 +59,7 @@ impl Hook {
         Hook::ServiceUplinkOut,
         Hook::MasqueradeIn,
         Hook::MasqueradeOut,
+        Hook::ProxyOut,
     ];
 
     pub const fn pin_prefix(self) -> &'static str {
@@ -71,6 +74,7 @@ impl Hook {
             Hook::ServiceUplinkOut => "service_uplink_out",
             Hook::MasqueradeIn => "masquerade_in",
             Hook::MasqueradeOut => "masquerade_out",
+            Hook::ProxyOut => "proxy_out",
         }
     }
 
@@ -86,6 +90,7 @@ impl Hook {
             Hook::ServiceUplinkOut => programs::SERVICE_UPLINK_OUT,
             Hook::MasqueradeIn => programs::MASQUERADE_IN,
             Hook::MasqueradeOut => programs::MASQUERADE_OUT,
+            Hook::ProxyOut => programs::PROXY_OUT,
         }
     }
 }
@@ -162,14 +167,17 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, ifname: &str, ifindex: u32, pin: &Pat
             };
             // The services' programs around the tunnel's: DNAT before everything on the way
             // out of the tunnel, reverse NAT after everything on the way in (the filters judge
-            // a reply before its source is translated back, as netfilter's FORWARD does). The
-            // masquerade first on the way out: a backend's reply must still show the backend
-            // (the flow it belongs to came from the LAN, and is not masqueraded).
+            // a reply before its source is translated back, as netfilter's FORWARD does); the
+            // egress proxy's SNAT after the filters too. On an uplink's ingress the
+            // masquerade's replies first, then the DNAT (the egress proxy would take them
+            // otherwise): first and last, whatever order they are attached in. The masquerade
+            // first on the way out: a backend's reply must still show the backend (the flow
+            // it belongs to came from the LAN, and is not masqueraded).
             let order = match hook {
-                Hook::ServiceIn | Hook::ServiceUplinkIn | Hook::MasqueradeIn | Hook::MasqueradeOut => {
-                    LinkOrder::first()
+                Hook::ServiceIn | Hook::MasqueradeIn | Hook::MasqueradeOut => LinkOrder::first(),
+                Hook::ServiceOut | Hook::ServiceUplinkIn | Hook::ServiceUplinkOut | Hook::ProxyOut => {
+                    LinkOrder::last()
                 }
-                Hook::ServiceOut | Hook::ServiceUplinkOut => LinkOrder::last(),
                 _ => LinkOrder::default(),
             };
             // TCX attaches by name; the pin records what the kernel reports below.

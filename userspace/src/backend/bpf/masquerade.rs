@@ -19,11 +19,11 @@ pub fn fill(state: &DesiredState, settings: &mut Settings) {
     }
 }
 
-/// Refuses a port range the host's own connections may use: a masqueraded flow and a
-/// host socket with the same tuple would take each other's replies. (IPv6 shares the
-/// IPv4 sysctl.) `root` is `/` except in tests.
+/// Refuses a port range the host's own connections may use: a translated flow (the
+/// masquerade's, the egress proxy's) and a host socket with the same tuple would take each
+/// other's replies. (IPv6 shares the IPv4 sysctl.) `root` is `/` except in tests.
 pub fn check_ports(state: &DesiredState, root: &Path) -> Result<()> {
-    if !state.subnet_routes.masquerade {
+    if !state.subnet_routes.masquerade && state.proxy.egress.is_none() {
         return Ok(());
     }
     let path = root.join(LOCAL_PORT_RANGE.trim_start_matches('/'));
@@ -36,7 +36,7 @@ pub fn check_ports(state: &DesiredState, root: &Path) -> Result<()> {
     if first <= high && low <= last {
         bail!(
             "nat.ports {first}-{last} overlaps the host's ephemeral ports {low}-{high} \
-             (net.ipv4.ip_local_port_range): masqueraded flows could collide with the host's own \
+             (net.ipv4.ip_local_port_range): translated flows could collide with the host's own \
              connections; choose a range outside it (e.g. nat.ports = \"{}-65535\") or narrow the sysctl",
             u32::from(high) + 1
         );

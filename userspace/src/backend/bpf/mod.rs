@@ -14,6 +14,7 @@ mod mapped;
 pub mod masquerade;
 pub mod mss;
 pub mod pins;
+pub mod proxy;
 pub mod services;
 pub mod settings;
 pub mod subnet_routes;

@@ -19,19 +19,16 @@ use aya::{
     maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, MapData, MapError},
     Ebpf,
 };
-use tailgate_abi::{
-    services::{
-        family, Backend, Service, ServiceKey, MAP_BACKENDS, MAP_SERVICES, MAP_TABLES, MAX_BACKENDS,
-        MAX_TABLES, TABLE_FLAGS,
-    },
-    settings::{stage, Settings},
+use tailgate_abi::services::{
+    family, scope, Backend, Service, ServiceKey, MAP_BACKENDS, MAP_SERVICES, MAP_TABLES, MAX_BACKENDS,
+    MAX_TABLES, TABLE_FLAGS,
 };
 
 use super::{generation::GenerationWriter, mapped::Mapped, sys};
 use crate::{
     config::{BackendConfig, Protocol, ServiceConfig},
     policy::{
-        proxy::{Ingress, Proxy},
+        proxy::{Egress, Ingress, Proxy},
         services::{self as policy, Services},
     },
 };
@@ -59,13 +56,13 @@ pub struct ServiceMaps {
 
 impl ServiceMaps {
     pub fn set_desired(&mut self, services: &Services, proxy: &Proxy) {
-        self.desired = match proxy.ingress {
-            None => services.clone(),
-            Some(ingress) => {
-                let mut all = services.as_ref().clone();
-                all.extend(ingress_entries(&ingress));
-                Arc::new(all)
-            }
+        self.desired = if proxy.ingress.is_none() && proxy.egress.is_none() {
+            services.clone()
+        } else {
+            let mut all = services.as_ref().clone();
+            all.extend(proxy.ingress.iter().flat_map(ingress_entries));
+            all.extend(proxy.egress.iter().flat_map(egress_entries));
+            Arc::new(all)
         };
         self.restore = None;
     }
@@ -335,24 +332,28 @@ fn services_map(ebpf: &mut Ebpf) -> Result<BpfHashMap<&mut MapData, ServiceKey, 
 /// tailnet address, found when no service has the packet's port) to one backend of port 0
 /// (the packet's port kept), TCP, UDP and ICMP echo (the identifier kept).
 fn ingress_entries(ingress: &Ingress) -> [ServiceConfig; 3] {
+    proxy_entries("ingress-proxy", ingress.from, ingress.to, false)
+}
+
+/// The egress proxy's DNAT the same way, on each of the gateway's addresses, for traffic
+/// arriving on an uplink only (scope `UPLINKS`).
+fn egress_entries(egress: &Egress) -> impl Iterator<Item = ServiceConfig> + '_ {
+    egress.on.iter().flat_map(|on| proxy_entries("egress-proxy", *on, egress.to, true))
+}
+
+fn proxy_entries(name: &str, from: IpAddr, to: IpAddr, uplinks_only: bool) -> [ServiceConfig; 3] {
     [Protocol::Tcp, Protocol::Udp, Protocol::IcmpEcho].map(|protocol| ServiceConfig {
-        name: "ingress-proxy".into(),
-        listen: SocketAddr::new(ingress.from, 0),
+        name: name.into(),
+        listen: SocketAddr::new(from, 0),
         protocol,
-        backends: vec![BackendConfig { address: SocketAddr::new(ingress.to, 0), weight: 1 }],
-        table_size: INGRESS_TABLE_SIZE,
+        backends: vec![BackendConfig { address: SocketAddr::new(to, 0), weight: 1 }],
+        table_size: PROXY_TABLE_SIZE,
+        uplinks_only,
     })
 }
 
 /// One backend: the smallest prime table.
-const INGRESS_TABLE_SIZE: u32 = 2;
-
-/// The stage switch of the ingress proxy.
-pub fn fill(proxy: &Proxy, settings: &mut Settings) {
-    if proxy.ingress.is_some() {
-        settings.stages |= stage::INGRESS_PROXY;
-    }
-}
+const PROXY_TABLE_SIZE: u32 = 2;
 
 /// The key of a service (generation 0).
 pub fn key_of(service: &ServiceConfig) -> Ident {
@@ -363,7 +364,8 @@ pub fn key_of(service: &ServiceConfig) -> Ident {
         proto: service.protocol.number(service.listen.is_ipv4()),
         family,
         generation: 0,
-        pad: [0; 3],
+        scope: if service.uplinks_only { scope::UPLINKS } else { scope::ANY },
+        pad: [0; 2],
     }
 }
 
@@ -375,7 +377,8 @@ fn with_generation(key: &Ident, gen: usize) -> ServiceKey {
     ServiceKey { generation: gen as u8, ..*key }
 }
 
-fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
+/// An address as the maps hold it (IPv4 in the first 4 bytes), and its family.
+pub fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
     let mut addr = [0u8; 16];
     match ip {
         IpAddr::V4(v4) => {

@@ -9,7 +9,7 @@ use aya::{
 };
 use tailgate_abi::settings::{Settings, MAP};
 
-use super::{conntrack, generation::GenerationWriter, masquerade, mss, services, subnet_routes};
+use super::{conntrack, generation::GenerationWriter, masquerade, mss, proxy, subnet_routes};
 use crate::policy::DesiredState;
 
 /// What the kernel stages need of `state`.
@@ -18,7 +18,7 @@ pub fn compile(state: &DesiredState) -> Settings {
     subnet_routes::fill(&state.subnet_routes, &mut settings);
     mss::fill(&state.mss, &mut settings);
     conntrack::fill(&state.conntrack, &mut settings);
-    services::fill(&state.proxy, &mut settings);
+    proxy::fill(state, &mut settings);
     masquerade::fill(state, &mut settings);
     settings
 }

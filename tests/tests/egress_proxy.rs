@@ -1,0 +1,153 @@
+//! The egress proxy end to end, on both backends (the BPF backend's DNAT on the uplink and
+//! SNAT at the tunnel, the iptables backend's reference rules): a LAN client that connects
+//! to the gateway reaches the tailnet target, which sees the gateway's tailnet address
+//! (TCP, UDP, ping; IPv4 and IPv6); the gateway's own connections, what it forwards, and the
+//! target's own connections through the gateway are left alone; new addresses of the
+//! gateway are followed.
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsFd,
+    time::Duration,
+};
+
+use anyhow::Result;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tailgate_tests::{
+    daemon::{self, Daemon},
+    netns::Netns,
+    on_both_backends,
+    tailnet::{
+        config, tcp_echo, tcp_via, udp_echo, udp_via, Tailnet, GW_LAN, GW_LAN6, LAN, LAN6, PEER, PEER6,
+    },
+    wait,
+};
+
+/// The gateway's tailnet addresses (tun0's in the topology).
+const GW_TAILNET: &str = "100.101.0.1";
+const GW_TAILNET6: &str = "fd7a:115c:a1e0::1";
+/// The BPF engine's default ports (`[nat] ports`).
+const NAT_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
+/// A second tailnet peer behind the relay (not the target).
+const OTHER: &str = "100.101.2.4";
+
+fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn proxy_to(backend: &str, target: &str) -> String {
+    config(backend, &format!("[proxy]\negress_to = \"{target}\"\n"))
+}
+
+on_both_backends!(
+    lan_clients_reach_the_target_from_the_gateways_tailnet_address,
+    lan_clients_reach_an_ipv6_target,
+    the_gateways_own_and_forwarded_traffic_is_not_proxied,
+    the_target_still_reaches_the_lan_through_the_gateway,
+    a_new_address_of_the_gateway_is_proxied_too,
+);
+
+fn lan_clients_reach_the_target_from_the_gateways_tailnet_address(backend: &str) {
+    let t = Tailnet::new().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &proxy_to(backend, PEER)).unwrap();
+    let (seen, _) = tcp_via(&t.lan, sa(GW_LAN, 8500), &t.peer, sa(PEER, 8500))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    assert_eq!(seen.ip(), ip(GW_TAILNET), "the target sees the gateway's tailnet address");
+    if backend == "bpf" {
+        assert!(NAT_PORTS.contains(&seen.port()), "a port of [nat] ports: {seen}");
+    }
+    let (seen, answered) = udp_via(&t.lan, sa(LAN, 5000), sa(GW_LAN, 9500), &t.peer, sa(PEER, 9500)).unwrap();
+    assert_eq!(seen.ip(), ip(GW_TAILNET));
+    assert!(answered, "the answer comes back from {GW_LAN}:9500");
+    // A ping of the gateway is answered by the target (the gateway itself answers none).
+    t.gw.sysctl("net.ipv4.icmp_echo_ignore_all", "1").unwrap();
+    assert!(t.lan.ping(GW_LAN, None), "the ping did not reach the target\n{}", daemon.log());
+    if backend == "bpf" {
+        let s = daemon::status(&t.gw, &t.pins);
+        for counter in ["egress_proxied", "egress_proxy_new", "egress_proxy_replies", "service_dnat"] {
+            assert!(s["counters"][counter].as_u64().unwrap() > 0, "{counter}: {s}");
+        }
+        assert_eq!(s["counters"]["egress_proxy_drop"].as_u64(), Some(0), "{s}");
+    }
+}
+
+fn lan_clients_reach_an_ipv6_target(backend: &str) {
+    let t = Tailnet::new().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &proxy_to(backend, PEER6)).unwrap();
+    let (seen, _) = tcp_via(&t.lan, sa(GW_LAN6, 8501), &t.peer, sa(PEER6, 8501))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    assert_eq!(seen.ip(), ip(GW_TAILNET6));
+    let (seen, answered) =
+        udp_via(&t.lan, sa(LAN6, 5001), sa(GW_LAN6, 9501), &t.peer, sa(PEER6, 9501)).unwrap();
+    assert_eq!((seen.ip(), answered), (ip(GW_TAILNET6), true));
+    // IPv4 is not proxied: the gateway's own listener answers.
+    let (seen, client) = tcp_echo(&t.lan, &t.gw, sa(GW_LAN, 8502)).unwrap();
+    assert_eq!(seen, client);
+}
+
+fn the_gateways_own_and_forwarded_traffic_is_not_proxied(backend: &str) {
+    let t = Tailnet::new().unwrap();
+    // The LAN routes the tailnet through the gateway (a subnet router's other direction).
+    t.lan.ip(&["route", "add", "100.101.0.0/16", "via", GW_LAN]).unwrap();
+    let _daemon = Daemon::start(&t.gw, &t.pins, &proxy_to(backend, PEER)).unwrap();
+    // A proxied flow exists meanwhile.
+    let (seen, _) = tcp_via(&t.lan, sa(GW_LAN, 8510), &t.peer, sa(PEER, 8510)).unwrap();
+    assert_eq!(seen.ip(), ip(GW_TAILNET));
+    // The gateway's own connections out of the uplink: their replies come back to it.
+    let (seen, client) = tcp_echo(&t.gw, &t.lan, sa(LAN, 8511)).unwrap();
+    assert_eq!(seen, client, "the gateway's own TCP");
+    let (seen, answered) = udp_echo(&t.gw, sa(GW_LAN, 5353), &t.lan, sa(LAN, 9511)).unwrap();
+    assert_eq!((seen, answered), (sa(GW_LAN, 5353), true), "the gateway's own UDP");
+    assert!(t.gw.ping(LAN, None), "the gateway's own ping");
+    // Forwarded traffic keeps its destination and source: a LAN host reaches another
+    // tailnet peer through the gateway as it is...
+    t.peer.ip(&["addr", "add", &format!("{OTHER}/32"), "dev", "tun0"]).unwrap();
+    let (seen, client) = tcp_echo(&t.lan, &t.peer, sa(OTHER, 8512)).unwrap();
+    assert_eq!(seen, client, "LAN to tailnet, forwarded as it is");
+    // ...but what goes to the target gets the gateway's tailnet address, as the reference's
+    // SNAT rule (`-d T`) gives it.
+    let (seen, _) = tcp_echo(&t.lan, &t.peer, sa(PEER, 8514)).unwrap();
+    assert_eq!(seen.ip(), ip(GW_TAILNET), "LAN to the target");
+    // IPv6 (not the target's family) is not taken either.
+    let (seen, client) = tcp_echo(&t.lan, &t.gw, sa(GW_LAN6, 8513)).unwrap();
+    assert_eq!(seen, client);
+}
+
+/// The target is also a tailnet client of the gateway as a subnet router: its connections
+/// to the LAN (masqueraded) get their answers untranslated by the proxy.
+fn the_target_still_reaches_the_lan_through_the_gateway(backend: &str) {
+    let t = Tailnet::new().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &proxy_to(backend, PEER)).unwrap();
+    let (seen, answered) = udp_echo(&t.peer, sa(PEER, 40_000), &t.lan, sa(LAN, 9520)).unwrap();
+    assert_eq!(seen.ip(), ip(GW_LAN), "masqueraded");
+    assert!(answered, "the answer reaches the target from {LAN}\n{}", daemon.log());
+    let (seen, _) = tcp_echo(&t.peer, &t.lan, sa(LAN, 8520)).unwrap();
+    assert_eq!(seen.ip(), ip(GW_LAN));
+    assert!(t.peer.ping(LAN, None), "the target's ping of the LAN host");
+    // And the proxy works meanwhile.
+    let (seen, _) = tcp_via(&t.lan, sa(GW_LAN, 8521), &t.peer, sa(PEER, 8521)).unwrap();
+    assert_eq!(seen.ip(), ip(GW_TAILNET));
+}
+
+fn a_new_address_of_the_gateway_is_proxied_too(backend: &str) {
+    let t = Tailnet::new().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &proxy_to(backend, PEER)).unwrap();
+    t.gw.ip(&["addr", "add", "192.0.2.5/24", "dev", "eth0"]).unwrap();
+    let listener = t.peer.enter(|| Ok(TcpListener::bind(sa(PEER, 8530))?)).unwrap();
+    let reached = wait::until(Duration::from_secs(10), || {
+        accepted(&t.lan, sa("192.0.2.5", 8530), &listener).is_ok_and(|seen| seen.ip() == ip(GW_TAILNET))
+    });
+    assert!(reached, "192.0.2.5 was not proxied\n{}", daemon.log());
+}
+
+/// Whether a connection to `via` reaches `listener`: the source it saw.
+fn accepted(from_ns: &Netns, via: SocketAddr, listener: &TcpListener) -> Result<SocketAddr> {
+    let _client = from_ns.enter(move || Ok(TcpStream::connect_timeout(&via, Duration::from_secs(1))?))?;
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    anyhow::ensure!(poll(&mut fds, PollTimeout::from(1000u16))? > 0, "not accepted");
+    Ok(listener.accept()?.1)
+}
