@@ -188,6 +188,11 @@ pub fn counters(dp: &Datapath) -> Result<HashMap<Counter, u64>> {
     Counter::ALL.iter().map(|c| Ok((*c, map.get(&(*c as u32), 0)?.iter().sum()))).collect()
 }
 
+/// The counters that moved between two readings, and by how much.
+pub fn changes(before: &HashMap<Counter, u64>, after: &HashMap<Counter, u64>) -> Vec<(Counter, u64)> {
+    Counter::ALL.into_iter().filter(|c| after[c] != before[c]).map(|c| (c, after[&c] - before[&c])).collect()
+}
+
 /// Hits of rule `id`, summed over CPUs.
 pub fn rule_hits(dp: &Datapath, id: u32) -> Result<u64> {
     let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(dp.ebpf.map(MAP_RULE_HITS).unwrap())?;

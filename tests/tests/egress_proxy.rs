@@ -48,6 +48,7 @@ on_both_backends!(
     lan_clients_reach_an_ipv6_target,
     the_gateways_own_and_forwarded_traffic_is_not_proxied,
     the_target_still_reaches_the_lan_through_the_gateway,
+    a_proxy_turned_on_by_a_reload_leaves_masqueraded_replies_alone,
     a_new_address_of_the_gateway_is_proxied_too,
 );
 
@@ -131,6 +132,22 @@ fn the_target_still_reaches_the_lan_through_the_gateway(backend: &str) {
     // And the proxy works meanwhile.
     let (seen, _) = tcp_via(&t.lan, sa(GW_LAN, 8521), &t.peer, sa(PEER, 8521)).unwrap();
     assert_eq!(seen.ip(), ip(GW_TAILNET));
+}
+
+/// The proxy's programs come after the masquerade's wherever they are attached later: a
+/// reply to a masqueraded flow (for the gateway's address, a port of `[nat] ports`) is
+/// the masquerade's, not the proxy's.
+fn a_proxy_turned_on_by_a_reload_leaves_masqueraded_replies_alone(backend: &str) {
+    let t = Tailnet::new().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
+    daemon.write_config(&proxy_to(backend, PEER)).unwrap();
+    daemon.reload().unwrap();
+    let (seen, answered) = udp_echo(&t.peer, sa(PEER, 40_030), &t.lan, sa(LAN, 9530)).unwrap();
+    assert_eq!((seen.ip(), answered), (ip(GW_LAN), true), "masqueraded, answered\n{}", daemon.log());
+    let (seen, _) = tcp_echo(&t.peer, &t.lan, sa(LAN, 8530)).unwrap();
+    assert_eq!(seen.ip(), ip(GW_LAN));
+    let (seen, _) = tcp_via(&t.lan, sa(GW_LAN, 8531), &t.peer, sa(PEER, 8531)).unwrap();
+    assert_eq!(seen.ip(), ip(GW_TAILNET), "and proxied");
 }
 
 fn a_new_address_of_the_gateway_is_proxied_too(backend: &str) {

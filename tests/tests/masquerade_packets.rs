@@ -84,12 +84,7 @@ impl Gateway {
     fn counted(&mut self, f: impl FnOnce(&mut Self)) -> Vec<(Counter, u64)> {
         let before = testrun::counters(&self.dp).unwrap();
         f(self);
-        let after = testrun::counters(&self.dp).unwrap();
-        Counter::ALL
-            .into_iter()
-            .filter(|c| after[c] != before[c])
-            .map(|c| (c, after[&c] - before[&c]))
-            .collect()
+        testrun::changes(&before, &testrun::counters(&self.dp).unwrap())
     }
 }
 

@@ -381,7 +381,8 @@ pub fn render_text(s: &Status) -> String {
         let _ = writeln!(out, "services (backends by share of the table's slots):");
     }
     for svc in &s.services {
-        let _ = writeln!(out, "  {}/{} ({} slots)", svc.listen, svc.protocol, svc.table_size);
+        let scope = if svc.uplinks_only { ", from the uplinks" } else { "" };
+        let _ = writeln!(out, "  {}/{} ({} slots{scope})", svc.listen, svc.protocol, svc.table_size);
         for b in &svc.backends {
             let share = f64::from(b.slots) * 100.0 / f64::from(svc.table_size.max(1));
             let _ = writeln!(out, "    {:<46} {:>7} slots {share:>5.1} %", b.address, b.slots);

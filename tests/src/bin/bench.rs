@@ -26,7 +26,14 @@
 //!    services over 1,000 backend addresses; the time to apply 10,000 services and to
 //!    change one; the tables' memory.
 //!
-//! `tailgate-bench testrun`, `traffic`, `daemon`, `flows` or `services` runs one section only. On a shared
+//! 6. The masquerade (BPF_PROG_TEST_RUN): see `masquerade`.
+//!
+//! 7. The egress proxy (BPF_PROG_TEST_RUN): each of its four steps on an established flow,
+//!    a new flow's DNAT and SNAT, and what the programs cost packets that are not the
+//!    proxy's (a reply to the gateway's own connection, forwarded traffic).
+//!
+//! `tailgate-bench testrun`, `traffic`, `daemon`, `flows`, `services`, `masquerade` or
+//! `egress-proxy` runs one section only. On a shared
 //! machine, the real-traffic rounds wait for other tasks to leave the NAPI CPU alone, up to
 //! 120 s in all (`TAILGATE_BENCH_QUIET_WAIT=<seconds>` changes that).
 
@@ -76,7 +83,9 @@ fn main() -> Result<()> {
             println!();
             services()?;
             println!();
-            masquerade()
+            masquerade()?;
+            println!();
+            egress_proxy()
         }
         Some("testrun") => single_packet(),
         Some("traffic") => real_traffic(),
@@ -84,9 +93,10 @@ fn main() -> Result<()> {
         Some("flows") => flows(),
         Some("services") => services(),
         Some("masquerade") => masquerade(),
-        Some(other) => {
-            bail!("unknown section {other:?}: testrun | traffic | daemon | flows | services | masquerade")
-        }
+        Some("egress-proxy") => egress_proxy(),
+        Some(other) => bail!(
+            "unknown section {other:?}: testrun | traffic | daemon | flows | services | masquerade | egress-proxy"
+        ),
     }
 }
 
@@ -868,24 +878,8 @@ fn masquerade() -> Result<()> {
         let uplink = nix::net::if_::if_nametoindex("eth0")?;
         let marked = Skb { mark: 0x40000, ingress_ifindex: 7, ifindex: uplink };
         let arriving = Skb { ifindex: uplink, ..Skb::default() };
-        let repeated = |dp: &mut Datapath, hook: Hook, frame: &[u8], skb: Skb| -> Result<(u32, f64)> {
-            let mut samples = Vec::new();
-            let mut verdict = 0;
-            for _ in 0..RUNS {
-                let (v, ns) = time_tc(dp, hook, frame, skb, REPEAT)?;
-                verdict = v;
-                samples.push(ns);
-            }
-            samples.sort_by(|a, b| a.total_cmp(b));
-            Ok((verdict, samples[RUNS / 2]))
-        };
-        let singles = |dp: &mut Datapath, frame: &dyn Fn(u16) -> Vec<u8>, skb: Skb| -> Result<f64> {
-            let mut samples = Vec::new();
-            for i in 0..SINGLES {
-                samples.push(time_tc(dp, Hook::MasqueradeOut, &frame(i), skb, 1)?.1);
-            }
-            samples.sort_by(|a, b| a.total_cmp(b));
-            Ok(samples[samples.len() / 2])
+        let singles = |dp: &mut Datapath, frame: &dyn Fn(u16) -> Vec<u8>, skb: Skb| {
+            singles(dp, Hook::MasqueradeOut, frame, skb, SINGLES)
         };
         let row = |program: &str, path: &str, hook: Hook, verdict: u32, ns: f64| {
             println!("| {program} | {path} | {} | {ns:.0} |", verdict_name(hook, verdict));
@@ -924,4 +918,203 @@ fn masquerade() -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// Section 7: the egress proxy's programs, in a namespace with an uplink and a tunnel (the
+/// programs key flows on their ifindexes).
+///
+/// Repeats run on one buffer, which a rewrite changes (a DNAT to the target cannot translate
+/// to itself): a translating path is timed as the repeated time of a path of the same program
+/// that does not translate, plus the difference of the medians of single runs of the two
+/// (single runs carry a fixed overhead that the difference cancels).
+fn egress_proxy() -> Result<()> {
+    use tailgate_tests::{
+        netns::{veth, Netns},
+        packets::{tcp, udp},
+        testrun::{time_tc, Skb},
+        tun::Tun,
+    };
+    const SINGLES: u16 = 20_000;
+    let (client, gw, target, tailnet) = ("192.0.2.2", "192.0.2.1", "100.101.2.3", "100.101.0.1");
+    println!("## Egress proxy (BPF_PROG_TEST_RUN)\n");
+    println!(
+        "Median of {RUNS} runs of {REPEAT} repeats where the packet is not translated; a translated \
+         packet: that time plus the difference of the medians of {SINGLES} single runs of each.\n"
+    );
+    println!("| program | path | verdict | ns/packet |");
+    println!("|---|---|---|---:|");
+    let ns = Netns::new("tg-bench-ep")?;
+    let lan = Netns::new("tg-bench-epl")?;
+    veth(&ns, "eth0", &lan, "eth0")?;
+    let _tun = Tun::open(&ns, "tun0")?;
+    let toml = format!("tunnel = \"tun0\"\nbackend = \"bpf\"\n[proxy]\negress_to = \"{target}\"\n");
+    let config = Config::parse(&toml, &Default::default())?;
+    let mut dp = Datapath::load_with(None, KernelLog::Off, testrun::params(&config))?;
+    dp.sync(&policy::compile(&config, system()))?;
+    let dp = &mut dp;
+    ns.enter(move || {
+        let uplink = nix::net::if_::if_nametoindex("eth0")?;
+        let tunnel = nix::net::if_::if_nametoindex("tun0")?;
+        let arriving = Skb { ifindex: uplink, ..Skb::default() };
+        let to_tunnel = Skb { ingress_ifindex: uplink, ifindex: tunnel, ..Skb::default() };
+        let from_tunnel = Skb { ifindex: tunnel, ..Skb::default() };
+        let to_uplink = Skb { ingress_ifindex: tunnel, ifindex: uplink, ..Skb::default() };
+        let own = Skb { ifindex: uplink, ..Skb::default() };
+        let row = |program: &str, path: &str, hook: Hook, verdict: u32, ns: f64| {
+            println!("| {program} | {path} | {} | {ns:.0} |", verdict_name(hook, verdict));
+        };
+        // A translating path: `base` (not translated, repeated) plus the single-run difference.
+        let translated = |dp: &mut Datapath,
+                          hook: Hook,
+                          (base, skb): (&[u8], Skb),
+                          frame: &dyn Fn(u16) -> Vec<u8>,
+                          counter: Counter|
+         -> Result<f64> {
+            let (_, repeated_base) = repeated(dp, hook, base, skb)?;
+            let single_base = singles(dp, hook, &|_| base.to_vec(), skb, SINGLES)?;
+            let before = testrun::counters(dp)?[&counter];
+            let single = singles(dp, hook, frame, skb, SINGLES)?;
+            let counted = testrun::counters(dp)?[&counter] - before;
+            anyhow::ensure!(counted == u64::from(SINGLES), "{counter:?}: {counted} of {SINGLES}");
+            Ok(repeated_base + single - single_base)
+        };
+        let (uplink_in, proxy_out) =
+            ("uplink TC ingress (service_uplink_in)", "tunnel TC egress (proxy_out)");
+        let (tunnel_in, uplink_out) =
+            ("tunnel TC ingress (service_in)", "uplink TC egress (service_uplink_out)");
+
+        // Not the proxy's: forwarded through the gateway; a reply to its own connection.
+        let forwarded = udp(client, "192.0.2.9", 5000, 53);
+        let (v, ns) = repeated(dp, Hook::ServiceUplinkIn, &forwarded, arriving)?;
+        row(uplink_in, "forwarded (not for the gateway)", Hook::ServiceUplinkIn, v, ns);
+        time_tc(dp, Hook::UplinkEgress, &tcp(gw, client, 45_000, 80, Tcp::Syn), own, 1)?;
+        let (v, ns) = repeated(dp, Hook::UplinkEgress, &tcp(gw, client, 45_000, 80, Tcp::Data), own)?;
+        row(
+            "uplink TC egress (uplink_egress)",
+            "the gateway's own packet: flow refreshed",
+            Hook::UplinkEgress,
+            v,
+            ns,
+        );
+        let own_reply = tcp(client, gw, 80, 45_000, Tcp::Data);
+        let (v, ns) = repeated(dp, Hook::ServiceUplinkIn, &own_reply, arriving)?;
+        anyhow::ensure!(v == u32::MAX, "the reply was not passed on");
+        row(uplink_in, "reply to the gateway's own connection (untouched)", Hook::ServiceUplinkIn, v, ns);
+        let not_target = udp(client, "100.101.2.9", 5000, 53);
+        let (v, ns) = repeated(dp, Hook::ProxyOut, &not_target, to_tunnel)?;
+        row(proxy_out, "forwarded, not to the target", Hook::ProxyOut, v, ns);
+
+        // One flow through all four steps (its entries), then each step timed.
+        let request = tcp(client, gw, 40_000, 5432, Tcp::Data);
+        let dnat = translated(
+            dp,
+            Hook::ServiceUplinkIn,
+            (&forwarded, arriving),
+            &|_| request.clone(),
+            Counter::ServiceDnat,
+        )?;
+        row(uplink_in, "established flow: to the target", Hook::ServiceUplinkIn, u32::MAX, dnat);
+        let to_target = tcp(client, target, 40_000, 5432, Tcp::Data);
+        let snat = translated(
+            dp,
+            Hook::ProxyOut,
+            (&not_target, to_tunnel),
+            &|_| to_target.clone(),
+            Counter::EgressProxied,
+        )?;
+        row(
+            proxy_out,
+            "established flow: from the gateway's tailnet address",
+            Hook::ProxyOut,
+            u32::MAX,
+            snat,
+        );
+        let flow = dp_flow_port(dp, target)?;
+        let reply = tcp(target, tailnet, 5432, flow, Tcp::Data);
+        let other = udp("100.101.2.9", tailnet, 53, 5000);
+        let back = translated(
+            dp,
+            Hook::ServiceIn,
+            (&other, from_tunnel),
+            &|_| reply.clone(),
+            Counter::EgressProxyReplies,
+        )?;
+        row(tunnel_in, "reply: back to the client", Hook::ServiceIn, u32::MAX, back);
+        let answer = tcp(target, client, 5432, 40_000, Tcp::Data);
+        let unrelated = udp("100.101.2.9", client, 53, 5000);
+        let reverse = translated(
+            dp,
+            Hook::ServiceUplinkOut,
+            (&unrelated, to_uplink),
+            &|_| answer.clone(),
+            Counter::ServiceReverseNat,
+        )?;
+        row(
+            uplink_out,
+            "reply: from the address the client called",
+            Hook::ServiceUplinkOut,
+            u32::MAX,
+            reverse,
+        );
+
+        // New flows: distinct ports.
+        let new_dnat = translated(
+            dp,
+            Hook::ServiceUplinkIn,
+            (&forwarded, arriving),
+            &|i| tcp(client, gw, 10_000, 1 + i, Tcp::Syn),
+            Counter::ServiceBalanced,
+        )?;
+        row(uplink_in, "new flow: DNAT, two entries", Hook::ServiceUplinkIn, u32::MAX, new_dnat);
+        let new_snat = translated(
+            dp,
+            Hook::ProxyOut,
+            (&not_target, to_tunnel),
+            &|i| tcp(client, target, 10_000, 1 + i, Tcp::Syn),
+            Counter::EgressProxyNew,
+        )?;
+        row(proxy_out, "new flow: port, two entries", Hook::ProxyOut, u32::MAX, new_snat);
+        Ok(())
+    })
+}
+
+/// The port the egress proxy gave the one IPv4 flow to `target` in the flow table.
+fn dp_flow_port(dp: &Datapath, target: &str) -> Result<u16> {
+    use tailgate_abi::conntrack::zone;
+    let target: Ipv4Addr = target.parse()?;
+    testrun::flows4(dp)?
+        .into_iter()
+        .find(|(key, _)| key.zone == zone::SNAT && key.dst == target.octets())
+        .map(|(_, flow)| flow.nat.port)
+        .ok_or_else(|| anyhow::anyhow!("no SNAT entry to {target}"))
+}
+
+/// The median over `RUNS` of a TC program's time per packet over `REPEAT` repeats, and its
+/// verdict.
+fn repeated(dp: &mut Datapath, hook: Hook, frame: &[u8], skb: testrun::Skb) -> Result<(u32, f64)> {
+    let mut samples = Vec::new();
+    let mut verdict = 0;
+    for _ in 0..RUNS {
+        let (v, ns) = testrun::time_tc(dp, hook, frame, skb, REPEAT)?;
+        verdict = v;
+        samples.push(ns);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok((verdict, samples[RUNS / 2]))
+}
+
+/// The median time of `count` single runs of a TC program, on `frame(0..count)`.
+fn singles(
+    dp: &mut Datapath,
+    hook: Hook,
+    frame: &dyn Fn(u16) -> Vec<u8>,
+    skb: testrun::Skb,
+    count: u16,
+) -> Result<f64> {
+    let mut samples = Vec::new();
+    for i in 0..count {
+        samples.push(testrun::time_tc(dp, hook, &frame(i), skb, 1)?.1);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok(samples[samples.len() / 2])
 }

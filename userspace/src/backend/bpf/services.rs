@@ -463,6 +463,8 @@ pub struct ServiceStatus {
     pub listen: String,
     pub protocol: &'static str,
     pub table_size: u32,
+    /// Only for traffic arriving by an uplink (the egress proxy's entries).
+    pub uplinks_only: bool,
     pub backends: Vec<BackendShare>,
 }
 
@@ -513,9 +515,10 @@ pub fn read(
                 _ => "icmp",
             },
             table_size: service.size,
+            uplinks_only: key.scope == scope::UPLINKS,
             backends: shares,
         });
     }
-    out.sort_by(|a, b| (&a.listen, a.protocol).cmp(&(&b.listen, b.protocol)));
+    out.sort_by(|a, b| (&a.listen, a.protocol, a.uplinks_only).cmp(&(&b.listen, b.protocol, b.uplinks_only)));
     Ok(out)
 }
