@@ -112,8 +112,8 @@ mod programs {
     }
 
     /// TC egress on every uplink: records the gateway's own flows towards addresses whose
-    /// replies the inbound filter would drop (`allow_replies`), and all of them while the
-    /// egress proxy is on (their replies are not the proxy's). Never drops; passes on to
+    /// replies the inbound filter would drop (`allow_replies`), and its UDP flows while the
+    /// egress proxy is on (their answers are not the proxy's). Never drops; passes on to
     /// the programs after it (the services' reverse NAT).
     #[classifier]
     pub fn tg_uplink_egress(ctx: TcContext) -> i32 {
@@ -129,7 +129,10 @@ mod programs {
             return TCX_NEXT;
         }
         if let Ok(packet) = parse::skb(&ctx, Link::Ethernet) {
-            if stages & stage::EGRESS_PROXY != 0 || cgnat::replies_filtered(&packet, generation) {
+            // The egress proxy leaves UDP answers to the gateway's own flows alone (TCP: it
+            // takes only SYNs).
+            let proxy = stages & stage::EGRESS_PROXY != 0 && packet.proto == parse::IPPROTO_UDP;
+            if proxy || cgnat::replies_filtered(&packet, generation) {
                 let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
                 conntrack::record(&packet, bytes, At::own(ifindex));
             }

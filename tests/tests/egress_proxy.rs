@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tailgate_tests::{
     daemon::{self, Daemon},
@@ -49,6 +49,7 @@ on_both_backends!(
     the_gateways_own_and_forwarded_traffic_is_not_proxied,
     the_target_still_reaches_the_lan_through_the_gateway,
     a_proxy_turned_on_by_a_reload_leaves_masqueraded_replies_alone,
+    connections_open_before_the_proxy_stay_the_gateways,
     a_new_address_of_the_gateway_is_proxied_too,
 );
 
@@ -148,6 +149,64 @@ fn a_proxy_turned_on_by_a_reload_leaves_masqueraded_replies_alone(backend: &str)
     assert_eq!(seen.ip(), ip(GW_LAN));
     let (seen, _) = tcp_via(&t.lan, sa(GW_LAN, 8531), &t.peer, sa(PEER, 8531)).unwrap();
     assert_eq!(seen.ip(), ip(GW_TAILNET), "and proxied");
+}
+
+/// A connection the gateway had when the proxy came (its own out of the uplink, one to its
+/// own socket, e.g. an administrator's SSH) stays the gateway's, as conntrack keeps it; the
+/// LAN side speaks first after the change.
+fn connections_open_before_the_proxy_stay_the_gateways(backend: &str) {
+    let t = Tailnet::new().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
+    let outbound = Pair::open(&t.gw, &t.lan, sa(LAN, 8540)).unwrap();
+    let inbound = Pair::open(&t.lan, &t.gw, sa(GW_LAN, 8541)).unwrap();
+    daemon.write_config(&proxy_to(backend, PEER)).unwrap();
+    daemon.reload().unwrap();
+    for (name, pair) in [("the gateway's own", &outbound), ("to the gateway's socket", &inbound)] {
+        pair.exchange().unwrap_or_else(|e| panic!("{name}: {e:#}\n{}", daemon.log()));
+    }
+    // New connections are the proxy's.
+    let (seen, _) = tcp_via(&t.lan, sa(GW_LAN, 8542), &t.peer, sa(PEER, 8542)).unwrap();
+    assert_eq!(seen.ip(), ip(GW_TAILNET));
+}
+
+/// Two ends of a TCP connection.
+struct Pair {
+    client: TcpStream,
+    server: TcpStream,
+}
+
+impl Pair {
+    fn open(from_ns: &Netns, to_ns: &Netns, to: SocketAddr) -> Result<Self> {
+        let listener = to_ns.enter(move || Ok(TcpListener::bind(to)?))?;
+        let client = from_ns.enter(move || Ok(TcpStream::connect_timeout(&to, Duration::from_secs(5))?))?;
+        let (server, _) = listener.accept()?;
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        }
+        Ok(Self { client, server })
+    }
+
+    /// The server speaks first, then the client answers.
+    fn exchange(&self) -> Result<()> {
+        use std::io::{Read, Write};
+        let mut buf = [0u8; 4];
+        (&self.server).write_all(b"ping")?;
+        (&self.client).read_exact(&mut buf).context("the server's data did not arrive")?;
+        (&self.client).write_all(b"pong")?;
+        (&self.server).read_exact(&mut buf).context("the client's answer did not arrive")?;
+        anyhow::ensure!(&buf == b"pong");
+        Ok(())
+    }
+}
+
+#[test]
+fn one_of_the_gateways_addresses_is_no_target() {
+    let t = Tailnet::new().unwrap();
+    for target in [GW_LAN, GW_TAILNET] {
+        let (code, log) = Daemon::run_to_exit(&t.gw, &t.pins, &proxy_to("bpf", target)).unwrap();
+        assert_ne!(code, 0, "{log}");
+        assert!(log.contains("proxy.egress_to") && log.contains("an address of this gateway"), "{log}");
+    }
 }
 
 fn a_new_address_of_the_gateway_is_proxied_too(backend: &str) {

@@ -180,17 +180,20 @@ fn an_ipv6_target() {
 #[test]
 fn replies_to_the_gateways_own_connections_and_tunnel_traffic_are_left_alone() {
     let mut gw = Gateway::new(TARGET);
-    // The gateway's own connection out of the uplink, recorded on its way out.
+    // The gateway's own UDP flow out of the uplink, recorded on its way out: its answers
+    // stay the gateway's; without it the same datagram is the proxy's.
     let skb = Skb { ifindex: gw.uplink, ..Skb::default() };
-    for frame in [tcp(GW, CLIENT, 45_000, 80, Tcp::Syn), udp(GW, CLIENT, 45_001, 53)] {
-        assert_eq!(gw.run(Hook::UplinkEgress, &frame, skb).verdict, TCX_NEXT);
-    }
-    for reply in [tcp(CLIENT, GW, 80, 45_000, Tcp::SynAck), udp(CLIENT, GW, 53, 45_001)] {
-        assert_eq!(passed(gw.uplink_in(&reply)), reply, "a reply of the gateway's own connection");
-    }
-    // Without the connection the same segment is the proxy's (the check is what keeps it).
-    let stray = tcp(CLIENT, GW, 80, 45_002, Tcp::SynAck);
+    assert_eq!(gw.run(Hook::UplinkEgress, &udp(GW, CLIENT, 45_001, 53), skb).verdict, TCX_NEXT);
+    let answer = udp(CLIENT, GW, 53, 45_001);
+    assert_eq!(passed(gw.uplink_in(&answer)), answer, "an answer to the gateway's own flow");
+    let stray = udp(CLIENT, GW, 53, 45_002);
     assert_ne!(passed(gw.uplink_in(&stray)), stray);
+    // TCP: only a SYN opens a proxied connection; a segment of one that was there before
+    // the proxy (the gateway's own, one to its own sockets) is the gateway's.
+    for segment in [Tcp::SynAck, Tcp::Data, Tcp::Rst] {
+        let frame = tcp(CLIENT, GW, 80, 45_000, segment);
+        assert_eq!(passed(gw.uplink_in(&frame)), frame, "{segment:?}");
+    }
     // From the tunnel, the gateway's LAN address is the gateway's (`! -i TUN`).
     let frame = tcp(TARGET, GW, 40_000, 22, Tcp::Syn);
     assert_eq!(passed(gw.tunnel_in(&frame)), frame);

@@ -88,6 +88,18 @@ fn system(
         Default::default()
     };
     let tunnel_addresses = tunnel.and_then(|t| addresses.get(&t.index).cloned()).unwrap_or_default();
+    // The target is reached through the tunnel: one of the gateway's own addresses is no
+    // target (the proxy would wait for ever, or send traffic to itself).
+    if let (Some(to), Check::Config | Check::Reload) = (config.proxy.egress_to, check) {
+        let device = addresses.iter().find(|(_, list)| list.contains(&to)).map(|(index, _)| *index);
+        if let Some(index) = device {
+            let name = interfaces.iter().find(|(_, i)| i.index == index).map_or("?", |(n, _)| n.as_str());
+            return Err(crate::config::ConfigError::new(
+                config.proxy.egress_source,
+                format!("{to} is an address of this gateway ({name}); the target is a tailnet host"),
+            ));
+        }
+    }
     let addresses = match config.proxy.egress_to {
         Some(_) => std::mem::take(&mut addresses).into_values().flatten().collect(),
         None => Vec::new(),

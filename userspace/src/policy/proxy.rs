@@ -52,7 +52,8 @@ pub fn compile(config: &Config, tunnel_addresses: &[IpAddr], addresses: &[IpAddr
             addresses.iter().copied().filter(|a| a.is_ipv4() == to.is_ipv4() && !a.is_loopback()).collect();
         on.sort();
         on.dedup();
-        (source != to).then_some(Egress { on, to, source })
+        // One of the gateway's addresses (refused in a config; come since): no target.
+        (source != to && !on.contains(&to)).then_some(Egress { on, to, source })
     });
     Proxy { ingress, egress }
 }
