@@ -54,7 +54,11 @@ mod programs {
         programs::{TcContext, XdpContext},
     };
     use aya_log_ebpf::debug;
-    use tailgate_abi::{counters::Counter, settings::stage};
+    use tailgate_abi::{
+        conntrack::zone,
+        counters::Counter,
+        settings::{stage, Settings},
+    };
 
     use crate::{
         cgnat,
@@ -228,16 +232,11 @@ mod programs {
         };
         let generation = generation();
         let settings = settings(generation);
-        // First: a reply for the gateway's tailnet address is not the ingress proxy's.
-        if proxy::from_target(&packet, &settings) {
-            // SAFETY: the context pointer is valid for the program's run.
-            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            let mut nat = NatRewrite::EMPTY;
-            let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
-            if snat::reverse(&packet, bytes, settings.nat_ports, ifindex, &mut nat) {
-                apply(&ctx, Rewrite::Nat(nat), Counter::EgressProxyReplies);
-                return TCX_NEXT;
-            }
+        // First: a reply for the gateway's tailnet address (or an ICMP error about a packet
+        // sent to the target) is not the ingress proxy's.
+        if settings.stages & stage::EGRESS_PROXY != 0 && snat_reply(&ctx, &packet, &settings) {
+            count(Counter::EgressProxyReplies);
+            return TCX_NEXT;
         }
         service_in(&ctx, &packet, (generation, false))
     }
@@ -281,14 +280,27 @@ mod programs {
             return TCX_NEXT;
         }
         let Ok(packet) = nat_packet(&ctx, Link::Ethernet) else { return TCX_NEXT };
-        // SAFETY: the context pointer is valid for the program's run.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        let mut nat = NatRewrite::EMPTY;
-        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
-        if snat::reverse(&packet, bytes, settings.nat_ports, ifindex, &mut nat) {
-            apply(&ctx, Rewrite::Nat(nat), Counter::Unmasqueraded);
+        if snat_reply(&ctx, &packet, &settings) {
+            count(Counter::Unmasqueraded);
         }
         TCX_NEXT
+    }
+
+    /// A reply to a flow the SNAT engine translated on this device, or an ICMP error about
+    /// one of its packets, translated back to the client; whether it was one (and took).
+    #[inline(always)]
+    fn snat_reply(ctx: &TcContext, packet: &parse::Packet, settings: &Settings) -> bool {
+        // SAFETY: the context pointer is valid for the program's run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
+        let mut nat = NatRewrite::EMPTY;
+        if snat::reverse(packet, bytes, settings.nat_ports, ifindex, &mut nat) {
+            return rewritten(ctx, Rewrite::Nat(nat));
+        }
+        // An ICMP error (no ports of its own) about one of the flows' packets.
+        let mut error = ErrorRewrite::EMPTY;
+        let reply = At { zone: zone::SNAT_REPLY, ifindex };
+        services::reverse_error(packet, bytes, reply, &mut error) && nat::translate_error(ctx, &error)
     }
 
     /// TC egress on every uplink, first, while masquerading: marked packets from the tunnel
@@ -396,7 +408,7 @@ mod programs {
             return true;
         }
         let mut error = ErrorRewrite::EMPTY;
-        if services::reverse_error(packet, bytes, ifindex, &mut error) {
+        if services::reverse_error(packet, bytes, At { zone: zone::DNAT_REPLY, ifindex }, &mut error) {
             if nat::translate_error(ctx, &error) {
                 count(Counter::ServiceIcmpTranslated);
             }

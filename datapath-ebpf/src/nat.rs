@@ -77,34 +77,39 @@ pub fn translate_error(ctx: &TcContext, e: &ErrorRewrite) -> bool {
     let inner_check = |change: fn(&TcContext, usize, u64, u64) -> bool, old: u64, new: u64| {
         quoted_check(ctx, e, icmp_check, change, old, new)
     };
+    // The quote's end, and the error's address on the other side (the quote travelled the
+    // other way).
+    let source = e.quoted_source;
     let addresses = match (e.from, e.to) {
         (Addr::V4(from), Addr::V4(to)) => {
             let (old, new) = (u64::from(u32::from_ne_bytes(from)), u64::from(u32::from_ne_bytes(to)));
-            ctx.store(e.inner_l3 + 16, &to, 0).is_ok()
+            let (inner, outer) = if source { (12, 16) } else { (16, 12) };
+            ctx.store(e.inner_l3 + inner, &to, 0).is_ok()
                 && ctx.l3_csum_replace(e.inner_l3 + 10, old, new, 4).is_ok()
                 && inner_check(replace4, old, new)
-                && (!e.outer_source
-                    || (ctx.store(e.l3 + 12, &to, 0).is_ok()
+                && (!e.outer
+                    || (ctx.store(e.l3 + outer, &to, 0).is_ok()
                         && ctx.l3_csum_replace(e.l3 + 10, old, new, 4).is_ok()))
         }
         (Addr::V6(mut from), Addr::V6(mut to)) => {
+            let (inner, outer) = if source { (8, 24) } else { (24, 8) };
             // SAFETY: two 16-byte locals.
             let diff = unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
             diff >= 0
-                && ctx.store(e.inner_l3 + 24, &to, 0).is_ok()
+                && ctx.store(e.inner_l3 + inner, &to, 0).is_ok()
                 && ctx.l4_csum_replace(icmp_check, 0, diff as u64, 0).is_ok()
                 && inner_check(replace_by_diff, 0, diff as u64)
-                // The error's source is in its checksum's pseudo-header.
-                && (!e.outer_source
-                    || (ctx.store(e.l3 + 8, &to, 0).is_ok()
+                // The error's addresses are in its checksum's pseudo-header.
+                && (!e.outer
+                    || (ctx.store(e.l3 + outer, &to, 0).is_ok()
                         && ctx.l4_csum_replace(icmp_check, 0, diff as u64, BPF_F_PSEUDO_HDR as u64).is_ok()))
         }
         _ => false,
     };
     let (old, new) = (e.from_port.to_be(), e.to_port.to_be());
+    let port_at = if source { e.inner_l4 } else { e.inner_l4 + 2 };
     addresses
-        && (old == new
-            || (field(e.inner_l4 + 2, old, new) && inner_check(replace2, u64::from(old), u64::from(new))))
+        && (old == new || (field(port_at, old, new) && inner_check(replace2, u64::from(old), u64::from(new))))
 }
 
 /// The quoted transport checksum changed by `change(at, old, new)`, and the error's

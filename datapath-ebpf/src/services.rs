@@ -6,7 +6,7 @@
 
 use aya_ebpf::bindings::bpf_fib_lookup;
 use tailgate_abi::{
-    conntrack::{opening, partner_clock, partner_due, proto, zone, Flow, FlowKey4, FlowKey6, Nat},
+    conntrack::{opening, partner_clock, partner_due, proto, tcp_flag, zone, Flow, FlowKey4, FlowKey6, Nat},
     counters::Counter,
     services::{family, flow_hash4, flow_hash6, scope, ServiceKey},
     settings::stage,
@@ -168,14 +168,21 @@ fn dnat_family<K: Family>(
         }
         rebalanced = true;
     }
-    // The egress proxy takes what comes for the gateway, but not the replies to its own
-    // connections out of this uplink (recorded at its egress while the proxy is on).
-    if egress && proto != K::ICMP {
-        s.reply = K::of(*dst, *src, l4.dport, l4.sport, proto, At::own(ifindex));
-        if let Some((flow, now)) = live(&s.reply) {
-            // SAFETY: a map value; concurrent writers only race on refresh fields.
-            unsafe { &mut *flow }.seen(proto, flags, now, true);
+    // The egress proxy takes connections that open for the gateway: a TCP segment of one
+    // that was there before (the gateway's own, one to its own sockets) stays the gateway's,
+    // as conntrack keeps it; so do UDP replies to the gateway's own flows out of this uplink
+    // (recorded at its egress while the proxy is on).
+    if egress {
+        if proto == IPPROTO_TCP && flags & (tcp_flag::SYN | tcp_flag::ACK | tcp_flag::RST) != tcp_flag::SYN {
             return Dnat::None;
+        }
+        if proto == IPPROTO_UDP {
+            s.reply = K::of(*dst, *src, l4.dport, l4.sport, proto, At::own(ifindex));
+            if let Some((flow, now)) = live(&s.reply) {
+                // SAFETY: a map value; concurrent writers only race on refresh fields.
+                unsafe { &mut *flow }.seen(proto, flags, now, true);
+                return Dnat::None;
+            }
         }
     }
     let size = service.size;
@@ -270,19 +277,21 @@ fn reverse_family<K: Family>(
     true
 }
 
-/// Tunnel egress: an ICMP error about a packet a flow sent to its backend (the backend's
-/// port unreachable, a router's "fragmentation needed" on the way to it), to be translated
-/// back so that the client recognises the packet it sent to the service.
+/// An ICMP error about a translated packet (a backend's or target's port unreachable, a
+/// router's "fragmentation needed" on the way), to be translated back so that the client
+/// recognises the packet it sent. `reply`: where the flows' reply entries are — zone
+/// `DNAT_REPLY` (tunnel or uplink egress: the quote's destination was a service's backend)
+/// or `SNAT_REPLY` (where the SNAT's replies arrive: the quote's source was translated).
 #[inline(always)]
-pub fn reverse_error(packet: &Packet, bytes: Bytes, ifindex: u32, out: &mut ErrorRewrite) -> bool {
+pub fn reverse_error(packet: &Packet, bytes: Bytes, reply: At, out: &mut ErrorRewrite) -> bool {
     // The mask bounds the offset for the verifier (as in `conntrack::seen`).
     if packet.transport == 0 || packet.transport > MAX_TRANSPORT || packet.l4.is_some() {
         return false;
     }
     let icmp = usize::from(packet.transport & MAX_TRANSPORT);
     match (&packet.ip, packet.proto) {
-        (Ip::V4 { src, dst }, proto::ICMP) => error4(packet.l3, icmp, (src, dst), bytes, ifindex, out),
-        (Ip::V6 { src, dst }, proto::ICMPV6) => error6(packet.l3, icmp, (src, dst), bytes, ifindex, out),
+        (Ip::V4 { src, dst }, proto::ICMP) => error4(packet.l3, icmp, (src, dst), bytes, reply, out),
+        (Ip::V6 { src, dst }, proto::ICMPV6) => error6(packet.l3, icmp, (src, dst), bytes, reply, out),
         _ => false,
     }
 }
@@ -296,7 +305,7 @@ fn error4(
     icmp: usize,
     (src, dst): (&[u8; 4], &[u8; 4]),
     bytes: Bytes,
-    ifindex: u32,
+    reply: At,
     out: &mut ErrorRewrite,
 ) -> bool {
     // Every read from one pointer, checked once per extent (the verifier tracks bounds per
@@ -326,7 +335,7 @@ fn error4(
         return false;
     }
     let quote = Quote { proto, ports: (be16(l4), be16(l4 + 2)), l4: icmp + 8 + ihl };
-    quoted_flow::<FlowKey4>((l3, icmp), (src, dst), backend, quote, (bytes, ifindex), out)
+    quoted_flow::<FlowKey4>((l3, icmp), (src, dst), backend, quote, (bytes, reply), out)
 }
 
 #[inline(always)]
@@ -335,7 +344,7 @@ fn error6(
     icmp: usize,
     (src, dst): (&[u8; 16], &[u8; 16]),
     bytes: Bytes,
-    ifindex: u32,
+    reply: At,
     out: &mut ErrorRewrite,
 ) -> bool {
     let h = bytes.data + icmp;
@@ -355,7 +364,7 @@ fn error6(
     }
     let backend = read::<[u8; 16]>(h + 8 + 24);
     let quote = Quote { proto, ports: (be16(h + 48), be16(h + 48 + 2)), l4: icmp + 48 };
-    quoted_flow::<FlowKey6>((l3, icmp), (src, dst), backend, quote, (bytes, ifindex), out)
+    quoted_flow::<FlowKey6>((l3, icmp), (src, dst), backend, quote, (bytes, reply), out)
 }
 
 /// The quoted packet's transport: protocol, ports, where its header is.
@@ -365,32 +374,38 @@ struct Quote {
     l4: usize,
 }
 
-/// The rewrite of an error whose quote (sent by `dst`, the error's receiver, to `backend`)
-/// is a flow's translated packet. Related, not part of the flow: no refresh (as conntrack).
+/// The rewrite of an error whose quote (sent by `dst`, the error's receiver, to `remote`)
+/// is a flow's translated packet, by its reply entry. Related, not part of the flow: no
+/// refresh (as conntrack).
 #[inline(always)]
 fn quoted_flow<K: Family>(
     (l3, icmp): (usize, usize),
     (src, dst): (&K::Addr, &K::Addr),
-    backend: K::Addr,
+    remote: K::Addr,
     quote: Quote,
-    (bytes, ifindex): (Bytes, u32),
+    (bytes, reply): (Bytes, At),
     out: &mut ErrorRewrite,
 ) -> bool {
-    let key = K::of(*dst, backend, quote.ports.0, quote.ports.1, quote.proto, reply_zone(ifindex));
+    let key = K::of(*dst, remote, quote.ports.0, quote.ports.1, quote.proto, reply);
     let Some((flow, _)) = live(&key) else { return false };
     // SAFETY: a map value, read only.
-    let vip = unsafe { (*flow).nat };
+    let original = unsafe { (*flow).nat };
+    let snat = reply.zone == zone::SNAT_REPLY;
     *out = ErrorRewrite {
         l3,
         icmp,
         inner_l3: icmp + 8,
         inner_l4: quote.l4,
         inner_check: quoted_check(bytes, quote.l4, quote.proto),
-        outer_source: *src == backend,
-        from: K::addr(backend),
-        to: K::addr(K::from_nat(&vip)),
-        from_port: quote.ports.1,
-        to_port: vip.port,
+        // DNAT: the backend becomes the service, in the quote's destination and, when the
+        // backend sent the error, its source. SNAT: the translated address becomes the
+        // client's, in the quote's source and the error's destination.
+        quoted_source: snat,
+        outer: snat || *src == remote,
+        from: K::addr(if snat { *dst } else { remote }),
+        to: K::addr(K::from_nat(&original)),
+        from_port: if snat { quote.ports.0 } else { quote.ports.1 },
+        to_port: original.port,
     };
     true
 }

@@ -47,10 +47,11 @@ pub struct NatRewrite {
     pub to_port: u16,
 }
 
-/// Translate an ICMP error about a packet sent to a backend back to the service (offsets
-/// from the packet start): the quoted packet's destination address and port (`from` →
-/// `to`), its checksums, the error's checksum, and the error's source when it is the
-/// backend (`outer_source`).
+/// Translate an ICMP error about a translated packet back (offsets from the packet start):
+/// one end of the quoted packet — its destination (a DNAT's: backend → service) or, with
+/// `quoted_source`, its source (an SNAT's: translated → client) — address and port (`from`
+/// → `to`), its checksums, the error's checksum, and with `outer` the error's own address
+/// on the other side (its source for a DNAT, its destination for an SNAT).
 #[derive(Clone, Copy)]
 pub struct ErrorRewrite {
     pub l3: usize,
@@ -59,7 +60,8 @@ pub struct ErrorRewrite {
     pub inner_l4: usize,
     /// Where the quoted transport checksum is; 0: not quoted, or a UDP checksum of 0.
     pub inner_check: usize,
-    pub outer_source: bool,
+    pub quoted_source: bool,
+    pub outer: bool,
     pub from: Addr,
     pub to: Addr,
     pub from_port: u16,
@@ -73,7 +75,8 @@ impl ErrorRewrite {
         inner_l3: 0,
         inner_l4: 0,
         inner_check: 0,
-        outer_source: false,
+        quoted_source: false,
+        outer: false,
         from: Addr::V4([0; 4]),
         to: Addr::V4([0; 4]),
         from_port: 0,

@@ -50,6 +50,7 @@ on_both_backends!(
     the_target_still_reaches_the_lan_through_the_gateway,
     a_proxy_turned_on_by_a_reload_leaves_masqueraded_replies_alone,
     connections_open_before_the_proxy_stay_the_gateways,
+    the_targets_port_unreachable_reaches_the_client,
     a_new_address_of_the_gateway_is_proxied_too,
 );
 
@@ -167,6 +168,24 @@ fn connections_open_before_the_proxy_stay_the_gateways(backend: &str) {
     // New connections are the proxy's.
     let (seen, _) = tcp_via(&t.lan, sa(GW_LAN, 8542), &t.peer, sa(PEER, 8542)).unwrap();
     assert_eq!(seen.ip(), ip(GW_TAILNET));
+}
+
+/// UDP to a port the target does not listen on: its ICMP error comes back through both
+/// translations, and the client's socket reports the refusal.
+fn the_targets_port_unreachable_reaches_the_client(backend: &str) {
+    let t = Tailnet::new().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &proxy_to(backend, PEER)).unwrap();
+    let refused = t
+        .lan
+        .enter(|| {
+            let socket = std::net::UdpSocket::bind(sa(LAN, 0))?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            socket.connect(sa(GW_LAN, 9599))?;
+            socket.send(b"anyone?")?;
+            Ok(socket.recv(&mut [0u8; 16]).map_err(|e| e.kind()))
+        })
+        .unwrap();
+    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused), "{}", daemon.log());
 }
 
 /// Two ends of a TCP connection.

@@ -226,3 +226,44 @@ fn the_targets_own_connections_pass_and_what_cannot_be_translated_is_dropped() {
     let other = tcp(CLIENT, "100.101.2.4", 40_000, 22, Tcp::Syn);
     assert_eq!(passed(gw.tunnel_out(&other)), other);
 }
+
+/// ICMP errors about a proxied packet (the target's port unreachable, a router's "packet
+/// too big" on the way) reach the client as errors about the packet it sent: the quote and
+/// the error's destination back to the client at the tunnel's ingress, the quote's
+/// destination (and the source of an error the target sent) back to the gateway's address
+/// at the uplink's egress; checksums right at every step.
+#[test]
+fn icmp_errors_about_a_proxied_packet_reach_the_client() {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    for (client, gw_ip, target, tailnet, router, len) in [
+        (CLIENT, GW, TARGET, GW_TAILNET, None, 8),
+        (CLIENT6, GW6, TARGET6, GW_TAILNET6, Some("fd7a:115c:a1e0::fe"), 20),
+    ] {
+        let mut gw = Gateway::new(target);
+        let sent = if router.is_some() {
+            tcp(client, gw_ip, 40_000, 443, Tcp::Syn)
+        } else {
+            udp(client, gw_ip, 40_000, 53)
+        };
+        let to_target = passed(gw.uplink_in(&sent));
+        let seen = passed(gw.tunnel_out(&to_target));
+        let from = router.unwrap_or(target);
+        let error = icmp_error_quoting(from, tailnet, &quote_of(&seen, len), router.is_some());
+        let counted = gw.counted(|gw| {
+            let back = passed(gw.tunnel_in(&error));
+            let got = icmp_error(&back).unwrap();
+            assert_eq!((got.src, got.dst), (ip(from), ip(client)), "to the client");
+            assert!(got.checksum_ok, "{got:?}");
+            assert_eq!(got.quote, quote_of(&to_target, len), "about the packet as it left the uplink");
+            let out = passed(gw.uplink_out(&back));
+            let got = icmp_error(&out).unwrap();
+            // The target's own error comes from the address the client called.
+            let source = if router.is_some() { from } else { gw_ip };
+            assert_eq!((got.src, got.dst), (ip(source), ip(client)));
+            assert!(got.checksum_ok, "{got:?}");
+            assert_eq!(got.quote, quote_of(&sent, len), "about the packet the client sent");
+        });
+        assert!(counted.contains(&(Counter::EgressProxyReplies, 1)), "{counted:?}");
+        assert!(counted.contains(&(Counter::ServiceIcmpTranslated, 1)), "{counted:?}");
+    }
+}

@@ -28,7 +28,28 @@ on_both_backends!(
     two_clients_with_one_port_stay_apart,
     connections_from_the_lan_into_the_tailnet_keep_their_addresses,
     the_gateways_own_connections_are_untouched,
+    a_lan_hosts_port_unreachable_reaches_the_tailnet_client,
 );
+
+/// UDP from a tailnet client to a port the LAN host does not listen on: the host's ICMP
+/// error about the masqueraded packet goes back to the client, whose socket reports it.
+fn a_lan_hosts_port_unreachable_reaches_the_tailnet_client(backend: &str) {
+    let t = Tailnet::new().unwrap();
+    let _daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
+    for (peer, lan) in [(PEER, LAN), (PEER6, LAN6)] {
+        let refused = t
+            .peer
+            .enter(move || {
+                let socket = std::net::UdpSocket::bind(sa(peer, 0))?;
+                socket.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+                socket.connect(sa(lan, 9699))?;
+                socket.send(b"anyone?")?;
+                Ok(socket.recv(&mut [0u8; 16]).map_err(|e| e.kind()))
+            })
+            .unwrap();
+        assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused), "{peer} -> {lan}");
+    }
+}
 
 fn tailnet_clients_reach_the_lan_under_the_gateways_address(backend: &str) {
     let t = Tailnet::new().unwrap();

@@ -174,3 +174,40 @@ fn what_cannot_be_masqueraded_is_dropped_and_other_traffic_passes_untouched() {
         assert_eq!((run.verdict, &run.frame), (TCX_NEXT, &frame));
     }
 }
+
+/// An ICMP error from the LAN side about a masqueraded packet (the server's port
+/// unreachable, a router's "packet too big") goes to the client as an error about the
+/// packet it sent: the quote's source and the error's destination back, checksums right.
+#[test]
+fn icmp_errors_about_a_masqueraded_packet_go_back_to_the_client() {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let mut gw = Gateway::new();
+    for (client, server, uplink, from, len) in
+        [(CLIENT, SERVER, UPLINK, SERVER, 8), (CLIENT6, SERVER6, UPLINK6, "2001:db8::fe", 20)]
+    {
+        let sent = if len == 8 {
+            udp(client, server, 40_000, 53)
+        } else {
+            tcp(client, server, 40_000, 443, Tcp::Syn)
+        };
+        let out = gw.out(&sent);
+        assert_eq!(out.verdict, TCX_NEXT);
+        let error = icmp_error_quoting(from, uplink, &quote_of(&out.frame, len), len == 20);
+        let skb = Skb { ifindex: gw.uplink, ..Skb::default() };
+        let counted = gw.counted(|gw| {
+            let run = gw.run(Hook::MasqueradeIn, &error, skb);
+            assert_eq!(run.verdict, TCX_NEXT);
+            let got = icmp_error(&run.frame).unwrap();
+            assert_eq!((got.src, got.dst), (ip(from), ip(client)));
+            assert!(got.checksum_ok, "{got:?}");
+            assert_eq!(got.quote, quote_of(&sent, len), "about the packet the client sent");
+        });
+        assert_eq!(counted, [(Counter::FlowLookups, 1), (Counter::Unmasqueraded, 1)], "{counted:?}");
+    }
+    // An error about the host's own packet: untouched.
+    let own = udp(UPLINK, SERVER, 62_500, 53);
+    let error = icmp_error_quoting(SERVER, UPLINK, &quote_of(&own, 8), false);
+    let skb = Skb { ifindex: gw.uplink, ..Skb::default() };
+    let run = gw.run(Hook::MasqueradeIn, &error, skb);
+    assert_eq!((run.verdict, &run.frame), (TCX_NEXT, &error));
+}
