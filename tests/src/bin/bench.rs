@@ -950,7 +950,7 @@ fn egress_proxy() -> Result<()> {
     let toml = format!("tunnel = \"tun0\"\nbackend = \"bpf\"\n[proxy]\negress_to = \"{target}\"\n");
     let config = Config::parse(&toml, &Default::default())?;
     let mut dp = Datapath::load_with(None, KernelLog::Off, testrun::params(&config))?;
-    dp.sync(&policy::compile(&config, system()))?;
+    dp.sync(&policy::compile(&config, testrun::system()))?;
     let dp = &mut dp;
     ns.enter(move || {
         let uplink = nix::net::if_::if_nametoindex("eth0")?;
@@ -987,24 +987,32 @@ fn egress_proxy() -> Result<()> {
         let forwarded = udp(client, "192.0.2.9", 5000, 53);
         let (v, ns) = repeated(dp, Hook::ServiceUplinkIn, &forwarded, arriving)?;
         row(uplink_in, "forwarded (not for the gateway)", Hook::ServiceUplinkIn, v, ns);
-        time_tc(dp, Hook::UplinkEgress, &tcp(gw, client, 45_000, 80, Tcp::Syn), own, 1)?;
-        let (v, ns) = repeated(dp, Hook::UplinkEgress, &tcp(gw, client, 45_000, 80, Tcp::Data), own)?;
+        let own_query = udp(gw, client, 45_000, 53);
+        let (v, ns) = repeated(dp, Hook::UplinkEgress, &own_query, own)?;
+        let what = "the gateway's own UDP packet: flow recorded / refreshed";
+        row("uplink TC egress (uplink_egress)", what, Hook::UplinkEgress, v, ns);
+        let own_answer = udp(client, gw, 53, 45_000);
+        let (v, ns) = repeated(dp, Hook::ServiceUplinkIn, &own_answer, arriving)?;
+        anyhow::ensure!(
+            v == u32::MAX && testrun::counters(dp)?[&Counter::ServiceDnat] == 0,
+            "the answer was taken"
+        );
+        row(uplink_in, "UDP answer to the gateway's own flow (untouched)", Hook::ServiceUplinkIn, v, ns);
+        let segment = tcp(client, gw, 80, 45_001, Tcp::Data);
+        let (v, ns) = repeated(dp, Hook::ServiceUplinkIn, &segment, arriving)?;
         row(
-            "uplink TC egress (uplink_egress)",
-            "the gateway's own packet: flow refreshed",
-            Hook::UplinkEgress,
+            uplink_in,
+            "TCP segment, not a SYN, of no proxied flow (untouched)",
+            Hook::ServiceUplinkIn,
             v,
             ns,
         );
-        let own_reply = tcp(client, gw, 80, 45_000, Tcp::Data);
-        let (v, ns) = repeated(dp, Hook::ServiceUplinkIn, &own_reply, arriving)?;
-        anyhow::ensure!(v == u32::MAX, "the reply was not passed on");
-        row(uplink_in, "reply to the gateway's own connection (untouched)", Hook::ServiceUplinkIn, v, ns);
         let not_target = udp(client, "100.101.2.9", 5000, 53);
         let (v, ns) = repeated(dp, Hook::ProxyOut, &not_target, to_tunnel)?;
         row(proxy_out, "forwarded, not to the target", Hook::ProxyOut, v, ns);
 
-        // One flow through all four steps (its entries), then each step timed.
+        // One flow (opened by its SYN), each of its four steps timed.
+        time_tc(dp, Hook::ServiceUplinkIn, &tcp(client, gw, 40_000, 5432, Tcp::Syn), arriving, 1)?;
         let request = tcp(client, gw, 40_000, 5432, Tcp::Data);
         let dnat = translated(
             dp,
