@@ -120,6 +120,15 @@ fn command_in(netns_path: &str, pins: &PinDir, args: &[&str]) -> Result<Command>
     Ok(cmd)
 }
 
+/// How to launch a daemon beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Extra environment (`WATCHDOG_USEC`, `TAILGATE_*`).
+    pub env: Vec<(String, String)>,
+    /// Only these capabilities (numbers, as `linux/capability.h`); `None`: all of root's.
+    pub capabilities: Option<Vec<u32>>,
+}
+
 /// A running daemon. Stopped with SIGTERM (then SIGKILL) on drop.
 ///
 /// It reports to a notify socket of its own (`NOTIFY_SOCKET`, as under systemd): `READY=1`
@@ -142,7 +151,11 @@ impl Daemon {
 
     /// `start` with extra arguments for `tailgate run`.
     pub fn start_with(ns: &Netns, pins: &PinDir, config: &str, args: &[&str]) -> Result<Self> {
-        let mut daemon = Self::spawn(ns, pins, config, args)?;
+        Self::until_ready(Self::spawn(ns, pins, config, args)?)
+    }
+
+    /// Waits for a spawned daemon's first `READY=1`; stops it if it exits or never says so.
+    fn until_ready(mut daemon: Self) -> Result<Self> {
         let ready = wait::until(Duration::from_secs(20), || daemon.readies() > 0 || !daemon.alive());
         if !ready || !daemon.alive() {
             let log = daemon.log();
@@ -165,6 +178,15 @@ impl Daemon {
 
     /// Starts `tailgate run` without waiting for anything.
     pub fn spawn(ns: &Netns, pins: &PinDir, config: &str, args: &[&str]) -> Result<Self> {
+        Self::spawn_with(ns, pins, config, args, &Launch::default())
+    }
+
+    /// `start` as `launch` says (environment, capabilities).
+    pub fn start_launched(ns: &Netns, pins: &PinDir, config: &str, launch: &Launch) -> Result<Self> {
+        Self::until_ready(Self::spawn_with(ns, pins, config, &[], launch)?)
+    }
+
+    fn spawn_with(ns: &Netns, pins: &PinDir, config: &str, args: &[&str], launch: &Launch) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("tailgate.toml");
         fs::write(&config_path, config)?;
@@ -174,7 +196,27 @@ impl Daemon {
         let log = fs::File::create(dir.path().join("log"))?;
         let mut run = vec!["run", "--config", config_path.to_str().unwrap()];
         run.extend_from_slice(args);
-        let child = command(ns, pins, &run)?
+        let mut cmd = command(ns, pins, &run)?;
+        cmd.envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if let Some(keep) = launch.capabilities.clone() {
+            let last: u32 = fs::read_to_string("/proc/sys/kernel/cap_last_cap")?.trim().parse()?;
+            // Only these capabilities in the bounding set: a root process execs with
+            // exactly them (as systemd's CapabilityBoundingSet= does).
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.pre_exec(move || {
+                    for cap in 0..=last {
+                        if !keep.contains(&cap)
+                            && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .env("NOTIFY_SOCKET", &socket_path)
             .stdout(log.try_clone()?)
             .stderr(log)

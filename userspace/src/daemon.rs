@@ -197,8 +197,19 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // in several steps — truncate, close, append — get to finish), and at the latest
     // SETTLE_MAX after the first change. Meanwhile everything else goes on.
     let mut reload_at: Option<(Instant, Instant)> = None;
+    // systemd's watchdog (`WatchdogSec=`): pinged from this loop at half the interval, so a
+    // loop that stops turning (a hung reload, a deadlock) gets the service restarted.
+    let mut watchdog = sd_notify::watchdog_enabled().map(|every| {
+        let mut timer = tokio::time::interval(every / 2);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer
+    });
     loop {
         tokio::select! {
+            _ = tick(&mut watchdog) => {
+                notify(&[NotifyState::Watchdog]);
+                continue;
+            }
             _ = tick(&mut repair) => {
                 if let Err(e) = backend.repair() {
                     tracing::warn!("repair failed: {e:#}");

@@ -18,6 +18,8 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "procps",
     "util-linux",
+    // systemd-analyze, for the unit's tests.
+    "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
