@@ -8,6 +8,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -31,6 +32,7 @@ use crate::{
     },
     config::{BackendKind, Config, HookPosition, IptablesVariant},
     lock::{self, Lock},
+    metrics,
     netdev::{self, Check, LinkEvents},
     policy::{self, DesiredState},
     runstate::{self, RunState},
@@ -141,6 +143,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     let mut links = LinkEvents::subscribe().context("watching network devices (rtnetlink)")?;
 
+    // The metrics socket before anything is started: an address that cannot be bound
+    // refuses the start.
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(metrics::Listener::bind(addr).await?),
+        None => None,
+    };
+    let stats = Arc::new(metrics::Stats::default());
     // Services forward from the tunnel: before anything is started, so a gateway that
     // cannot forward refuses to start rather than blackholing their connections.
     turn_on_forwarding(&state)?;
@@ -175,6 +184,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     // Past this point the start stands; what follows cannot be undone.
     commit(backend.as_mut(), &state, &opts.pins);
+    if let Ok(mut b) = stats.backend.lock() {
+        *b = (backend.name().to_string(), run_state.reason.clone());
+    }
+    if let (Some(listener), Some(addr)) = (metrics, config.metrics_listen) {
+        listener.serve(opts.pins.clone(), stats.clone());
+        tracing::info!("metrics on http://{addr}/metrics, health on /healthz");
+    }
     release_memory();
     warn_if_not_forwarding();
     log_proxies(&config, &state);
@@ -211,8 +227,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 continue;
             }
             _ = tick(&mut repair) => {
-                if let Err(e) = backend.repair() {
-                    tracing::warn!("repair failed: {e:#}");
+                match backend.repair() {
+                    Ok(0) => {}
+                    Ok(_) => metrics::Stats::count(&stats.repairs),
+                    Err(e) => tracing::warn!("repair failed: {e:#}"),
                 }
                 continue;
             }
@@ -237,8 +255,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         reload_at = None;
         notify_reloading();
-        if let Some(new) = reload(backend.as_mut(), &config, &mut state, opts.config.as_deref()) {
-            current = new;
+        match reload(backend.as_mut(), &config, &mut state, opts.config.as_deref()) {
+            Some(new) => {
+                current = new;
+                metrics::Stats::count(&stats.reloads);
+            }
+            None => metrics::Stats::count(&stats.reloads_refused),
         }
         record(&opts.pins, &mut run_state, &state, backend.as_ref());
         notify(&[NotifyState::Ready]);
@@ -343,6 +365,9 @@ fn reload(
     };
     if config.backend != started.backend || config.iptables != started.iptables {
         tracing::warn!("backend and [iptables] settings changed: they take effect at the next start");
+    }
+    if config.metrics_listen != started.metrics_listen {
+        tracing::warn!("metrics_listen changed: it takes effect at the next start");
     }
     if config.flows != started.flows {
         tracing::warn!(

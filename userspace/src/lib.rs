@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod forwarding;
 pub mod lock;
+pub mod metrics;
 pub mod netdev;
 pub mod policy;
 pub mod runstate;

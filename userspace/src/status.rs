@@ -127,6 +127,21 @@ pub fn read(pins: &Pins) -> Result<Option<Status>> {
     Ok(Some(status))
 }
 
+/// The state in force as the daemon itself sees it (for its metrics): no look at the
+/// locks, which it holds (a POSIX lock goes when its holder closes any descriptor of the
+/// file, so the daemon must never open its own lock files).
+pub fn read_by_daemon(pins: &Pins) -> Result<Option<Status>> {
+    let run = runstate::read(pins);
+    let Some(mut status) = read_in_force(pins, run.as_ref())? else { return Ok(None) };
+    status.pin_dir = pins.root().display().to_string();
+    status.daemon = Some(std::process::id() as i32);
+    if let Some(run) = run {
+        status.reason = Some(run.reason);
+        status.pending = run.pending;
+    }
+    Ok(Some(status))
+}
+
 /// What is in force: the pinned BPF datapath, or tailgate's iptables chains.
 fn read_in_force(pins: &Pins, run: Option<&runstate::RunState>) -> Result<Option<Status>> {
     let backend = run.map(|r| r.backend.as_str());

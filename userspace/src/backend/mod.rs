@@ -44,9 +44,9 @@ pub trait Backend {
     fn repair_interval(&self) -> Option<Duration> {
         None
     }
-    /// Restores what another program changed.
-    fn repair(&mut self) -> Result<()> {
-        Ok(())
+    /// Restores what another program changed; how many tables it rewrote.
+    fn repair(&mut self) -> Result<usize> {
+        Ok(0)
     }
     /// Stops enforcing and removes everything the backend created, unless `keep`, in which
     /// case the datapath stays in force for the next start to take over.

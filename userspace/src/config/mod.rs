@@ -35,6 +35,8 @@ pub struct Config {
     pub backend: BackendKind,
     /// Leave the datapath attached when the daemon stops (the next start takes it over).
     pub keep_datapath: bool,
+    /// Where to serve Prometheus metrics and `/healthz`; `None`: no listening socket.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub cgnat: CgnatConfig,
     pub subnet_routes: SubnetRoutesConfig,
     pub mss: MssConfig,
@@ -213,6 +215,10 @@ struct RawConfig {
     interfaces: Option<Vec<String>>,
     backend: Option<BackendKind>,
     keep_datapath: Option<bool>,
+    metrics_listen: Option<String>,
+    /// Where `metrics_listen` was given (for errors).
+    #[serde(skip)]
+    metrics_source: Option<&'static str>,
     #[serde(default)]
     cgnat: RawCgnat,
     #[serde(default)]
@@ -278,6 +284,18 @@ struct RawCgnat {
     allow: Option<Vec<String>>,
     drop: Option<Vec<String>>,
     allow_replies: Option<bool>,
+}
+
+/// The metrics listener's address: `host:port` with an IP address (no name to resolve).
+fn metrics_listen(text: Option<String>, field: &str) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    let Some(text) = text else { return Ok(None) };
+    let addr: std::net::SocketAddr = text.trim().parse().map_err(|_| {
+        ConfigError::new(field, format!("{text:?} is not an address:port (e.g. \"127.0.0.1:9469\")"))
+    })?;
+    if addr.port() == 0 {
+        return Err(ConfigError::new(field, "port 0: give the port to listen on"));
+    }
+    Ok(Some(addr))
 }
 
 impl Config {
@@ -369,6 +387,10 @@ fn apply_env(raw: &mut RawConfig, env: &HashMap<String, String>) -> Result<(), C
     }
     if let Some(v) = get("TAILGATE_KEEP_DATAPATH") {
         raw.keep_datapath = Some(parse_bool("TAILGATE_KEEP_DATAPATH", &v)?);
+    }
+    if let Some(v) = get("TAILGATE_METRICS_LISTEN") {
+        raw.metrics_listen = Some(v);
+        raw.metrics_source = Some("TAILGATE_METRICS_LISTEN");
     }
     if let Some(v) = get("TAILGATE_IPTABLES_DIVERT") {
         raw.iptables.divert = Some(parse_bool("TAILGATE_IPTABLES_DIVERT", &v)?);
@@ -503,6 +525,8 @@ impl RawConfig {
                 defaults.max_entries_v6,
             )?,
         };
+        let metrics_listen =
+            metrics_listen(self.metrics_listen, self.metrics_source.unwrap_or("metrics_listen"))?;
         let services = services::validate(self.service)?;
         let proxy = self.proxy.validate()?;
         let nat = self.nat.validate()?;
@@ -560,6 +584,7 @@ impl RawConfig {
             interfaces: self.interfaces,
             backend: self.backend.unwrap_or(BackendKind::Auto),
             keep_datapath: self.keep_datapath.unwrap_or(false),
+            metrics_listen,
             cgnat: CgnatConfig {
                 mode: self.cgnat.mode.unwrap_or(CgnatMode::Drop),
                 allow,

@@ -20,7 +20,7 @@ pub mod settings;
 pub mod subnet_routes;
 mod sys;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc};
 
 use anyhow::{Context, Result};
 use aya::{Ebpf, EbpfLoader};
@@ -370,14 +370,6 @@ impl Backend for BpfBackend {
 
     fn inherited(&self) -> bool {
         self.inherited
-    }
-
-    fn repair_interval(&self) -> Option<Duration> {
-        None
-    }
-
-    fn repair(&mut self) -> Result<()> {
-        Ok(())
     }
 
     fn commit(&mut self, state: &DesiredState) -> Result<()> {

@@ -130,13 +130,13 @@ impl Backend for IptablesBackend {
         Some(self.opts.repair_interval)
     }
 
-    fn repair(&mut self) -> Result<()> {
+    fn repair(&mut self) -> Result<usize> {
         let written = self.writer.repair()?;
         if !written.is_empty() {
             tracing::warn!("iptables: rules changed by another program; restored [{}]", written.join(", "));
         }
         self.check_bypasses();
-        Ok(())
+        Ok(written.len())
     }
 
     fn inherited(&self) -> bool {

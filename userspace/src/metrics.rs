@@ -1,0 +1,218 @@
+//! Prometheus metrics and `/healthz` (`metrics_listen`, off by default: no listening socket
+//! without it). A scrape reads the state in force as `tailgate status` does (pinned maps,
+//! or iptables' counters; not the locks, which the daemon holds) plus what only the daemon
+//! knows (reloads, repairs), and
+//! encodes it with `prometheus-client`. Label values are bounded: verdict reasons, rule
+//! directions/verdicts/origins (never prefixes), service and backend addresses of the config.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    backend::bpf::Pins,
+    policy::{CGNAT_V4, TAILNET_ULA_V6},
+    status::{self, Status},
+};
+
+/// What the daemon counts for the metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub reloads: AtomicU64,
+    pub reloads_refused: AtomicU64,
+    /// Repair runs that rewrote something (iptables).
+    pub repairs: AtomicU64,
+    /// The backend in use and why (set once the start stands).
+    pub backend: Mutex<(String, String)>,
+}
+
+impl Stats {
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+/// The listening socket, bound before the start so that an unusable address refuses it.
+pub struct Listener(TcpListener);
+
+impl Listener {
+    pub async fn bind(addr: SocketAddr) -> Result<Self> {
+        let listener =
+            TcpListener::bind(addr).await.with_context(|| format!("metrics_listen: binding {addr}"))?;
+        Ok(Self(listener))
+    }
+
+    /// Serves scrapes until the process ends.
+    pub fn serve(self, pins: Pins, stats: Arc<Stats>) {
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = self.0.accept().await else { continue };
+                let (pins, stats) = (pins.clone(), stats.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let answer = answer(&request, &pins, &stats);
+                        async move { Ok::<_, Infallible>(answer) }
+                    });
+                    if let Err(e) =
+                        http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+                    {
+                        tracing::debug!("metrics connection: {e}");
+                    }
+                });
+            }
+        });
+    }
+}
+
+fn answer(request: &Request<hyper::body::Incoming>, pins: &Pins, stats: &Stats) -> Response<Full<Bytes>> {
+    let reply = |code: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(code)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    };
+    if request.method() != Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
+    }
+    match request.uri().path() {
+        "/metrics" => match render(pins, stats) {
+            Ok(text) => {
+                reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text)
+            }
+            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e:#}\n")),
+        },
+        // Answered by the daemon's own event loop: a loop that hangs answers nothing.
+        "/healthz" => match status::read_by_daemon(pins) {
+            Ok(Some(s)) => reply(StatusCode::OK, "text/plain", format!("ok: {} enforcing\n", s.backend)),
+            Ok(None) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "nothing in force\n".into()),
+            Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{e:#}\n")),
+        },
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "/metrics or /healthz\n".into()),
+    }
+}
+
+/// The metrics text of one scrape.
+pub fn render(pins: &Pins, stats: &Stats) -> Result<String> {
+    let status = status::read_by_daemon(pins)?;
+    let mut registry = Registry::default();
+
+    let info = Family::<Labels, Gauge>::default();
+    let (backend, reason) = stats.backend.lock().map(|b| b.clone()).unwrap_or_default();
+    info.get_or_create(&labels(&[("backend", &backend), ("reason", &reason)])).set(1);
+    registry.register("tailgate_backend", "The backend in use (1) and why it was chosen", info);
+    for (name, help, value) in [
+        ("tailgate_reloads", "Reloads applied (SIGHUP or a changed config file)", &stats.reloads),
+        (
+            "tailgate_reloads_refused",
+            "Reloads refused (invalid config, failed apply): the state in force stayed",
+            &stats.reloads_refused,
+        ),
+        ("tailgate_repairs", "iptables tables restored after another program changed them", &stats.repairs),
+    ] {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(value.load(Ordering::Relaxed));
+        registry.register(name, help, counter);
+    }
+
+    if let Some(status) = status {
+        add_status(&mut registry, &status);
+    }
+    let mut text = String::new();
+    encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn add_status(registry: &mut Registry, status: &Status) {
+    let packets = Family::<Labels, Counter>::default();
+    for (reason, value) in &status.counters {
+        packets.get_or_create(&labels(&[("reason", reason)])).inc_by(*value);
+    }
+    registry.register(
+        "tailgate_packets",
+        "Packets per verdict reason, hook included in the name (BPF; iptables: per counted rule)",
+        packets,
+    );
+
+    // Rule hits by where the rule comes from, not by prefix: bounded whatever the config.
+    let rules = Family::<Labels, Counter>::default();
+    for rule in &status.rules {
+        let origin = match rule.prefix.parse::<ipnet::IpNet>() {
+            Ok(ipnet::IpNet::V4(net)) if net == CGNAT_V4 => "default",
+            Ok(ipnet::IpNet::V6(net)) if net == TAILNET_ULA_V6 => "default",
+            _ => "config",
+        };
+        let family = labels(&[("direction", rule.direction), ("verdict", rule.verdict), ("origin", origin)]);
+        rules.get_or_create(&family).inc_by(rule.packets.unwrap_or(0));
+    }
+    registry.register(
+        "tailgate_rule_packets",
+        "Packets matched by the prefix rules, by direction, verdict and origin",
+        rules,
+    );
+
+    let attachments = Gauge::<i64>::default();
+    attachments.set(status.attachments.len() as i64);
+    registry.register("tailgate_attachments", "Hooks the datapath is attached to", attachments);
+    let pending = Gauge::<i64>::default();
+    pending.set(status.pending.len() as i64);
+    registry.register("tailgate_pending_attachments", "Hooks waiting for their device", pending);
+
+    if let Some(flows) = &status.flows {
+        let entries = Family::<Labels, Gauge>::default();
+        let capacity = Family::<Labels, Gauge>::default();
+        let o = &flows.occupancy;
+        for (family, live, size) in
+            [("ipv4", o.entries_v4, o.capacity_v4), ("ipv6", o.entries_v6, o.capacity_v6)]
+        {
+            entries.get_or_create(&labels(&[("family", family)])).set(live as i64);
+            capacity.get_or_create(&labels(&[("family", family)])).set(i64::from(size));
+        }
+        registry.register("tailgate_flow_entries", "Live entries of the flow tables", entries);
+        registry.register("tailgate_flow_capacity", "Size of the flow tables", capacity);
+        let evicted = Counter::<u64>::default();
+        evicted.inc_by(flows.evicted);
+        registry.register("tailgate_flow_evictions", "Flows the full table evicted to make room", evicted);
+    }
+
+    if !status.services.is_empty() {
+        let slots = Family::<Labels, Gauge>::default();
+        for service in &status.services {
+            for backend in &service.backends {
+                let family = labels(&[
+                    ("service", &service.listen),
+                    ("protocol", service.protocol),
+                    ("backend", &backend.address),
+                ]);
+                slots.get_or_create(&family).set(i64::from(backend.slots));
+            }
+        }
+        registry.register(
+            "tailgate_service_backend_slots",
+            "Slots of a service's Maglev table that name the backend (its share of new flows)",
+            slots,
+        );
+    }
+}
