@@ -3,7 +3,10 @@
 //! (with a prebuilt `core` for bpfel-unknown-none) and bpf-linker built against the same
 //! LLVM major.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -20,7 +23,14 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     // systemd-analyze, for the unit's tests.
     "systemd",
+    // A virtual environment for the Python tools below.
+    "python3-venv",
 ];
+/// Python tools the tests run, from PyPI, in a virtual environment of their own: the
+/// Kubernetes API schemas, offline (the manifests' test).
+const PYTHON_TOOLS: &[&str] = &["kubernetes-validate==1.37.0"];
+/// Where (`tests/kubernetes.rs` runs `bin/kubernetes-validate` from there).
+pub const PYTHON_VENV: &str = "/var/cache/tailgate-tests/venv";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 
@@ -30,8 +40,19 @@ pub fn run() -> Result<()> {
     apt_install(&[&format!("llvm-{llvm}-dev")])?;
     bpf_linker(llvm)?;
     rust_components()?;
+    python_tools()?;
     println!("xtask setup: toolchain ready (Debian rustc LLVM {llvm}, bpf-linker {BPF_LINKER_VERSION})");
     Ok(())
+}
+
+fn python_tools() -> Result<()> {
+    let venv = Path::new(PYTHON_VENV);
+    if venv.join("bin/kubernetes-validate").exists() {
+        return Ok(());
+    }
+    println!("xtask setup: installing {} into {PYTHON_VENV}", PYTHON_TOOLS.join(" "));
+    super::run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(venv))?;
+    super::run(Command::new(venv.join("bin/pip")).args(["install", "-q"]).args(PYTHON_TOOLS))
 }
 
 fn installed(package: &str) -> bool {
