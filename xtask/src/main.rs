@@ -1,6 +1,7 @@
-//! Developer commands: `cargo xtask setup | build | test | demo | bench`.
+//! Developer commands: `cargo xtask setup | build | test | demo | bench | image`.
 
 mod demo;
+mod image;
 mod setup;
 
 use std::{
@@ -41,6 +42,9 @@ enum Cmd {
     /// Single-packet cost (BPF_PROG_TEST_RUN), real-traffic cost over veth, reload cost and
     /// daemon memory. Needs root.
     Bench,
+    /// A container image from Debian packages and the release binary (no registry),
+    /// checked inside (chroot); imported with podman where installed. Needs root.
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -51,6 +55,11 @@ fn main() -> Result<()> {
             build(release)
         }
         Cmd::Test => test(),
+        Cmd::Image => {
+            setup::run()?;
+            require_root("image")?;
+            image::run()
+        }
         Cmd::Demo { seconds, backend } => {
             setup::run()?;
             build(false)?;

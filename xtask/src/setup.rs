@@ -63,7 +63,7 @@ fn installed(package: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn apt_install(packages: &[&str]) -> Result<()> {
+pub fn apt_install(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
