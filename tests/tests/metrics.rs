@@ -100,6 +100,27 @@ fn the_metrics_follow_the_datapath(backend: &str) {
     assert!(get(&t.gw, "/healthz").is_err());
 }
 
+/// Services: each backend's share of the table, and its live flows from a walk of the
+/// flow table (BPF).
+#[test]
+fn service_backends_and_their_flows() {
+    use tailgate_tests::tailnet::{self, tcp_via, Tailnet};
+    let t = Tailnet::new().unwrap();
+    let vip = "100.101.102.103:80";
+    let extra = format!("[[service]]\nlisten = \"{vip}\"\nbackends = [\"{}:8080\"]\n", tailnet::LAN);
+    let config = format!("metrics_listen = \"{LISTEN}\"\n{}", tailnet::config("bpf", &extra));
+    let daemon = Daemon::start(&t.gw, &t.pins, &config).unwrap();
+    let backend = format!("{}:8080", tailnet::LAN);
+    for _ in 0..3 {
+        tcp_via(&t.peer, vip.parse().unwrap(), &t.lan, backend.parse().unwrap())
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    }
+    let s = scrape(&t.gw);
+    let labels = [("service", vip), ("backend", backend.as_str())];
+    assert_eq!(value(&s, "tailgate_service_backend_slots", &labels), Some(16_381.0), "{:?}", s.samples);
+    assert_eq!(value(&s, "tailgate_service_backend_flows", &labels), Some(3.0), "{:?}", s.samples);
+}
+
 #[test]
 fn no_socket_without_the_setting_and_a_bad_address_is_refused() {
     let t = Topology::new().unwrap();

@@ -26,7 +26,7 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 
 use crate::{
-    backend::bpf::Pins,
+    backend::bpf::{conntrack, Pins},
     policy::{CGNAT_V4, TAILNET_ULA_V6},
     status::{self, Status},
 };
@@ -134,7 +134,7 @@ pub fn render(pins: &Pins, stats: &Stats) -> Result<String> {
     }
 
     if let Some(status) = status {
-        add_status(&mut registry, &status);
+        add_status(&mut registry, &status, pins);
     }
     let mut text = String::new();
     encode(&mut text, &registry)?;
@@ -145,7 +145,7 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
-fn add_status(registry: &mut Registry, status: &Status) {
+fn add_status(registry: &mut Registry, status: &Status, pins: &Pins) {
     let packets = Family::<Labels, Counter>::default();
     for (reason, value) in &status.counters {
         packets.get_or_create(&labels(&[("reason", reason)])).inc_by(*value);
@@ -214,5 +214,46 @@ fn add_status(registry: &mut Registry, status: &Status) {
             "Slots of a service's Maglev table that name the backend (its share of new flows)",
             slots,
         );
+        if let Some(flows) = backend_flows(pins, status) {
+            registry.register(
+                "tailgate_service_backend_flows",
+                "Live flows of a service on each backend",
+                flows,
+            );
+        }
     }
+}
+
+/// Live flows per service and backend, from a walk of the flow tables (BPF): the `dnat`
+/// entries to a configured service's address and port. (The proxies' port-less entries
+/// are left out: their flows are per destination port, not a bounded label set.)
+fn backend_flows(pins: &Pins, status: &Status) -> Option<Family<Labels, Gauge>> {
+    let entries = status::flows(pins).ok()?;
+    let family = Family::<Labels, Gauge>::default();
+    for service in status.services.iter().filter(|s| !s.listen.ends_with(":0")) {
+        for backend in &service.backends {
+            let _ = family.get_or_create(&labels(&[
+                ("service", &service.listen),
+                ("protocol", service.protocol),
+                ("backend", &backend.address),
+            ]));
+        }
+    }
+    for entry in entries.iter().filter(|e| e.zone == "dnat" && e.expires_in_s > 0.0) {
+        let listen = std::net::SocketAddr::new(entry.dst, entry.dport).to_string();
+        let protocol = conntrack::proto_name(entry.proto);
+        let Some(service) = status.services.iter().find(|s| s.listen == listen && s.protocol == protocol)
+        else {
+            continue;
+        };
+        if let Some(nat) = entry.nat {
+            let key = labels(&[
+                ("service", &service.listen),
+                ("protocol", service.protocol),
+                ("backend", &nat.to_string()),
+            ]);
+            family.get_or_create(&key).inc();
+        }
+    }
+    Some(family)
 }
