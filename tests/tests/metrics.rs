@@ -95,6 +95,13 @@ fn the_metrics_follow_the_datapath(backend: &str) {
     let (code, body) = get(&t.gw, "/healthz").unwrap();
     assert_eq!((code, body.starts_with("ok")), (200, true), "{body}");
     assert_eq!(get(&t.gw, "/other").unwrap().0, 404);
+    if backend == "bpf" {
+        // The datapath removed under the daemon (`cleanup --force`): unhealthy.
+        let out = tailgate_tests::daemon::tailgate(&t.gw, &t.pins, &["cleanup", "--force"]).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let (code, body) = get(&t.gw, "/healthz").unwrap();
+        assert_eq!(code, 503, "{body}");
+    }
     drop(daemon);
     // No daemon, no socket.
     assert!(get(&t.gw, "/healthz").is_err());

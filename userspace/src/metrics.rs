@@ -68,8 +68,8 @@ impl Listener {
                 let (pins, stats) = (pins.clone(), stats.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
-                        let answer = answer(&request, &pins, &stats);
-                        async move { Ok::<_, Infallible>(answer) }
+                        let (pins, stats) = (pins.clone(), stats.clone());
+                        async move { Ok::<_, Infallible>(answer(request, pins, stats).await) }
                     });
                     if let Err(e) =
                         http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
@@ -82,7 +82,11 @@ impl Listener {
     }
 }
 
-fn answer(request: &Request<hyper::body::Incoming>, pins: &Pins, stats: &Stats) -> Response<Full<Bytes>> {
+async fn answer(
+    request: Request<hyper::body::Incoming>,
+    pins: Pins,
+    stats: Arc<Stats>,
+) -> Response<Full<Bytes>> {
     let reply = |code: StatusCode, content_type: &str, body: String| {
         Response::builder()
             .status(code)
@@ -94,18 +98,27 @@ fn answer(request: &Request<hyper::body::Incoming>, pins: &Pins, stats: &Stats) 
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
     }
     match request.uri().path() {
-        "/metrics" => match render(pins, stats) {
-            Ok(text) => {
+        // Off the event loop: reading the maps walks the flow tables (a syscall or two per
+        // entry), which would hold up signals, reloads and watchdog pings meanwhile.
+        "/metrics" => match tokio::task::spawn_blocking(move || render(&pins, &stats)).await {
+            Ok(Ok(text)) => {
                 reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text)
             }
-            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e:#}\n")),
+            Ok(Err(e)) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e:#}\n")),
+            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
         },
-        // Answered by the daemon's own event loop: a loop that hangs answers nothing.
-        "/healthz" => match status::read_by_daemon(pins) {
-            Ok(Some(s)) => reply(StatusCode::OK, "text/plain", format!("ok: {} enforcing\n", s.backend)),
-            Ok(None) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "nothing in force\n".into()),
-            Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{e:#}\n")),
-        },
+        // Answered by the daemon's own event loop (a loop that hangs answers nothing), from
+        // what it knows: the start stood, and the pinned datapath is still there.
+        "/healthz" => {
+            let backend = stats.backend.lock().map(|b| b.0.clone()).unwrap_or_default();
+            if backend.is_empty() {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n".into())
+            } else if backend == "bpf" && !pins.root().exists() {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "the pinned datapath is gone\n".into())
+            } else {
+                reply(StatusCode::OK, "text/plain", format!("ok: {backend} enforcing\n"))
+            }
+        }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "/metrics or /healthz\n".into()),
     }
 }
