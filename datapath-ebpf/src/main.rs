@@ -26,6 +26,8 @@ mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod counters;
 #[cfg(target_arch = "bpf")]
+mod icmp_error;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod mark;
@@ -64,6 +66,7 @@ mod programs {
         cgnat,
         conntrack::{self, At, Bytes},
         counters::count,
+        icmp_error,
         maps::{generation, settings, TUNNEL_L3_OFFSET},
         mark, masquerade,
         mss::{self, Clamp},
@@ -300,7 +303,7 @@ mod programs {
         // An ICMP error (no ports of its own) about one of the flows' packets.
         let mut error = ErrorRewrite::EMPTY;
         let reply = At { zone: zone::SNAT_REPLY, ifindex };
-        services::reverse_error(packet, bytes, reply, &mut error) && nat::translate_error(ctx, &error)
+        icmp_error::reverse(packet, bytes, reply, &mut error) && nat::translate_error(ctx, &error)
     }
 
     /// TC egress on every uplink, first, while masquerading: marked packets from the tunnel
@@ -322,16 +325,31 @@ mod programs {
         let Ok(packet) = nat_packet(&ctx, Link::Ethernet) else { return TCX_NEXT };
         let mut nat = NatRewrite::EMPTY;
         let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
-        match masquerade::snat(&packet, bytes, &settings, (ctx.skb.skb.cast(), ifindex, ingress), &mut nat) {
+        let snat =
+            masquerade::snat(&packet, bytes, &settings, (ctx.skb.skb.cast(), ifindex, ingress), &mut nat);
+        // Never sent out with its tailnet source.
+        snat_verdict(&ctx, snat, nat, [Counter::Masqueraded, Counter::MasqueradeNew, Counter::MasqueradeDrop])
+    }
+
+    /// Applies the SNAT's outcome: the rewrite (counted as `translated`, and `new` for a flow
+    /// it opened), or a drop (`drop`) when it cannot translate or the rewrite did not take.
+    #[inline(always)]
+    fn snat_verdict(
+        ctx: &TcContext,
+        snat: Snat,
+        nat: NatRewrite,
+        [translated, new, drop]: [Counter; 3],
+    ) -> i32 {
+        match snat {
             Snat::None => TCX_NEXT,
-            Snat::To if rewritten(&ctx, Rewrite::Nat(nat)) => next(Counter::Masqueraded),
-            Snat::New if rewritten(&ctx, Rewrite::Nat(nat)) => {
-                count(Counter::MasqueradeNew);
-                next(Counter::Masqueraded)
+            Snat::To | Snat::New if rewritten(ctx, Rewrite::Nat(nat)) => {
+                if let Snat::New = snat {
+                    count(new);
+                }
+                next(translated)
             }
-            // Never sent out with its tailnet source.
             _ => {
-                count(Counter::MasqueradeDrop);
+                count(drop);
                 TC_ACT_SHOT as i32
             }
         }
@@ -361,18 +379,13 @@ mod programs {
         }
         let mut nat = NatRewrite::EMPTY;
         let bytes = Bytes { data: ctx.data(), data_end: ctx.data_end() };
-        match proxy::snat(&packet, bytes, &settings, ifindex, &mut nat) {
-            Snat::None => TCX_NEXT,
-            Snat::To if rewritten(&ctx, Rewrite::Nat(nat)) => next(Counter::EgressProxied),
-            Snat::New if rewritten(&ctx, Rewrite::Nat(nat)) => {
-                count(Counter::EgressProxyNew);
-                next(Counter::EgressProxied)
-            }
-            _ => {
-                count(Counter::EgressProxyDrop);
-                TC_ACT_SHOT as i32
-            }
-        }
+        let snat = proxy::snat(&packet, bytes, &settings, ifindex, &mut nat);
+        snat_verdict(
+            &ctx,
+            snat,
+            nat,
+            [Counter::EgressProxied, Counter::EgressProxyNew, Counter::EgressProxyDrop],
+        )
     }
 
     #[inline(always)]
@@ -408,7 +421,7 @@ mod programs {
             return true;
         }
         let mut error = ErrorRewrite::EMPTY;
-        if services::reverse_error(packet, bytes, At { zone: zone::DNAT_REPLY, ifindex }, &mut error) {
+        if icmp_error::reverse(packet, bytes, At { zone: zone::DNAT_REPLY, ifindex }, &mut error) {
             if nat::translate_error(ctx, &error) {
                 count(Counter::ServiceIcmpTranslated);
             }

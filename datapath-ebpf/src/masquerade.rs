@@ -17,7 +17,7 @@ use tailgate_abi::{
 };
 
 use crate::{
-    conntrack::{self, At, Bytes},
+    conntrack::{At, Bytes},
     parse::Packet,
     snat::{self, Answers, Snat, Source},
     stage::NatRewrite,
@@ -43,9 +43,7 @@ pub fn snat(
 /// connection into the tunnel, whose replies the masquerade leaves alone.
 #[inline(always)]
 pub fn record_inbound(packet: &Packet, bytes: Bytes, ingress: u32, tunnel: u32) {
-    if !snat::is_reply(packet, bytes, ingress) {
-        conntrack::record(packet, bytes, At { zone: zone::INBOUND, ifindex: tunnel });
-    }
+    snat::record_opened(packet, bytes, ingress, At { zone: zone::INBOUND, ifindex: tunnel });
 }
 
 /// The masquerade's address: the route's preferred source towards the destination out of

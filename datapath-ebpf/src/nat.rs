@@ -61,7 +61,7 @@ pub fn translate(ctx: &TcContext, nat: &NatRewrite) -> bool {
                 && ctx.store(port_at, &new, 0).is_ok()))
 }
 
-/// Translates an ICMP error back (see `services::reverse_error`). Every changed field in
+/// Translates an ICMP error back (see `icmp_error::reverse`). Every changed field in
 /// the quoted packet is also a change to the error's checksum, applied field by field;
 /// the quoted IPv4 header keeps summing to its checksum, so its own changes cancel out
 /// there. (Fields of the quote are at even offsets from the error's header: no byte

@@ -15,7 +15,7 @@ use tailgate_abi::{
 };
 
 use crate::{
-    conntrack::{self, At, Bytes},
+    conntrack::{At, Bytes},
     parse::{Ip, Packet},
     snat::{self, Answers, Fixed, Snat},
     stage::NatRewrite,
@@ -34,9 +34,7 @@ pub fn snat(packet: &Packet, bytes: Bytes, settings: &Settings, ifindex: u32, ou
 /// Tunnel ingress: records a connection the target opens (not a reply translated back).
 #[inline(always)]
 pub fn record_target(packet: &Packet, bytes: Bytes, ifindex: u32) {
-    if !snat::is_reply(packet, bytes, ifindex) {
-        conntrack::record(packet, bytes, At::tunnel(ifindex));
-    }
+    snat::record_opened(packet, bytes, ifindex, At::tunnel(ifindex));
 }
 
 /// Whether the egress proxy is on and `packet` goes to its target.

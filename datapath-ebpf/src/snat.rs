@@ -98,15 +98,25 @@ pub fn reverse(packet: &Packet, bytes: Bytes, ports: [u16; 2], ifindex: u32, out
     }
 }
 
-/// Whether a packet arriving by `ifindex` (`src` → `dst`) is a reply of a flow translated
-/// there: its `SNAT` entry.
+/// Records at `at` a connection opened from the other side (its replies are then left
+/// alone, see [`Answers`]) — unless the packet is itself the reply of a flow translated on
+/// `translated_on` (translated back on its arrival there: its `SNAT` entry).
 #[inline(always)]
-pub fn is_reply(packet: &Packet, bytes: Bytes, ifindex: u32) -> bool {
-    let Some(l4) = transport(packet, bytes, false) else { return false };
-    match &packet.ip {
-        Ip::V4 { src, dst } => forward_key::<FlowKey4>(packet, &l4, (src, dst), ifindex).get().is_some(),
-        Ip::V6 { src, dst } => forward_key::<FlowKey6>(packet, &l4, (src, dst), ifindex).get().is_some(),
+pub fn record_opened(packet: &Packet, bytes: Bytes, translated_on: u32, at: At) {
+    if let Some(l4) = transport(packet, bytes, false) {
+        let translated = match &packet.ip {
+            Ip::V4 { src, dst } => {
+                forward_key::<FlowKey4>(packet, &l4, (src, dst), translated_on).get().is_some()
+            }
+            Ip::V6 { src, dst } => {
+                forward_key::<FlowKey6>(packet, &l4, (src, dst), translated_on).get().is_some()
+            }
+        };
+        if translated {
+            return;
+        }
     }
+    conntrack::record(packet, bytes, at);
 }
 
 /// The `SNAT` entry a reply (`src` → `dst`) arriving by `ifindex` was translated by.

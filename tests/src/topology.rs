@@ -37,6 +37,17 @@ pub const GW_V6: &str = "2001:db8::1";
 pub const LAN_V6: &str = "2001:db8::2";
 pub const PEER: &str = "100.101.2.3";
 
+/// What the default config attaches on this topology with BPF, as `daemon::attachments`
+/// lists it.
+pub const BPF_ATTACHMENTS: [&str; 6] = [
+    "xdp@eth0",
+    "uplink_egress@eth0",
+    "tc_egress@tun0",
+    "tc_ingress@tun0",
+    "masquerade_in@eth0",
+    "masquerade_out@eth0",
+];
+
 /// The backends every scenario runs on.
 pub const BACKENDS: [&str; 2] = ["bpf", "iptables"];
 

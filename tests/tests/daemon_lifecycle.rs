@@ -149,14 +149,7 @@ fn sigterm_removes_everything(backend: &str) {
         .map(|a| format!("{}@{}", a["hook"].as_str().unwrap(), a["target"].as_str().unwrap()))
         .collect();
     let expected: &[&str] = match backend {
-        "bpf" => &[
-            "xdp@eth0",
-            "uplink_egress@eth0",
-            "tc_egress@tun0",
-            "tc_ingress@tun0",
-            "masquerade_in@eth0",
-            "masquerade_out@eth0",
-        ],
+        "bpf" => &BPF_ATTACHMENTS,
         _ => &[
             "ipv4 filter FORWARD@tg-forward",
             "ipv4 filter INPUT@tg-input",

@@ -8,7 +8,7 @@ use aya::maps::{Array, MapData, MapInfo, PerCpuArray, PerCpuValues};
 use tailgate_abi::{counters::Counter, layout, settings, MAP_COUNTERS};
 use tailgate_tests::{
     daemon::{attachments, status, Daemon},
-    topology::Topology,
+    topology::{Topology, BPF_ATTACHMENTS},
 };
 
 const CONFIG: &str = "tunnel = \"tun0\"\ninterfaces = [\"eth0\"]\nbackend = \"bpf\"\nkeep_datapath = true\n";
@@ -56,17 +56,7 @@ fn comes_up_right(t: &Topology, marker: u64) {
     let s = status(&t.gw, &t.pins);
     let drops = s["counters"]["uplink_drop"].as_u64().unwrap();
     assert!(drops >= 1 && drops < marker, "uplink_drop {drops}: counted anew, not on top of the old map");
-    assert_eq!(
-        attachments(&s),
-        [
-            "xdp@eth0",
-            "uplink_egress@eth0",
-            "tc_egress@tun0",
-            "tc_ingress@tun0",
-            "masquerade_in@eth0",
-            "masquerade_out@eth0"
-        ]
-    );
+    assert_eq!(attachments(&s), BPF_ATTACHMENTS);
     let leftovers: Vec<_> = std::fs::read_dir(t.pins.path().join("maps"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

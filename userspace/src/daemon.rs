@@ -81,7 +81,7 @@ fn system(
     // Only the proxies need addresses: the tunnel's (the gateway's tailnet addresses), and
     // every device's for the egress proxy.
     let proxies = config.proxy.ingress_to.is_some() || config.proxy.egress_to.is_some();
-    let mut addresses = if proxies {
+    let addresses = if proxies {
         netdev::addresses().map_err(|e| crate::config::ConfigError {
             field: "tunnel".into(),
             message: format!("reading the devices' addresses: {e}"),
@@ -103,7 +103,7 @@ fn system(
         }
     }
     let addresses = match config.proxy.egress_to {
-        Some(_) => std::mem::take(&mut addresses).into_values().flatten().collect(),
+        Some(_) => addresses.into_values().flatten().collect(),
         None => Vec::new(),
     };
     Ok(policy::System {
@@ -184,11 +184,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     // Past this point the start stands; what follows cannot be undone.
     commit(backend.as_mut(), &state, &opts.pins);
-    if let Ok(mut b) = stats.backend.lock() {
-        *b = (backend.name().to_string(), run_state.reason.clone());
-    }
     if let (Some(listener), Some(addr)) = (metrics, config.metrics_listen) {
-        listener.serve(opts.pins.clone(), stats.clone());
+        listener.serve(metrics::Served {
+            pins: opts.pins.clone(),
+            stats: stats.clone(),
+            backend: backend.name().to_string(),
+            reason: run_state.reason.clone(),
+        });
         tracing::info!("metrics on http://{addr}/metrics, health on /healthz");
     }
     release_memory();

@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
 };
 
@@ -38,8 +38,6 @@ pub struct Stats {
     pub reloads_refused: AtomicU64,
     /// Repair runs that rewrote something (iptables).
     pub repairs: AtomicU64,
-    /// The backend in use and why (set once the start stands).
-    pub backend: Mutex<(String, String)>,
 }
 
 impl Stats {
@@ -60,16 +58,18 @@ impl Listener {
         Ok(Self(listener))
     }
 
-    /// Serves scrapes until the process ends.
-    pub fn serve(self, pins: Pins, stats: Arc<Stats>) {
+    /// Serves scrapes until the process ends; called once the start stands (until then a
+    /// connection waits in the listen queue).
+    pub fn serve(self, served: Served) {
+        let served = Arc::new(served);
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = self.0.accept().await else { continue };
-                let (pins, stats) = (pins.clone(), stats.clone());
+                let served = served.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
-                        let (pins, stats) = (pins.clone(), stats.clone());
-                        async move { Ok::<_, Infallible>(answer(request, pins, stats).await) }
+                        let served = served.clone();
+                        async move { Ok::<_, Infallible>(answer(request, served).await) }
                     });
                     if let Err(e) =
                         http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
@@ -82,11 +82,16 @@ impl Listener {
     }
 }
 
-async fn answer(
-    request: Request<hyper::body::Incoming>,
-    pins: Pins,
-    stats: Arc<Stats>,
-) -> Response<Full<Bytes>> {
+/// What the listener serves: the instance, the daemon's counts, the backend the start chose
+/// and why.
+pub struct Served {
+    pub pins: Pins,
+    pub stats: Arc<Stats>,
+    pub backend: String,
+    pub reason: String,
+}
+
+async fn answer(request: Request<hyper::body::Incoming>, served: Arc<Served>) -> Response<Full<Bytes>> {
     let reply = |code: StatusCode, content_type: &str, body: String| {
         Response::builder()
             .status(code)
@@ -100,7 +105,7 @@ async fn answer(
     match request.uri().path() {
         // Off the event loop: reading the maps walks the flow tables (a syscall or two per
         // entry), which would hold up signals, reloads and watchdog pings meanwhile.
-        "/metrics" => match tokio::task::spawn_blocking(move || render(&pins, &stats)).await {
+        "/metrics" => match tokio::task::spawn_blocking(move || render(&served)).await {
             Ok(Ok(text)) => {
                 reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text)
             }
@@ -108,29 +113,24 @@ async fn answer(
             Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
         },
         // Answered by the daemon's own event loop (a loop that hangs answers nothing), from
-        // what it knows: the start stood, and the pinned datapath is still there.
-        "/healthz" => {
-            let backend = stats.backend.lock().map(|b| b.0.clone()).unwrap_or_default();
-            if backend.is_empty() {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n".into())
-            } else if backend == "bpf" && !pins.root().exists() {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "the pinned datapath is gone\n".into())
-            } else {
-                reply(StatusCode::OK, "text/plain", format!("ok: {backend} enforcing\n"))
-            }
+        // what it knows: the start stood (or nothing would be served), and the pinned
+        // datapath is still there.
+        "/healthz" if served.backend == "bpf" && !served.pins.root().exists() => {
+            reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "the pinned datapath is gone\n".into())
         }
+        "/healthz" => reply(StatusCode::OK, "text/plain", format!("ok: {} enforcing\n", served.backend)),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "/metrics or /healthz\n".into()),
     }
 }
 
 /// The metrics text of one scrape.
-pub fn render(pins: &Pins, stats: &Stats) -> Result<String> {
+fn render(served: &Served) -> Result<String> {
+    let (pins, stats) = (&served.pins, &served.stats);
     let status = status::read_by_daemon(pins)?;
     let mut registry = Registry::default();
 
     let info = Family::<Labels, Gauge>::default();
-    let (backend, reason) = stats.backend.lock().map(|b| b.clone()).unwrap_or_default();
-    info.get_or_create(&labels(&[("backend", &backend), ("reason", &reason)])).set(1);
+    info.get_or_create(&labels(&[("backend", &served.backend), ("reason", &served.reason)])).set(1);
     registry.register("tailgate_backend", "The backend in use (1) and why it was chosen", info);
     for (name, help, value) in [
         ("tailgate_reloads", "Reloads applied (SIGHUP or a changed config file)", &stats.reloads),
@@ -243,7 +243,11 @@ fn add_status(registry: &mut Registry, status: &Status, pins: &Pins) {
 fn backend_flows(pins: &Pins, status: &Status) -> Option<Family<Labels, Gauge>> {
     let entries = status::flows(pins).ok()?;
     let family = Family::<Labels, Gauge>::default();
+    // By address, port and protocol: one lookup per flow entry, whatever the number of
+    // services.
+    let mut services = std::collections::HashMap::new();
     for service in status.services.iter().filter(|s| !s.listen.ends_with(":0")) {
+        services.insert((service.listen.as_str(), service.protocol), service);
         for backend in &service.backends {
             let _ = family.get_or_create(&labels(&[
                 ("service", &service.listen),
@@ -253,20 +257,18 @@ fn backend_flows(pins: &Pins, status: &Status) -> Option<Family<Labels, Gauge>> 
         }
     }
     for entry in entries.iter().filter(|e| e.zone == "dnat" && e.expires_in_s > 0.0) {
-        let listen = std::net::SocketAddr::new(entry.dst, entry.dport).to_string();
+        let listen = SocketAddr::new(entry.dst, entry.dport).to_string();
         let protocol = conntrack::proto_name(entry.proto);
-        let Some(service) = status.services.iter().find(|s| s.listen == listen && s.protocol == protocol)
+        let (Some(service), Some(nat)) = (services.get(&(listen.as_str(), protocol.as_str())), entry.nat)
         else {
             continue;
         };
-        if let Some(nat) = entry.nat {
-            let key = labels(&[
-                ("service", &service.listen),
-                ("protocol", service.protocol),
-                ("backend", &nat.to_string()),
-            ]);
-            family.get_or_create(&key).inc();
-        }
+        let key = labels(&[
+            ("service", &service.listen),
+            ("protocol", service.protocol),
+            ("backend", &nat.to_string()),
+        ]);
+        family.get_or_create(&key).inc();
     }
     Some(family)
 }
