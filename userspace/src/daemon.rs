@@ -53,9 +53,14 @@ pub struct RunOptions {
 /// `check` saying how strict to be about the listed uplinks (start and reload differ).
 pub fn desired_state(path: Option<&Path>, check: Check) -> Result<(Config, DesiredState)> {
     let config = Config::load(path)?;
-    let interfaces = netdev::list_for_config()?;
-    let state = policy::compile(&config, system(&config, &interfaces, check)?);
+    let state = compile(&config, check)?;
     Ok((config, state))
+}
+
+/// Compiles `config` against this host's devices.
+pub fn compile(config: &Config, check: Check) -> Result<DesiredState> {
+    let interfaces = netdev::list_for_config()?;
+    Ok(policy::compile(config, system(config, &interfaces, check)?))
 }
 
 /// What the policy needs to know of the devices: the uplinks, the tunnel's MTU and (for the
@@ -172,6 +177,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         variant: backend.variant(),
         tunnel: Some(state.tunnel.clone()),
         pending: backend.pending(),
+        config: opts.config.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+        env: crate::config::overrides(&std::env::vars().collect()),
     };
     if let Err(e) = runstate::write(&opts.pins, &run_state) {
         roll_back(backend, &opts.pins, earlier.as_ref());

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod config;
 pub mod daemon;
+pub mod explain;
 pub mod forwarding;
 pub mod lock;
 pub mod metrics;

@@ -7,7 +7,7 @@ use tailgate::{
         bpf::{self, pins::DEFAULT_PIN_DIR, KernelLog, Pins},
         iptables,
     },
-    daemon,
+    daemon, explain,
     lock::{self, Lock},
     netdev, runstate, status,
 };
@@ -53,6 +53,45 @@ enum Command {
         /// Remove even while a daemon holds the pin dir or the namespace's iptables rules.
         #[arg(long)]
         force: bool,
+    },
+    /// What the datapath in force would do with a packet: verdict, the rule and its config
+    /// field, mark, NAT, MSS, flow-table state. BPF: the programs run on the packet against
+    /// the live policy (copies of the flow tables: nothing live changes); iptables: the
+    /// rules evaluated in netfilter's order.
+    Explain {
+        /// The device the packet arrives on (without --out: the kernel routes it on).
+        #[arg(long = "in", value_name = "DEV")]
+        input: Option<String>,
+        /// The device it leaves by (alone: a packet this host sends).
+        #[arg(long = "out", value_name = "DEV")]
+        output: Option<String>,
+        #[arg(long, value_enum, default_value_t = explain::packet::Proto::Tcp)]
+        proto: explain::packet::Proto,
+        #[arg(long)]
+        src: std::net::IpAddr,
+        #[arg(long)]
+        dst: std::net::IpAddr,
+        /// Source port (ICMP: the echo identifier).
+        #[arg(long, default_value_t = 40000)]
+        sport: u16,
+        /// Destination port (TCP, UDP).
+        #[arg(long, default_value_t = 0)]
+        dport: u16,
+        /// TCP flags, e.g. `syn` or `ack,psh` (default for TCP: syn).
+        #[arg(long)]
+        flags: Option<explain::packet::Flags>,
+        /// The MSS option of a SYN.
+        #[arg(long, default_value_t = 1460)]
+        mss: u16,
+        /// The config to name rules by (iptables: to evaluate); default: the daemon's.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// iptables: a packet of a connection conntrack already tracks (default: NEW).
+        #[arg(long)]
+        established: bool,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a config file (and this host's interfaces) without applying it.
     Check {
@@ -113,6 +152,42 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Cleanup { force } => cleanup(&pins, force)?,
+        Command::Explain {
+            input,
+            output,
+            proto,
+            src,
+            dst,
+            sport,
+            dport,
+            flags,
+            mss,
+            config,
+            established,
+            json,
+        } => {
+            let tcp = proto == explain::packet::Proto::Tcp;
+            let packet = explain::packet::Described {
+                proto,
+                src,
+                dst,
+                sport,
+                dport,
+                flags: if tcp {
+                    Some(flags.unwrap_or(explain::packet::Flags { syn: true, ..Default::default() }))
+                } else {
+                    flags
+                },
+                mss: tcp.then_some(mss),
+            };
+            let query = explain::Query { packet, input, output, config, established };
+            let report = explain::explain(&pins, &query)?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string_pretty(&report)?));
+            } else {
+                out(&explain::render_text(&report));
+            }
+        }
         Command::Check { config } => {
             let (_, state) = daemon::desired_state(config.as_deref(), netdev::Check::Config)?;
             let tunnel =

@@ -75,6 +75,73 @@ pub fn addresses() -> io::Result<BTreeMap<u32, Vec<std::net::IpAddr>>> {
     Ok(found)
 }
 
+/// What the kernel's routing decides for a packet (`ip route get DST from SRC iif DEV mark M`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Delivered to this host.
+    Local,
+    /// Sent out of the device with this ifindex.
+    Out(u32),
+    /// Not routable: the kernel's answer (unreachable, prohibited, blackhole, an error).
+    Refused(String),
+}
+
+/// The kernel's route for a packet from `src` to `dst` with fwmark `mark`, arriving on
+/// `iif` (an input route: forwarding, reverse-path checks and policy rules apply), or
+/// sent by this host (`iif` 0).
+pub fn route(src: std::net::IpAddr, dst: std::net::IpAddr, iif: u32, mark: u32) -> io::Result<Route> {
+    use netlink_packet_route::{
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+        AddressFamily,
+    };
+    let mut message = RouteMessage::default();
+    message.header.address_family = if dst.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    message.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+    message.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst)));
+    if iif != 0 {
+        message.header.source_prefix_length = if src.is_ipv4() { 32 } else { 128 };
+        message.attributes.push(RouteAttribute::Source(RouteAddress::from(src)));
+        message.attributes.push(RouteAttribute::Iif(iif));
+    }
+    if mark != 0 {
+        message.attributes.push(RouteAttribute::Mark(mark));
+    }
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut request = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetRoute(message)),
+    );
+    request.header.flags = NLM_F_REQUEST;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let (data, _) = socket.recv_from_full()?;
+    let answer: NetlinkMessage<RouteNetlinkMessage> = NetlinkMessage::deserialize(&data)
+        .map_err(|e| io::Error::other(format!("bad rtnetlink message: {e}")))?;
+    match answer.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => Ok(match route.header.kind {
+            RouteType::Local | RouteType::Broadcast => Route::Local,
+            RouteType::Unicast => match route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(oif) => Some(*oif),
+                _ => None,
+            }) {
+                Some(oif) => Route::Out(oif),
+                None => Route::Refused("a route without a device".into()),
+            },
+            other => Route::Refused(format!("{other:?}").to_lowercase()),
+        }),
+        NetlinkPayload::Error(e) => Ok(Route::Refused(match e.code {
+            Some(code) => io::Error::from_raw_os_error(-code.get()).to_string(),
+            None => "refused".into(),
+        })),
+        other => Err(io::Error::other(format!("unexpected rtnetlink answer {other:?}"))),
+    }
+}
+
 /// Sends a dump request and hands every message of the answer to `each`.
 fn dump(request: RouteNetlinkMessage, mut each: impl FnMut(RouteNetlinkMessage)) -> io::Result<()> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;

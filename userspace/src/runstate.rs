@@ -26,6 +26,12 @@ pub struct RunState {
     /// What the daemon waits for (absent devices), e.g. "tc_egress on tun0 (absent)".
     #[serde(default)]
     pub pending: Vec<String>,
+    /// The config file the daemon reads (for `explain`).
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// The variables of its environment that override the file (`config::overrides`).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 pub fn path(pins: &Pins) -> PathBuf {

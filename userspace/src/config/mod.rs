@@ -370,6 +370,17 @@ fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     format!(" (line {number}: {})", text[line_start..line_end].trim())
 }
 
+/// The variables of `env` the config reads (`TAILGATE_*`, the reference's `TS_DEST_IP` and
+/// `TS_TAILNET_TARGET_IP`), and only those: an environment holds secrets too.
+pub fn overrides(env: &HashMap<String, String>) -> std::collections::BTreeMap<String, String> {
+    env.iter()
+        .filter(|(name, _)| {
+            name.starts_with("TAILGATE_") || ["TS_DEST_IP", "TS_TAILNET_TARGET_IP"].contains(&name.as_str())
+        })
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
 /// Applies the `TAILGATE_*` variables. A variable set to an empty or blank value counts as
 /// unset (container templates often render "not given" that way): it never clears a list
 /// or setting of the file.

@@ -114,23 +114,28 @@ fn table_entries<K: aya::Pod + Into<FlowEntry>>(map: &Map, now: Duration) -> Res
     let mut out = Vec::new();
     for item in table.iter() {
         let (key, flow) = item?;
-        let mut entry: FlowEntry = key.into();
-        let idle = (now.as_nanos() as u64).saturating_sub(flow.last_seen);
-        entry.state = state::name(flow.state);
-        entry.idle_s = idle as f64 / 1e9;
-        entry.expires_in_s = timeout_ns(entry.proto, flow.state).saturating_sub(idle) as f64 / 1e9;
-        if matches!(entry.zone, "dnat" | "dnat-reply") {
-            let ip = match entry.src {
-                IpAddr::V4(_) => {
-                    IpAddr::from([flow.nat.addr[0], flow.nat.addr[1], flow.nat.addr[2], flow.nat.addr[3]])
-                }
-                IpAddr::V6(_) => IpAddr::from(flow.nat.addr),
-            };
-            entry.nat = Some(std::net::SocketAddr::new(ip, flow.nat.port));
-        }
-        out.push(entry);
+        out.push(describe(key, &flow, now));
     }
     Ok(out)
+}
+
+/// The entry of `key` holding `flow`, with ages measured at `now`.
+pub fn describe<K: Into<FlowEntry>>(key: K, flow: &Flow, now: Duration) -> FlowEntry {
+    let mut entry: FlowEntry = key.into();
+    let idle = (now.as_nanos() as u64).saturating_sub(flow.last_seen);
+    entry.state = state::name(flow.state);
+    entry.idle_s = idle as f64 / 1e9;
+    entry.expires_in_s = timeout_ns(entry.proto, flow.state).saturating_sub(idle) as f64 / 1e9;
+    if matches!(entry.zone, "dnat" | "dnat-reply") {
+        let ip = match entry.src {
+            IpAddr::V4(_) => {
+                IpAddr::from([flow.nat.addr[0], flow.nat.addr[1], flow.nat.addr[2], flow.nat.addr[3]])
+            }
+            IpAddr::V6(_) => IpAddr::from(flow.nat.addr),
+        };
+        entry.nat = Some(std::net::SocketAddr::new(ip, flow.nat.port));
+    }
+    entry
 }
 
 /// What a key says, whatever its family; the flow's part is filled in by `table_entries`.

@@ -240,6 +240,13 @@ pub fn pinned_device(pin: &Path) -> Result<u32> {
     }
 }
 
+/// The id of the program the link pinned at `pin` runs (to find it in the kernel's list of
+/// a device's programs, in their order).
+pub fn pinned_program(pin: &Path) -> Result<u32> {
+    let fd = sys::obj_get(pin).with_context(|| format!("opening {}", pin.display()))?;
+    Ok(sys::link_info(fd.as_fd()).context("BPF_OBJ_GET_INFO_BY_FD on a link")?.prog_id)
+}
+
 pub fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     let name = Hook::Xdp.program();
     let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
