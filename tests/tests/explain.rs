@@ -41,6 +41,8 @@ fn setup(backend: &str) -> (Tailnet, Daemon) {
     for addr in ["100.64.0.2/24", "100.64.0.200/24"] {
         t.lan.ip(&["addr", "add", addr, "dev", "eth0"]).unwrap();
     }
+    // The peer reaches the LAN's CGNAT subnet through the gateway too.
+    t.peer.ip(&["route", "add", "100.64.0.0/24", "dev", "tun0"]).unwrap();
     let daemon = Daemon::start(&t.gw, &t.pins, &config(backend, &extra())).unwrap();
     (t, daemon)
 }
@@ -66,6 +68,17 @@ fn udp_arrives(t: &Tailnet, src: &str, dst: &str, port: u16) -> bool {
     t.lan.send_udp(src, dst, port, 3).unwrap();
     let mut buf = [0u8; 64];
     socket.recv_from(&mut buf).is_ok()
+}
+
+#[test]
+fn refused_when_nothing_is_in_force() {
+    let ns = tailgate_tests::netns::Netns::new("tg-gw").unwrap();
+    let pins = daemon::PinDir::new(&ns);
+    let args = ["explain", "--in", "lo", "--src", "127.0.0.1", "--dst", "127.0.0.1", "--dport", "22"];
+    let out = daemon::tailgate(&ns, &pins, &args).unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nothing is in force"), "{stderr}");
 }
 
 on_both_backends!(
@@ -147,6 +160,15 @@ fn subnet_route_marked_masqueraded_and_clamped(backend: &str) {
     ] {
         assert!(text.contains(line), "{line:?} missing from:\n{text}");
     }
+
+    // The masquerade's source is the kernel's choice for the destination (the LAN device
+    // has two addresses).
+    let udp = explain(
+        &t,
+        &["--in", "tun0", "--proto", "udp", "--src", PEER, "--dst", LAN_CGNAT, "--dport", "9010"],
+    );
+    let seen = t.udp_source(PEER, LAN_CGNAT, 9010).unwrap().expect("the datagram did not arrive");
+    assert_eq!(seen.to_string(), udp["result"]["src"].as_str().unwrap(), "{udp:#}");
 
     let c = t.connect(LAN, 8001).unwrap();
     assert_eq!(c.seen_from.to_string(), e["result"]["src"].as_str().unwrap(), "masquerade source");

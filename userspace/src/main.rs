@@ -86,9 +86,6 @@ enum Command {
         /// The config to name rules by (iptables: to evaluate); default: the daemon's.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// iptables: a packet of a connection conntrack already tracks (default: NEW).
-        #[arg(long)]
-        established: bool,
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -101,20 +98,22 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            // Kernel records (target tailgate_datapath::*) are already filtered in the kernel
-            // by --kernel-log; let whatever level was asked for through.
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tailgate_datapath=trace".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     // An empty TAILGATE_PIN_DIR counts as unset, like every other TAILGATE_* variable.
     if std::env::var("TAILGATE_PIN_DIR").is_ok_and(|v| v.trim().is_empty()) {
         std::env::remove_var("TAILGATE_PIN_DIR");
     }
     let cli = Cli::parse();
+    // explain prints a report; what it reads on the way (devices, the config) is no news.
+    let level = if matches!(cli.command, Command::Explain { .. }) { "warn" } else { "info" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            // Kernel records (target tailgate_datapath::*) are already filtered in the kernel
+            // by --kernel-log; let whatever level was asked for through.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| format!("{level},tailgate_datapath=trace").into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match execute(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -152,21 +151,13 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Cleanup { force } => cleanup(&pins, force)?,
-        Command::Explain {
-            input,
-            output,
-            proto,
-            src,
-            dst,
-            sport,
-            dport,
-            flags,
-            mss,
-            config,
-            established,
-            json,
-        } => {
+        Command::Explain { input, output, proto, src, dst, sport, dport, flags, mss, config, json } => {
             let tcp = proto == explain::packet::Proto::Tcp;
+            let flags = if tcp {
+                Some(flags.unwrap_or(explain::packet::Flags { syn: true, ..Default::default() }))
+            } else {
+                flags
+            };
             let packet = explain::packet::Described {
                 proto,
                 src,
@@ -180,7 +171,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 },
                 mss: tcp.then_some(mss),
             };
-            let query = explain::Query { packet, input, output, config, established };
+            let query = explain::Query { packet, input, output, config };
             let report = explain::explain(&pins, &query)?;
             if json {
                 out(&format!("{}\n", serde_json::to_string_pretty(&report)?));

@@ -80,8 +80,9 @@ pub fn addresses() -> io::Result<BTreeMap<u32, Vec<std::net::IpAddr>>> {
 pub enum Route {
     /// Delivered to this host.
     Local,
-    /// Sent out of the device with this ifindex.
-    Out(u32),
+    /// Sent out of the device with this ifindex, from this source address when the host
+    /// sends it (the kernel's choice: what MASQUERADE takes too).
+    Out(u32, Option<std::net::IpAddr>),
     /// Not routable: the kernel's answer (unreachable, prohibited, blackhole, an error).
     Refused(String),
 }
@@ -129,7 +130,16 @@ pub fn route(src: std::net::IpAddr, dst: std::net::IpAddr, iif: u32, mark: u32) 
                 RouteAttribute::Oif(oif) => Some(*oif),
                 _ => None,
             }) {
-                Some(oif) => Route::Out(oif),
+                Some(oif) => Route::Out(
+                    oif,
+                    route.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(std::net::IpAddr::V4(*ip)),
+                        RouteAttribute::PrefSource(RouteAddress::Inet6(ip)) => {
+                            Some(std::net::IpAddr::V6(*ip))
+                        }
+                        _ => None,
+                    }),
+                ),
                 None => Route::Refused("a route without a device".into()),
             },
             other => Route::Refused(format!("{other:?}").to_lowercase()),

@@ -58,11 +58,15 @@ pub fn explain(pins: &Pins, query: &Query) -> Result<Report> {
     let input = query.input.as_deref().map(|n| devices.named(n, "--in")).transpose()?;
     let output = query.output.as_deref().map(|n| devices.named(n, "--out")).transpose()?;
     let state = super::desired_state(pins, query);
+    // A config asked for must be usable; the daemon's only names rules here.
+    if let (Some(_), Err(e)) = (&query.config, &state) {
+        bail!("{e:#}");
+    }
     let mut report = Report::new("bpf", query);
     let origins = match &state {
         Ok((_, state)) => super::origins(state),
         Err(e) => {
-            report.notes.push(format!("rules are not named by config field: {e:#}"));
+            report.notes.push(format!("rules are not named by their config field ({e:#})"));
             HashMap::new()
         }
     };
@@ -130,9 +134,11 @@ pub fn explain(pins: &Pins, query: &Query) -> Result<Report> {
     // Stages count too (marked, clamped, flow created): the reason is the last verdict
     // counter of the kind the packet got.
     let kind = if dropped { "drop" } else { "pass" };
-    report.reason = match reasons.iter().rev().find(|r| r.contains(kind)).or(reasons.last()) {
+    report.reason = match reasons.iter().rev().find(|r| r.contains(kind)) {
         Some(reason) => reason.clone(),
-        None => "no tailgate program on the way".into(),
+        None if dropped => reasons.last().cloned().unwrap_or_else(|| "dropped".into()),
+        None if report.steps.is_empty() => "no tailgate program on the way".into(),
+        None => "no tailgate program stopped it".into(),
     };
     super::finish(&mut report, &before, packet::read(&frame).as_ref().filter(|_| !dropped));
     report.flows = copy.flow_changes(&flows_before)?;

@@ -44,18 +44,15 @@ pub fn explain(pins: &Pins, query: &Query) -> Result<Report> {
                 .into(),
         );
     }
-    if query.established {
-        report.notes.push(
-            "--established: NAT as conntrack recorded it when the connection opened (nat rules are not \
-             evaluated); connmark taken as 0"
-                .into(),
-        );
-    } else {
-        report
-            .notes
-            .push("conntrack state taken as NEW (--established for a packet of a known connection)".into());
+    report.notes.push(
+        "explained as the first packet of a connection: conntrack handles the rest of a connection as \
+         its first packet was handled (replies to the gateway's own connections pass by 'own flows: replies')"
+            .into(),
+    );
+    if let Some(differs) = in_force_differs(pins, &config, &state) {
+        report.notes.insert(0, differs);
     }
-    let walk = Walk::new(&state, query.established)?;
+    let walk = Walk::new(&state)?;
     let before = packet::read(&packet::build(&query.packet)?).ok_or_else(|| anyhow!("unreadable packet"))?;
     let mut p = Packet::new(query, &before);
     let outcome = walk.traverse(&mut p, input.as_ref(), output.as_ref(), &devices, &mut report)?;
@@ -64,6 +61,33 @@ pub fn explain(pins: &Pins, query: &Query) -> Result<Report> {
     let after = packet::Seen { checksums_ok: before.checksums_ok, ..p.now() };
     super::finish(&mut report, &before, (outcome != "drop" && outcome != "unroutable").then_some(&after));
     Ok(report)
+}
+
+/// A warning when the rules in force are not the ones `state` renders (a reload not done
+/// yet, `--config` naming another file, rules changed by hand before a repair).
+fn in_force_differs(pins: &Pins, config: &crate::config::Config, state: &DesiredState) -> Option<String> {
+    use crate::backend::iptables::{
+        exec::Iptables,
+        table::{plan, SavedTable},
+    };
+    let variant = crate::runstate::read(pins).and_then(|r| r.variant)?;
+    let ip = Iptables::probe_quiet(variant).ok()?;
+    let wiring = Wiring { divert: config.iptables.divert, first: false };
+    let desired = render::render(state, wiring, &Available::all());
+    let differs = ip.tables().any(|(family, table)| {
+        let Some(spec) = desired.iter().find(|t| t.family == family && t.table == table) else {
+            return false;
+        };
+        match ip.save(family, table, false) {
+            Ok(text) => plan(spec, &SavedTable::parse(&text, table.name())).is_some(),
+            Err(_) => true,
+        }
+    });
+    differs.then(|| {
+        "WARNING: the rules in force differ from this config's (a reload not done yet, --config naming \
+         another file, or rules changed by hand): explained for this config"
+            .to_string()
+    })
 }
 
 /// The packet as the rules see it.
@@ -82,7 +106,6 @@ struct Packet {
     mss: Option<u16>,
     mark: u32,
     connmark: u32,
-    established: bool,
     input: Option<String>,
     output: Option<String>,
     /// MTUs of the devices in and out (TCPMSS --clamp-mss-to-pmtu).
@@ -106,7 +129,6 @@ impl Packet {
             mss: seen.mss,
             mark: 0,
             connmark: 0,
-            established: query.established,
             input: None,
             output: None,
             mtus: (None, None),
@@ -137,8 +159,7 @@ impl Packet {
 /// The rendered tables and how to walk them.
 struct Walk {
     tables: Vec<TableSpec>,
-    established: bool,
-    /// The host's addresses (`-m addrtype --dst-type LOCAL`, MASQUERADE's source).
+    /// The host's addresses (`-m addrtype --dst-type LOCAL`).
     addresses: std::collections::BTreeMap<u32, Vec<IpAddr>>,
 }
 
@@ -154,13 +175,9 @@ enum End {
 }
 
 impl Walk {
-    fn new(state: &DesiredState, established: bool) -> Result<Self> {
+    fn new(state: &DesiredState) -> Result<Self> {
         let tables = render::render(state, Wiring { divert: true, first: false }, &Available::all());
-        Ok(Self {
-            tables,
-            established,
-            addresses: netdev::addresses().context("reading the host's addresses")?,
-        })
+        Ok(Self { tables, addresses: netdev::addresses().context("reading the host's addresses")? })
     }
 
     fn traverse(
@@ -180,13 +197,13 @@ impl Walk {
             if self.hook(Table::Mangle, "OUTPUT", p, report)? == End::Drop {
                 return Ok("drop");
             }
-            if !self.established && self.hook(Table::Nat, "POSTROUTING", p, report)? == End::Drop {
+            if self.hook(Table::Nat, "POSTROUTING", p, report)? == End::Drop {
                 return Ok("drop");
             }
             unless_decided(&mut report.reason, "sent: no tailgate rule stops it");
             return Ok("send");
         };
-        if !self.established && self.hook(Table::Nat, "PREROUTING", p, report)? == End::Drop {
+        if self.hook(Table::Nat, "PREROUTING", p, report)? == End::Drop {
             return Ok("drop");
         }
         let seen = p.now();
@@ -232,7 +249,7 @@ impl Walk {
             }
             End::Accept => {}
         }
-        if !self.established && self.hook(Table::Nat, "POSTROUTING", p, report)? == End::Drop {
+        if self.hook(Table::Nat, "POSTROUTING", p, report)? == End::Drop {
             return Ok("drop");
         }
         Ok("forward")
@@ -287,9 +304,10 @@ impl Walk {
                 ));
             }
             let before = (p.src, p.sport, p.dst, p.dport, p.mark, p.mss);
-            let end = parsed.target.apply(p, self)?;
+            let end = parsed.target.apply(p)?;
             let counter = (rule.counter != "-").then(|| rule.counter.to_string());
-            let changed = before != (p.src, p.sport, p.dst, p.dport, p.mark, p.mss);
+            let changed =
+                (before.0, before.1, before.2, before.3, before.5) != (p.src, p.sport, p.dst, p.dport, p.mss);
             report.steps.push(Step {
                 device: device.clone(),
                 hook: hook.clone(),
@@ -305,10 +323,12 @@ impl Walk {
             if let Some(hit) = prefix_rule(rule) {
                 report.rule = Some(hit);
             }
-            if let Some(counter) = counter {
-                if end != End::Next || counter.contains("pass") || counter.contains("drop") {
+            match counter {
+                Some(counter) if end != End::Next || counter.contains("pass") || counter.contains("drop") => {
                     report.reason = counter;
                 }
+                None if end != End::Next => report.reason = format!("rule: {}", rule.label),
+                _ => {}
             }
             if end != End::Next {
                 return Ok(end);
@@ -575,10 +595,7 @@ impl Parsed {
                 }
                 Cond::Mark(value, mask) => p.mark & mask == *value,
                 Cond::ConnMark(value, mask) => p.connmark & mask == *value,
-                Cond::CtState(states) => {
-                    let state = if p.established { "ESTABLISHED" } else { "NEW" };
-                    states.iter().any(|s| s == state)
-                }
+                Cond::CtState(states) => states.iter().any(|s| s == "NEW"),
                 Cond::DstLocal => walk.local(p.dst),
             };
             if hit == *negated {
@@ -605,7 +622,7 @@ impl Target {
         }
     }
 
-    fn apply(&self, p: &mut Packet, walk: &Walk) -> Result<End> {
+    fn apply(&self, p: &mut Packet) -> Result<End> {
         let clamp = |p: &mut Packet, limit: u32| {
             if let Some(mss) = p.mss.filter(|_| p.syn && !p.rst) {
                 p.mss = Some(mss.min(u16::try_from(limit).unwrap_or(u16::MAX)));
@@ -650,16 +667,11 @@ impl Target {
                 End::Accept
             }
             Target::Masquerade => {
-                let out = p.output.clone().unwrap_or_default();
-                let index = crate::netdev::interfaces()?.get(&out).map(|i| i.index);
-                let source = index
-                    .and_then(|i| walk.addresses.get(&i))
-                    .and_then(|a| a.iter().find(|a| a.is_ipv4() == p.src.is_ipv4() && !is_link_local(a)))
-                    .copied()
-                    .ok_or_else(|| {
-                        anyhow!("MASQUERADE out of {out}: the device has no address of the family")
-                    })?;
-                p.src = source;
+                // The kernel's source for the destination out of that device, as MASQUERADE.
+                p.src = match netdev::route(p.src, p.dst, 0, p.mark)? {
+                    netdev::Route::Out(_, Some(source)) => source,
+                    _ => bail!("MASQUERADE: the kernel has no source address for {}", p.dst),
+                };
                 End::Accept
             }
         })
@@ -670,13 +682,6 @@ impl Target {
 fn unless_decided(reason: &mut String, why: &str) {
     if reason.is_empty() {
         *reason = why.to_string();
-    }
-}
-
-fn is_link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
     }
 }
 

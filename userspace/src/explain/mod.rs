@@ -39,8 +39,6 @@ pub struct Query {
     /// The config to name rules by (and, for iptables, to evaluate); `None`: the running
     /// daemon's (path and `TAILGATE_*` variables from its run state).
     pub config: Option<PathBuf>,
-    /// iptables only: the packet belongs to a connection conntrack already tracks.
-    pub established: bool,
 }
 
 /// What happened to the packet, hook by hook, and in the end.
@@ -175,9 +173,18 @@ impl Devices {
 /// Where routing sends the packet after `device`'s ingress: the kernel's answer.
 pub fn route(devices: &Devices, seen: &Seen, input: Option<&Device>, mark: u32) -> Result<Routed> {
     let iif = input.map_or(0, |d| d.index);
+    // Multicast and broadcast arriving: the host takes them if it listens (an input route
+    // query answers EINVAL for them).
+    let group = match seen.dst {
+        IpAddr::V4(v4) => v4.is_multicast() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_multicast(),
+    };
+    if group && input.is_some() {
+        return Ok(Routed::Local);
+    }
     Ok(match netdev::route(seen.src, seen.dst, iif, mark).context("asking the kernel for a route")? {
         netdev::Route::Local => Routed::Local,
-        netdev::Route::Out(oif) => match devices.by_index(oif) {
+        netdev::Route::Out(oif, _) => match devices.by_index(oif) {
             Some(device) => Routed::Out(device),
             None => Routed::Refused(format!("routed to ifindex {oif}, which is gone")),
         },
@@ -204,8 +211,13 @@ pub fn desired_state(pins: &Pins, query: &Query) -> Result<(Config, DesiredState
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
         None => String::new(),
     };
-    let config = Config::parse(&text, &env).context("the config")?;
-    let state = daemon::compile(&config, netdev::Check::Config).context("the config")?;
+    let which = match (&query.config, &path) {
+        (Some(path), _) => format!("--config {}", path.display()),
+        (None, Some(path)) => format!("the daemon's config {}", path.display()),
+        (None, None) => "the daemon's config (TAILGATE_* variables only)".into(),
+    };
+    let config = Config::parse(&text, &env).with_context(|| which.clone())?;
+    let state = daemon::compile(&config, netdev::Check::Config).with_context(|| which.clone())?;
     Ok((config, state))
 }
 
@@ -226,22 +238,24 @@ pub fn explain(pins: &Pins, query: &Query) -> Result<Report> {
     if query.input.is_none() && query.output.is_none() {
         bail!("give --in DEV (a packet arriving), --out DEV (one this host sends), or both (forwarded)");
     }
-    let run = runstate::read(pins);
-    let iptables = match &run {
-        Some(run) => run.backend == "iptables",
-        None => !pins.exists(),
+    // What is in force: a daemon's run state says which backend; a BPF datapath can also
+    // be in force without one (kept, or left by a killed daemon).
+    let mut report = match runstate::read(pins) {
+        Some(run) if run.backend == "iptables" => iptables::explain(pins, query)?,
+        Some(_) => bpf::explain(pins, query)?,
+        None if pins.exists() => bpf::explain(pins, query)?,
+        None => bail!(
+            "nothing is in force for pin dir {} (no daemon runs with it and no datapath is pinned there): \
+             start tailgate, or give the --pin-dir it runs with",
+            pins.root().display()
+        ),
     };
-    if iptables {
-        iptables::explain(pins, query)
-    } else {
-        if query.established {
-            bail!(
-                "--established is for the iptables backend (conntrack); the BPF datapath's flow tables \
-                 are read as they are"
-            );
+    if let Some(run) = runstate::read(pins) {
+        for what in run.pending {
+            report.notes.push(format!("the daemon waits for {what}: not attached yet"));
         }
-        bpf::explain(pins, query)
     }
+    Ok(report)
 }
 
 /// Fills `verdict`-independent parts of the report from the packet before and after.
@@ -277,7 +291,7 @@ pub fn render_text(r: &Report) -> String {
     let mss = p.mss.filter(|_| p.flags.is_some_and(|f| f.syn)).map_or(String::new(), |m| format!(" mss {m}"));
     let _ = writeln!(
         out,
-        "packet:  {:?} {} -> {}{flags}{mss}",
+        "packet:  {} {} -> {}{flags}{mss}",
         p.proto,
         std::net::SocketAddr::new(p.src, p.sport),
         std::net::SocketAddr::new(p.dst, p.dport)

@@ -18,6 +18,16 @@ pub enum Proto {
     Icmp,
 }
 
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+        })
+    }
+}
+
 /// TCP flags, as `syn,ack` on the command line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Flags {
@@ -80,7 +90,12 @@ impl Described {
             bail!("--src {} and --dst {} are of different families", self.src, self.dst);
         }
         match self.proto {
-            Proto::Tcp | Proto::Udp if self.dport == 0 => bail!("--dport is required for {:?}", self.proto),
+            Proto::Tcp | Proto::Udp if self.dport == 0 => {
+                bail!("--dport (1-65535) is required for {}", self.proto)
+            }
+            Proto::Icmp if self.dport != 0 => {
+                bail!("--dport is for TCP and UDP (ICMP: --sport is the echo id)")
+            }
             Proto::Udp | Proto::Icmp if self.flags.is_some() => bail!("--flags is for TCP only"),
             _ => Ok(()),
         }
