@@ -8,7 +8,7 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use tailgate::{
-    backend::bpf::{links, Datapath, Hook, KernelLog, Params},
+    backend::bpf::{links, testrun, Datapath, Hook, KernelLog, Params},
     config::Config,
     policy,
 };
@@ -17,10 +17,6 @@ use tailgate_abi::{
     counters::Counter,
     MAP_COUNTERS, MAP_RULE_HITS,
 };
-
-/// `struct __sk_buff` size and the offsets BPF_PROG_TEST_RUN lets a test set.
-const SKB_CTX_LEN: usize = 192;
-const SKB_INGRESS_IFINDEX: usize = 36;
 
 /// The tunnel MTU the packet tests assume (the reference's default).
 pub const TUNNEL_MTU: u32 = 1280;
@@ -82,25 +78,11 @@ pub fn run_xdp(dp: &mut Datapath, frame: &[u8]) -> Result<u32> {
 /// network header, so the link-layer header of the test harness does not matter), as if it
 /// had come in on `ingress_ifindex` (0: generated locally). The device is `lo` (ifindex 1).
 pub fn run_tunnel_egress(dp: &mut Datapath, frame: &[u8], ingress_ifindex: u32) -> Result<u32> {
-    let prog = links::tc(&mut dp.ebpf, Hook::TcEgress)?;
-    let mut ctx = [0u8; SKB_CTX_LEN];
-    ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(frame);
-    opts.ctx_in = Some(&ctx);
-    Ok(prog.test_run(opts)?.return_value)
+    Ok(run_tc(dp, Hook::TcEgress, frame, Skb { ingress_ifindex, ..Skb::default() })?.verdict)
 }
 
-/// What a tunnel TC program did with a packet.
-pub struct TcRun {
-    pub verdict: u32,
-    /// The packet as it left the program.
-    pub frame: Vec<u8>,
-    /// The skb mark as it left the program.
-    pub mark: u32,
-}
-
-const SKB_MARK: usize = 8;
+/// What a TC program did with a packet.
+pub use tailgate::backend::bpf::testrun::{Run as TcRun, Skb};
 
 /// Runs a tunnel TC program (`Hook::TcIngress` or `Hook::TcEgress`) on an Ethernet frame
 /// with skb mark `mark`, as if it had come in on `ingress_ifindex` (0: generated locally).
@@ -114,46 +96,16 @@ pub fn run_tunnel(
     run_tc(dp, hook, frame, Skb { mark, ingress_ifindex, ifindex: 0 })
 }
 
-/// What a TC test run's skb says besides the packet.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Skb {
-    pub mark: u32,
-    /// The device it came in on (0: generated locally).
-    pub ingress_ifindex: u32,
-    /// The device it is on (0: `lo`); must exist in the calling thread's namespace.
-    pub ifindex: u32,
-}
-
-const SKB_IFINDEX: usize = 40;
-
 /// Runs a TC program on an Ethernet frame with the given skb fields.
 pub fn run_tc(dp: &mut Datapath, hook: Hook, frame: &[u8], skb: Skb) -> Result<TcRun> {
-    let prog = links::tc(&mut dp.ebpf, hook)?;
-    let mut ctx = [0u8; SKB_CTX_LEN];
-    ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&skb.mark.to_ne_bytes());
-    ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&skb.ingress_ifindex.to_ne_bytes());
-    ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&skb.ifindex.to_ne_bytes());
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut ctx_out = [0u8; SKB_CTX_LEN];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(frame);
-    opts.data_out = Some(&mut out);
-    opts.ctx_in = Some(&ctx);
-    opts.ctx_out = Some(&mut ctx_out);
-    let r = prog.test_run(opts)?;
-    out.truncate(r.data_size_out as usize);
-    let mark = u32::from_ne_bytes(ctx_out[SKB_MARK..SKB_MARK + 4].try_into().unwrap());
-    Ok(TcRun { verdict: r.return_value, frame: out, mark })
+    testrun::tc(&mut dp.ebpf, hook, frame, skb)
 }
 
 /// ns per run of a TC program over `repeat` runs with the given skb fields (the device must
 /// exist in the calling thread's namespace), and the verdict.
 pub fn time_tc(dp: &mut Datapath, hook: Hook, frame: &[u8], skb: Skb, repeat: u32) -> Result<(u32, f64)> {
     let prog = links::tc(&mut dp.ebpf, hook)?;
-    let mut ctx = [0u8; SKB_CTX_LEN];
-    ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&skb.mark.to_ne_bytes());
-    ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&skb.ingress_ifindex.to_ne_bytes());
-    ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&skb.ifindex.to_ne_bytes());
+    let ctx = skb.context();
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
     opts.ctx_in = Some(&ctx);

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray},
-    programs::{TcAttachType, TestRunOptions},
-    Ebpf, EbpfLoader, TestRun,
+    programs::TcAttachType,
+    Ebpf, EbpfLoader,
 };
 use ipnet::IpNet;
 use tailgate_abi::{
@@ -28,7 +28,9 @@ use super::{packet, Device, Devices, FlowChange, Query, Report, Routed, RuleHit}
 use crate::backend::bpf::{
     cgnat, conntrack, layout,
     links::{self, Hook},
-    pinned_maps, Pins, OBJECT,
+    pinned_maps,
+    testrun::{self, Skb},
+    Pins, OBJECT,
 };
 
 /// The maps the copy keeps to itself: what the programs write.
@@ -36,15 +38,6 @@ const PRIVATE: [&str; 6] = [MAP_V4, MAP_V6, MAP_FRAGS_V4, MAP_FRAGS_V6, MAP_COUN
 
 /// BPF_PROG_TEST_RUN builds Ethernet frames: the tunnel programs read the IP header at 14.
 const TEST_RUN_L3_OFFSET: u32 = 14;
-
-/// `struct __sk_buff`: its size and the fields a test run takes.
-const SKB_CTX_LEN: usize = 192;
-const SKB_MARK: usize = 8;
-const SKB_INGRESS_IFINDEX: usize = 36;
-const SKB_IFINDEX: usize = 40;
-/// `struct xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-/// egress_ifindex.
-const XDP_CTX_LEN: usize = 24;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -155,13 +148,6 @@ fn attached(pins: &Pins) -> Result<HashMap<(u32, u32), Hook>> {
     Ok(out)
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Skb {
-    mark: u32,
-    ingress_ifindex: u32,
-    ifindex: u32,
-}
-
 struct ChainOutcome {
     mark: u32,
     dropped: bool,
@@ -236,27 +222,24 @@ impl Copy {
         if direction == TcAttachType::Ingress
             && links.iter().any(|((i, _), h)| *i == dev.index && *h == Hook::Xdp)
         {
-            hooks.push(Some(Hook::Xdp));
+            hooks.push(Hook::Xdp);
         }
         let (_, programs) = aya::programs::SchedClassifier::query_tcx(&dev.name, direction)
             .with_context(|| format!("listing the TC programs of {}", dev.name))?;
         for program in programs {
             match links.get(&(dev.index, program.id())) {
-                Some(hook) => hooks.push(Some(*hook)),
-                None => {
-                    let name = program.name_as_str().unwrap_or("?").to_string();
-                    report.notes.push(format!(
-                        "{}: program {name} (id {}) of another tool runs there too; not evaluated",
-                        dev.name,
-                        program.id()
-                    ));
-                    hooks.push(None);
-                }
+                Some(hook) => hooks.push(*hook),
+                None => report.notes.push(format!(
+                    "{}: program {} (id {}) of another tool runs there too; not evaluated",
+                    dev.name,
+                    program.name_as_str().unwrap_or("?"),
+                    program.id()
+                )),
             }
         }
-        for hook in hooks.into_iter().flatten() {
+        for hook in hooks {
             let counters_before = self.counters()?;
-            let (code, out, mark) = self.run(hook, frame, skb)?;
+            let testrun::Run { verdict: code, frame: out, mark } = self.run(hook, frame, skb)?;
             let moved = changed(&counters_before, &self.counters()?);
             let result = verdict_name(hook, code);
             let changed_packet = (out != *frame).then(|| packet::read(&out)).flatten();
@@ -292,37 +275,12 @@ impl Copy {
         Ok(outcome)
     }
 
-    /// One test run; returns the program's code, the packet and the mark as it left it.
-    fn run(&mut self, hook: Hook, frame: &[u8], skb: Skb) -> Result<(u32, Vec<u8>, u32)> {
-        let mut out = vec![0u8; frame.len() + 256];
-        if hook == Hook::Xdp {
-            let prog = links::xdp(&mut self.ebpf)?;
-            let mut ctx = [0u8; XDP_CTX_LEN];
-            ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-            ctx[12..16].copy_from_slice(&skb.ingress_ifindex.to_ne_bytes());
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(frame);
-            opts.data_out = Some(&mut out);
-            opts.ctx_in = Some(&ctx);
-            let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN of the XDP program")?;
-            out.truncate(r.data_size_out as usize);
-            return Ok((r.return_value, out, skb.mark));
+    /// One test run.
+    fn run(&mut self, hook: Hook, frame: &[u8], skb: Skb) -> Result<testrun::Run> {
+        match hook {
+            Hook::Xdp => testrun::xdp(&mut self.ebpf, frame, skb.ingress_ifindex),
+            _ => testrun::tc(&mut self.ebpf, hook, frame, skb),
         }
-        let prog = links::tc(&mut self.ebpf, hook)?;
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_MARK..SKB_MARK + 4].copy_from_slice(&skb.mark.to_ne_bytes());
-        ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&skb.ingress_ifindex.to_ne_bytes());
-        ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&skb.ifindex.to_ne_bytes());
-        let mut ctx_out = [0u8; SKB_CTX_LEN];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.ctx_in = Some(&ctx);
-        opts.ctx_out = Some(&mut ctx_out);
-        let r = prog.test_run(opts).with_context(|| format!("BPF_PROG_TEST_RUN of {}", hook.program()))?;
-        out.truncate(r.data_size_out as usize);
-        let mark = u32::from_ne_bytes(ctx_out[SKB_MARK..SKB_MARK + 4].try_into().expect("4 bytes"));
-        Ok((r.return_value, out, mark))
     }
 
     fn counters(&self) -> Result<HashMap<Counter, u64>> {

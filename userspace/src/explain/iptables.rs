@@ -284,6 +284,7 @@ impl Walk {
     ) -> Result<End> {
         let device = p.input.clone().or_else(|| p.output.clone()).unwrap_or_default();
         let hook = format!("{table} {builtin} -> {}", chain.name);
+        let mut matched = false;
         for (index, rule) in chain.rules.iter().enumerate() {
             let parsed =
                 parse(&rule.spec).with_context(|| format!("rule `{}` of {}", rule.spec, chain.name))?;
@@ -303,6 +304,7 @@ impl Walk {
                     list.join(", ")
                 ));
             }
+            matched = true;
             let before = (p.src, p.sport, p.dst, p.dport, p.mark, p.mss);
             let end = parsed.target.apply(p)?;
             let counter = (rule.counter != "-").then(|| rule.counter.to_string());
@@ -334,7 +336,7 @@ impl Walk {
                 return Ok(end);
             }
         }
-        if chain.rules.is_empty() || report.steps.iter().any(|s| s.hook == hook && s.matched.is_some()) {
+        if chain.rules.is_empty() || matched {
             return Ok(End::Continue);
         }
         report.steps.push(Step {

@@ -240,7 +240,8 @@ pub fn explain(pins: &Pins, query: &Query) -> Result<Report> {
     }
     // What is in force: a daemon's run state says which backend; a BPF datapath can also
     // be in force without one (kept, or left by a killed daemon).
-    let mut report = match runstate::read(pins) {
+    let run = runstate::read(pins);
+    let mut report = match &run {
         Some(run) if run.backend == "iptables" => iptables::explain(pins, query)?,
         Some(_) => bpf::explain(pins, query)?,
         None if pins.exists() => bpf::explain(pins, query)?,
@@ -250,7 +251,7 @@ pub fn explain(pins: &Pins, query: &Query) -> Result<Report> {
             pins.root().display()
         ),
     };
-    if let Some(run) = runstate::read(pins) {
+    if let Some(run) = run {
         for what in run.pending {
             report.notes.push(format!("the daemon waits for {what}: not attached yet"));
         }

@@ -19,6 +19,7 @@ pub mod services;
 pub mod settings;
 pub mod subnet_routes;
 mod sys;
+pub mod testrun;
 
 use std::{path::Path, sync::Arc};
 
