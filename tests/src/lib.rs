@@ -7,7 +7,9 @@
 //! panics. Loops that send traffic are bounded in count and time.
 
 pub mod daemon;
+pub mod differential;
 pub mod flood;
+pub mod model;
 pub mod netns;
 pub mod packets;
 pub mod relay;

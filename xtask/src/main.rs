@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask setup | build | test | demo | bench | image`.
+//! Developer commands: `cargo xtask setup | build | test | demo | bench | fuzz | image`.
 
 mod demo;
 mod image;
@@ -42,6 +42,17 @@ enum Cmd {
     /// Single-packet cost (BPF_PROG_TEST_RUN), real-traffic cost over veth, reload cost and
     /// daemon memory. Needs root.
     Bench,
+    /// The differential test at length: random policies and packets (valid and malformed)
+    /// through the kernel programs and the reference model; packets/s, what the cases
+    /// reached, the shrunk case on a mismatch. Needs root.
+    Fuzz {
+        /// Random policies to try.
+        #[arg(long, default_value_t = 100_000)]
+        cases: u64,
+        /// Random packets per policy, at most.
+        #[arg(long, default_value_t = 32)]
+        packets: u64,
+    },
     /// A container image from Debian packages and the release binary (no registry),
     /// checked inside (chroot); imported with podman where installed. Needs root.
     Image,
@@ -55,6 +66,26 @@ fn main() -> Result<()> {
             build(release)
         }
         Cmd::Test => test(),
+        Cmd::Fuzz { cases, packets } => {
+            setup::run()?;
+            require_root("fuzz")?;
+            build(false)?;
+            let (cases, packets) = (cases.to_string(), packets.to_string());
+            cargo(&[
+                "run",
+                "--release",
+                "--locked",
+                "-p",
+                "tailgate-tests",
+                "--bin",
+                "tailgate-fuzz",
+                "--",
+                "--cases",
+                &cases,
+                "--packets",
+                &packets,
+            ])
+        }
         Cmd::Image => {
             setup::run()?;
             require_root("image")?;
