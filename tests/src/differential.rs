@@ -152,7 +152,13 @@ pub fn policy() -> impl Strategy<Value = Policy> {
         (0x10, 0xf0),
         (0x80000000, 0xffffffff),
     ]);
-    let mss = prop_oneof![Just(None), Just(Some(0)), (536u16..=1500).prop_map(Some)];
+    // Fixed values the MSS options below sit around (the path MTU's are 1240 and 1220).
+    let mss = prop_oneof![
+        Just(None),
+        Just(Some(0)),
+        prop::sample::select(vec![536u16, 1200, 1400]).prop_map(Some),
+        (536u16..=1500).prop_map(Some)
+    ];
     (
         prop::bool::weighted(0.1),
         any::<bool>(),
@@ -228,6 +234,7 @@ pub enum Damage {
 #[derive(Debug, Clone)]
 pub struct Seed {
     pub kind: SeedKind,
+    /// 0: the zone of the packet's hook.
     pub zone: u8,
     pub state: u8,
     pub flags: u8,
@@ -266,7 +273,11 @@ pub struct Packet {
 
 fn transport() -> impl Strategy<Value = Transport> {
     let option = prop_oneof![
-        4 => any::<u16>().prop_map(|mss| vec![2, 4, (mss >> 8) as u8, mss as u8]),
+        4 => prop_oneof![
+            any::<u16>(),
+            prop::sample::select(vec![535u16, 536, 537, 1199, 1200, 1201, 1219, 1220, 1221, 1239, 1240, 1241, 1399, 1400, 1401, 1460]),
+        ]
+        .prop_map(|mss| vec![2, 4, (mss >> 8) as u8, mss as u8]),
         2 => Just(vec![1]),
         1 => Just(vec![0]),
         1 => Just(vec![3, 3, 7]),
@@ -299,7 +310,7 @@ fn transport() -> impl Strategy<Value = Transport> {
 
 fn dress() -> impl Strategy<Value = IpDress> {
     let fragment =
-        prop::option::weighted(0.15, (any::<u32>(), prop_oneof![Just(0u16), 1u16..200], any::<bool>()));
+        prop::option::weighted(0.25, (any::<u32>(), prop_oneof![Just(0u16), 1u16..200], any::<bool>()));
     (
         prop_oneof![4 => Just(0u8), 1 => 1u8..=10],
         vec(prop::sample::select(vec![0u8, 43, 60, 44]), 0..6),
@@ -317,7 +328,8 @@ fn seed() -> impl Strategy<Value = Seed> {
             SeedKind::Quoted,
             SeedKind::Datagram,
         ]),
-        prop::sample::select(vec![zone::OWN, zone::TUNNEL, zone::INBOUND]),
+        // 0: the zone of the hook the packet goes to (most seeds are meant to be found).
+        prop::sample::select(vec![0, 0, 0, zone::OWN, zone::TUNNEL, zone::INBOUND]),
         1u8..=4,
         any::<u8>(),
         prop::bool::weighted(0.2),
@@ -870,7 +882,12 @@ fn seeds(packet: &Packet, frame: &[u8], now: u64) -> Vec<(Key, Entry, bool)> {
     let Parsed::Ip(p) = parsed else { return Vec::new() };
     let mut out = Vec::new();
     for s in &packet.seeds {
-        let at = model::flows::At { zone: s.zone, ifindex: if s.zone == zone::SNAT { LAN } else { LO } };
+        let zone = match (s.zone, packet.hook) {
+            (0, Hook::Uplink | Hook::UplinkEgress) => zone::OWN,
+            (0, _) => zone::TUNNEL,
+            (zone, _) => zone,
+        };
+        let at = model::flows::At { zone, ifindex: LO };
         let key = match (s.kind, model::flows::seen(&p, frame, at)) {
             (SeedKind::Answered, model::flows::Seen::Flow { key, .. }) => key.reversed(),
             (SeedKind::Own, model::flows::Seen::Flow { key, .. }) => key,
