@@ -65,3 +65,12 @@ fn kernel_matches_the_model() {
         }
     }
 }
+
+/// The rules the iptables backend renders, evaluated in pure code, against the same model.
+#[test]
+fn iptables_rules_match_the_model() {
+    let cases = std::env::var("TAILGATE_DIFF_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(CASES);
+    let packets = differential::fuzz_iptables(cases, PACKETS).unwrap_or_else(|mismatch| panic!("{mismatch}"));
+    println!("{packets} first packets compared, 0 mismatches");
+    assert!(cases < CASES || packets >= 10_000, "{packets}");
+}

@@ -36,31 +36,111 @@ pub fn explain(pins: &Pins, query: &Query) -> Result<Report> {
     let devices = Devices::read()?;
     let input = query.input.as_deref().map(|n| devices.named(n, "--in")).transpose()?;
     let output = query.output.as_deref().map(|n| devices.named(n, "--out")).transpose()?;
-    let mut report = Report::new("iptables", query);
+    let mut notes = Vec::new();
     if !config.iptables.divert {
-        report.notes.push(
+        notes.push(
             "iptables.divert = false: tailgate's chains are evaluated as if jumped to; your own rules decide \
              whether they are"
                 .into(),
         );
     }
-    report.notes.push(
+    notes.push(
         "explained as the first packet of a connection: conntrack handles the rest of a connection as \
          its first packet was handled (replies to the gateway's own connections pass by 'own flows: replies')"
             .into(),
     );
     if let Some(differs) = in_force_differs(pins, &config, &state) {
-        report.notes.insert(0, differs);
+        notes.insert(0, differs);
     }
-    let walk = Walk::new(&state)?;
-    let before = packet::read(&packet::build(&query.packet)?).ok_or_else(|| anyhow!("unreadable packet"))?;
-    let mut p = Packet::new(query, &before);
-    let outcome = walk.traverse(&mut p, input.as_ref(), output.as_ref(), &devices, &mut report)?;
+    let host = Kernel { devices, addresses: netdev::addresses().context("reading the host's addresses")? };
+    let mut evaluated = evaluate(&state, &query.packet, input.as_ref(), output.as_ref(), &host)?;
+    evaluated.notes.splice(0..0, notes);
+    evaluated.input = query.input.clone();
+    evaluated.output = evaluated.output.or_else(|| query.output.clone());
+    Ok(evaluated)
+}
+
+/// The rules `state` renders evaluated on `packet` arriving by `input` (`None`: sent by this
+/// host) and leaving by `output` (`None`: where `host` routes it), in netfilter's order. No
+/// notes about the config: the bare evaluation (what the differential tests compare).
+pub fn evaluate(
+    state: &DesiredState,
+    packet: &packet::Described,
+    input: Option<&Device>,
+    output: Option<&Device>,
+    host: &dyn Host,
+) -> Result<Report> {
+    let query = Query {
+        packet: packet.clone(),
+        input: input.map(|d| d.name.clone()),
+        output: output.map(|d| d.name.clone()),
+        config: None,
+    };
+    let mut report = Report::new("iptables", &query);
+    let walk = Walk::new(state);
+    let before = packet::read(&packet::build(packet)?).ok_or_else(|| anyhow!("unreadable packet"))?;
+    let mut p = Packet::new(&query, &before);
+    let outcome = walk.traverse(&mut p, input, output, host, &mut report)?;
     report.verdict = outcome;
     report.mark = p.mark;
     let after = packet::Seen { checksums_ok: before.checksums_ok, ..p.now() };
     super::finish(&mut report, &before, (outcome != "drop" && outcome != "unroutable").then_some(&after));
     Ok(report)
+}
+
+/// What the evaluator asks of the host: where a packet is routed, the source MASQUERADE
+/// picks, which addresses are local (`-m addrtype --dst-type LOCAL`).
+pub trait Host {
+    fn route(&self, seen: &packet::Seen, input: Option<&Device>, mark: u32) -> Result<Routed>;
+    fn source(&self, src: IpAddr, dst: IpAddr, mark: u32) -> Result<IpAddr>;
+    fn local(&self, ip: IpAddr) -> bool;
+}
+
+/// This host, as the kernel tells.
+struct Kernel {
+    devices: Devices,
+    addresses: std::collections::BTreeMap<u32, Vec<IpAddr>>,
+}
+
+impl Host for Kernel {
+    fn route(&self, seen: &packet::Seen, input: Option<&Device>, mark: u32) -> Result<Routed> {
+        super::route(&self.devices, seen, input, mark)
+    }
+
+    fn source(&self, src: IpAddr, dst: IpAddr, mark: u32) -> Result<IpAddr> {
+        // The kernel's source for the destination out of that device, as MASQUERADE.
+        match netdev::route(src, dst, 0, mark)? {
+            netdev::Route::Out(_, Some(source)) => Ok(source),
+            _ => bail!("MASQUERADE: the kernel has no source address for {dst}"),
+        }
+    }
+
+    fn local(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || self.addresses.values().flatten().any(|a| *a == ip)
+    }
+}
+
+/// A host given in full, for evaluating without asking the kernel: packets arriving are
+/// routed to `route` (`None`: delivered here), MASQUERADE picks `source`, `local` are the
+/// host's addresses.
+pub struct Given {
+    pub route: Option<Device>,
+    pub source: IpAddr,
+    pub local: Vec<IpAddr>,
+}
+
+impl Host for Given {
+    fn route(&self, _: &packet::Seen, _: Option<&Device>, _: u32) -> Result<Routed> {
+        Ok(self.route.clone().map_or(Routed::Local, Routed::Out))
+    }
+
+    fn source(&self, _: IpAddr, _: IpAddr, _: u32) -> Result<IpAddr> {
+        Ok(self.source)
+    }
+
+    fn local(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || self.local.contains(&ip)
+    }
 }
 
 /// A warning when the rules in force are not the ones `state` renders (a reload not done
@@ -159,8 +239,6 @@ impl Packet {
 /// The rendered tables and how to walk them.
 struct Walk {
     tables: Vec<TableSpec>,
-    /// The host's addresses (`-m addrtype --dst-type LOCAL`).
-    addresses: std::collections::BTreeMap<u32, Vec<IpAddr>>,
 }
 
 /// How a chain (or tailgate's part of a built-in chain) ended.
@@ -175,9 +253,8 @@ enum End {
 }
 
 impl Walk {
-    fn new(state: &DesiredState) -> Result<Self> {
-        let tables = render::render(state, Wiring { divert: true, first: false }, &Available::all());
-        Ok(Self { tables, addresses: netdev::addresses().context("reading the host's addresses")? })
+    fn new(state: &DesiredState) -> Self {
+        Self { tables: render::render(state, Wiring { divert: true, first: false }, &Available::all()) }
     }
 
     fn traverse(
@@ -185,7 +262,7 @@ impl Walk {
         p: &mut Packet,
         input: Option<&Device>,
         output: Option<&Device>,
-        devices: &Devices,
+        host: &dyn Host,
         report: &mut Report,
     ) -> Result<&'static str> {
         p.input = input.map(|d| d.name.clone());
@@ -194,22 +271,22 @@ impl Walk {
             let output = output.expect("explain checks that --in or --out is given");
             p.output = Some(output.name.clone());
             p.mtus.1 = output.mtu;
-            if self.hook(Table::Mangle, "OUTPUT", p, report)? == End::Drop {
+            if self.hook(host, Table::Mangle, "OUTPUT", p, report)? == End::Drop {
                 return Ok("drop");
             }
-            if self.hook(Table::Nat, "POSTROUTING", p, report)? == End::Drop {
+            if self.hook(host, Table::Nat, "POSTROUTING", p, report)? == End::Drop {
                 return Ok("drop");
             }
             unless_decided(&mut report.reason, "sent: no tailgate rule stops it");
             return Ok("send");
         };
-        if self.hook(Table::Nat, "PREROUTING", p, report)? == End::Drop {
+        if self.hook(host, Table::Nat, "PREROUTING", p, report)? == End::Drop {
             return Ok("drop");
         }
         let seen = p.now();
         let out = match output {
             Some(dev) => Some(dev.clone()),
-            None => match super::route(devices, &seen, Some(input), p.mark)? {
+            None => match host.route(&seen, Some(input), p.mark)? {
                 Routed::Local => None,
                 Routed::Out(dev) => Some(dev),
                 Routed::Refused(why) => {
@@ -220,7 +297,7 @@ impl Walk {
             },
         };
         let Some(out) = out else {
-            return Ok(match self.hook(Table::Filter, "INPUT", p, report)? {
+            return Ok(match self.hook(host, Table::Filter, "INPUT", p, report)? {
                 End::Drop => "drop",
                 end => {
                     if end == End::Continue {
@@ -236,10 +313,10 @@ impl Walk {
         report.output = Some(out.name.clone());
         p.output = Some(out.name.clone());
         p.mtus.1 = out.mtu;
-        if self.hook(Table::Mangle, "FORWARD", p, report)? == End::Drop {
+        if self.hook(host, Table::Mangle, "FORWARD", p, report)? == End::Drop {
             return Ok("drop");
         }
-        match self.hook(Table::Filter, "FORWARD", p, report)? {
+        match self.hook(host, Table::Filter, "FORWARD", p, report)? {
             End::Drop => return Ok("drop"),
             End::Continue | End::Next => {
                 unless_decided(
@@ -249,14 +326,21 @@ impl Walk {
             }
             End::Accept => {}
         }
-        if self.hook(Table::Nat, "POSTROUTING", p, report)? == End::Drop {
+        if self.hook(host, Table::Nat, "POSTROUTING", p, report)? == End::Drop {
             return Ok("drop");
         }
         Ok("forward")
     }
 
     /// tailgate's chains jumped to from `builtin` of `table`.
-    fn hook(&self, table: Table, builtin: &str, p: &mut Packet, report: &mut Report) -> Result<End> {
+    fn hook(
+        &self,
+        host: &dyn Host,
+        table: Table,
+        builtin: &str,
+        p: &mut Packet,
+        report: &mut Report,
+    ) -> Result<End> {
         let Some(spec) = self.tables.iter().find(|t| t.family == p.family() && t.table == table) else {
             return Ok(End::Continue);
         };
@@ -266,7 +350,7 @@ impl Walk {
                 .iter()
                 .find(|c| c.name == hook.target)
                 .ok_or_else(|| anyhow!("no chain {}", hook.target))?;
-            let end = self.chain(table, builtin, chain, p, report)?;
+            let end = self.chain(host, (table, builtin), chain, p, report)?;
             if end != End::Continue {
                 return Ok(end);
             }
@@ -276,8 +360,8 @@ impl Walk {
 
     fn chain(
         &self,
-        table: Table,
-        builtin: &str,
+        host: &dyn Host,
+        (table, builtin): (Table, &str),
         chain: &crate::backend::iptables::table::Chain,
         p: &mut Packet,
         report: &mut Report,
@@ -288,13 +372,13 @@ impl Walk {
         for (index, rule) in chain.rules.iter().enumerate() {
             let parsed =
                 parse(&rule.spec).with_context(|| format!("rule `{}` of {}", rule.spec, chain.name))?;
-            if !parsed.matches(p, self)? {
+            if !parsed.matches(p, host)? {
                 continue;
             }
             if parsed.random.is_some() {
                 // `statistic --mode random`: one of the rules from here on, by chance; the
                 // walk follows the first.
-                let list: Vec<String> = chances(&chain.rules[index..], p, self)?
+                let list: Vec<String> = chances(&chain.rules[index..], p, host)?
                     .iter()
                     .map(|(label, c)| format!("{label} {:.1} %", c * 100.0))
                     .collect();
@@ -306,7 +390,7 @@ impl Walk {
             }
             matched = true;
             let before = (p.src, p.sport, p.dst, p.dport, p.mark, p.mss);
-            let end = parsed.target.apply(p)?;
+            let end = parsed.target.apply(p, host)?;
             let counter = (rule.counter != "-").then(|| rule.counter.to_string());
             let changed =
                 (before.0, before.1, before.2, before.3, before.5) != (p.src, p.sport, p.dst, p.dport, p.mss);
@@ -350,10 +434,6 @@ impl Walk {
         });
         Ok(End::Continue)
     }
-
-    fn local(&self, ip: IpAddr) -> bool {
-        ip.is_loopback() || self.addresses.values().flatten().any(|a| *a == ip)
-    }
 }
 
 /// Each rule's chance of taking the packet, for `rules` starting with a random one: the
@@ -361,13 +441,13 @@ impl Walk {
 fn chances(
     rules: &[crate::backend::iptables::table::Rule],
     p: &Packet,
-    walk: &Walk,
+    host: &dyn Host,
 ) -> Result<Vec<(String, f64)>> {
     let mut out = Vec::new();
     let mut left = 1.0;
     for rule in rules {
         let parsed = parse(&rule.spec)?;
-        if !parsed.matches(p, walk)? {
+        if !parsed.matches(p, host)? {
             continue;
         }
         match parsed.random {
@@ -563,7 +643,7 @@ fn mark(s: &str) -> Result<(u32, u32)> {
 }
 
 impl Parsed {
-    fn matches(&self, p: &Packet, walk: &Walk) -> Result<bool> {
+    fn matches(&self, p: &Packet, host: &dyn Host) -> Result<bool> {
         for (negated, cond) in &self.conds {
             let hit = match cond {
                 Cond::In(dev) => p.input.as_deref() == Some(dev),
@@ -598,7 +678,7 @@ impl Parsed {
                 Cond::Mark(value, mask) => p.mark & mask == *value,
                 Cond::ConnMark(value, mask) => p.connmark & mask == *value,
                 Cond::CtState(states) => states.iter().any(|s| s == "NEW"),
-                Cond::DstLocal => walk.local(p.dst),
+                Cond::DstLocal => host.local(p.dst),
             };
             if hit == *negated {
                 return Ok(false);
@@ -624,7 +704,7 @@ impl Target {
         }
     }
 
-    fn apply(&self, p: &mut Packet) -> Result<End> {
+    fn apply(&self, p: &mut Packet, host: &dyn Host) -> Result<End> {
         let clamp = |p: &mut Packet, limit: u32| {
             if let Some(mss) = p.mss.filter(|_| p.syn && !p.rst) {
                 p.mss = Some(mss.min(u16::try_from(limit).unwrap_or(u16::MAX)));
@@ -669,11 +749,7 @@ impl Target {
                 End::Accept
             }
             Target::Masquerade => {
-                // The kernel's source for the destination out of that device, as MASQUERADE.
-                p.src = match netdev::route(p.src, p.dst, 0, p.mark)? {
-                    netdev::Route::Out(_, Some(source)) => source,
-                    _ => bail!("MASQUERADE: the kernel has no source address for {}", p.dst),
-                };
+                p.src = host.source(p.src, p.dst, p.mark)?;
                 End::Accept
             }
         })

@@ -5,6 +5,8 @@
 //! `tests/differential.rs` runs it in the suite; `tailgate-fuzz` (`cargo xtask fuzz`) for
 //! as long as asked.
 
+pub mod iptables;
+
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
@@ -337,7 +339,8 @@ fn seed() -> impl Strategy<Value = Seed> {
         .prop_map(|(kind, zone, state, flags, expired)| Seed { kind, zone, state, flags, expired })
 }
 
-fn pick() -> impl Strategy<Value = Pick> {
+/// An address pick: mostly from the policy's pool.
+fn picks() -> impl Strategy<Value = Pick> {
     prop_oneof![4 => any::<Index>().prop_map(Pick::Pool), 1 => any::<u128>().prop_map(Pick::Any)]
 }
 
@@ -350,8 +353,8 @@ pub fn packet() -> impl Strategy<Value = Packet> {
     let headers = (
         prop::sample::select(Hook::ALL.to_vec()),
         any::<bool>(),
-        pick(),
-        pick(),
+        picks(),
+        picks(),
         transport(),
         dress(),
         prop_oneof![6 => Just(0u8), 1 => 1u8..=3],
@@ -382,12 +385,7 @@ pub fn case(packets: usize) -> impl Strategy<Value = (Policy, Vec<Packet>)> {
 
 impl Packet {
     fn address(&self, pick: &Pick, pool: &[IpAddr]) -> IpAddr {
-        let family: Vec<IpAddr> = pool.iter().copied().filter(|a| a.is_ipv6() == self.v6).collect();
-        match pick {
-            Pick::Pool(i) => family[i.index(family.len())],
-            Pick::Any(bits) if self.v6 => IpAddr::V6(Ipv6Addr::from(*bits)),
-            Pick::Any(bits) => IpAddr::V4(Ipv4Addr::from(*bits as u32)),
-        }
+        self::address(pick, pool, self.v6)
     }
 
     /// The frame: Ethernet (VLAN tags on the uplink hooks), IP, transport, damage.
@@ -581,6 +579,16 @@ impl Packet {
             Hook::Uplink => Skb { mark: 0, ingress_ifindex: LO, ifindex: LO },
             _ => Skb { mark: self.mark, ingress_ifindex: ingress, ifindex: LO },
         }
+    }
+}
+
+/// The address `pick` names, of the family `v6` says.
+fn address(pick: &Pick, pool: &[IpAddr], v6: bool) -> IpAddr {
+    let family: Vec<IpAddr> = pool.iter().copied().filter(|a| a.is_ipv6() == v6).collect();
+    match pick {
+        Pick::Pool(i) => family[i.index(family.len())],
+        Pick::Any(bits) if v6 => IpAddr::V6(Ipv6Addr::from(*bits)),
+        Pick::Any(bits) => IpAddr::V4(Ipv4Addr::from(*bits as u32)),
     }
 }
 
@@ -963,4 +971,29 @@ pub fn fuzz(cases: u32, packets: usize) -> Result<Report, String> {
         }
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// The iptables side: `cases` random policies with up to `packets` first packets each,
+/// evaluated on the rendered rules and the model; the packets compared, or the shrunk
+/// mismatch.
+pub fn fuzz_iptables(cases: u32, packets: usize) -> Result<u64, String> {
+    use std::cell::Cell;
+
+    use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
+    let count = Cell::new(0u64);
+    let config =
+        RunnerConfig { cases, failure_persistence: None, max_shrink_iters: 4_096, ..RunnerConfig::default() };
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&(policy(), vec(iptables::first(), 1..=packets)), |(policy, list)| {
+        for first in &list {
+            count.set(count.get() + 1);
+            match iptables::check(&policy, first) {
+                Ok(None) => {}
+                Ok(Some(mismatch)) => return Err(TestCaseError::fail(mismatch.to_string())),
+                Err(e) => return Err(TestCaseError::fail(format!("{e:#}"))),
+            }
+        }
+        Ok(())
+    });
+    result.map(|()| count.get()).map_err(|e| e.to_string())
 }
