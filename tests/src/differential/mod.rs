@@ -944,12 +944,10 @@ pub struct Report {
 pub fn fuzz(cases: u32, packets: usize) -> Result<Report, String> {
     use std::cell::{Cell, RefCell};
 
-    use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
+    use proptest::test_runner::TestCaseError;
     let kernel = RefCell::new(Kernel::new().map_err(|e| format!("loading the datapath: {e:#}"))?);
     let count = Cell::new(0u64);
-    let config =
-        RunnerConfig { cases, failure_persistence: None, max_shrink_iters: 4_096, ..RunnerConfig::default() };
-    let mut runner = TestRunner::new(config);
+    let mut runner = runner(cases);
     let start = std::time::Instant::now();
     let result = runner.run(&case(packets), |(policy, list)| {
         let mut kernel = kernel.borrow_mut();
@@ -979,11 +977,9 @@ pub fn fuzz(cases: u32, packets: usize) -> Result<Report, String> {
 pub fn fuzz_iptables(cases: u32, packets: usize) -> Result<u64, String> {
     use std::cell::Cell;
 
-    use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
+    use proptest::test_runner::TestCaseError;
     let count = Cell::new(0u64);
-    let config =
-        RunnerConfig { cases, failure_persistence: None, max_shrink_iters: 4_096, ..RunnerConfig::default() };
-    let mut runner = TestRunner::new(config);
+    let mut runner = runner(cases);
     let result = runner.run(&(policy(), vec(iptables::first(), 1..=packets)), |(policy, list)| {
         for first in &list {
             count.set(count.get() + 1);
@@ -996,4 +992,11 @@ pub fn fuzz_iptables(cases: u32, packets: usize) -> Result<u64, String> {
         Ok(())
     });
     result.map(|()| count.get()).map_err(|e| e.to_string())
+}
+
+/// A proptest runner for `cases` cases that shrinks a failure far (a minimal reproducer)
+/// and writes no regression files.
+fn runner(cases: u32) -> proptest::test_runner::TestRunner {
+    use proptest::test_runner::{Config, TestRunner};
+    TestRunner::new(Config { cases, failure_persistence: None, max_shrink_iters: 4_096, ..Config::default() })
 }
