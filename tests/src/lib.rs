@@ -9,6 +9,7 @@
 pub mod daemon;
 pub mod differential;
 pub mod flood;
+pub mod forwarding;
 pub mod model;
 pub mod netns;
 pub mod packets;

@@ -1,24 +1,28 @@
-//! Receive-side CPU cost of an XDP program under real traffic, next to a trivial XDP
-//! program (the floor) measured the same way.
+//! Receive-side CPU cost of filtering under real traffic: no filtering, a trivial XDP
+//! program (the floor), tailgate's XDP program, tailgate's iptables rules, measured the same
+//! way.
 //!
 //! BPF_PROG_TEST_RUN repeats one cache-hot packet; here a flood from thousands of source
-//! addresses crosses a veth pair between two namespaces and the receiving veth runs the
-//! program in native (driver) mode. The veth polls its ring with NAPI once XDP is attached;
-//! with threaded NAPI that poll runs in a kthread of its own, so the CPU time the receive
-//! path costs is that kthread's runtime (`/proc/<pid>/task/<pid>/schedstat`), pinned to
-//! one CPU while the sender runs on the other.
+//! addresses crosses a veth pair between two namespaces, addressed to the receiver (its MAC,
+//! its address, a UDP port nobody listens on). The receiving veth always has an XDP program
+//! in native (driver) mode: tailgate's, or a trivial one that passes or drops everything.
+//! veth polls its ring with NAPI only while XDP is attached; with threaded NAPI that poll
+//! runs in a kthread of its own, and so does everything the stack does with a passed frame
+//! (GRO, IP, netfilter, UDP: this kernel does not account softirq time apart), so the CPU
+//! time the receive path costs is that kthread's runtime (`/proc/<pid>/task/<pid>/schedstat`),
+//! pinned to one CPU while the sender runs on the other.
 //!
-//! What one packet costs on the receiving side, floor and subject alike: the NAPI poll, the
+//! What one packet costs on the receiving side, whatever filters it: the NAPI poll, the
 //! copy veth makes of every skb it hands to XDP (an AF_PACKET skb has far less than the
 //! 256 bytes of headroom XDP wants, so `veth_convert_skb_to_xdp_buff` copies it into a
-//! page-pool page), the program, and then either the free (XDP_DROP) or the IP layer's
-//! early discard of a frame addressed to another MAC (XDP_PASS: `PACKET_OTHERHOST`, counted
-//! in `rx_otherhost_dropped`). The difference subject − floor is what the program itself
-//! adds, with realistic cache and TLB pressure from the varied sources.
+//! page-pool page), the XDP program, and then either the free (XDP_DROP) or the IP layer:
+//! routing, netfilter's hooks (tailgate's iptables rules when they are installed, conntrack
+//! when they need it), and UDP's discard of a datagram for a closed port. "No filtering"
+//! is the trivial passing program with no rules: the same copy, the whole stack.
 //!
 //! Everything is owned by guards: the namespaces (and with them the veth pair), the pin
-//! directory under /sys/fs/bpf and the XDP attachments are removed on drop, also when a
-//! measurement fails. Sending is bounded by a duration and a packet cap.
+//! directory under /sys/fs/bpf, the XDP attachments and the iptables rules are removed on
+//! drop, also when a measurement fails. Sending is bounded by a duration and a packet cap.
 
 use std::{
     cell::Cell,
@@ -43,7 +47,14 @@ use nix::{
     sched::{sched_getaffinity, sched_setaffinity, CpuSet},
     unistd::Pid,
 };
-use tailgate::backend::bpf::{links, Datapath, Hook};
+use tailgate::{
+    backend::{
+        bpf::{links, Datapath, Hook},
+        iptables::{IptablesBackend, Options as IptablesOptions},
+        Backend,
+    },
+    policy::DesiredState,
+};
 use tailgate_abi::counters::Counter;
 
 use crate::{
@@ -71,16 +82,20 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// the flood lasts; afterwards the kthread goes back to sleep within this many intervals).
 const NAPI_DEFER_POLLS: u32 = 20;
 
-/// MAC of the receiving veth, set explicitly so the frames below never carry it.
-const RX_MAC: &str = "02:00:00:00:00:02";
+/// MAC and address of the receiving veth: every frame is for the receiver, so a passed
+/// frame goes the whole way up (routing, netfilter's INPUT, UDP).
+const RX_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const TX_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-/// Destination MAC of every frame: not the receiver's, so a passed frame is classified
-/// `PACKET_OTHERHOST` and dropped at the top of `ip_rcv` (and counted there): the same
-/// short stack path for floor and subject, no routing, no socket lookup.
-const FRAME_DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
-const FRAME_DST_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const RX_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// A port nobody listens on: UDP discards the datagram (its ICMP error is rate-limited and
+/// has no route back anyway), the cheapest end of a delivered packet.
+const RX_PORT: u16 = 9;
 /// UDP payload: 14 + 20 + 8 + 18 = a 60-byte frame, the Ethernet minimum without FCS.
 const PAYLOAD: &[u8] = b"tailgate traffic!!";
+/// How long a measurement waits for the receiver to empty its ring.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longer than one NAPI poll of 64 frames at the slowest rate measured (~3 ms a frame).
+const DRAIN_STILL: Duration = Duration::from_secs(1);
 /// Messages per `sendmmsg` call: one syscall entry for many frames, so the sender keeps
 /// ahead of the receiver.
 const SEND_BATCH: usize = 64;
@@ -119,8 +134,10 @@ pub struct Measurement {
     /// Frames the receiving veth took off its ring and ran through XDP (`rx_packets`):
     /// ring drops never reach the receiver and are not counted.
     pub processed: u64,
-    /// Of those, frames that reached the IP layer (XDP_PASS): `rx_otherhost_dropped`.
+    /// Of those, frames that reached the IP layer (XDP_PASS): `Ip: InReceives`.
     pub reached_ip: u64,
+    /// Of those, frames delivered to UDP (not dropped by netfilter): `Ip: InDelivers`.
+    pub delivered: u64,
     /// CPU time of the NAPI kthread(s), in ns.
     pub napi_ns: u64,
     /// `napi_ns / processed`.
@@ -177,7 +194,14 @@ impl Rig {
         let rx_dev = unique_ifname("tgr");
         let tx_dev = unique_ifname("tgs");
         netns::veth(&tx, &tx_dev, &rx, &rx_dev)?;
-        rx.ip(&["link", "set", "dev", &rx_dev, "address", RX_MAC])?;
+        let mac = RX_MAC.map(|b| format!("{b:02x}")).join(":");
+        rx.ip(&["link", "set", "dev", &rx_dev, "address", &mac])?;
+        rx.ip(&["addr", "add", &format!("{RX_IP}/24"), "dev", &rx_dev])?;
+        // The sources have no route back: strict reverse-path filtering (a host default
+        // a new namespace may inherit) would drop every frame as a martian.
+        for conf in ["all", "default", rx_dev.as_str()] {
+            rx.sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "0")?;
+        }
         let name = rx_dev.clone();
         let (rx_ifindex, rx_nl) = rx.enter(move || Ok((ifindex(&name)?, netlink_socket()?)))?;
         Ok(Self { pins, tx, rx, tx_dev, rx_dev, rx_ifindex, rx_nl, quiet_budget: Cell::new(QUIET_BUDGET) })
@@ -217,32 +241,8 @@ impl Rig {
         );
         // veth creates its NAPI instances when XDP is attached (and deletes them when it
         // is detached): threaded mode can only be set now, and the kthreads are new ones
-        // after every attach. The poll pacing (see `POLL_INTERVAL`) is set again with it.
-        let sys = format!("/sys/class/net/{}", self.rx_dev);
-        let cmd = format!(
-            "echo {NAPI_DEFER_POLLS} > {sys}/napi_defer_hard_irqs && \
-             echo {} > {sys}/gro_flush_timeout && echo 1 > {sys}/threaded && cat {sys}/threaded",
-            POLL_INTERVAL.as_nanos()
-        );
-        let out = self.rx.exec("sh", &["-c", &cmd])?;
-        ensure!(
-            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1",
-            "enabling threaded NAPI on {}: {}",
-            self.rx_dev,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        let prefix = format!("napi/{}-", self.rx_dev);
-        wait::until(Duration::from_secs(5), || {
-            att.napi = napi_threads(&prefix).unwrap_or_default();
-            !att.napi.is_empty()
-        });
-        ensure!(!att.napi.is_empty(), "no NAPI kthread {prefix}* appeared");
-        let mut cpus = CpuSet::new();
-        cpus.set(NAPI_CPU)?;
-        for pid in &att.napi {
-            sched_setaffinity(Pid::from_raw(*pid), &cpus)
-                .with_context(|| format!("pinning NAPI thread {pid}"))?;
-        }
+        // after every attach.
+        att.napi = threaded_napi(&self.rx, &self.rx_dev, NAPI_CPU, true)?;
         Ok(att)
     }
 
@@ -257,19 +257,35 @@ impl Rig {
         cap: u64,
     ) -> Result<Measurement> {
         let (state0, ns0, sleeps0) = (self.rx_state()?, attached.napi_runtime()?, attached.napi_sleeps()?);
+        let ip0 = self.ip_stats()?;
         let cpu0 = cpu_busy_ns(NAPI_CPU)?;
         let start = Instant::now();
         let (sent, refused) = generator.send(window, cap)?;
         let elapsed = start.elapsed();
         let cpu1 = cpu_busy_ns(NAPI_CPU)?;
-        // The ring holds at most a few hundred frames: drained once the counter stands still.
-        let mut last = u64::MAX;
-        let drained = wait::until(Duration::from_secs(5), || {
-            let now = self.rx_state().map(|s| s.rx_packets).unwrap_or(u64::MAX - 1);
-            std::mem::replace(&mut last, now) == now
+        // Every frame the sender got into the ring is taken off it (a full ring refuses the
+        // sender instead, see `LinkState::rx_packets`). veth adds a poll's frames to its
+        // counter when the poll ends, so a slow receiver (a frame per ms behind 100,000 rules)
+        // shows a counter that stands still for a while: the fallback, for frames lost
+        // anyway, waits for it to stand still longer than any poll lasts.
+        let rx0 = state0.rx_packets;
+        let all = wait::until(DRAIN_TIMEOUT, || {
+            self.rx_state().map(|s| s.rx_packets - rx0 >= sent).unwrap_or(false)
         });
-        ensure!(drained, "{} kept receiving after the sender stopped", self.rx_dev);
+        if !all {
+            let mut last = u64::MAX;
+            let still = wait::until(DRAIN_TIMEOUT, || {
+                let now = self.rx_state().map(|s| s.rx_packets).unwrap_or(u64::MAX - 1);
+                let same = std::mem::replace(&mut last, now) == now;
+                same && {
+                    std::thread::sleep(DRAIN_STILL);
+                    self.rx_state().map(|s| s.rx_packets == now).unwrap_or(false)
+                }
+            });
+            ensure!(still, "{} kept receiving after the sender stopped", self.rx_dev);
+        }
         let (state1, ns1, sleeps1) = (self.rx_state()?, attached.napi_runtime()?, attached.napi_sleeps()?);
+        let ip1 = self.ip_stats()?;
         let processed = state1.rx_packets - state0.rx_packets;
         ensure!(processed > 0, "nothing arrived on {} ({sent} sent)", self.rx_dev);
         let napi_ns = ns1 - ns0;
@@ -278,7 +294,8 @@ impl Rig {
             sent,
             refused,
             processed,
-            reached_ip: state1.rx_otherhost_dropped - state0.rx_otherhost_dropped,
+            reached_ip: ip1.in_receives - ip0.in_receives,
+            delivered: ip1.in_delivers - ip0.in_delivers,
             napi_ns,
             ns_per_packet: napi_ns as f64 / processed as f64,
             busy: napi_ns as f64 / window_ns,
@@ -296,7 +313,7 @@ impl Rig {
 
     /// Waits until other tasks use less than `MAX_OTHER_LOAD` of `NAPI_CPU` (sampled over
     /// `QUIET_SAMPLE`); returns false once the budget is spent. The first sample is free.
-    fn wait_quiet(&self) -> Result<bool> {
+    pub fn wait_quiet(&self) -> Result<bool> {
         let mut first = true;
         loop {
             let before = cpu_busy_ns(NAPI_CPU)?;
@@ -325,10 +342,56 @@ impl Rig {
         link_state(&self.rx_nl, self.rx_ifindex)
     }
 
+    /// The receiver namespace's IP counters (nothing but the flood reaches it).
+    fn ip_stats(&self) -> Result<IpStats> {
+        self.rx.enter(|| ip_stats(&fs::read_to_string("/proc/thread-self/net/snmp")?))
+    }
+
+    /// Runs `f` in the receiver's namespace (to install rules there).
+    pub fn in_receiver<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        self.rx.enter(f)
+    }
+
     /// Whether any XDP program is attached to the receiving veth.
     fn rx_has_xdp(&self) -> bool {
         self.rx_state().map(|s| s.xdp_attached != XdpAttached::None).unwrap_or(true)
     }
+}
+
+/// Switches the NAPI of `dev` (in `ns`) to threaded mode, paced (see `POLL_INTERVAL`; only
+/// drivers that keep their wake-ups masked while a poll finds work, as veth, honour it),
+/// and pins its kthread(s) to `cpu`; returns their PIDs.
+pub(crate) fn threaded_napi(ns: &Netns, dev: &str, cpu: usize, paced: bool) -> Result<Vec<i32>> {
+    let sys = format!("/sys/class/net/{dev}");
+    let pacing = if paced {
+        format!(
+            "echo {NAPI_DEFER_POLLS} > {sys}/napi_defer_hard_irqs && echo {} > {sys}/gro_flush_timeout && ",
+            POLL_INTERVAL.as_nanos()
+        )
+    } else {
+        String::new()
+    };
+    let cmd = format!("{pacing}echo 1 > {sys}/threaded && cat {sys}/threaded");
+    let out = ns.exec("sh", &["-c", &cmd])?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1",
+        "enabling threaded NAPI on {dev}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let prefix = format!("napi/{dev}-");
+    let mut napi = Vec::new();
+    wait::until(Duration::from_secs(5), || {
+        napi = napi_threads(&prefix).unwrap_or_default();
+        !napi.is_empty()
+    });
+    ensure!(!napi.is_empty(), "no NAPI kthread {prefix}* appeared");
+    let mut cpus = CpuSet::new();
+    cpus.set(cpu)?;
+    for pid in &napi {
+        sched_setaffinity(Pid::from_raw(*pid), &cpus)
+            .with_context(|| format!("pinning NAPI thread {pid}"))?;
+    }
+    Ok(napi)
 }
 
 /// An XDP program attached to the rig's receiving veth, with its NAPI kthread(s). Dropping
@@ -400,6 +463,10 @@ pub struct FloorProgram {
 }
 
 impl FloorProgram {
+    pub(crate) fn fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
     pub fn load(verdict: Verdict) -> Result<Self> {
         let mov_r0 = insn(0xb7, verdict.action() as i32); // BPF_ALU64 | BPF_MOV | BPF_K, dst r0
         let exit = insn(0x95, 0); // BPF_JMP | BPF_EXIT
@@ -433,24 +500,29 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// One frame per address of `sources`, to 192.0.2.1 and a MAC that is not the
-    /// receiver's.
+    /// One UDP frame per address of `sources`, to the receiver.
     pub fn new(rig: &Rig, sources: &[Ipv4Addr]) -> Result<Self> {
         ensure!(!sources.is_empty(), "no source addresses");
         let frames = sources
             .iter()
             .map(|src| {
                 let mut frame = Vec::with_capacity(60);
-                PacketBuilder::ethernet2(TX_MAC, FRAME_DST_MAC)
-                    .ipv4(src.octets(), FRAME_DST_IP.octets(), 64)
-                    .udp(4000, 53)
+                PacketBuilder::ethernet2(TX_MAC, RX_MAC)
+                    .ipv4(src.octets(), RX_IP.octets(), 64)
+                    .udp(4000, RX_PORT)
                     .write(&mut frame, PAYLOAD)
                     .expect("writing to a Vec");
                 frame
             })
             .collect();
-        let dev = rig.tx_dev.clone();
-        let sock = rig.tx.enter(move || packet_socket(&dev))?;
+        Self::with_frames(&rig.tx, &rig.tx_dev, frames)
+    }
+
+    /// Sends `frames` (whole Ethernet frames) out of `dev` of `ns`.
+    pub fn with_frames(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>) -> Result<Self> {
+        ensure!(!frames.is_empty(), "no frames");
+        let dev = dev.to_string();
+        let sock = ns.enter(move || packet_socket(&dev))?;
         Ok(Self { sock, frames })
     }
 
@@ -460,7 +532,7 @@ impl Generator {
 
     /// Sends round-robin for `window` or until `cap` frames went out, from a thread pinned
     /// to `SENDER_CPU`; returns (frames sent, calls refused because the ring was full).
-    fn send(&self, window: Duration, cap: u64) -> Result<(u64, u64)> {
+    pub fn send(&self, window: Duration, cap: u64) -> Result<(u64, u64)> {
         std::thread::scope(|s| {
             s.spawn(|| {
                 let mut cpus = CpuSet::new();
@@ -519,47 +591,8 @@ impl Generator {
     }
 }
 
-/// Medians over interleaved rounds of floor and subject.
-#[derive(Clone, Debug)]
-pub struct Comparison {
-    pub floor: Vec<Measurement>,
-    pub subject: Vec<Measurement>,
-    /// Rounds run again because other tasks loaded the NAPI CPU.
-    pub discarded: usize,
-}
-
-impl Comparison {
-    pub fn floor_ns(&self) -> f64 {
-        median(self.floor.iter().map(|m| m.ns_per_packet))
-    }
-
-    pub fn subject_ns(&self) -> f64 {
-        median(self.subject.iter().map(|m| m.ns_per_packet))
-    }
-
-    /// Median over rounds of (subject − floor) of the same round: drift between rounds
-    /// (CPU frequency, a neighbour) cancels within a round.
-    pub fn above_floor_ns(&self) -> f64 {
-        median(self.floor.iter().zip(&self.subject).map(|(f, s)| s.ns_per_packet - f.ns_per_packet))
-    }
-
-    /// Lowest and highest per-round difference subject − floor: the noise of a row.
-    pub fn above_floor_range(&self) -> (f64, f64) {
-        let diffs = self.floor.iter().zip(&self.subject).map(|(f, s)| s.ns_per_packet - f.ns_per_packet);
-        diffs.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), d| (lo.min(d), hi.max(d)))
-    }
-
-    pub fn ratio(&self) -> f64 {
-        median(self.floor.iter().zip(&self.subject).map(|(f, s)| s.ns_per_packet / f.ns_per_packet))
-    }
-
-    /// Median frames processed per round (both programs).
-    pub fn processed(&self) -> u64 {
-        median(self.floor.iter().chain(&self.subject).map(|m| m.processed as f64)) as u64
-    }
-}
-
-/// A round in which other tasks took more than this share of `NAPI_CPU` is run again.
+/// A round in which other tasks took more than this share of `NAPI_CPU` is flagged (its
+/// `other_load` tells by how much).
 pub const MAX_OTHER_LOAD: f64 = 0.10;
 /// Default for how long a rig waits, in all, for other load to go away (see
 /// [`Rig::set_quiet_budget`]).
@@ -568,78 +601,91 @@ pub const QUIET_BUDGET: Duration = Duration::from_secs(120);
 /// at 100 Hz: 25 ticks, enough to tell 10 % apart).
 const QUIET_SAMPLE: Duration = Duration::from_millis(250);
 
-/// `rounds` × (floor, subject), each a `window` of the flood from `generator`. Each round
-/// starts once other tasks leave the NAPI CPU alone (below `MAX_OTHER_LOAD`), as long as the
-/// rig's quiet budget lasts; a round they disturbed anyway is discarded and run again (up to
-/// `2 × rounds` times, within the budget); after that disturbed rounds are kept (their
-/// `other_load` tells). Every measurement is checked: the floor's frames must reach the IP
-/// layer exactly when it passes; the subject's must all be counted by tailgate under
-/// `expected` (and reach the IP layer exactly when that is a pass counter).
-#[allow(clippy::too_many_arguments)]
-pub fn compare(
-    rig: &Rig,
-    dp: &mut Datapath,
-    expected: Counter,
-    floor: &FloorProgram,
-    generator: &Generator,
-    rounds: usize,
-    window: Duration,
-    cap: u64,
-) -> Result<Comparison> {
-    let verdict = if expected == Counter::UplinkDrop { Verdict::Drop } else { Verdict::Pass };
-    ensure!(
-        floor.verdict == verdict,
-        "floor {} for a subject expected to {}",
-        floor.verdict.name(),
-        verdict.name()
-    );
-    let mut out = Comparison { floor: Vec::new(), subject: Vec::new(), discarded: 0 };
-    while out.floor.len() < rounds {
-        let quiet = rig.wait_quiet()?;
-        let att = rig.attach_floor(floor)?;
-        let f = rig.measure(&att, generator, window, cap)?;
-        att.detach()?;
-        check_reached_ip("floor", verdict, &f)?;
-
-        let before = testrun::counters(dp)?;
-        let att = rig.attach_subject(dp)?;
-        let s = rig.measure(&att, generator, window, cap)?;
-        att.detach()?;
-        let after = testrun::counters(dp)?;
-        check_reached_ip("tailgate", verdict, &s)?;
-        // Exact: nothing but the flood crosses the pair (no IPv6, no addresses), and every
-        // frame veth took off its ring went through the program.
-        let grew = after[&expected] - before[&expected];
-        ensure!(
-            grew == s.processed,
-            "tailgate counted {grew} packets as {} but {} were processed ({before:?} -> {after:?})",
-            expected.name(),
-            s.processed,
-        );
-
-        let disturbed = f.other_load.max(s.other_load) > MAX_OTHER_LOAD;
-        if disturbed && quiet && out.discarded < 2 * rounds && !rig.quiet_budget.get().is_zero() {
-            out.discarded += 1;
-            continue;
-        }
-        out.floor.push(f);
-        out.subject.push(s);
-    }
-    Ok(out)
+/// What must become of every frame of a flood, checked after each measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// Dropped by the XDP program: never reaches the IP layer.
+    XdpDrop,
+    /// Passed by XDP, dropped by netfilter before delivery.
+    NetfilterDrop,
+    /// Delivered to UDP.
+    Delivered,
 }
 
-/// A passed frame ends in the IP layer's `PACKET_OTHERHOST` drop (counted per device), a
-/// dropped one never gets there.
-fn check_reached_ip(who: &str, verdict: Verdict, m: &Measurement) -> Result<()> {
-    let want = if verdict == Verdict::Pass { m.processed } else { 0 };
+/// Checks a measurement against the fate its frames must have met: exact, since nothing but
+/// the flood crosses the pair (no IPv6, no other addresses) and every frame veth took off
+/// its ring went through XDP.
+pub fn check(who: &str, fate: Fate, m: &Measurement) -> Result<()> {
+    let (reached, delivered) = match fate {
+        Fate::XdpDrop => (0, 0),
+        Fate::NetfilterDrop => (m.processed, 0),
+        Fate::Delivered => (m.processed, m.processed),
+    };
     ensure!(
-        m.reached_ip == want,
-        "{who}: {} of {} processed frames reached the IP layer, expected {want} ({})",
-        m.reached_ip,
+        m.reached_ip == reached && m.delivered == delivered,
+        "{who}: of {} processed frames {} reached the IP layer and {} were delivered, expected \
+         {reached} and {delivered} ({fate:?})",
         m.processed,
-        verdict.name()
+        m.reached_ip,
+        m.delivered,
     );
     Ok(())
+}
+
+/// Checks that tailgate's XDP program counted every processed frame under `expected`
+/// (`before`: the counter before the measurement); returns the counter after.
+pub fn check_counted(dp: &Datapath, expected: Counter, before: u64, m: &Measurement) -> Result<u64> {
+    let after = testrun::counters(dp)?[&expected];
+    ensure!(
+        after - before == m.processed,
+        "tailgate counted {} packets as {} but {} were processed",
+        after - before,
+        expected.name(),
+        m.processed,
+    );
+    Ok(after)
+}
+
+/// tailgate's iptables rules for a policy, installed in the receiver's namespace by the
+/// backend itself (the daemon's writer: one `iptables-restore` per table); removed on drop.
+pub struct IptablesRules<'a> {
+    rig: &'a Rig,
+    backend: Option<IptablesBackend>,
+}
+
+impl<'a> IptablesRules<'a> {
+    pub fn install(rig: &'a Rig, opts: IptablesOptions, state: &DesiredState) -> Result<Self> {
+        let backend = rig.rx.enter(|| {
+            let mut backend = IptablesBackend::new(opts)?;
+            backend.apply(state)?;
+            backend.commit(state)?;
+            Ok(backend)
+        })?;
+        Ok(Self { rig, backend: Some(backend) })
+    }
+
+    /// The iptables variant the backend writes (`nft` or `legacy`).
+    pub fn variant(&self) -> &'static str {
+        self.backend.as_ref().and_then(|b| b.variant()).map(|v| v.name()).unwrap_or("?")
+    }
+
+    /// Removes the rules (what dropping does, with the error reported).
+    pub fn remove(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        match self.backend.take() {
+            Some(backend) => self.rig.rx.enter(|| Box::new(backend).stop(false)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for IptablesRules<'_> {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
 }
 
 pub fn median(values: impl Iterator<Item = f64>) -> f64 {
@@ -681,7 +727,7 @@ impl Drop for PinDir {
 }
 
 /// `<tag>-<pid>-<n>`: a valid interface name (at most 15 bytes) for a short tag.
-fn unique_ifname(tag: &str) -> String {
+pub(crate) fn unique_ifname(tag: &str) -> String {
     let name = crate::unique(tag);
     assert!(name.len() <= 15, "interface name {name} too long");
     name
@@ -705,14 +751,14 @@ fn napi_threads(prefix: &str) -> Result<Vec<i32>> {
     Ok(found)
 }
 
-fn schedstat_runtime(pid: i32) -> Result<u64> {
+pub(crate) fn schedstat_runtime(pid: i32) -> Result<u64> {
     let path = format!("/proc/{pid}/task/{pid}/schedstat");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {path} (NAPI thread gone?)"))?;
     let first = text.split_whitespace().next().ok_or_else(|| anyhow!("empty {path}"))?;
     Ok(first.parse()?)
 }
 
-fn voluntary_switches(pid: i32) -> Result<u64> {
+pub(crate) fn voluntary_switches(pid: i32) -> Result<u64> {
     let path = format!("/proc/{pid}/task/{pid}/status");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {path} (NAPI thread gone?)"))?;
     let line = text
@@ -723,7 +769,7 @@ fn voluntary_switches(pid: i32) -> Result<u64> {
 }
 
 /// Time `cpu` was not idle since boot, ns (/proc/stat, in USER_HZ ticks).
-fn cpu_busy_ns(cpu: usize) -> Result<u64> {
+pub(crate) fn cpu_busy_ns(cpu: usize) -> Result<u64> {
     let stat = fs::read_to_string("/proc/stat")?;
     let tag = format!("cpu{cpu} ");
     let line = stat.lines().find(|l| l.starts_with(&tag)).ok_or_else(|| anyhow!("no {tag}in /proc/stat"))?;
@@ -737,7 +783,7 @@ fn cpu_busy_ns(cpu: usize) -> Result<u64> {
     Ok(busy * 1_000_000_000 / hz)
 }
 
-fn ifindex(name: &str) -> Result<u32> {
+pub(crate) fn ifindex(name: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(name).with_context(|| format!("no device {name}"))
 }
 
@@ -799,7 +845,7 @@ fn bpf<T>(cmd: libc::c_long, attr: &T) -> Result<OwnedFd> {
 
 /// Attaches `prog` to `ifindex` (of the calling thread's namespace) in native mode as a BPF
 /// link.
-fn xdp_link_create(prog: i32, ifindex: u32) -> Result<OwnedFd> {
+pub(crate) fn xdp_link_create(prog: i32, ifindex: u32) -> Result<OwnedFd> {
     let attr = LinkCreateAttr {
         prog_fd: prog as u32,
         target_ifindex: ifindex,
@@ -814,7 +860,7 @@ fn xdp_link_create(prog: i32, ifindex: u32) -> Result<OwnedFd> {
 const PACKET_QDISC_BYPASS: libc::c_int = 20;
 
 /// A raw packet socket bound to `dev` for sending only (protocol 0: it receives nothing).
-fn packet_socket(dev: &str) -> Result<OwnedFd> {
+pub(crate) fn packet_socket(dev: &str) -> Result<OwnedFd> {
     let ifindex = ifindex(dev)?;
     // SAFETY: plain socket(2).
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
@@ -867,7 +913,7 @@ fn setsockopt_int(sock: &OwnedFd, level: libc::c_int, name: libc::c_int, value: 
 
 /// What the receiving veth reports over rtnetlink.
 #[derive(Clone, Copy, Debug)]
-struct LinkState {
+pub(crate) struct LinkState {
     /// veth with XDP attached (6.18): the frames its NAPI poll took off the ring, whatever
     /// the program returned. `veth_xdp_rcv` adds every consumed frame to the queue's
     /// `xdp_packets` (what `ethtool -S` shows as `rx_queue_<n>_xdp_packets`; ethtool is not
@@ -878,16 +924,39 @@ struct LinkState {
     /// (backpressure) and the sender is refused, or, without backpressure, counts them in
     /// the peer's `tx_dropped`. Checked by `compare`: tailgate's counters grow by exactly
     /// this number, for drops and passes.
-    rx_packets: u64,
-    /// Frames the IP layer discarded as addressed to another host (`ip_rcv_core`).
-    rx_otherhost_dropped: u64,
+    pub rx_packets: u64,
+    /// Frames the device sent, and those it dropped on the way out (a TUN device nobody
+    /// reads drops what its queue cannot hold).
+    pub tx_packets: u64,
+    pub tx_dropped: u64,
     /// How XDP is attached (IFLA_XDP_ATTACHED).
-    xdp_attached: XdpAttached,
+    pub xdp_attached: XdpAttached,
+}
+
+/// The IP counters of /proc/net/snmp the checks need.
+#[derive(Clone, Copy, Debug, Default)]
+struct IpStats {
+    in_receives: u64,
+    in_delivers: u64,
+}
+
+/// Reads `Ip: InReceives` and `InDelivers` from the text of /proc/net/snmp (a header line of
+/// names, then a line of values).
+fn ip_stats(snmp: &str) -> Result<IpStats> {
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Ip: "));
+    let (names, values) = (lines.next(), lines.next());
+    let (Some(names), Some(values)) = (names, values) else { bail!("no Ip: lines in /proc/net/snmp") };
+    let field = |want: &str| -> Result<u64> {
+        let at =
+            names.split_whitespace().position(|n| n == want).with_context(|| format!("no Ip: {want}"))?;
+        Ok(values.split_whitespace().nth(at).with_context(|| format!("no value for Ip: {want}"))?.parse()?)
+    };
+    Ok(IpStats { in_receives: field("InReceives")?, in_delivers: field("InDelivers")? })
 }
 
 /// An rtnetlink socket of the namespace it is created in (the same crates as the daemon's
 /// `netdev`).
-fn netlink_socket() -> Result<Socket> {
+pub(crate) fn netlink_socket() -> Result<Socket> {
     let mut socket = Socket::new(NETLINK_ROUTE).context("rtnetlink socket")?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -895,7 +964,7 @@ fn netlink_socket() -> Result<Socket> {
 }
 
 /// RTM_GETLINK for one device: its 64-bit counters and XDP attachment mode.
-fn link_state(socket: &Socket, ifindex: u32) -> Result<LinkState> {
+pub(crate) fn link_state(socket: &Socket, ifindex: u32) -> Result<LinkState> {
     let mut link = LinkMessage::default();
     link.header.index = ifindex;
     let mut request = NetlinkMessage::new(
@@ -937,7 +1006,8 @@ fn link_state(socket: &Socket, ifindex: u32) -> Result<LinkState> {
         .unwrap_or(XdpAttached::None);
     Ok(LinkState {
         rx_packets: stats.rx_packets,
-        rx_otherhost_dropped: stats.rx_otherhost_dropped,
+        tx_packets: stats.tx_packets,
+        tx_dropped: stats.tx_dropped,
         xdp_attached,
     })
 }
@@ -951,6 +1021,13 @@ mod tests {
         // r0 = 2; exit — as `llvm-objdump` shows them: b7 00 00 00 02 00 00 00, 95 00 ...
         assert_eq!(insn(0xb7, 2).to_le_bytes(), [0xb7, 0, 0, 0, 2, 0, 0, 0]);
         assert_eq!(insn(0x95, 0).to_le_bytes(), [0x95, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn snmp_ip_counters() {
+        let text = "Ip: Forwarding DefaultTTL InReceives InHdrErrors InAddrErrors ForwDatagrams InUnknownProtos InDiscards InDelivers\nIp: 2 64 1234 0 0 0 0 0 1200\nIcmp: InMsgs\nIcmp: 0\n";
+        let s = ip_stats(text).unwrap();
+        assert_eq!((s.in_receives, s.in_delivers), (1234, 1200));
     }
 
     #[test]

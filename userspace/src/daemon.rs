@@ -578,7 +578,7 @@ fn start_iptables(config: &Config, state: &DesiredState, cancel: &Cancel) -> Res
 }
 
 /// `[iptables]`: how the iptables backend writes.
-fn iptables_options(config: &Config) -> iptables::Options {
+pub fn iptables_options(config: &Config) -> iptables::Options {
     let variant = match config.iptables.variant {
         IptablesVariant::Auto => None,
         IptablesVariant::Nft => Some(Variant::Nft),

@@ -56,17 +56,19 @@ use tailgate_tests::{
     packets::{eth_tcp, eth_udp4, linux_syn_options, Tcp},
     testrun,
     topology::Topology,
-    traffic::{self, Comparison, FloorProgram, Generator, Measurement, Rig, Verdict},
+    traffic,
 };
+
+mod forwarding;
+mod receive;
 
 const REPEAT: u32 = 1_000_000;
 const RUNS: usize = 5;
 
-/// Real traffic: interleaved rounds per row, each program measured for `WINDOW` per round.
+/// Real traffic: rounds per row, each way measured for `WINDOW` per round.
 const ROUNDS: usize = 5;
 const WINDOW: Duration = Duration::from_secs(1);
-/// Far above what one sender core reaches in `WINDOW`: only a bound.
-const PACKET_CAP: u64 = 20_000_000;
+/// Source addresses of a flood.
 const SOURCES: usize = 4_096;
 
 fn main() -> Result<()> {
@@ -75,7 +77,9 @@ fn main() -> Result<()> {
         None => {
             single_packet()?;
             println!();
-            real_traffic()?;
+            receive::run()?;
+            println!();
+            forwarding::run()?;
             println!();
             daemon()?;
             println!();
@@ -88,14 +92,15 @@ fn main() -> Result<()> {
             egress_proxy()
         }
         Some("testrun") => single_packet(),
-        Some("traffic") => real_traffic(),
+        Some("receive") => receive::run().map(drop),
+        Some("forwarding") => forwarding::run().map(drop),
         Some("daemon") => daemon(),
         Some("flows") => flows(),
         Some("services") => services(),
         Some("masquerade") => masquerade(),
         Some("egress-proxy") => egress_proxy(),
         Some(other) => bail!(
-            "unknown section {other:?}: testrun | traffic | daemon | flows | services | masquerade | egress-proxy"
+            "unknown section {other:?}: testrun | receive | forwarding | daemon | flows | services | masquerade | egress-proxy"
         ),
     }
 }
@@ -157,169 +162,45 @@ fn single_packet() -> Result<()> {
     Ok(())
 }
 
-/// One row of the real-traffic table.
-struct Row {
-    policy: String,
-    traffic: String,
-    /// The counter tailgate must count every packet under (its verdict follows).
-    expected: Counter,
-    result: Comparison,
+/// The policy sizes a section runs at: `sizes`, or those of `TAILGATE_BENCH_PREFIXES`
+/// (comma-separated) for a shorter run.
+fn sizes(sizes: &[usize]) -> Result<Vec<usize>> {
+    match std::env::var("TAILGATE_BENCH_PREFIXES") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .replace('_', "")
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("TAILGATE_BENCH_PREFIXES: {n:?}: {e}"))
+            })
+            .collect(),
+        Err(_) => Ok(sizes.to_vec()),
+    }
 }
 
-fn real_traffic() -> Result<()> {
-    println!("## Real traffic: receive-side CPU per packet (veth, native XDP, threaded NAPI)\n");
-    let rig = Rig::new()?;
-    if let Ok(secs) = std::env::var("TAILGATE_BENCH_QUIET_WAIT") {
-        rig.set_quiet_budget(Duration::from_secs(secs.parse()?));
-    }
-    let pass_floor = FloorProgram::load(Verdict::Pass)?;
-    let drop_floor = FloorProgram::load(Verdict::Drop)?;
-    let mut rows = Vec::new();
-    let chromeos: IpNet = "100.115.92.0/23".parse()?;
-
-    let default = Config::parse("tunnel = \"tun0\"\nbackend = \"bpf\"", &Default::default())?;
-    let mut dp = load(&default)?;
-    let cases = [
-        ("non-CGNAT sources (198.18.0.0/15)", Counter::UplinkPassNoMatch, non_cgnat()),
-        ("CGNAT sources outside 100.115.92.0/23", Counter::UplinkDrop, cgnat_not_in(&[chromeos])),
-    ];
-    for (traffic, expected, sources) in cases {
-        rows.push(row(&rig, &mut dp, "default", traffic, expected, &sources, &pass_floor, &drop_floor)?);
-    }
-    // Free the maps before the next policy is filled (100,000 prefixes are large).
-    drop(dp);
-
-    for count in [1_000, 100_000] {
-        let (config, _, _) = policy_of(count)?;
-        let mut dp = load(&config)?;
-        let policy = format!("{} exemption /28s", thousands(count));
-        let mut not_exempt = config.cgnat.allow.clone();
-        not_exempt.push(chromeos);
-        let inside = if count >= SOURCES {
-            format!("CGNAT sources in {} different exempt /28s", thousands(SOURCES))
-        } else {
-            format!("CGNAT sources spread over all {} exempt /28s", thousands(count))
-        };
-        let cases = [
-            ("CGNAT sources in no exemption".to_string(), Counter::UplinkDrop, cgnat_not_in(&not_exempt)),
-            (inside, Counter::UplinkPassRule, exempt(&config.cgnat.allow)),
-        ];
-        for (traffic, expected, sources) in cases {
-            rows.push(row(&rig, &mut dp, &policy, &traffic, expected, &sources, &pass_floor, &drop_floor)?);
-        }
-    }
-
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
+/// The machine and time a section ran on, for its header.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
         .lines()
         .find_map(|l| {
             l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string();
-    let date = std::process::Command::new("date").args(["-u", "+%F %H:%M UTC"]).output()?;
-    let packets = traffic::median(rows.iter().map(|r| r.result.processed() as f64));
-    println!(
-        "{cpu}, {} CPUs, Linux {kernel}, {}; {ROUNDS} interleaved rounds (floor, tailgate, ...) of \
-         {:.1} s per program; ~{} packets per round (median), {} source addresses per row; \
-         NAPI kthread on CPU {}, polled every {} µs; sender on CPU {}\n",
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%F %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "{cpu}, {} CPUs, Linux {kernel}, {date}; NAPI kthread on CPU {}, polled every {} µs; sender on CPU {}",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        String::from_utf8_lossy(&date.stdout).trim(),
-        WINDOW.as_secs_f64(),
-        thousands(packets as usize),
-        thousands(SOURCES),
         traffic::NAPI_CPU,
         traffic::POLL_INTERVAL.as_micros(),
         traffic::SENDER_CPU,
-    );
-    println!("| policy | traffic | verdict | floor ns/pkt | tailgate ns/pkt | above floor (ns) | ratio |");
-    println!("|---|---|---|---:|---:|---:|---:|");
-    for r in &rows {
-        let verdict = if r.expected == Counter::UplinkDrop { Verdict::Drop } else { Verdict::Pass };
-        println!(
-            "| {} | {} | {} ({}) | {:.0} | {:.0} | {:.0} | {:.2} |",
-            r.policy,
-            r.traffic,
-            verdict.name(),
-            r.expected.name(),
-            r.result.floor_ns(),
-            r.result.subject_ns(),
-            r.result.above_floor_ns(),
-            r.result.ratio(),
-        );
-    }
-    println!(
-        "\nns/pkt: CPU time of the receiving veth's NAPI kthread / packets it took off its ring \
-         (the copy veth makes of each skb for XDP included, same for both programs); medians \
-         over rounds; \"above floor\" and \"ratio\" are medians of the per-round differences \
-         and ratios. Every round checked: tailgate's counter grew by exactly the packets \
-         processed; passed packets, and only those, reached the IP layer (rx_otherhost_dropped).\n"
-    );
-    println!(
-        "| policy | traffic | above floor per round, ns (lowest – highest) | packets/round (floor / tailgate) | packets per NAPI sleep (floor / tailgate) | other load on CPU {} (highest) | rounds re-run |",
-        traffic::NAPI_CPU
-    );
-    println!("|---|---|---:|---:|---:|---:|---:|");
-    let mut shared = 0f64;
-    for r in &rows {
-        let med = |ms: &[Measurement], f: fn(&Measurement) -> f64| traffic::median(ms.iter().map(f));
-        let per_sleep = |m: &Measurement| m.processed as f64 / m.sleeps.max(1) as f64;
-        let (f, s) = (&r.result.floor, &r.result.subject);
-        let other = f.iter().chain(s).map(|m| m.other_load).fold(0.0, f64::max);
-        shared = shared.max(other);
-        let (lo, hi) = r.result.above_floor_range();
-        println!(
-            "| {} | {} | {lo:.0} – {hi:.0} | {} / {} | {:.0} / {:.0} | {:.0} % | {} |",
-            r.policy,
-            r.traffic,
-            thousands(med(f, |m| m.processed as f64) as usize),
-            thousands(med(s, |m| m.processed as f64) as usize),
-            med(f, per_sleep),
-            med(s, per_sleep),
-            other * 100.0,
-            r.result.discarded,
-        );
-    }
-    if shared > traffic::MAX_OTHER_LOAD {
-        println!(
-            "\nWARNING: other tasks took up to {:.0} % of CPU {} during the measurements: the NAPI \
-             thread shared its CPU and caches, so these numbers are inflated and noisy. Run the \
-             bench on an otherwise idle machine.",
-            shared * 100.0,
-            traffic::NAPI_CPU
-        );
-    }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn row(
-    rig: &Rig,
-    dp: &mut Datapath,
-    policy: &str,
-    traffic: &str,
-    expected: Counter,
-    sources: &[Ipv4Addr],
-    pass_floor: &FloorProgram,
-    drop_floor: &FloorProgram,
-) -> Result<Row> {
-    assert_eq!(sources.iter().collect::<HashSet<_>>().len(), SOURCES, "{traffic}: distinct sources");
-    eprintln!("measuring: {policy}, {traffic} ...");
-    let generator = Generator::new(rig, sources)?;
-    let floor = if expected == Counter::UplinkDrop { drop_floor } else { pass_floor };
-    let result = traffic::compare(rig, dp, expected, floor, &generator, ROUNDS, WINDOW, PACKET_CAP)?;
-    for (i, (f, s)) in result.floor.iter().zip(&result.subject).enumerate() {
-        eprintln!(
-            "  round {}: floor {:.0} ns/pkt ({} pkts, other load {:.0} %), tailgate {:.0} ns/pkt ({} pkts, other load {:.0} %)",
-            i + 1,
-            f.ns_per_packet,
-            f.processed,
-            f.other_load * 100.0,
-            s.ns_per_packet,
-            s.processed,
-            s.other_load * 100.0
-        );
-    }
-    Ok(Row { policy: policy.to_string(), traffic: traffic.to_string(), expected, result })
+    )
 }
 
 /// The datapath (unpinned, unattached) with the policy of `config`, as in the first section.
