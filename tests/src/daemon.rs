@@ -120,6 +120,18 @@ fn command_in(netns_path: &str, pins: &PinDir, args: &[&str]) -> Result<Command>
     Ok(cmd)
 }
 
+/// utime + stime + cutime + cstime of a process (its own and its reaped children's), in
+/// clock ticks.
+fn process_ticks(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (which may hold spaces) in parentheses: the state is
+    // field 3 of the line, utime..cstime fields 14..17.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<u64> = rest.split_whitespace().skip(11).take(4).map(|f| f.parse().unwrap_or(0)).collect();
+    anyhow::ensure!(fields.len() == 4, "short stat of {pid}");
+    Ok(fields.iter().sum())
+}
+
 /// How to launch a daemon beyond the defaults.
 #[derive(Debug, Clone, Default)]
 pub struct Launch {
@@ -154,9 +166,18 @@ impl Daemon {
         Self::until_ready(Self::spawn(ns, pins, config, args)?)
     }
 
+    /// `start`, allowing the daemon `timeout` to come up (the benchmark's large policies).
+    pub fn start_within(ns: &Netns, pins: &PinDir, config: &str, timeout: Duration) -> Result<Self> {
+        Self::ready_within(Self::spawn(ns, pins, config, &[])?, timeout)
+    }
+
     /// Waits for a spawned daemon's first `READY=1`; stops it if it exits or never says so.
-    fn until_ready(mut daemon: Self) -> Result<Self> {
-        let ready = wait::until(Duration::from_secs(20), || daemon.readies() > 0 || !daemon.alive());
+    fn until_ready(daemon: Self) -> Result<Self> {
+        Self::ready_within(daemon, Duration::from_secs(20))
+    }
+
+    fn ready_within(mut daemon: Self, timeout: Duration) -> Result<Self> {
+        let ready = wait::until(timeout, || daemon.readies() > 0 || !daemon.alive());
         if !ready || !daemon.alive() {
             let log = daemon.log();
             daemon.stop();
@@ -251,11 +272,16 @@ impl Daemon {
     /// `reload`, timed from the signal to the daemon's `READY=1` (polled every 0.2 ms),
     /// for the benchmark.
     pub fn timed_reload(&self) -> Result<Duration> {
+        self.timed_reload_within(Duration::from_secs(30))
+    }
+
+    /// `timed_reload`, allowing the daemon `timeout`.
+    pub fn timed_reload_within(&self, timeout: Duration) -> Result<Duration> {
         let before = self.readies();
         let start = std::time::Instant::now();
         self.signal(Signal::SIGHUP)?;
         while self.readies() <= before {
-            if start.elapsed() > Duration::from_secs(30) {
+            if start.elapsed() > timeout {
                 bail!("the daemon did not report ready again; its log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_micros(200));
@@ -336,6 +362,45 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, timed until the daemon exited (having removed what it installed), for the
+    /// benchmark; an error if it takes longer than `timeout` (then it is killed) or fails.
+    pub fn timed_stop(&mut self, timeout: Duration) -> Result<Duration> {
+        let mut child = self.child.take().context("not running")?;
+        let start = std::time::Instant::now();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let took = start.elapsed();
+                if !status.success() {
+                    bail!("the daemon exited with {status}; its log:\n{}", self.log());
+                }
+                return Ok(took);
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the daemon did not stop within {timeout:?}; its log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// CPU time (user + system) the daemon used so far, with that of the programs it runs
+    /// (`iptables-save`/`-restore`): those it waited for (cutime, cstime) and those running
+    /// now, from /proc/<pid>/stat.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let pid = self.pid().context("not running")?;
+        let mut ticks = process_ticks(pid)?;
+        let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+            // Gone since the list was read: its time is in cutime by now, or soon.
+            ticks += process_ticks(child).unwrap_or(0);
+        }
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
     }
 
     /// SIGTERM, wait up to 10 s, then SIGKILL. Returns the exit code if it exited.

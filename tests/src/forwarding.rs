@@ -41,7 +41,7 @@ use crate::{
     daemon::{Daemon, PinDir},
     netns::{self, Netns},
     traffic::{
-        self, cpu_busy_ns, ifindex, link_state, netlink_socket, schedstat_runtime, threaded_napi,
+        self, cpu_busy_ns, ifindex, link_state, netlink_socket, schedstat_runtime, settle, threaded_napi,
         unique_ifname, voluntary_switches, xdp_link_create, FloorProgram, Generator, Verdict, NAPI_CPU,
         SENDER_CPU,
     },
@@ -328,6 +328,7 @@ impl Running<'_> {
             "{}: {written} segments written into the tunnel, {received} left by the uplink",
             self.way.name()
         );
+        ensure!(settle(&self.gw.tun_napi)?, "the tunnel's NAPI thread kept running");
         let napi_ns = runtime(&self.gw.tun_napi)? - napi0;
         Ok(sample(written, napi_ns, sleeps(&self.gw.tun_napi)? - sleeps0, elapsed, cpu1 - cpu0))
     }
@@ -355,6 +356,7 @@ impl Running<'_> {
             "{}: the LAN host sent {sent} answers, the gateway took {taken} and passed {out} to the tunnel",
             self.way.name()
         );
+        ensure!(settle(&self.uplink_napi)?, "the uplink's NAPI thread kept running");
         let napi_ns = runtime(&self.uplink_napi)? - napi0;
         Ok(sample(taken, napi_ns, sleeps(&self.uplink_napi)? - sleeps0, elapsed, cpu1 - cpu0))
     }

@@ -284,6 +284,9 @@ impl Rig {
             });
             ensure!(still, "{} kept receiving after the sender stopped", self.rx_dev);
         }
+        // The ring's counter moves when a poll ends, before the stack has the poll's last
+        // frames (GRO hands them over after): done once the kthread stopped running.
+        ensure!(settle(&attached.napi)?, "the NAPI thread of {} kept running after the flood", self.rx_dev);
         let (state1, ns1, sleeps1) = (self.rx_state()?, attached.napi_runtime()?, attached.napi_sleeps()?);
         let ip1 = self.ip_stats()?;
         let processed = state1.rx_packets - state0.rx_packets;
@@ -356,6 +359,20 @@ impl Rig {
     fn rx_has_xdp(&self) -> bool {
         self.rx_state().map(|s| s.xdp_attached != XdpAttached::None).unwrap_or(true)
     }
+}
+
+/// Waits until the kthreads `pids` stop accumulating CPU time (their runtime advances at
+/// every tick while they run: unchanged over a 50 ms poll means asleep, or only woken for
+/// empty paced polls, which take microseconds); false after `DRAIN_TIMEOUT`.
+pub(crate) fn settle(pids: &[i32]) -> Result<bool> {
+    let runtime = || pids.iter().map(|pid| schedstat_runtime(*pid)).sum::<Result<u64>>();
+    // `until` asks at once, then every 50 ms: the first answer has nothing to compare with.
+    let mut last = None;
+    Ok(wait::until(DRAIN_TIMEOUT, || {
+        let now = runtime().unwrap_or(u64::MAX);
+        // Paced empty polls after the flood cost a few µs each: not work.
+        last.replace(now).is_some_and(|before| now.saturating_sub(before) < 200_000)
+    }))
 }
 
 /// Switches the NAPI of `dev` (in `ns`) to threaded mode, paced (see `POLL_INTERVAL`; only

@@ -1,41 +1,34 @@
-//! `cargo xtask bench`: the cost of tailgate's programs and reloads, in three sections.
+//! `cargo xtask bench`: what tailgate costs, in sections.
 //!
-//! 1. Single-packet cost (BPF_PROG_TEST_RUN, one cache-hot packet): ns/packet of the uplink
-//!    XDP program and the tunnel TC programs for the pass and drop paths, with 1, 1,000 and
-//!    100,000 exemption prefixes in the policy (median of 5 runs of 1,000,000 repeats
-//!    each); the tunnel ingress program (mark + MSS clamp) on a SYN and a data segment; and
-//!    how long the first fill and a one-prefix reload take, with the wait for running
-//!    programs.
-//! 2. Real traffic: the receive-side CPU per packet of the uplink XDP program on a veth
-//!    flooded from 4,096 source addresses, next to a trivial XDP program with the same
-//!    verdict (see `tailgate_tests::traffic`).
-//! 3. The daemon (`$TAILGATE_BIN`, the release build under `cargo xtask bench`) with 1,000
-//!    and 100,000 exemptions in its config file: start time, resident memory, and reloads
-//!    timed from SIGHUP to `READY=1` (file read, TOML parse, validation, compile, map sync,
-//!    generation swap).
+//! 1. `testrun` — single-packet cost (BPF_PROG_TEST_RUN, one cache-hot packet): ns/packet of
+//!    the uplink XDP program and the tunnel TC programs for the pass and drop paths, with 1,
+//!    1,000 and 100,000 exemption prefixes (median of 5 runs of 1,000,000 repeats); the
+//!    tunnel ingress program (mark + MSS clamp) on a SYN and a data segment; the first fill
+//!    and a one-prefix reload, with the wait for running programs.
+//! 2. `real` — in one run, so that the ratios compare figures of the same hour:
+//!    - `receive` (`receive.rs`): receive-side CPU per packet over veth from 4,096 sources,
+//!      no filtering / XDP floor / tailgate BPF / tailgate iptables, at 1, 1,000, 10,000 and
+//!      100,000 user prefixes (see `tailgate_tests::traffic`);
+//!    - `forwarding` (`forwarding.rs`): a gateway forwarding tunnel → LAN and back (mark, MSS
+//!      clamp, masquerade), the kernel alone / the daemon's BPF / its iptables backend, CPU
+//!      per packet and packets/s (see `tailgate_tests::forwarding`);
+//!    - `daemon` (`control.rs`): the control plane, both backends at 1 / 10,000 / 100,000
+//!      prefixes and 10,000 services: start, reloads, stop, memory, idle CPU;
 //!
-//! 4. The flow table (BPF_PROG_TEST_RUN): ns/packet of the reply paths (an answer to the
-//!    gateway's own flow on the uplink, a LAN answer to a tunnel flow with `stateful`), the
-//!    owning paths (refresh, and creation measured over 20,000 distinct flows), with 1 and
-//!    1,000,000 live entries in the table; the non-CGNAT uplink pass path with flow
-//!    tracking on and off.
+//!    then the table of ratios (`ratios.rs`) and the plots (`plots.rs`, `docs/bench/*.svg`).
+//! 3. `flows` — the flow table (BPF_PROG_TEST_RUN): reply and owning paths with 1 and
+//!    1,000,000 live entries; the uplink pass path with flow tracking on and off.
+//! 4. `services` — the services' programs (BPF_PROG_TEST_RUN) with 1 and 10,000 services;
+//!    applying 10,000 services and changing one; the tables' memory.
+//! 5. `masquerade` — see `masquerade`.
+//! 6. `egress-proxy` — its four steps on an established flow, a new flow's DNAT and SNAT,
+//!    and what the programs cost packets that are not the proxy's.
 //!
-//! 5. Services (BPF_PROG_TEST_RUN): ns/packet of the services' programs — a new flow (the
-//!    Maglev table and the flow's two entries), an established flow, a reply translated
-//!    back, and packets that are not for a service — with 1 service and with 10,000
-//!    services over 1,000 backend addresses; the time to apply 10,000 services and to
-//!    change one; the tables' memory.
-//!
-//! 6. The masquerade (BPF_PROG_TEST_RUN): see `masquerade`.
-//!
-//! 7. The egress proxy (BPF_PROG_TEST_RUN): each of its four steps on an established flow,
-//!    a new flow's DNAT and SNAT, and what the programs cost packets that are not the
-//!    proxy's (a reply to the gateway's own connection, forwarded traffic).
-//!
-//! `tailgate-bench testrun`, `traffic`, `daemon`, `flows`, `services`, `masquerade` or
-//! `egress-proxy` runs one section only. On a shared
-//! machine, the real-traffic rounds wait for other tasks to leave the NAPI CPU alone, up to
-//! 120 s in all (`TAILGATE_BENCH_QUIET_WAIT=<seconds>` changes that).
+//! `tailgate-bench <section>` runs one section (`receive`, `forwarding`, `daemon` each write
+//! their plot). `TAILGATE_BENCH_PREFIXES=1,1000` runs the policy-size sections at those
+//! sizes only; `TAILGATE_BENCH_PLOTS=<dir>` writes the plots elsewhere. On a shared machine,
+//! the real-traffic rounds wait for other tasks to leave the NAPI CPU alone, up to 120 s in
+//! all (`TAILGATE_BENCH_QUIET_WAIT=<seconds>` changes that).
 
 use std::{
     collections::HashSet,
@@ -52,14 +45,14 @@ use tailgate::{
 };
 use tailgate_abi::counters::Counter;
 use tailgate_tests::{
-    daemon::Daemon,
     packets::{eth_tcp, eth_udp4, linux_syn_options, Tcp},
-    testrun,
-    topology::Topology,
-    traffic,
+    testrun, traffic,
 };
 
+mod control;
 mod forwarding;
+mod plots;
+mod ratios;
 mod receive;
 
 const REPEAT: u32 = 1_000_000;
@@ -77,12 +70,7 @@ fn main() -> Result<()> {
         None => {
             single_packet()?;
             println!();
-            receive::run()?;
-            println!();
-            forwarding::run()?;
-            println!();
-            daemon()?;
-            println!();
+            real()?;
             flows()?;
             println!();
             services()?;
@@ -91,16 +79,22 @@ fn main() -> Result<()> {
             println!();
             egress_proxy()
         }
+        Some("real") => real(),
         Some("testrun") => single_packet(),
-        Some("receive") => receive::run().map(drop),
-        Some("forwarding") => forwarding::run().map(drop),
-        Some("daemon") => daemon(),
+        Some("receive") => {
+            let rows = receive::run()?;
+            plots::receive(&rows)?;
+            ratios::print(&rows, None, &[]);
+            Ok(())
+        }
+        Some("forwarding") => plots::forwarding(&forwarding::run()?).map(drop),
+        Some("daemon") => plots::control(&control::run()?).map(drop),
         Some("flows") => flows(),
         Some("services") => services(),
         Some("masquerade") => masquerade(),
         Some("egress-proxy") => egress_proxy(),
         Some(other) => bail!(
-            "unknown section {other:?}: testrun | receive | forwarding | daemon | flows | services | masquerade | egress-proxy"
+            "unknown section {other:?}: testrun | real | receive | forwarding | daemon | flows | services | masquerade | egress-proxy"
         ),
     }
 }
@@ -159,6 +153,22 @@ fn single_packet() -> Result<()> {
             grace.as_secs_f64() * 1000.0
         );
     }
+    Ok(())
+}
+
+/// The real-traffic sections and the control plane in one run (so their ratios compare
+/// figures of the same hour), their plots and the table of ratios.
+fn real() -> Result<()> {
+    let receive = receive::run()?;
+    plots::receive(&receive)?;
+    println!();
+    let forwarding = forwarding::run()?;
+    plots::forwarding(&forwarding)?;
+    println!();
+    let control = control::run()?;
+    plots::control(&control)?;
+    println!();
+    ratios::print(&receive, Some(&forwarding), &control);
     Ok(())
 }
 
@@ -339,72 +349,6 @@ fn system() -> policy::System {
 /// Forwarded from ifindex 7.
 fn time_tc(dp: &mut Datapath, hook: Hook, frame: &[u8]) -> Result<(u32, f64)> {
     time_tc_from(dp, hook, frame, 7, REPEAT)
-}
-
-/// Section 3: the daemon's reloads and memory.
-fn daemon() -> Result<()> {
-    println!("Daemon: reload = SIGHUP to READY=1; memory = VmRSS / VmHWM (peak)\n");
-    println!("| prefixes | start | reload: one prefix added | reload: back | reload: every prefix replaced | memory after start | memory after the reloads |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for count in [1_000, 100_000] {
-        daemon_reload(count)?;
-    }
-    Ok(())
-}
-
-/// The daemon (release build) with `count` exemptions in its config file, in a throwaway
-/// topology: start time, resident memory, and reloads timed from SIGHUP to `READY=1`
-/// (file read, TOML parse, validation, policy compile, map sync, generation swap).
-fn daemon_reload(count: usize) -> Result<()> {
-    let t = Topology::new()?;
-    let (config, _, _) = policy_of(count)?;
-    let text = |allow: &[IpNet], drop: &[&str]| {
-        let mut toml = String::from(
-            "tunnel = \"tun0\"\ninterfaces = [\"eth0\"]\nbackend = \"bpf\"\n[subnet_routes]\nmasquerade = false\n[cgnat]\nallow = [\n",
-        );
-        for net in allow {
-            toml.push_str(&format!("  \"{net}\",\n"));
-        }
-        toml.push_str("]\ndrop = [");
-        toml.push_str(&drop.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", "));
-        toml.push_str("]\n");
-        toml
-    };
-    let first = text(&config.cgnat.allow, &[]);
-    let started = Instant::now();
-    let daemon = Daemon::start(&t.gw, &t.pins, &first)?;
-    let start = started.elapsed();
-    let (rss, hwm) = daemon.settled_memory_kib()?;
-    daemon.write_config(&text(&config.cgnat.allow, &["100.127.255.255/32"]))?;
-    let one = daemon.timed_reload()?;
-    daemon.write_config(&first)?;
-    let back = daemon.timed_reload()?;
-    // Every prefix replaced: the /28s shifted by one /32 slot are all different prefixes.
-    let shifted: Vec<IpNet> = config
-        .cgnat
-        .allow
-        .iter()
-        .map(|net| match net {
-            IpNet::V4(n) => IpNet::V4(Ipv4Net::new(n.network(), 29).unwrap()),
-            IpNet::V6(_) => unreachable!("v4 only"),
-        })
-        .collect();
-    daemon.write_config(&text(&shifted, &[]))?;
-    let full = daemon.timed_reload()?;
-    let (rss_after, hwm_after) = daemon.settled_memory_kib()?;
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-    println!(
-        "| {count} | {:.0} ms | {:.1} ms | {:.1} ms | {:.0} ms | {:.1} / {:.1} MiB | {:.1} / {:.1} MiB |",
-        ms(start),
-        ms(one),
-        ms(back),
-        ms(full),
-        rss as f64 / 1024.0,
-        hwm as f64 / 1024.0,
-        rss_after as f64 / 1024.0,
-        hwm_after as f64 / 1024.0,
-    );
-    Ok(())
 }
 
 /// Live entries the big table is filled with, and its capacity (an LRU table evicts a little
