@@ -22,18 +22,27 @@ use crate::{netns::Netns, wait};
 /// The `tailgate` binary of this workspace (built by `cargo xtask test` before the tests),
 /// or `$TAILGATE_BIN`.
 pub fn binary() -> PathBuf {
+    find_binary().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `$TAILGATE_BIN`, or `tailgate` next to this executable (a binary of `target/<profile>/`,
+/// as the benchmark) or one directory up (a test in `target/<profile>/deps/`).
+pub fn find_binary() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("TAILGATE_BIN") {
-        return bin.into();
+        return Ok(bin.into());
     }
-    // target/<profile>/deps/<test-exe> → target/<profile>/tailgate
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("tailgate");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p userspace` first (cargo xtask test does)",
-        bin.display()
-    );
-    bin
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("no directory of the executable")?;
+    [dir.join("tailgate"), dir.parent().context("no target dir")?.join("tailgate")]
+        .into_iter()
+        .find(|bin| bin.exists())
+        .with_context(|| {
+            format!(
+                "no tailgate binary next to {}: run `cargo build -p userspace` first (cargo xtask test \
+                 does), or set TAILGATE_BIN",
+                exe.display()
+            )
+        })
 }
 
 /// A per-test pin directory on bpffs for an instance living in namespace `ns`. On drop,
@@ -109,7 +118,8 @@ fn command(ns: &Netns, pins: &PinDir, args: &[&str]) -> Result<Command> {
 
 fn command_in(netns_path: &str, pins: &PinDir, args: &[&str]) -> Result<Command> {
     let netns = fs::File::open(netns_path)?;
-    let mut cmd = Command::new(binary());
+    // Never a panic here: `PinDir::drop` runs this, also while unwinding.
+    let mut cmd = Command::new(find_binary()?);
     cmd.arg("--pin-dir").arg(pins.path()).args(args).env_remove("RUST_LOG");
     // Enter only the network namespace (`ip netns exec` would remount /sys and the pins
     // would not land in the host's bpffs).
@@ -177,7 +187,17 @@ impl Daemon {
     }
 
     fn ready_within(mut daemon: Self, timeout: Duration) -> Result<Self> {
-        let ready = wait::until(timeout, || daemon.readies() > 0 || !daemon.alive());
+        // Polled every millisecond: start times are measured with it.
+        let deadline = std::time::Instant::now() + timeout;
+        let ready = loop {
+            if daemon.readies() > 0 || !daemon.alive() {
+                break true;
+            }
+            if std::time::Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
         if !ready || !daemon.alive() {
             let log = daemon.log();
             daemon.stop();
@@ -367,11 +387,14 @@ impl Daemon {
     /// SIGTERM, timed until the daemon exited (having removed what it installed), for the
     /// benchmark; an error if it takes longer than `timeout` (then it is killed) or fails.
     pub fn timed_stop(&mut self, timeout: Duration) -> Result<Duration> {
-        let mut child = self.child.take().context("not running")?;
+        let pid = Pid::from_raw(self.child.as_ref().context("not running")?.id() as i32);
         let start = std::time::Instant::now();
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        // On any error the child stays in `self`: `Drop` stops it.
+        kill(pid, Signal::SIGTERM)?;
         loop {
+            let child = self.child.as_mut().expect("taken only below");
             if let Some(status) = child.try_wait()? {
+                self.child = None;
                 let took = start.elapsed();
                 if !status.success() {
                     bail!("the daemon exited with {status}; its log:\n{}", self.log());
@@ -381,6 +404,7 @@ impl Daemon {
             if start.elapsed() > timeout {
                 let _ = child.kill();
                 let _ = child.wait();
+                self.child = None;
                 bail!("the daemon did not stop within {timeout:?}; its log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_micros(500));

@@ -11,12 +11,14 @@
 //! the uplink veth's NAPI (present while XDP is attached: tailgate's program, or the
 //! trivial passing one for the other ways), then the reverse translation, routing, the
 //! tunnel's egress program and the TUN device's queue (nobody reads it: what it cannot hold
-//! is dropped and counted, as a slow reader would). Both kthreads are pinned to `NAPI_CPU`;
-//! the writers, and the LAN host's own receive (an XDP_DROP program with its own threaded
-//! NAPI), to `SENDER_CPU`.
+//! is dropped and counted, as a slow reader would). Both kthreads are pinned to `NAPI_CPU`,
+//! and so is the LAN host's own receive (an XDP_DROP program with its own threaded NAPI,
+//! whose CPU time is not the gateway's); the writers run on `SENDER_CPU`. The TUN device's
+//! poll cannot be paced (every write schedules it): its wake-ups are in its figures, and
+//! `Sample::sleeps` tells how many.
 //!
 //! Every measurement is checked: tunnel → LAN, the uplink sent (or, its peer's ring full,
-//! dropped) exactly what was written; LAN → tunnel, the tunnel device sent or dropped exactly what the uplink took
+//! dropped) exactly what was written, and the BPF backend marked and masqueraded each; LAN → tunnel, the tunnel device sent or dropped exactly what the uplink took
 //! off its ring, which it only does when the masquerade translated the answer back (an
 //! answer to the gateway's address that is not translated is delivered to the gateway).
 
@@ -136,6 +138,7 @@ pub struct Gateway {
     tun_ifindex: u32,
     gw_nl: Socket,
     tun_napi: Vec<i32>,
+    host_napi: Vec<i32>,
     host: String,
     /// One packet per flow, as the tunnel delivers them (raw IP).
     segments: Vec<Vec<u8>>,
@@ -183,7 +186,10 @@ impl Gateway {
             gw.enter(move || Ok((ifindex(&names.0)?, ifindex(&names.1)?, netlink_socket()?)))?;
         let (name, prog) = (host.clone(), host_floor.fd());
         let host_xdp = lan.enter(move || xdp_link_create(prog, ifindex(&name)?))?;
-        threaded_napi(&lan, &host, SENDER_CPU, false)?;
+        // The LAN host's receive runs on the gateway's CPU, in a kthread of its own (not
+        // counted for the gateway): the writer keeps CPU 0 to itself, and waking the host's
+        // poll is a wake-up on the same CPU.
+        let host_napi = threaded_napi(&lan, &host, NAPI_CPU, false)?;
         let tun_napi = threaded_napi(&gw, &tun_dev, NAPI_CPU, false)?;
         let pins = PinDir::new(&gw);
         let segments = (0..FLOWS).map(|i| segment(client(i), HOST, client_port(i), SERVER_PORT)).collect();
@@ -199,6 +205,7 @@ impl Gateway {
             tun_ifindex,
             gw_nl,
             tun_napi,
+            host_napi,
             host,
             segments,
         })
@@ -309,56 +316,99 @@ impl Running<'_> {
 
     /// Tunnel → LAN: writes the flows' segments round-robin into the tunnel for `window`.
     pub fn tunnel_to_lan(&self, window: Duration) -> Result<Sample> {
-        let (host0, napi0, sleeps0, cpu0) = (
-            self.gw.uplink_out()?,
-            runtime(&self.gw.tun_napi)?,
-            sleeps(&self.gw.tun_napi)?,
-            cpu_busy_ns(NAPI_CPU)?,
-        );
-        let start = Instant::now();
-        let written = pinned(|| write_loop(&self.gw.tun, &self.gw.segments, window))?;
-        let elapsed = start.elapsed();
-        let cpu1 = cpu_busy_ns(NAPI_CPU)?;
-        let all = wait::until(DRAIN_TIMEOUT, || {
-            self.gw.uplink_out().map(|n| n - host0 >= written).unwrap_or(false)
-        });
-        let received = self.gw.uplink_out()? - host0;
+        let counted = |name: &str| self.counter(name);
+        let (marked0, masqueraded0) = (counted("tunnel_in_marked")?, counted("masqueraded")?);
+        let out0 = self.gw.uplink_out()?;
+        let (written, sample) = self.measured(
+            &self.gw.tun_napi,
+            || pinned(|| write_loop(&self.gw.tun, &self.gw.segments, window)),
+            |written| self.gw.uplink_out().map(|n| n - out0 >= written).unwrap_or(false),
+        )?;
+        let out = self.gw.uplink_out()? - out0;
         ensure!(
-            all && received == written,
-            "{}: {written} segments written into the tunnel, {received} left by the uplink",
+            out == written,
+            "{}: {written} segments written into the tunnel, {out} left by the uplink",
             self.way.name()
         );
-        ensure!(settle(&self.gw.tun_napi)?, "the tunnel's NAPI thread kept running");
-        let napi_ns = runtime(&self.gw.tun_napi)? - napi0;
-        Ok(sample(written, napi_ns, sleeps(&self.gw.tun_napi)? - sleeps0, elapsed, cpu1 - cpu0))
+        // The BPF backend counts what it did to each segment (the iptables backend's part
+        // is proven by the way back: answers reach the tunnel only when un-NATed).
+        let (marked, masqueraded) =
+            (counted("tunnel_in_marked")? - marked0, counted("masqueraded")? - masqueraded0);
+        ensure!(
+            self.way != Way::Bpf || (marked == written && masqueraded == written),
+            "tailgate marked {marked} and masqueraded {masqueraded} of {written} segments"
+        );
+        Ok(sample)
     }
 
     /// LAN → tunnel: the LAN host's answers from `answers` for `window`.
     pub fn lan_to_tunnel(&self, answers: &Generator, window: Duration) -> Result<Sample> {
         drain(&self.gw.tun);
         let (rx0, out0) = (self.gw.uplink_rx()?, self.gw.tunnel_out()?);
-        let (napi0, sleeps0, cpu0) =
-            (runtime(&self.uplink_napi)?, sleeps(&self.uplink_napi)?, cpu_busy_ns(NAPI_CPU)?);
-        let start = Instant::now();
-        let (sent, _) = answers.send(window, u64::MAX)?;
-        let elapsed = start.elapsed();
-        let cpu1 = cpu_busy_ns(NAPI_CPU)?;
         // The answers queued for the tunnel's reader count as sent once read: read them.
-        let all = wait::until(DRAIN_TIMEOUT, || {
-            self.gw.uplink_rx().map(|n| n - rx0 >= sent).unwrap_or(false) && {
-                drain(&self.gw.tun);
-                self.gw.tunnel_out().map(|n| n - out0 >= sent).unwrap_or(false)
-            }
-        });
+        let (sent, sample) = self.measured(
+            &self.uplink_napi,
+            || Ok(answers.send(window, u64::MAX)?.0),
+            |sent| {
+                self.gw.uplink_rx().map(|n| n - rx0 >= sent).unwrap_or(false) && {
+                    drain(&self.gw.tun);
+                    self.gw.tunnel_out().map(|n| n - out0 >= sent).unwrap_or(false)
+                }
+            },
+        )?;
         let (taken, out) = (self.gw.uplink_rx()? - rx0, self.gw.tunnel_out()? - out0);
         ensure!(
-            all && taken == sent && out == sent,
+            taken == sent && out == sent,
             "{}: the LAN host sent {sent} answers, the gateway took {taken} and passed {out} to the tunnel",
             self.way.name()
         );
-        ensure!(settle(&self.uplink_napi)?, "the uplink's NAPI thread kept running");
-        let napi_ns = runtime(&self.uplink_napi)? - napi0;
-        Ok(sample(taken, napi_ns, sleeps(&self.uplink_napi)? - sleeps0, elapsed, cpu1 - cpu0))
+        Ok(sample)
+    }
+
+    /// Runs `flood` (it returns how many packets it sent), waits until `through` says they
+    /// all went through and the kthreads `napi` are idle again; their CPU time per packet,
+    /// over the whole measurement (flood and drain).
+    fn measured(
+        &self,
+        napi: &[i32],
+        flood: impl FnOnce() -> Result<u64>,
+        mut through: impl FnMut(u64) -> bool,
+    ) -> Result<(u64, Sample)> {
+        ensure!(settle(napi)?, "{}: the NAPI thread was busy before the flood", self.way.name());
+        let (napi0, sleeps0, host0, cpu0) =
+            (runtime(napi)?, sleeps(napi)?, runtime(&self.gw.host_napi)?, cpu_busy_ns(NAPI_CPU)?);
+        let start = Instant::now();
+        let packets = flood()?;
+        let all = wait::until(DRAIN_TIMEOUT, || through(packets));
+        ensure!(all, "{}: not all of {packets} packets went through", self.way.name());
+        ensure!(settle(napi)?, "{}: the NAPI thread kept running", self.way.name());
+        let (elapsed, cpu1) = (start.elapsed(), cpu_busy_ns(NAPI_CPU)?);
+        let napi_ns = runtime(napi)? - napi0;
+        // The LAN host's receive shares the CPU (see `Gateway::new`): not another load.
+        let host_ns = runtime(&self.gw.host_napi)? - host0;
+        let window = elapsed.as_nanos() as f64;
+        Ok((
+            packets,
+            Sample {
+                packets,
+                napi_ns,
+                ns_per_packet: napi_ns as f64 / packets.max(1) as f64,
+                pps: packets as f64 / elapsed.as_secs_f64(),
+                busy: napi_ns as f64 / window,
+                sleeps: sleeps(napi)? - sleeps0,
+                other_load: (cpu1.saturating_sub(cpu0) as f64 - napi_ns as f64 - host_ns as f64).max(0.0)
+                    / window,
+            },
+        ))
+    }
+
+    /// A counter of the BPF backend (`tailgate status`); 0 for the other ways.
+    fn counter(&self, name: &str) -> Result<u64> {
+        if self.way != Way::Bpf {
+            return Ok(0);
+        }
+        let status = crate::daemon::status(&self.gw.gw, &self.gw.pins);
+        status["counters"][name].as_u64().with_context(|| format!("no counter {name} in status: {status}"))
     }
 
     /// Stops the daemon (or detaches the passing program) and waits until the uplink has no
@@ -415,19 +465,6 @@ fn segment(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
         .write(&mut packet, PAYLOAD)
         .expect("writing to a Vec");
     packet
-}
-
-fn sample(packets: u64, napi_ns: u64, sleeps: u64, elapsed: Duration, cpu_ns: u64) -> Sample {
-    let window = elapsed.as_nanos() as f64;
-    Sample {
-        packets,
-        napi_ns,
-        ns_per_packet: napi_ns as f64 / packets.max(1) as f64,
-        pps: packets as f64 / elapsed.as_secs_f64(),
-        busy: napi_ns as f64 / window,
-        sleeps,
-        other_load: (cpu_ns as f64 - napi_ns as f64).max(0.0) / window,
-    }
 }
 
 fn runtime(pids: &[i32]) -> Result<u64> {

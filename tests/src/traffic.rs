@@ -6,11 +6,13 @@
 //! addresses crosses a veth pair between two namespaces, addressed to the receiver (its MAC,
 //! its address, a UDP port nobody listens on). The receiving veth always has an XDP program
 //! in native (driver) mode: tailgate's, or a trivial one that passes or drops everything.
-//! veth polls its ring with NAPI only while XDP is attached; with threaded NAPI that poll
-//! runs in a kthread of its own, and so does everything the stack does with a passed frame
-//! (GRO, IP, netfilter, UDP: this kernel does not account softirq time apart), so the CPU
-//! time the receive path costs is that kthread's runtime (`/proc/<pid>/task/<pid>/schedstat`),
-//! pinned to one CPU while the sender runs on the other.
+//! veth polls its ring with NAPI while XDP is attached (or GRO requested, not done here);
+//! with threaded NAPI that poll runs in a kthread of its own, in task context with bottom
+//! halves off, and so does everything the stack does with a passed frame (GRO, IP,
+//! netfilter, UDP), so the CPU time the receive path costs is that kthread's runtime
+//! (`/proc/<pid>/task/<pid>/schedstat`), pinned to one CPU while the sender runs on the
+//! other. (This kernel has no `IRQ_TIME_ACCOUNTING`: interrupts that land on that CPU while
+//! the kthread runs — the tick, the pacing timer — are charged to it too, alike for all.)
 //!
 //! What one packet costs on the receiving side, whatever filters it: the NAPI poll, the
 //! copy veth makes of every skb it hands to XDP (an AF_PACKET skb has far less than the
@@ -32,6 +34,7 @@ use std::{
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -94,7 +97,8 @@ const RX_PORT: u16 = 9;
 const PAYLOAD: &[u8] = b"tailgate traffic!!";
 /// How long a measurement waits for the receiver to empty its ring.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longer than one NAPI poll of 64 frames at the slowest rate measured (~3 ms a frame).
+/// Longer than one NAPI poll of 64 frames at the slowest rate measured (~7 ms a frame
+/// behind 100,000 iptables rules: 0.45 s).
 const DRAIN_STILL: Duration = Duration::from_secs(1);
 /// Messages per `sendmmsg` call: one syscall entry for many frames, so the sender keeps
 /// ahead of the receiver.
@@ -142,13 +146,13 @@ pub struct Measurement {
     pub napi_ns: u64,
     /// `napi_ns / processed`.
     pub ns_per_packet: f64,
-    /// Share of the sending window the NAPI kthread was on the CPU.
+    /// Share of the measurement (flood and drain) the NAPI kthread was on the CPU.
     pub busy: f64,
     /// Times the NAPI kthread went to sleep with its ring empty (voluntary context
     /// switches): each costs a wake-up, spread over the packets of the next poll. Few
     /// sleeps per packet means the receiver was kept saturated.
     pub sleeps: u64,
-    /// Share of the window `NAPI_CPU` spent on other tasks or stolen by the hypervisor
+    /// Share of the measurement (flood and drain) `NAPI_CPU` spent on other tasks or stolen by the hypervisor
     /// (another workload competes for the receiver's CPU and its caches; the kthread's own
     /// runtime stays exact — steal time is not charged to it — its cache warmth does not).
     pub other_load: f64,
@@ -168,7 +172,7 @@ pub struct Rig {
     rx_ifindex: u32,
     /// An rtnetlink socket inside `rx`, for the receiving veth's counters and XDP mode.
     rx_nl: Socket,
-    /// What is left of the time `compare` may spend waiting for other load to go away.
+    /// What is left of the time the bench may spend waiting for other load to go away.
     quiet_budget: Cell<Duration>,
 }
 
@@ -261,8 +265,6 @@ impl Rig {
         let cpu0 = cpu_busy_ns(NAPI_CPU)?;
         let start = Instant::now();
         let (sent, refused) = generator.send(window, cap)?;
-        let elapsed = start.elapsed();
-        let cpu1 = cpu_busy_ns(NAPI_CPU)?;
         // Every frame the sender got into the ring is taken off it (a full ring refuses the
         // sender instead, see `LinkState::rx_packets`). veth adds a poll's frames to its
         // counter when the poll ends, so a slow receiver (a frame per ms behind 100,000 rules)
@@ -287,6 +289,9 @@ impl Rig {
         // The ring's counter moves when a poll ends, before the stack has the poll's last
         // frames (GRO hands them over after): done once the kthread stopped running.
         ensure!(settle(&attached.napi)?, "the NAPI thread of {} kept running after the flood", self.rx_dev);
+        // The CPU's load over the whole measurement (flood and drain): what the kthread's
+        // time covers.
+        let (elapsed, cpu1) = (start.elapsed(), cpu_busy_ns(NAPI_CPU)?);
         let (state1, ns1, sleeps1) = (self.rx_state()?, attached.napi_runtime()?, attached.napi_sleeps()?);
         let ip1 = self.ip_stats()?;
         let processed = state1.rx_packets - state0.rx_packets;
@@ -308,7 +313,7 @@ impl Rig {
         })
     }
 
-    /// How long, in all, `compare` may wait for other tasks to leave `NAPI_CPU` before it
+    /// How long, in all, the bench may wait for other tasks to leave `NAPI_CPU` before it
     /// measures regardless and keeps disturbed rounds (default `QUIET_BUDGET`).
     pub fn set_quiet_budget(&self, budget: Duration) {
         self.quiet_budget.set(budget);
@@ -514,6 +519,9 @@ impl FloorProgram {
 pub struct Generator {
     sock: OwnedFd,
     frames: Vec<Vec<u8>>,
+    /// Where the next send starts: a slow receiver takes a few hundred frames a flood,
+    /// and every source gets its turn over the floods.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl Generator {
@@ -540,7 +548,7 @@ impl Generator {
         ensure!(!frames.is_empty(), "no frames");
         let dev = dev.to_string();
         let sock = ns.enter(move || packet_socket(&dev))?;
-        Ok(Self { sock, frames })
+        Ok(Self { sock, frames, next: Default::default() })
     }
 
     pub fn sources(&self) -> usize {
@@ -577,7 +585,7 @@ impl Generator {
             m.msg_hdr.msg_iov = v;
             m.msg_hdr.msg_iovlen = 1;
         }
-        let (mut sent, mut refused, mut next) = (0u64, 0u64, 0usize);
+        let (mut sent, mut refused, mut next) = (0u64, 0u64, self.next.load(Ordering::Relaxed));
         let end = Instant::now() + window;
         while sent < cap && Instant::now() < end {
             let batch = SEND_BATCH.min(n).min((cap - sent) as usize);
@@ -604,6 +612,7 @@ impl Generator {
             sent += r as u64;
             next = (next + r as usize) % n;
         }
+        self.next.store(next, Ordering::Relaxed);
         Ok((sent, refused))
     }
 }
@@ -939,7 +948,7 @@ pub(crate) struct LinkState {
     /// are included (`xdp_drops` counts them again separately, only in ethtool), and frames
     /// the sender could not put into the full ring are not: veth stops the peer's queue
     /// (backpressure) and the sender is refused, or, without backpressure, counts them in
-    /// the peer's `tx_dropped`. Checked by `compare`: tailgate's counters grow by exactly
+    /// the peer's `tx_dropped`. Checked by the bench: tailgate's counters grow by exactly
     /// this number, for drops and passes.
     pub rx_packets: u64,
     /// Frames the device sent, and those it dropped on the way out (a TUN device nobody

@@ -112,7 +112,7 @@ fn prefixes(backend: &'static str, count: usize) -> Result<Row> {
     measure(backend, policy, count, &first, &one_more, &text(&shifted, &[]))
 }
 
-/// 10,000 services of 3 backends; the full replacement gives each a different port.
+/// 10,000 services of 3 backends; the full replacement gives each a different address.
 fn services(backend: &'static str) -> Result<Row> {
     let with_backend = |toml: String| {
         toml.replace("backend = \"bpf\"", &format!("backend = \"{backend}\"\ninterfaces = [\"eth0\"]"))

@@ -22,10 +22,15 @@ type Plot = std::result::Result<(), Box<dyn Error>>;
 
 const FONT: (&str, u32) = ("sans-serif", 15);
 
-/// Where the plots go.
+/// Where the plots go: `$TAILGATE_BENCH_PLOTS`; else `docs/bench/` for a full run, and a
+/// directory under /tmp for a run at some sizes only (`TAILGATE_BENCH_PREFIXES`), which
+/// must not replace the plots the README shows.
 pub fn dir() -> PathBuf {
     match std::env::var_os("TAILGATE_BENCH_PLOTS") {
         Some(dir) => dir.into(),
+        None if std::env::var_os("TAILGATE_BENCH_PREFIXES").is_some() => {
+            std::env::temp_dir().join("tailgate-bench-plots")
+        }
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench"),
     }
 }
@@ -158,7 +163,7 @@ pub fn forwarding(results: &Forwarding) -> Result<PathBuf> {
             root.split_evenly((1, 2)).iter().zip([Direction::TunnelToLan, Direction::LanToTunnel])
         {
             let caption = match direction {
-                Direction::TunnelToLan => "tunnel → LAN (mark, MSS clamp, masquerade)",
+                Direction::TunnelToLan => "tunnel → LAN (mark, MSS check, masquerade)",
                 Direction::LanToTunnel => "LAN → tunnel (answers translated back)",
             };
             let mut chart = ChartBuilder::on(panel)

@@ -11,7 +11,7 @@ use super::{
 use tailgate_tests::forwarding::{Direction, Way as Forward};
 
 pub fn print(receive: &[Receive], forwarding: Option<&Forwarding>, control: &[control::Row]) {
-    println!("## Ratios (one run; medians of per-round ratios)\n");
+    println!("## Ratios (one run; medians of per-round ratios, growth rows: ratios of medians)\n");
     println!(
         "| ratio | traffic | {} |",
         sizes(receive).iter().map(|n| thousands(*n)).collect::<Vec<_>>().join(" | ")
@@ -39,16 +39,16 @@ pub fn print(receive: &[Receive], forwarding: Option<&Forwarding>, control: &[co
     for traffic in Traffic::ALL {
         line("iptables_N / no filtering", traffic, &|r| r.ratio(Way::Iptables, Way::None));
     }
-    for traffic in Traffic::ALL {
-        let first = receive.iter().find(|r| r.traffic == traffic).map(|r| r.ns(Way::Bpf));
-        if let Some(first) = first {
-            line("bpf_N / bpf_(fewest)", traffic, &|r| r.ns(Way::Bpf) / first);
-        }
-    }
-    for traffic in Traffic::ALL {
-        let first = receive.iter().find(|r| r.traffic == traffic).map(|r| r.ns(Way::Iptables));
-        if let Some(first) = first {
-            line("iptables_N / iptables_(fewest)", traffic, &|r| r.ns(Way::Iptables) / first);
+    // Growth with the policy: ratios of the medians (different sizes are not measured in
+    // the same round).
+    let smallest =
+        |traffic: Traffic| receive.iter().filter(|r| r.traffic == traffic).min_by_key(|r| r.prefixes);
+    for (name, way) in [("bpf_N / bpf_smallest", Way::Bpf), ("iptables_N / iptables_smallest", Way::Iptables)]
+    {
+        for traffic in Traffic::ALL {
+            if let Some(first) = smallest(traffic).map(|r| r.ns(way)) {
+                line(name, traffic, &|r| r.ns(way) / first);
+            }
         }
     }
     println!();
@@ -91,6 +91,7 @@ pub fn print(receive: &[Receive], forwarding: Option<&Forwarding>, control: &[co
 
 fn sizes(receive: &[Receive]) -> Vec<usize> {
     let mut sizes: Vec<usize> = receive.iter().map(|r| r.prefixes).collect();
+    sizes.sort_unstable();
     sizes.dedup();
     sizes
 }
