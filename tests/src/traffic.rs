@@ -119,13 +119,6 @@ impl Verdict {
             Verdict::Drop => testrun::XDP_DROP,
         }
     }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Verdict::Pass => "XDP_PASS",
-            Verdict::Drop => "XDP_DROP",
-        }
-    }
 }
 
 /// One measurement: a flood of a fixed duration and what the receiving side spent on it.
@@ -209,10 +202,6 @@ impl Rig {
         let name = rx_dev.clone();
         let (rx_ifindex, rx_nl) = rx.enter(move || Ok((ifindex(&name)?, netlink_socket()?)))?;
         Ok(Self { pins, tx, rx, tx_dev, rx_dev, rx_ifindex, rx_nl, quiet_budget: Cell::new(QUIET_BUDGET) })
-    }
-
-    pub fn rx_dev(&self) -> &str {
-        &self.rx_dev
     }
 
     /// Attaches a floor program to the receiving veth (native mode, a BPF link this process
@@ -355,11 +344,6 @@ impl Rig {
         self.rx.enter(|| ip_stats(&fs::read_to_string("/proc/thread-self/net/snmp")?))
     }
 
-    /// Runs `f` in the receiver's namespace (to install rules there).
-    pub fn in_receiver<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        self.rx.enter(f)
-    }
-
     /// Whether any XDP program is attached to the receiving veth.
     fn rx_has_xdp(&self) -> bool {
         self.rx_state().map(|s| s.xdp_attached != XdpAttached::None).unwrap_or(true)
@@ -432,11 +416,6 @@ enum Hold {
 }
 
 impl Attached<'_> {
-    /// PIDs of the receiving veth's NAPI kthreads (one per RX queue in use).
-    pub fn napi_threads(&self) -> &[i32] {
-        &self.napi
-    }
-
     /// Summed CPU time of the NAPI kthreads, ns (first field of schedstat: time on the CPU).
     fn napi_runtime(&self) -> Result<u64> {
         self.napi.iter().map(|pid| schedstat_runtime(*pid)).sum()
@@ -549,10 +528,6 @@ impl Generator {
         let dev = dev.to_string();
         let sock = ns.enter(move || packet_socket(&dev))?;
         Ok(Self { sock, frames, next: Default::default() })
-    }
-
-    pub fn sources(&self) -> usize {
-        self.frames.len()
     }
 
     /// Sends round-robin for `window` or until `cap` frames went out, from a thread pinned
