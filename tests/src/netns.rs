@@ -79,6 +79,39 @@ impl Netns {
         })
     }
 
+    /// A TCP listener on `addr` in this namespace; see [`Netns::bind`].
+    pub fn listen_tcp(&self, addr: std::net::SocketAddr) -> Result<std::net::TcpListener> {
+        self.bind(addr, std::net::TcpListener::bind)
+    }
+
+    /// A UDP socket bound to `addr` in this namespace; see [`Netns::bind`].
+    pub fn bind_udp(&self, addr: std::net::SocketAddr) -> Result<std::net::UdpSocket> {
+        self.bind(addr, std::net::UdpSocket::bind)
+    }
+
+    /// Binds a fixed address that an earlier socket of the same test may still hold for
+    /// a moment: a process that another test's thread forks keeps a copy of every open
+    /// socket until it execs (close-on-exec closes them only then), so a listener dropped
+    /// just before can still be listening. Tries again while the address is in use, for
+    /// at most 3 s.
+    fn bind<S: Send>(
+        &self,
+        addr: std::net::SocketAddr,
+        bind: fn(std::net::SocketAddr) -> std::io::Result<S>,
+    ) -> Result<S> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        self.enter(move || loop {
+            match bind(addr) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                other => return other.with_context(|| format!("binding {addr}")),
+            }
+        })
+    }
+
     /// Runs `f` on a thread that has entered this namespace (sockets and devices it
     /// creates belong to the namespace).
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {

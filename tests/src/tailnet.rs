@@ -105,9 +105,9 @@ pub struct Connection {
 impl Tailnet {
     /// Opens a TCP connection from the peer to `dst:port` (a LAN address) and reports it.
     pub fn connect(&self, dst: &str, port: u16) -> Result<Connection> {
-        use std::net::{SocketAddr, TcpListener, TcpStream};
+        use std::net::{SocketAddr, TcpStream};
         let addr: SocketAddr = SocketAddr::new(dst.parse()?, port);
-        let listener = self.lan.enter(move || Ok(TcpListener::bind(addr)?))?;
+        let listener = self.lan.listen_tcp(addr)?;
         let client =
             self.peer.enter(move || Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?))?;
         // The handshake is complete on the peer's side: the LAN host's accept is ready.
@@ -120,9 +120,9 @@ impl Tailnet {
     /// Sends UDP datagrams from the peer (address `src`) to `dst:port` on the LAN; the
     /// source address the LAN host saw, if one arrived.
     pub fn udp_source(&self, src: &str, dst: &str, port: u16) -> Result<Option<std::net::IpAddr>> {
-        use std::net::{SocketAddr, UdpSocket};
+        use std::net::SocketAddr;
         let addr: SocketAddr = SocketAddr::new(dst.parse()?, port);
-        let socket = self.lan.enter(move || Ok(UdpSocket::bind(addr)?))?;
+        let socket = self.lan.bind_udp(addr)?;
         socket.set_read_timeout(Some(Duration::from_secs(3)))?;
         self.peer.send_udp(src, dst, port, 3)?;
         let mut buf = [0u8; 64];
@@ -195,9 +195,8 @@ pub fn udp_via(
     to_ns: &Netns,
     to: std::net::SocketAddr,
 ) -> Result<(std::net::SocketAddr, bool)> {
-    use std::net::UdpSocket;
-    let server = to_ns.enter(move || Ok(UdpSocket::bind(to)?))?;
-    let client = from_ns.enter(move || Ok(UdpSocket::bind(from)?))?;
+    let server = to_ns.bind_udp(to)?;
+    let client = from_ns.bind_udp(from)?;
     for s in [&server, &client] {
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
     }
@@ -229,10 +228,13 @@ pub fn tcp_via(
 ) -> Result<(std::net::SocketAddr, std::net::SocketAddr)> {
     use std::{
         io::{Read, Write},
-        net::{TcpListener, TcpStream},
+        net::TcpStream,
     };
-    let listener = to_ns.enter(move || Ok(TcpListener::bind(to)?))?;
-    let mut client = from_ns.enter(move || Ok(TcpStream::connect_timeout(&via, Duration::from_secs(5))?))?;
+    let listener = to_ns.listen_tcp(to)?;
+    let mut client = from_ns.enter(move || {
+        TcpStream::connect_timeout(&via, Duration::from_secs(5))
+            .with_context(|| format!("connecting to {via}"))
+    })?;
     let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
     anyhow::ensure!(poll(&mut fds, PollTimeout::from(5000u16))? > 0, "no connection reached {to}");
     let (mut server, seen) = listener.accept()?;

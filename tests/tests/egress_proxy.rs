@@ -196,7 +196,7 @@ struct Pair {
 
 impl Pair {
     fn open(from_ns: &Netns, to_ns: &Netns, to: SocketAddr) -> Result<Self> {
-        let listener = to_ns.enter(move || Ok(TcpListener::bind(to)?))?;
+        let listener = to_ns.listen_tcp(to)?;
         let client = from_ns.enter(move || Ok(TcpStream::connect_timeout(&to, Duration::from_secs(5))?))?;
         let (server, _) = listener.accept()?;
         for s in [&client, &server] {

@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -167,9 +167,9 @@ struct Stream {
 impl Stream {
     fn start(from_ns: &Netns, from: &str, to_ns: &Netns, to: SocketAddr) -> Self {
         let from: IpAddr = from.parse().unwrap();
-        let server = to_ns.enter(move || Ok(UdpSocket::bind(to)?)).unwrap();
+        let server = to_ns.bind_udp(to).unwrap();
         server.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let client = from_ns.enter(move || Ok(UdpSocket::bind((from, 40_700))?)).unwrap();
+        let client = from_ns.bind_udp(SocketAddr::new(from, 40_700)).unwrap();
         let (sending, receiving) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicBool::new(true)));
         let (sent, sources) = (Arc::new(Mutex::new(0)), Arc::new(Mutex::new(HashMap::new())));
         let sender = std::thread::spawn({
