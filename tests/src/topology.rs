@@ -179,6 +179,12 @@ impl Topology {
         })
     }
 
+    /// The ipset sets in the gateway's namespace (the iptables backend's prefix lists).
+    pub fn ipsets(&self) -> Vec<String> {
+        let out = self.gw.exec("ipset", &["list", "-n"]).expect("listing the gateway's sets");
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    }
+
     /// Whether the LAN neighbour and the gateway can exchange pings over CGNAT addresses.
     pub fn cgnat_neighbours_ping(&self) -> bool {
         self.lan.ping(GW_LAN_CGNAT, Some(LAN_CGNAT))

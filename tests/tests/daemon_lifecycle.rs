@@ -12,6 +12,7 @@ use tailgate_tests::{
 on_both_backends!(
     refused_reload_keeps_the_running_state,
     a_config_file_written_slowly_is_reloaded_only_once_complete,
+    a_config_file_rewritten_unchanged_is_not_reloaded,
     a_config_file_that_keeps_changing_does_not_hold_up_a_stop,
     sigterm_removes_everything,
     keep_datapath_survives_a_restart_and_cleanup_is_idempotent,
@@ -104,6 +105,23 @@ fn a_config_file_written_slowly_is_reloaded_only_once_complete(backend: &str) {
     assert!(t.cgnat_neighbours_ping(), "the complete file keeps the exemption");
 }
 
+/// Config management rewriting the file with what it holds: no reload, no reload counted;
+/// the change that follows is reloaded.
+fn a_config_file_rewritten_unchanged_is_not_reloaded(backend: &str) {
+    let t = Topology::new().unwrap();
+    let daemon = Daemon::start(&t.gw, &t.pins, &config(backend, "")).unwrap();
+    let readies = daemon.readies();
+    daemon.write_config(&config(backend, "")).unwrap();
+    daemon.wait_for_log("config file rewritten unchanged");
+    assert_eq!(daemon.readies(), readies, "reloaded an unchanged file:\n{}", daemon.log());
+    assert!(!daemon.log().contains("reloading"), "{}", daemon.log());
+    assert!(!t.cgnat_neighbours_ping(), "dropped");
+    daemon.write_config(&config(backend, "allow = [\"100.64.0.0/24\"]")).unwrap();
+    daemon.wait_ready_after(readies).unwrap();
+    assert!(daemon.log().contains("config file changed: reloading"), "{}", daemon.log());
+    assert!(t.cgnat_neighbours_ping(), "the changed file is in force");
+}
+
 fn a_config_file_that_keeps_changing_does_not_hold_up_a_stop(backend: &str) {
     use std::{
         io::Write,
@@ -179,7 +197,8 @@ fn sigterm_removes_everything(backend: &str) {
 
 fn keep_datapath_survives_a_restart_and_cleanup_is_idempotent(backend: &str) {
     let t = Topology::new().unwrap();
-    let toml = format!("keep_datapath = true\n{}", config(backend, ""));
+    // An exemption the neighbour is not in: the iptables backend keeps it in a set.
+    let toml = format!("keep_datapath = true\n{}", config(backend, "allow = [\"100.100.0.0/16\"]"));
     let mut first = Daemon::start(&t.gw, &t.pins, &toml).unwrap();
     assert!(!t.cgnat_neighbours_ping());
     assert_eq!(first.stop(), Some(0));
@@ -208,6 +227,7 @@ fn keep_datapath_survives_a_restart_and_cleanup_is_idempotent(backend: &str) {
     }
     assert!(!t.pins.path().exists());
     assert!(!t.installed(backend));
+    assert_eq!(t.ipsets(), Vec::<String>::new(), "sets left by cleanup");
     assert!(t.cgnat_neighbours_ping());
 }
 
@@ -239,17 +259,21 @@ fn auto_falls_back_to_iptables_when_bpf_cannot_attach_and_says_why() {
 #[test]
 fn switching_backends_leaves_nothing_of_the_other() {
     let t = Topology::new().unwrap();
+    let allow = "allow = [\"100.100.0.0/16\"]";
     for (from, to) in [("iptables", "bpf"), ("bpf", "iptables")] {
-        let kept = format!("keep_datapath = true\n{}", config(from, ""));
+        let kept = format!("keep_datapath = true\n{}", config(from, allow));
         let mut first = Daemon::start(&t.gw, &t.pins, &kept).unwrap();
         first.stop();
         assert!(t.installed(from), "{from} kept");
-        let mut second = Daemon::start(&t.gw, &t.pins, &config(to, "")).unwrap();
+        assert_eq!(t.ipsets().len(), if from == "iptables" { 2 } else { 0 }, "{:?}", t.ipsets());
+        let mut second = Daemon::start(&t.gw, &t.pins, &config(to, allow)).unwrap();
         assert!(t.installed(to));
         assert!(!t.installed(from), "{from} left behind after switching to {to}");
+        assert_eq!(t.ipsets().len(), if to == "iptables" { 2 } else { 0 }, "{:?}", t.ipsets());
         assert!(!t.cgnat_neighbours_ping());
         second.stop();
         assert!(!t.installed(to) && !t.installed(from));
+        assert_eq!(t.ipsets(), Vec::<String>::new(), "sets left after stopping {to}");
     }
 }
 

@@ -22,7 +22,7 @@ const PORT: u16 = 7070;
 const SWAPS: usize = 12;
 /// Unrelated prefixes that make each reload long enough for a non-atomic writer to be seen
 /// half-way (several milliseconds of map or rule updates).
-const FILLER: u32 = 3_000;
+const FILLER: u32 = 10_000;
 
 /// `count` /32 exemptions in 100.<octet>.0.0/16.
 fn filler(octet: u8, count: u32) -> Vec<String> {

@@ -139,6 +139,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             opts.pins.root().display()
         ),
     };
+    // Read before the config is parsed: a change made after this read differs from it.
+    let mut last_read = contents(opts.config.as_deref());
     let (config, mut state) =
         desired_state(opts.config.as_deref(), Check::Config).context("invalid configuration")?;
     let (changes, mut changed) = mpsc::unbounded_channel();
@@ -258,11 +260,22 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 reload_at = Some((first, (now + SETTLE).min(first + SETTLE_MAX)));
                 continue;
             }
-            _ = at(reload_at.map(|(_, due)| due)) => tracing::info!("config file changed: reloading"),
+            _ = at(reload_at.map(|(_, due)| due)) => {
+                // A file rewritten with the contents last read (config management writing
+                // what is there, a watch event that arrives after SIGHUP's reload read the
+                // file) is no new config: not reloaded, not counted.
+                if contents(opts.config.as_deref()) == last_read {
+                    reload_at = None;
+                    tracing::info!("config file rewritten unchanged: not reloaded");
+                    continue;
+                }
+                tracing::info!("config file changed: reloading")
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
         reload_at = None;
+        last_read = contents(opts.config.as_deref());
         notify_reloading();
         match reload(backend.as_mut(), &config, &mut state, opts.config.as_deref()) {
             Some(new) => {
@@ -408,6 +421,12 @@ fn reload(
     Some(config)
 }
 
+/// The config file's bytes as they are now (`None`: no file given, or unreadable — a
+/// reload then says why).
+fn contents(path: Option<&Path>) -> Option<Vec<u8>> {
+    std::fs::read(path?).ok()
+}
+
 /// A reload never applies an empty file: a file truncated by a writer that has not written
 /// yet looks the same, and would drop the whole policy back to the defaults.
 fn refuse_empty(path: &Path) -> Result<()> {
@@ -523,16 +542,17 @@ fn start_backend(
             Err(e) if e.interrupted() => Err(e.error),
             Err(e) => Err(anyhow::Error::new(e).context("BPF backend")),
         },
-        BackendKind::Iptables => {
-            Ok((start_iptables(config, state, cancel)?, "configured: backend = \"iptables\"".into()))
-        }
+        BackendKind::Iptables => Ok((
+            start_iptables(config, state, &opts.pins, cancel)?,
+            "configured: backend = \"iptables\"".into(),
+        )),
         BackendKind::Auto => match start_bpf(config, state, opts, cancel) {
             Ok(bpf) => Ok((bpf, "auto: BPF loaded, verified and attached".into())),
             Err(e) if e.interrupted() => Err(e.error),
             Err(e) => {
                 tracing::warn!("BPF backend unavailable, falling back to iptables: {e}");
                 let reason = format!("auto: BPF {e}");
-                Ok((start_iptables(config, state, cancel)?, reason))
+                Ok((start_iptables(config, state, &opts.pins, cancel)?, reason))
             }
         },
     }
@@ -564,9 +584,14 @@ fn start_bpf(
     Ok(Box::new(bpf))
 }
 
-fn start_iptables(config: &Config, state: &DesiredState, cancel: &Cancel) -> Result<Box<dyn Backend>> {
+fn start_iptables(
+    config: &Config,
+    state: &DesiredState,
+    pins: &Pins,
+    cancel: &Cancel,
+) -> Result<Box<dyn Backend>> {
     notify(&[NotifyState::Status("writing iptables rules")]);
-    let mut backend = IptablesBackend::new(iptables_options(config))?;
+    let mut backend = IptablesBackend::new(iptables_options(config, pins))?;
     cancel.check()?;
     if let Err(e) = backend.apply(state) {
         if let Err(undo) = Box::new(backend).roll_back() {
@@ -577,8 +602,8 @@ fn start_iptables(config: &Config, state: &DesiredState, cancel: &Cancel) -> Res
     Ok(Box::new(backend))
 }
 
-/// `[iptables]`: how the iptables backend writes.
-pub fn iptables_options(config: &Config) -> iptables::Options {
+/// `[iptables]`: how the iptables backend writes; its sets are named after `pins`.
+pub fn iptables_options(config: &Config, pins: &Pins) -> iptables::Options {
     let variant = match config.iptables.variant {
         IptablesVariant::Auto => None,
         IptablesVariant::Nft => Some(Variant::Nft),
@@ -589,6 +614,7 @@ pub fn iptables_options(config: &Config) -> iptables::Options {
         hook_first: config.iptables.hook_position == HookPosition::First,
         variant,
         repair_interval: config.iptables.repair_interval,
+        sets: iptables::sets::name_prefix(&lock::instance_name(pins)),
     }
 }
 

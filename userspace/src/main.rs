@@ -218,7 +218,10 @@ fn cleanup(pins: &Pins, force: bool) -> Result<()> {
     if instance.is_some() {
         runstate::remove(pins);
     }
-    println!("tailgate: nothing left under {} and no tailgate iptables rules", pins.root().display());
+    println!(
+        "tailgate: cleaned up: nothing left under {}, no tailgate iptables rules or ipset sets",
+        pins.root().display()
+    );
     Ok(())
 }
 

@@ -284,11 +284,12 @@ fn read_iptables(tunnel: Option<&str>, variant: Option<Variant>) -> Result<Optio
         ..empty(format!("iptables ({})", ip.variant.name()))
     };
     let mut found = false;
+    let ipset = iptables::sets::Ipset::installed().ok();
     for (family, table) in ip.tables() {
         let saved = SavedTable::parse(&ip.save(family, table, true)?, table.name());
         found |= saved.chains.keys().any(|c| c.starts_with(CHAIN_PREFIX));
         add_hooks(&mut status, &saved, &format!("{} {table}", family_name(family)));
-        add_rules(&mut status, &saved);
+        add_rules(&mut status, &saved, ipset.as_ref());
     }
     Ok(found.then_some(status))
 }
@@ -310,8 +311,9 @@ fn add_hooks(status: &mut Status, saved: &SavedTable, table: &str) {
 }
 
 /// Every rule of tailgate's chains counts into the counter its comment names; prefix rules
-/// (their label starts with the prefix) are listed too.
-fn add_rules(status: &mut Status, saved: &SavedTable) {
+/// (their label starts with the prefix) are listed too, and the entries of a set a pass
+/// rule matches against (with the packets each decided).
+fn add_rules(status: &mut Status, saved: &SavedTable, ipset: Option<&iptables::sets::Ipset>) {
     let rules = saved.chains.iter().filter(|(c, _)| c.starts_with(CHAIN_PREFIX)).flat_map(|(_, r)| r);
     for rule in rules {
         let Some((counter, label)) = rule.counter_and_label() else { continue };
@@ -326,6 +328,29 @@ fn add_rules(status: &mut Status, saved: &SavedTable) {
             c if c == Counter::TunnelPassForward.name() => ("forward", "pass"),
             _ => continue,
         };
+        if let Some(set) = iptables::cgnat::labelled_set(label) {
+            if verdict != "pass" {
+                continue;
+            }
+            let listed = match ipset {
+                Some(ipset) => ipset.members(set),
+                None => Err(anyhow::anyhow!("ipset unavailable here")),
+            };
+            if let Err(e) = &listed {
+                status.warnings.push(format!("set {set} (the {direction} prefixes) not listed: {e:#}"));
+            }
+            if let Ok(mut members) = listed {
+                members.sort_by_key(|m| (std::cmp::Reverse(m.prefix.prefix_len()), m.prefix.addr()));
+                status.rules.extend(members.into_iter().map(|m| RuleStatus {
+                    direction,
+                    prefix: m.prefix.to_string(),
+                    verdict: if m.nomatch { "drop" } else { "pass" },
+                    rule_id: None,
+                    packets: Some(m.packets),
+                }));
+            }
+            continue;
+        }
         status.rules.push(RuleStatus {
             direction,
             prefix: label.split_whitespace().next().unwrap_or_default().to_string(),

@@ -19,6 +19,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "iptables",
+    // Kernel sets for the iptables backend's prefix lists.
+    "ipset",
     "procps",
     "util-linux",
     // systemd-analyze, for the unit's tests.

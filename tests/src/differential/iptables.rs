@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use tailgate::{
     config::Config,
     explain::{
-        iptables::{evaluate, Given},
+        iptables::{evaluate_as, Given, Lists},
         packet::{self, Described, Flags, Proto},
         Device,
     },
@@ -232,7 +232,15 @@ fn iptables_fate(
     let given = Given { route: output.map(device), source, local: local.to_vec() };
     // Forwarded: routed to `output`; delivered: no output given, `route` says local.
     let out_dev = if input.is_none() { output.map(device) } else { None };
-    let report = evaluate(state, described, input.map(device).as_ref(), out_dev.as_ref(), &given)?;
+    let (input, out_dev) = (input.map(device), out_dev.as_ref());
+    let report = evaluate_as(state, Lists::InSets, described, input.as_ref(), out_dev, &given)?;
+    // Without ipset the lists are rules, longest prefix first: the same answer.
+    let as_rules = evaluate_as(state, Lists::AsRules, described, input.as_ref(), out_dev, &given)?;
+    if (&as_rules.verdict, as_rules.mark, &as_rules.result, &as_rules.rule)
+        != (&report.verdict, report.mark, &report.result, &report.rule)
+    {
+        anyhow::bail!("prefix lists in sets and as rules disagree:\n{report:?}\n{as_rules:?}");
+    }
     let after = report.result.clone();
     let fate = Fate {
         verdict: report.verdict,

@@ -18,8 +18,10 @@ use crate::{
     backend::{
         bpf::Pins,
         iptables::{
+            cgnat::labelled_set,
             exec::Available,
             render::{self, Wiring},
+            sets::{self, SetSpec},
             table::{Family, Table, TableSpec},
         },
     },
@@ -70,6 +72,25 @@ pub fn evaluate(
     output: Option<&Device>,
     host: &dyn Host,
 ) -> Result<Report> {
+    evaluate_as(state, Lists::InSets, packet, input, output, host)
+}
+
+/// How the rules keep prefix lists: in sets (a host with ipset), or one rule per prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lists {
+    InSets,
+    AsRules,
+}
+
+/// `evaluate`, with the prefix lists kept as `lists` says.
+pub fn evaluate_as(
+    state: &DesiredState,
+    lists: Lists,
+    packet: &packet::Described,
+    input: Option<&Device>,
+    output: Option<&Device>,
+    host: &dyn Host,
+) -> Result<Report> {
     let query = Query {
         packet: packet.clone(),
         input: input.map(|d| d.name.clone()),
@@ -77,7 +98,7 @@ pub fn evaluate(
         config: None,
     };
     let mut report = Report::new("iptables", &query);
-    let walk = Walk::new(state);
+    let walk = Walk::new(state, lists);
     let before = packet::read(&packet::build(packet)?).ok_or_else(|| anyhow!("unreadable packet"))?;
     let mut p = Packet::new(&query, &before);
     let outcome = walk.traverse(&mut p, input, output, host, &mut report)?;
@@ -152,8 +173,11 @@ fn in_force_differs(pins: &Pins, config: &crate::config::Config, state: &Desired
     };
     let variant = crate::runstate::read(pins).and_then(|r| r.variant)?;
     let ip = Iptables::probe_quiet(variant).ok()?;
-    let wiring = Wiring { divert: config.iptables.divert, first: false };
-    let desired = render::render(state, wiring, &Available::all());
+    // Rendered as the daemon renders: sets named after this pin directory, where ipset is.
+    let prefix = crate::backend::iptables::sets::name_prefix(&crate::lock::instance_name(pins));
+    let has_sets = crate::backend::iptables::sets::Ipset::installed().is_ok();
+    let wiring = Wiring { divert: config.iptables.divert, first: false, sets: has_sets.then_some(prefix) };
+    let desired = render::render(state, wiring, &Available::all()).tables;
     let differs = ip.tables().any(|(family, table)| {
         let Some(spec) = desired.iter().find(|t| t.family == family && t.table == table) else {
             return false;
@@ -236,9 +260,10 @@ impl Packet {
     }
 }
 
-/// The rendered tables and how to walk them.
+/// The rendered tables (and the sets their rules match against) and how to walk them.
 struct Walk {
     tables: Vec<TableSpec>,
+    sets: Vec<SetSpec>,
 }
 
 /// How a chain (or tailgate's part of a built-in chain) ended.
@@ -253,8 +278,13 @@ enum End {
 }
 
 impl Walk {
-    fn new(state: &DesiredState) -> Self {
-        Self { tables: render::render(state, Wiring { divert: true, first: false }, &Available::all()) }
+    fn new(state: &DesiredState, lists: Lists) -> Self {
+        let wiring = match lists {
+            Lists::InSets => Wiring::standard(),
+            Lists::AsRules => Wiring { sets: None, ..Wiring::standard() },
+        };
+        let rendered = render::render(state, wiring, &Available::all());
+        Self { tables: rendered.tables, sets: rendered.sets }
     }
 
     fn traverse(
@@ -372,13 +402,13 @@ impl Walk {
         for (index, rule) in chain.rules.iter().enumerate() {
             let parsed =
                 parse(&rule.spec).with_context(|| format!("rule `{}` of {}", rule.spec, chain.name))?;
-            if !parsed.matches(p, host)? {
+            if !parsed.matches(p, host, &self.sets)? {
                 continue;
             }
             if parsed.random.is_some() {
                 // `statistic --mode random`: one of the rules from here on, by chance; the
                 // walk follows the first.
-                let list: Vec<String> = chances(&chain.rules[index..], p, host)?
+                let list: Vec<String> = chances(&chain.rules[index..], p, host, &self.sets)?
                     .iter()
                     .map(|(label, c)| format!("{label} {:.1} %", c * 100.0))
                     .collect();
@@ -406,7 +436,7 @@ impl Walk {
             if matches!(parsed.target, Target::Masquerade | Target::Snat(_)) {
                 report.notes.push("netfilter keeps the source port where it is free".into());
             }
-            if let Some(hit) = prefix_rule(rule) {
+            if let Some(hit) = prefix_rule(rule, p, &self.sets) {
                 report.rule = Some(hit);
             }
             match counter {
@@ -442,12 +472,13 @@ fn chances(
     rules: &[crate::backend::iptables::table::Rule],
     p: &Packet,
     host: &dyn Host,
+    sets: &[SetSpec],
 ) -> Result<Vec<(String, f64)>> {
     let mut out = Vec::new();
     let mut left = 1.0;
     for rule in rules {
         let parsed = parse(&rule.spec)?;
-        if !parsed.matches(p, host)? {
+        if !parsed.matches(p, host, sets)? {
             continue;
         }
         match parsed.random {
@@ -464,8 +495,13 @@ fn chances(
     Ok(out)
 }
 
-/// The prefix rule a CGNAT rule is (its label: "<prefix> <origin>").
-fn prefix_rule(rule: &crate::backend::iptables::table::Rule) -> Option<RuleHit> {
+/// The prefix rule a CGNAT rule is (its label: "<prefix> <origin>"); for a set's rule, the
+/// set's entry the lookup of the source ends on.
+fn prefix_rule(
+    rule: &crate::backend::iptables::table::Rule,
+    p: &Packet,
+    sets: &[SetSpec],
+) -> Option<RuleHit> {
     use tailgate_abi::counters::Counter;
     let (direction, verdict) = match rule.counter.as_ref() {
         c if c == Counter::UplinkDrop.name() => ("inbound", "drop"),
@@ -474,6 +510,11 @@ fn prefix_rule(rule: &crate::backend::iptables::table::Rule) -> Option<RuleHit> 
         c if c == Counter::TunnelPassForward.name() => ("forward", "pass"),
         _ => return None,
     };
+    if let Some(name) = labelled_set(&rule.label) {
+        let entry = sets::lookup(sets.iter().find(|s| s.name == name)?, p.src)?;
+        let (prefix, origin) = (entry.prefix.to_string(), Some(entry.comment.clone()));
+        return Some(RuleHit { direction, prefix, verdict, origin, id: None });
+    }
     let (prefix, origin) = rule.label.split_once(' ')?;
     Some(RuleHit { direction, prefix: prefix.into(), verdict, origin: Some(origin.into()), id: None })
 }
@@ -500,6 +541,8 @@ enum Cond {
     ConnMark(u32, u32),
     CtState(Vec<String>),
     DstLocal,
+    /// `-m set --match-set <name> src`.
+    SrcInSet(String),
 }
 
 #[derive(Debug)]
@@ -536,6 +579,7 @@ fn parse(spec: &str) -> Result<Parsed> {
                 module = match next("-m", &mut words)?.as_str() {
                     "mark" => "mark",
                     "connmark" => "connmark",
+                    "set" => "set",
                     "tcp" | "udp" | "conntrack" | "addrtype" | "statistic" => "",
                     other => bail!("match module {other} is not known to explain"),
                 };
@@ -557,6 +601,13 @@ fn parse(spec: &str) -> Result<Parsed> {
                     Cond::ConnMark(value, mask)
                 } else {
                     Cond::Mark(value, mask)
+                }
+            }
+            "--match-set" => {
+                let name = next(word, &mut words)?;
+                match next(word, &mut words)?.as_str() {
+                    "src" => Cond::SrcInSet(name),
+                    other => bail!("--match-set {name} {other} is not known to explain"),
                 }
             }
             "--ctstate" => Cond::CtState(next(word, &mut words)?.split(',').map(str::to_string).collect()),
@@ -643,7 +694,7 @@ fn mark(s: &str) -> Result<(u32, u32)> {
 }
 
 impl Parsed {
-    fn matches(&self, p: &Packet, host: &dyn Host) -> Result<bool> {
+    fn matches(&self, p: &Packet, host: &dyn Host, sets: &[SetSpec]) -> Result<bool> {
         for (negated, cond) in &self.conds {
             let hit = match cond {
                 Cond::In(dev) => p.input.as_deref() == Some(dev),
@@ -679,6 +730,11 @@ impl Parsed {
                 Cond::ConnMark(value, mask) => p.connmark & mask == *value,
                 Cond::CtState(states) => states.iter().any(|s| s == "NEW"),
                 Cond::DstLocal => host.local(p.dst),
+                Cond::SrcInSet(name) => {
+                    let set =
+                        sets.iter().find(|s| &s.name == name).ok_or_else(|| anyhow!("no set {name}"))?;
+                    sets::lookup(set, p.src).is_some_and(|e| !e.nomatch)
+                }
             };
             if hit == *negated {
                 return Ok(false);
@@ -791,7 +847,7 @@ mod tests {
             ..Default::default()
         };
         let state = crate::policy::compile(&config, system);
-        let tables = render::render(&state, Wiring { divert: true, first: false }, &Available::all());
+        let tables = render::render(&state, Wiring::standard(), &Available::all()).tables;
         let mut n = 0;
         for rule in tables.iter().flat_map(|t| t.chains.iter()).flat_map(|c| c.rules.iter()) {
             parse(&rule.spec).unwrap_or_else(|e| panic!("{}: {e:#}", rule.spec));
@@ -803,7 +859,7 @@ mod tests {
     #[test]
     fn unknown_matches_are_errors() {
         for spec in
-            ["-m set --match-set x src -j DROP", "-s 10.0.0.0/8 -j LOG", "-s 10.0.0.0/8", "--sport 5 -j DROP"]
+            ["-m set --match-set x dst -j DROP", "-s 10.0.0.0/8 -j LOG", "-s 10.0.0.0/8", "--sport 5 -j DROP"]
         {
             assert!(parse(spec).is_err(), "{spec}");
         }

@@ -115,7 +115,7 @@ pub struct Step {
 }
 
 /// A prefix rule of the policy.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RuleHit {
     /// "inbound" (entering an uplink) or "forward" (into the tunnel).
     pub direction: &'static str,

@@ -116,14 +116,16 @@ fn rule(prefix: IpNet, verdict: Verdict, origin: Origin) -> Rule {
     Rule { prefix, verdict, origin }
 }
 
-/// Built-ins plus user rules (a user rule replaces a built-in with the same prefix), sorted
-/// longest prefix first, then by address: the order a first-match rule list needs to give
-/// the same answer as a longest-prefix lookup.
+/// Built-ins plus user rules (a user rule replaces a built-in with the same prefix; a
+/// prefix listed twice is one rule, the first), sorted longest prefix first, then by
+/// address: the order a first-match rule list needs to give the same answer as a
+/// longest-prefix lookup.
 fn merge(builtin: Vec<Rule>, user: &[Rule]) -> Vec<Rule> {
+    let mut seen = std::collections::HashSet::new();
     let mut rules: Vec<Rule> = builtin
         .into_iter()
         .filter(|b| !user.iter().any(|u| u.prefix == b.prefix))
-        .chain(user.iter().cloned())
+        .chain(user.iter().filter(|u| seen.insert(u.prefix)).cloned())
         .collect();
     rules.sort_by_key(order);
     rules
@@ -184,6 +186,15 @@ mod tests {
         assert_eq!(forward(&s, "100.115.92.7"), Some(Verdict::Drop));
         assert_eq!(forward(&s, "100.64.0.1"), Some(Verdict::Drop));
         assert_eq!(forward(&s, "198.51.100.1"), None);
+    }
+
+    #[test]
+    fn a_prefix_listed_twice_is_one_rule_the_first() {
+        let s = state("[cgnat]\nallow = [\"100.100.0.0/16\", \"100.100.0.0/16\"]");
+        let rules: Vec<&Rule> =
+            s.cgnat.inbound.iter().filter(|r| r.prefix.to_string() == "100.100.0.0/16").collect();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].origin.to_string(), "cgnat.allow[0]");
     }
 
     #[test]

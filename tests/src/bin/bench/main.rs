@@ -268,7 +268,9 @@ fn exempt(allow: &[IpNet]) -> Vec<Ipv4Addr> {
             } else {
                 (nets[i % nets.len()], 1 + (i / nets.len()) as u32)
             };
-            let addr = Ipv4Addr::from(u32::from(net.network()) + offset);
+            // Inside the prefix whatever its length (a /32 has one address).
+            let size = 1u64 << (32 - net.prefix_len());
+            let addr = Ipv4Addr::from(u32::from(net.network()) + (u64::from(offset) % size) as u32);
             assert!(net.contains(&addr), "{addr} outside {net}");
             addr
         })
@@ -312,17 +314,23 @@ fn datapath(count: usize) -> Result<(Datapath, String, String, f64)> {
 
 /// The config with `count` exemptions, an exempt and a dropped source.
 fn policy_of(count: usize) -> Result<(Config, String, String)> {
+    // `TAILGATE_BENCH_LENGTHS=mixed`: prefixes of nine lengths, /24 to /32, instead of /28s
+    // (a hash:net set probes once per length it holds).
+    let mixed = std::env::var("TAILGATE_BENCH_LENGTHS").is_ok_and(|v| v == "mixed");
     let allow: Vec<IpNet> = if count == 1 {
         vec!["100.100.0.0/16".parse()?]
     } else {
         // Distinct /28s spread over 100.64.0.0/10 (2^18 slots; an odd multiplier is a
-        // bijection modulo 2^18).
+        // bijection modulo 2^18); mixed: each cut to its length, the duplicates dropped.
+        let mut seen = HashSet::new();
         (0..count as u32)
             .map(|i| {
                 let slot = i.wrapping_mul(2_654_435_761) % (1 << 18);
                 let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + slot * 16);
-                IpNet::V4(Ipv4Net::new(addr, 28).unwrap())
+                let len = if mixed { 24 + (i % 9) as u8 } else { 28 };
+                IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc())
             })
+            .filter(|net| seen.insert(*net))
             .collect()
     };
     let inside = |net: &IpNet, offset: u32| match net {

@@ -159,7 +159,9 @@ fn size(
     let (rig, filtered) = rigs;
     let (config, _, _) = policy_of(prefixes)?;
     let state = policy::compile(&config, system());
-    let opts = iptables_options(&Config::parse("tunnel = \"tun0\"", &Default::default())?);
+    // The pin directory only names the backend's sets here.
+    let pins = tailgate::backend::bpf::Pins::new("/sys/fs/bpf/tailgate-bench");
+    let opts = iptables_options(&Config::parse("tunnel = \"tun0\"", &Default::default())?, &pins);
     let mut dp = load(&config)?;
     let mut not_exempt = config.cgnat.allow.clone();
     not_exempt.push("100.115.92.0/23".parse()?);

@@ -57,8 +57,13 @@ impl Available {
 pub trait Runner: Send + Sync {
     /// `iptables-save [-c] -t <table>` for one family.
     fn save(&self, family: Family, table: Table, counters: bool) -> Result<String>;
+    /// `iptables-save` of every table of one family, in one exec.
+    fn save_all(&self, family: Family) -> Result<String>;
     /// `iptables-restore --noflush` with `payload`, atomic for the table.
     fn restore(&self, family: Family, payload: &str) -> Result<()>;
+    /// A number that changes whenever any table changes, where the variant has one (nft:
+    /// the ruleset generation); `None`: the tables must be read to tell.
+    fn generation(&self) -> Option<Result<u32>>;
 }
 
 /// The iptables of this host (in the current network namespace).
@@ -89,7 +94,8 @@ fn binary(family: Family, variant: Variant, tool: &str) -> String {
     format!("{base}-{}{tool}", variant.name())
 }
 
-fn exists(bin: &str) -> bool {
+/// Whether a system binary is installed.
+pub(super) fn exists(bin: &str) -> bool {
     ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().any(|dir| Path::new(dir).join(bin).exists())
 }
 
@@ -172,9 +178,19 @@ impl Iptables {
         self.runner.save(family, table, counters)
     }
 
+    /// `iptables-save` of every table of one family, in one exec.
+    pub fn save_all(&self, family: Family) -> Result<String> {
+        self.runner.save_all(family)
+    }
+
     /// `iptables-restore --noflush` with `payload`, atomic for the table.
     pub fn restore(&self, family: Family, payload: &str) -> Result<()> {
         self.runner.restore(family, payload)
+    }
+
+    /// See `Runner::generation`.
+    pub fn generation(&self) -> Option<Result<u32>> {
+        self.runner.generation()
     }
 }
 
@@ -193,25 +209,42 @@ impl Runner for Binaries {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    fn save_all(&self, family: Family) -> Result<String> {
+        let bin = binary(family, self.0, "-save");
+        let out = Command::new(&bin).output().with_context(|| format!("running {bin}"))?;
+        if !out.status.success() {
+            bail!("{bin}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn generation(&self) -> Option<Result<u32>> {
+        (self.0 == Variant::Nft).then(super::generation::nft)
+    }
+
     fn restore(&self, family: Family, payload: &str) -> Result<()> {
         let bin = binary(family, self.0, "-restore");
-        let mut child = Command::new(&bin)
-            .args(["-w", "5", "--noflush"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("running {bin}"))?;
-        child.stdin.take().expect("piped").write_all(payload.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "{bin} --noflush failed: {}\npayload:\n{payload}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+        let err = fed(Command::new(&bin).args(["-w", "5", "--noflush"]), payload)?;
+        if let Some(err) = err {
+            bail!("{bin} --noflush failed: {err}\npayload:\n{payload}");
         }
         Ok(())
     }
+}
+
+/// Runs `cmd` with `payload` on its standard input; `Some(stderr)` when it failed. A tool
+/// that stops reading at its first bad line (a write error here) reports why itself.
+pub(super) fn fed(cmd: &mut Command, payload: &str) -> Result<Option<String>> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", cmd.get_program().to_string_lossy()))?;
+    let written = child.stdin.take().expect("piped").write_all(payload.as_bytes());
+    let out = child.wait_with_output()?;
+    Ok((!out.status.success() || written.is_err())
+        .then(|| String::from_utf8_lossy(&out.stderr).trim().to_string()))
 }
 
 /// The variant whose tables already hold rules (as kube-proxy's iptables wrapper decides);

@@ -5,10 +5,12 @@ pub mod bypass;
 pub mod cgnat;
 pub mod conntrack;
 pub mod exec;
+pub mod generation;
 pub mod mss;
 pub mod proxy;
 pub mod render;
 pub mod services;
+pub mod sets;
 #[cfg(test)]
 mod standin;
 pub mod subnet_routes;
@@ -22,8 +24,9 @@ use anyhow::{bail, Context, Result};
 use self::{
     exec::{Iptables, Variant},
     render::Wiring,
+    sets::Ipset,
     table::{Family, SavedTable, Table},
-    writer::{remove, Writer},
+    writer::{destroy_sets, remove, Writer},
 };
 use super::Backend;
 use crate::{
@@ -31,7 +34,7 @@ use crate::{
     policy::DesiredState,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
     /// Insert jumps from INPUT/FORWARD/POSTROUTING (where missing). `false`: the user wires
     /// the chains in; tailgate inserts no jump and never deletes one it did not write.
@@ -42,11 +45,14 @@ pub struct Options {
     pub variant: Option<Variant>,
     /// How often the rules are read back and repaired.
     pub repair_interval: Duration,
+    /// The start of this instance's set names (`sets::name_prefix`).
+    pub sets: String,
 }
 
 impl Options {
-    pub fn wiring(&self) -> Wiring {
-        Wiring { divert: self.divert, first: self.hook_first }
+    /// How rules are written; prefix lists into sets when the host has ipset.
+    pub fn wiring(&self, ipset: Option<&Ipset>) -> Wiring {
+        Wiring { divert: self.divert, first: self.hook_first, sets: ipset.map(|_| self.sets.clone()) }
     }
 }
 
@@ -79,7 +85,18 @@ pub struct IptablesBackend {
 impl IptablesBackend {
     pub fn new(opts: Options) -> Result<Self> {
         let (ip, netns) = open(&opts)?;
-        Ok(Self { writer: Writer::new(ip), opts, tunnel: String::new(), bypasses: Vec::new(), _netns: netns })
+        let ipset = match Ipset::probe() {
+            Ok(ipset) => Some(ipset),
+            Err(e) => {
+                tracing::warn!(
+                    "ipset unavailable ({e:#}): prefixes in [cgnat] allow/drop are written one rule each, \
+                     which every packet from the filtered range walks"
+                );
+                None
+            }
+        };
+        let writer = Writer::new(ip, ipset, opts.sets.clone());
+        Ok(Self { writer, opts, tunnel: String::new(), bypasses: Vec::new(), _netns: netns })
     }
 
     /// Logs rules of others that now bypass tailgate (once per change).
@@ -118,9 +135,20 @@ impl Backend for IptablesBackend {
     }
 
     fn apply(&mut self, state: &DesiredState) -> Result<()> {
-        let desired = render::render(state, self.opts.wiring(), &self.writer.ip.available);
+        let wiring = self.opts.wiring(self.writer.ipset.as_ref());
+        let desired = render::render(state, wiring, &self.writer.ip.available);
+        let sizes: Vec<(String, usize)> =
+            desired.sets.iter().map(|s| (s.name.clone(), s.entries.len())).collect();
         let written = self.writer.apply(desired)?;
-        tracing::info!("iptables: wrote [{}]", written.join(", "));
+        let sets: Vec<String> = sizes
+            .iter()
+            .filter(|(name, _)| written.sets.contains(name))
+            .map(|(name, n)| format!("{name} ({n} prefixes)"))
+            .collect();
+        tracing::info!("iptables: wrote [{}]", written.tables.join(", "));
+        if !sets.is_empty() {
+            tracing::info!("ipset: wrote [{}]", sets.join(", "));
+        }
         self.tunnel = state.tunnel.clone();
         self.check_bypasses();
         Ok(())
@@ -131,11 +159,15 @@ impl Backend for IptablesBackend {
     }
 
     fn repair(&mut self) -> Result<usize> {
-        let written = self.writer.repair()?;
+        let repaired = self.writer.repair()?;
+        let written: Vec<&String> = repaired.tables.iter().chain(&repaired.sets).collect();
         if !written.is_empty() {
-            tracing::warn!("iptables: rules changed by another program; restored [{}]", written.join(", "));
+            let names: Vec<&str> = written.iter().map(|s| s.as_str()).collect();
+            tracing::warn!("iptables: rules changed by another program; restored [{}]", names.join(", "));
         }
-        self.check_bypasses();
+        if repaired.read {
+            self.check_bypasses();
+        }
         Ok(written.len())
     }
 
@@ -152,8 +184,9 @@ impl Backend for IptablesBackend {
     }
 
     fn roll_back(self: Box<Self>) -> Result<()> {
+        let inherited = self.writer.inherited();
         self.writer.roll_back()?;
-        if self.writer.inherited() {
+        if inherited {
             tracing::info!("start rolled back: the kept rules are as they were");
         }
         Ok(())
@@ -184,12 +217,16 @@ pub fn remove_all() -> Result<()> {
     remove_all_unlocked()
 }
 
-/// `remove_all` without asking who holds the lock (`cleanup --force`).
+/// `remove_all` without asking who holds the lock (`cleanup --force`). With the rules of
+/// every instance gone, so go the sets of every instance.
 pub fn remove_all_unlocked() -> Result<()> {
     for variant in [Variant::Nft, Variant::Legacy] {
         if let Ok(ip) = Iptables::probe_quiet(variant) {
             remove(&ip).with_context(|| format!("cleaning iptables-{}", variant.name()))?;
         }
+    }
+    if let Ok(ipset) = Ipset::installed() {
+        destroy_sets(&ipset, |_| true).context("removing tailgate's ipset sets")?;
     }
     Ok(())
 }

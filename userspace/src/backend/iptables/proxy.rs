@@ -82,8 +82,7 @@ mod tests {
         let system =
             policy::System { tunnel_addresses: vec!["100.101.0.1".parse().unwrap()], ..Default::default() };
         let state = policy::compile(&config, system);
-        let wiring = render::Wiring { divert: true, first: false };
-        let tables = render::render(&state, wiring, &Available::all());
+        let tables = render::render(&state, render::Wiring::standard(), &Available::all()).tables;
         let nat = tables.iter().find(|t| t.family == Family::V4 && t.table == Table::Nat).unwrap();
         let chain = nat.chains.iter().find(|c| c.name == PREROUTING).unwrap();
         let specs: Vec<&str> = chain.rules.iter().map(|r| r.spec.as_str()).collect();
@@ -107,8 +106,7 @@ mod tests {
             ..Default::default()
         };
         let state = policy::compile(&config, system);
-        let wiring = render::Wiring { divert: true, first: false };
-        let tables = render::render(&state, wiring, &Available::all());
+        let tables = render::render(&state, render::Wiring::standard(), &Available::all()).tables;
         let specs = |family: Family, chain: &str| -> Vec<String> {
             tables
                 .iter()

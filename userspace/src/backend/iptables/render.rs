@@ -6,20 +6,39 @@
 use super::{
     cgnat, conntrack,
     exec::Available,
-    mss, proxy, services, subnet_routes,
+    mss, proxy, services,
+    sets::SetSpec,
+    subnet_routes,
     table::{Chain, Family, Hook, Rule, Table, TableSpec},
 };
 use crate::policy::DesiredState;
 
 pub const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 
-/// How the chains are wired into the built-in ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the chains are wired into the built-in ones, and where prefix lists go.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wiring {
     /// Insert jumps from the built-in chains (`divert`); `false` renders no hooks.
     pub divert: bool,
     /// Keep those jumps first (`hook_position = "first"`).
     pub first: bool,
+    /// User prefixes go into kernel sets named `<this>-<list>` (see `sets`); `None` (no
+    /// ipset on this host): one rule per prefix.
+    pub sets: Option<String>,
+}
+
+impl Wiring {
+    /// Hooks in, not kept first, sets named `tg-00000000-*` (tests, `explain`).
+    pub fn standard() -> Self {
+        Self { divert: true, first: false, sets: Some(super::sets::name_prefix("")) }
+    }
+}
+
+/// What the iptables backend writes: the tables, and the sets their rules match against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub tables: Vec<TableSpec>,
+    pub sets: Vec<SetSpec>,
 }
 
 /// Collects chains per (family, table). Every table the host offers gets a spec, empty or
@@ -27,6 +46,7 @@ pub struct Wiring {
 pub struct Builder {
     wiring: Wiring,
     tables: Vec<TableSpec>,
+    sets: Vec<SetSpec>,
 }
 
 impl Builder {
@@ -35,7 +55,20 @@ impl Builder {
             .iter()
             .map(|(family, table)| TableSpec { family, table, chains: Vec::new(), hooks: Vec::new() })
             .collect();
-        Self { wiring, tables }
+        Self { wiring, tables, sets: Vec::new() }
+    }
+
+    /// The start of set names, when prefix lists go into sets.
+    pub fn sets(&self) -> Option<&str> {
+        self.wiring.sets.as_deref()
+    }
+
+    /// Adds a set the rules match against; none where the host lacks its family's filter
+    /// table (no rule would use it).
+    pub fn add_set(&mut self, set: SetSpec) {
+        if self.tables.iter().any(|t| t.family == set.family && t.table == Table::Filter) {
+            self.sets.push(set);
+        }
     }
 
     /// Appends `rules` to tailgate's chain `chain` of (`family`, `table`), hooked from the
@@ -66,13 +99,30 @@ impl Builder {
         }
     }
 
-    pub fn finish(self) -> Vec<TableSpec> {
-        self.tables
+    /// Like `add`, but ahead of the rules other features put there already.
+    pub fn prepend(
+        &mut self,
+        family: Family,
+        table: Table,
+        chain: &'static str,
+        builtin: &'static str,
+        rules: Vec<Rule>,
+    ) {
+        let count = rules.len();
+        self.add(family, table, chain, builtin, rules);
+        let spec = self.tables.iter_mut().find(|t| t.family == family && t.table == table);
+        if let Some(c) = spec.and_then(|t| t.chains.iter_mut().find(|c| c.name == chain)) {
+            c.rules.rotate_right(count);
+        }
+    }
+
+    pub fn finish(self) -> Rendered {
+        Rendered { tables: self.tables, sets: self.sets }
     }
 }
 
-/// The tables the iptables backend writes for `state`.
-pub fn render(state: &DesiredState, wiring: Wiring, available: &Available) -> Vec<TableSpec> {
+/// The tables and sets the iptables backend writes for `state`.
+pub fn render(state: &DesiredState, wiring: Wiring, available: &Available) -> Rendered {
     let mut b = Builder::new(available, wiring);
     subnet_routes::render(&mut b, state);
     conntrack::render(&mut b, state);
@@ -109,7 +159,11 @@ mod tests {
     }
 
     fn tables(toml: &str, divert: bool, available: Available) -> Vec<TableSpec> {
-        render(&state(toml), Wiring { divert, first: false }, &available)
+        rendered(toml, divert, available).tables
+    }
+
+    fn rendered(toml: &str, divert: bool, available: Available) -> Rendered {
+        render(&state(toml), Wiring { divert, ..Wiring::standard() }, &available)
     }
 
     fn all() -> Available {
@@ -158,14 +212,32 @@ mod tests {
 
     #[test]
     fn golden_exemptions() {
-        let toml = r#"
-            tunnel = "tailscale0"
-            [cgnat]
-            allow = ["100.100.0.0/16", "100.64.0.0/24", "fd7a:115c:a1e0:ab::/64"]
-            drop = ["100.100.100.200/32"]
-        "#;
-        golden("exemptions", &payloads(&tables(toml, true, all())));
+        let r = rendered(EXEMPTIONS, true, all());
+        let sets: String = r.sets.iter().map(|s| format!("# ipset restore\n{}\n", s.payload())).collect();
+        golden("exemptions", &(sets + &payloads(&r.tables)));
     }
+
+    /// Without ipset on the host: one rule per prefix, longest first.
+    #[test]
+    fn golden_exemptions_as_rule_lists() {
+        let t = render(&state(EXEMPTIONS), Wiring { sets: None, ..Wiring::standard() }, &all());
+        assert!(t.sets.is_empty());
+        golden("exemptions_rule_lists", &payloads(&t.tables));
+    }
+
+    #[test]
+    fn no_set_for_a_family_without_its_filter_table() {
+        let r = rendered(EXEMPTIONS, true, all().without(Family::V6, Table::Filter));
+        let names: Vec<&str> = r.sets.iter().map(|s| &s.name[12..]).collect();
+        assert_eq!(names, ["in4", "fwd4"]);
+    }
+
+    const EXEMPTIONS: &str = r#"
+        tunnel = "tailscale0"
+        [cgnat]
+        allow = ["100.100.0.0/16", "100.64.0.0/24", "fd7a:115c:a1e0:ab::/64"]
+        drop = ["100.100.100.200/32"]
+    "#;
 
     #[test]
     fn golden_mode_off() {
@@ -307,10 +379,10 @@ mod tests {
     }
 
     #[test]
-    fn rule_order_gives_the_longest_prefix_answer() {
+    fn rule_lists_give_the_longest_prefix_answer() {
         let toml =
             "[cgnat]\nallow = [\"100.100.0.0/16\"]\ndrop = [\"100.100.100.200/32\", \"100.100.100.0/24\"]";
-        let t = tables(toml, true, all());
+        let t = render(&state(toml), Wiring { sets: None, ..Wiring::standard() }, &all()).tables;
         let config = Config::parse(toml, &HashMap::new()).unwrap();
         let state = policy::compile(&config, System::default());
         let filter = t.iter().find(|t| t.family == Family::V4 && t.table == Table::Filter).unwrap();

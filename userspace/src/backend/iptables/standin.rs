@@ -20,6 +20,10 @@ pub struct StandIn {
     tables: Mutex<BTreeMap<(Family, Table), Chains>>,
     /// Restores of this (family, table) fail.
     pub fail: Mutex<Option<(Family, Table)>>,
+    /// Bumped by every restore that changes something, as nf_tables' generation.
+    generation: Mutex<u32>,
+    /// Tables read (saves), to tell when a repair read them.
+    pub reads: Mutex<usize>,
 }
 
 const BUILTIN: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
@@ -30,6 +34,7 @@ impl StandIn {
         let mut tables = self.tables.lock().unwrap();
         let chains = tables.entry((family, table)).or_insert_with(fresh);
         chains.entry(chain.to_string()).or_insert_with(|| ("-".into(), Vec::new())).1.push(body.to_string());
+        *self.generation.lock().unwrap() += 1;
     }
 
     /// Every rule line of every table, for comparisons.
@@ -52,6 +57,7 @@ fn fresh() -> Chains {
 
 impl Runner for StandIn {
     fn save(&self, family: Family, table: Table, _counters: bool) -> Result<String> {
+        *self.reads.lock().unwrap() += 1;
         let mut tables = self.tables.lock().unwrap();
         let chains = tables.entry((family, table)).or_insert_with(fresh);
         let mut out = format!("*{table}\n");
@@ -65,6 +71,14 @@ impl Runner for StandIn {
         }
         out += "COMMIT\n";
         Ok(out)
+    }
+
+    fn generation(&self) -> Option<Result<u32>> {
+        Some(Ok(*self.generation.lock().unwrap()))
+    }
+
+    fn save_all(&self, family: Family) -> Result<String> {
+        Table::ALL.into_iter().map(|table| self.save(family, table, false)).collect()
     }
 
     fn restore(&self, family: Family, payload: &str) -> Result<()> {
@@ -115,6 +129,99 @@ impl Runner for StandIn {
             }
         }
         tables.insert((family, table), chains);
+        *self.generation.lock().unwrap() += 1;
         Ok(())
+    }
+}
+
+/// A stand-in for `ipset` (tests only): sets kept in memory as (header words, member
+/// lines); `restore` applies lines in order and stops at the first failure, as the tool.
+#[derive(Default)]
+pub struct IpsetStandIn {
+    /// Name → (family, members); `created` numbers each set's creation (its initval).
+    pub sets: Mutex<BTreeMap<String, (String, Vec<String>)>>,
+    created: Mutex<BTreeMap<String, u32>>,
+    next: Mutex<u32>,
+    /// Restores whose payload contains this fail (before changing anything).
+    pub fail: Mutex<Option<String>>,
+}
+
+impl IpsetStandIn {
+    /// Each set's members, sorted, for comparisons.
+    pub fn dump(&self) -> BTreeMap<String, Vec<String>> {
+        let sets = self.sets.lock().unwrap();
+        sets.iter()
+            .map(|(name, (_, members))| {
+                let mut members = members.clone();
+                members.sort();
+                (name.clone(), members)
+            })
+            .collect()
+    }
+}
+
+impl super::sets::Runner for IpsetStandIn {
+    fn restore(&self, payload: &str) -> Result<()> {
+        if self.fail.lock().unwrap().as_deref().is_some_and(|f| payload.contains(f)) {
+            bail!("ipset restore: error in line 1 (stand-in)");
+        }
+        let mut sets = self.sets.lock().unwrap();
+        for line in payload.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["create", name, _kind, "family", family, ..] => {
+                    if sets.contains_key(*name) {
+                        bail!("set {name} exists");
+                    }
+                    sets.insert(name.to_string(), (family.to_string(), Vec::new()));
+                    let mut next = self.next.lock().unwrap();
+                    *next += 1;
+                    self.created.lock().unwrap().insert(name.to_string(), *next);
+                }
+                ["add", name, rest @ ..] => {
+                    let Some((_, members)) = sets.get_mut(*name) else { bail!("no set {name}") };
+                    members.push(rest.join(" "));
+                }
+                ["swap", a, b] => {
+                    let (Some(x), Some(y)) = (sets.remove(*a), sets.remove(*b)) else {
+                        bail!("no set to swap")
+                    };
+                    sets.insert(a.to_string(), y);
+                    sets.insert(b.to_string(), x);
+                    let mut created = self.created.lock().unwrap();
+                    let (x, y) = (created.remove(*a).unwrap_or(0), created.remove(*b).unwrap_or(0));
+                    created.insert(a.to_string(), y);
+                    created.insert(b.to_string(), x);
+                }
+                ["destroy", name] => {
+                    if sets.remove(*name).is_none() {
+                        bail!("no set {name}");
+                    }
+                }
+                ["flush", name] => sets.get_mut(*name).map(|(_, m)| m.clear()).unwrap_or_default(),
+                _ => bail!("unknown line {line}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn list(&self, name: Option<&str>, headers_only: bool) -> Result<String> {
+        let sets = self.sets.lock().unwrap();
+        let mut out = String::new();
+        for (set, (family, members)) in sets.iter().filter(|(n, _)| name.is_none_or(|want| want == *n)) {
+            // The size: what the members' text takes (a comment lost changes it).
+            let initval = self.created.lock().unwrap().get(set).copied().unwrap_or(0);
+            let size: usize = members.iter().map(String::len).sum();
+            out += &format!(
+                "Name: {set}\nType: hash:net\nHeader: family {family} counters comment initval {initval:#x}\n\
+                 Size in memory: {size}\nReferences: 0\nNumber of entries: {}\n",
+                members.len()
+            );
+            if !headers_only {
+                out += "Members:\n";
+                out.extend(members.iter().map(|m| format!("{m}\n")));
+            }
+        }
+        Ok(out)
     }
 }
